@@ -1,0 +1,187 @@
+"""The agent: builds every part in one place, then start -> serve -> staged shutdown.
+
+Nothing is a module-level singleton; `Agent` owns the function set, router, metrics and HTTP
+site, and tears them down in reverse order on SIGTERM/SIGINT: stop accepting connections, let
+in-flight invocations finish (up to `drain_s`), stop the pools, remove the state file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from edge_agent.api import Api
+from edge_agent.errors import StartupError
+from edge_agent.functions import FunctionSet
+from edge_agent.metrics import Metrics
+from edge_agent.router import Router
+from edge_agent.settings import Settings
+from runtimes.manifest import Manifest
+
+log = logging.getLogger("edgefn.agent")
+
+
+def worker_wrapper(argv: Sequence[str], manifest: Manifest) -> list[str]:
+    """Wrap a worker command with the parent-death signal and the manifest's limits."""
+    from hardware.limits import WorkerLimits, wrap_command
+
+    lim = manifest.limits
+    return wrap_command(
+        list(argv),
+        WorkerLimits(
+            memory_mb=lim.memory_mb,
+            cpu_seconds=lim.cpu_seconds,
+            open_files=lim.open_files,
+            processes=lim.processes,
+        ),
+    )
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write temp + fsync + rename: readers see the old or the new file, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the data dir layout, or fail with a message that says what is wrong."""
+    try:
+        (data_dir / "functions").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot create data dir {data_dir}: {exc.strerror}") from exc
+    probe = data_dir / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"data dir {data_dir} is not writable: {exc.strerror}") from exc
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.functions = FunctionSet(
+            settings.functions_dir,
+            require_signed=settings.require_signed,
+            wrap=worker_wrapper,
+        )
+        self.router = Router(self.functions, self.metrics)
+        self.api = Api(
+            self.router,
+            self.functions,
+            self.metrics,
+            max_body_bytes=settings.max_body_bytes,
+            health=self.health,
+        )
+        self.started_at = time.time()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._scanner: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def health(self) -> dict[str, Any]:
+        fns = self.functions.describe()
+        unhealthy = [f["name"] for f in fns if f.get("status", {}).get("health") != "healthy"]
+        return {
+            "status": "stopping" if self._stopping else "ok",
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "functions": len(self.functions.loaded),
+            "unhealthy": unhealthy,
+            "pid": os.getpid(),
+        }
+
+    async def start(self) -> None:
+        s = self.settings
+        prepare_data_dir(s.data_dir)
+        await self.functions.sync()
+        self._runner = web.AppRunner(
+            self.api.app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=s.drain_s,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {s.host}:{s.port}: {exc.strerror}") from exc
+        port = _bound_port(self._runner) or s.port
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        self.url = f"http://{host}:{port}"
+        atomic_write(
+            s.state_file,
+            json.dumps({"url": self.url, "pid": os.getpid(), "started_at": self.started_at}).encode(),
+        )
+        self._scanner = asyncio.create_task(self._scan_loop(), name="function scanner")
+        log.info(
+            "edge-agent listening on %s (%d functions loaded, data dir %s)",
+            self.url,
+            len(self.functions.loaded),
+            s.data_dir,
+        )
+
+    async def _scan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.scan_interval_s)
+            try:
+                await self.functions.sync()
+            except Exception:
+                log.exception("function scan failed")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        log.info("shutting down: draining in-flight requests (up to %g s)", self.settings.drain_s)
+        if self._scanner is not None:
+            self._scanner.cancel()
+        if self._runner is not None:
+            # Stops listening, then waits up to shutdown_timeout for in-flight requests, which
+            # are still being served by the pools; only then are the pools stopped.
+            await self._runner.cleanup()
+        await self.functions.close(drain_s=1.0)
+        with contextlib.suppress(FileNotFoundError):
+            self.settings.state_file.unlink()
+        log.info("stopped")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    server = getattr(runner, "server", None)
+    sockets: list[socket.socket] = getattr(server, "sockets", []) if server else []
+    return sockets[0].getsockname()[1] if sockets else 0

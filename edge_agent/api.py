@@ -1,0 +1,185 @@
+"""The local HTTP API (`/v1/...`): raw bytes in, raw bytes out, errors as JSON with a stable code.
+
+Start reading the invocation path here: `invoke()` -> `Router.invoke` -> executor. The
+OpenAPI document served at `/v1/openapi.json` is `edge_agent/openapi.json`; keep both in step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from edge_agent.errors import PayloadTooLarge
+from edge_agent.functions import FunctionSet
+from edge_agent.metrics import Metrics
+from edge_agent.router import Router
+from runtimes.errors import RuntimeErrorBase
+
+log = logging.getLogger("edgefn.api")
+
+_SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+# Client-supplied request ids longer than this are replaced: they end up in logs and headers.
+MAX_CLIENT_ID = 128
+
+
+class RequestIds:
+    """Cheap unique ids: a per-boot random prefix and a counter (uuid4 costs more per call)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(4).hex()
+        self._counter = itertools.count(1)
+
+    def new(self) -> str:
+        return f"{self._prefix}-{next(self._counter):x}"
+
+    def from_client(self, value: str | None) -> str:
+        if value and len(value) <= MAX_CLIENT_ID and set(value) <= _SAFE_ID:
+            return value
+        return self.new()
+
+
+def error_response(
+    status: int, code: str, message: str, request_id: str = "", **extra: Any
+) -> web.Response:
+    body: dict[str, Any] = {"error": {"code": code, "message": message, **extra}}
+    if request_id:
+        body["error"]["request_id"] = request_id
+    headers = {"X-Request-Id": request_id} if request_id else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+class Api:
+    def __init__(
+        self,
+        router: Router,
+        functions: FunctionSet,
+        metrics: Metrics,
+        *,
+        max_body_bytes: int,
+        health: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._router = router
+        self._functions = functions
+        self._metrics = metrics
+        self._max_body = max_body_bytes
+        self._health = health
+        self._ids = RequestIds()
+        self._openapi: bytes | None = None
+
+    def app(self) -> web.Application:
+        # client_max_size is our own limit plus slack; the 413 with a JSON body comes from us.
+        app = web.Application(client_max_size=self._max_body + 1)
+        app.router.add_post("/v1/functions/{name}/invoke", self.invoke)
+        app.router.add_get("/v1/functions", self.list_functions)
+        app.router.add_get("/v1/functions/{name}", self.get_function)
+        app.router.add_get("/v1/health", self.health)
+        app.router.add_get("/v1/openapi.json", self.openapi)
+        app.router.add_get("/metrics", self.prometheus)
+        app.middlewares.append(_json_errors)
+        return app
+
+    async def invoke(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        rid = self._ids.from_client(request.headers.get("X-Request-Id"))
+        name = request.match_info["name"]
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            self._metrics.observe(name, 0.0, PayloadTooLarge.code)
+            return error_response(
+                413,
+                PayloadTooLarge.code,
+                f"payload of {length} bytes exceeds the {self._max_body}-byte maximum",
+                rid,
+            )
+        try:
+            payload = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(
+                413,
+                PayloadTooLarge.code,
+                f"payload exceeds the {self._max_body}-byte maximum",
+                rid,
+            )
+        try:
+            routed = await self._router.invoke(
+                name,
+                payload,
+                request_id=rid,
+                trace_id=request.headers.get("X-Trace-Id", ""),
+                content_type=request.headers.get("Content-Type", ""),
+            )
+        except RuntimeErrorBase as exc:
+            log.info(
+                "%s failed: %s (%s)", name, exc.message, exc.code, extra={"request_id": rid}
+            )
+            return error_response(exc.status, exc.code, exc.message, rid, function=name)
+        result = routed.result
+        headers = {
+            "Content-Type": result.content_type,
+            "X-Request-Id": rid,
+            "X-Edgefn-Version": routed.version,
+            "X-Edgefn-Served-By": routed.served_by,
+            "X-Edgefn-Duration-Ms": f"{(time.perf_counter() - started) * 1000:.3f}",
+        }
+        return web.Response(body=result.payload, headers=headers)
+
+    async def list_functions(self, request: web.Request) -> web.Response:
+        return web.json_response({"functions": self._functions.describe()})
+
+    async def get_function(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        for item in self._functions.describe():
+            if item["name"] == name:
+                return web.json_response(item)
+        return error_response(404, "unknown_function", f"no function named {name!r} is installed")
+
+    async def health(self, request: web.Request) -> web.Response:
+        body = self._health()
+        status = 200 if body.get("status") == "ok" else 503
+        return web.json_response(body, status=status)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        if self._openapi is None:
+            self._openapi = resources.files("edge_agent").joinpath("openapi.json").read_bytes()
+        return web.Response(body=self._openapi, content_type="application/json")
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        text = self._metrics.render(self._gauges)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    def _gauges(self) -> Iterable[tuple[str, str, dict[str, str], float]]:
+        for name, fn in sorted(self._functions.loaded.items()):
+            st = fn.executor.status()
+            labels = {"function": name, "version": fn.manifest.version}
+            yield ("edgefn_pool_instances", "Worker instances running.", labels, st.get("instances", 0))
+            yield ("edgefn_pool_in_flight", "Requests being executed.", labels, st.get("in_flight", 0))
+            yield ("edgefn_pool_queued", "Requests waiting for a slot.", labels, st.get("queued", 0))
+            healthy = 1.0 if st.get("health") == "healthy" else 0.0
+            yield ("edgefn_function_healthy", "1 when the function is healthy.", labels, healthy)
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Any]
+) -> web.StreamResponse:
+    """Every error leaves as JSON with a stable code, including aiohttp's own 404/405."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status, "http_error"
+        )
+        return error_response(exc.status, code, exc.reason)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error (see the agent log)")

@@ -1,0 +1,150 @@
+"""The running set of functions: loads what the store lists, swaps versions, reports problems.
+
+`sync()` is idempotent: it compares what is on disk (`store.scan`) with what runs, starts
+executors for new or changed functions (warm before they take traffic), swaps them in with one
+dict assignment, and drains the executor they replaced in the background. A function whose new
+version fails to start keeps serving its previous version; the failure shows in `problems`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.store import FunctionSource, LoadProblem, scan
+from runtimes.errors import RuntimeErrorBase
+from runtimes.invocation import Executor
+from runtimes.launchers import Wrapper, make_executor
+from runtimes.manifest import Manifest
+
+log = logging.getLogger("edgefn.functions")
+
+# A replaced executor finishes the requests it holds within this time before it is stopped.
+SWAP_DRAIN_S = 30.0
+
+
+@dataclass(slots=True)
+class LoadedFunction:
+    source: FunctionSource
+    executor: Executor
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.source.manifest
+
+
+class FunctionSet:
+    def __init__(self, settings_functions_dir: Any, *, require_signed: bool, wrap: Wrapper) -> None:
+        self._dir = settings_functions_dir
+        self._require_signed = require_signed
+        self._wrap = wrap
+        self.loaded: dict[str, LoadedFunction] = {}
+        self.problems: dict[str, LoadProblem] = {}
+        self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def get(self, name: str) -> LoadedFunction | None:
+        return self.loaded.get(name)
+
+    async def sync(self) -> None:
+        async with self._lock:
+            sources, problems = await asyncio.to_thread(
+                scan, self._dir, require_signed=self._require_signed
+            )
+            new_problems = {p.name: p for p in problems}
+            wanted = {s.manifest.name: s for s in sources}
+            changed = [
+                s
+                for name, s in wanted.items()
+                if name not in self.loaded or self.loaded[name].source.fingerprint != s.fingerprint
+            ]
+            # A failed candidate keeps failing until its files change: do not retry it each scan.
+            changed = [
+                s
+                for s in changed
+                if not (
+                    (p := self.problems.get(s.manifest.name)) is not None
+                    and getattr(p, "fingerprint", None) == s.fingerprint
+                )
+            ]
+            results = await asyncio.gather(*(self._start(s) for s in changed))
+            for source, outcome in zip(changed, results, strict=True):
+                name = source.manifest.name
+                if isinstance(outcome, LoadProblem):
+                    new_problems[name] = outcome
+                    continue
+                old = self.loaded.get(name)
+                self.loaded[name] = outcome
+                if old is not None:
+                    log.info(
+                        "%s: switched %s -> %s", name, old.manifest.version, source.manifest.version
+                    )
+                    self._retire(old)
+                else:
+                    log.info("%s@%s loaded (%s)", name, source.manifest.version, source.directory)
+            for name in list(self.loaded):
+                if name not in wanted and name not in new_problems:
+                    log.info("%s: removed", name)
+                    self._retire(self.loaded.pop(name))
+            # Keep problems of failed candidates whose files did not change since.
+            for name, prob in self.problems.items():
+                if name not in new_problems and isinstance(prob, _CandidateProblem):
+                    src = wanted.get(name)
+                    if src is not None and src.fingerprint == prob.fingerprint:
+                        new_problems[name] = prob
+            self.problems = new_problems
+
+    async def _start(self, source: FunctionSource) -> LoadedFunction | LoadProblem:
+        manifest = source.manifest
+        try:
+            executor = make_executor(manifest, source.directory, wrap=self._wrap)
+            await executor.start()
+        except RuntimeErrorBase as exc:
+            log.error("%s@%s not loaded: %s", manifest.name, manifest.version, exc.message)
+            return _CandidateProblem(
+                manifest.name, source.directory, exc.message, fingerprint=source.fingerprint
+            )
+        return LoadedFunction(source, executor)
+
+    def _retire(self, fn: LoadedFunction) -> None:
+        task = asyncio.create_task(fn.executor.close(SWAP_DRAIN_S))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def close(self, drain_s: float) -> None:
+        loaded, self.loaded = list(self.loaded.values()), {}
+        await asyncio.gather(*(f.executor.close(drain_s) for f in loaded), return_exceptions=True)
+        for task in list(self._retiring):
+            task.cancel()
+
+    def describe(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for name in sorted(set(self.loaded) | set(self.problems)):
+            fn = self.loaded.get(name)
+            prob = self.problems.get(name)
+            item: dict[str, Any] = {"name": name}
+            if fn is not None:
+                m = fn.manifest
+                item.update(
+                    version=m.version,
+                    runtime=m.runtime,
+                    isolation=m.isolation if m.runtime == "cpp" else "process",
+                    signed=fn.source.signed,
+                    timeout_ms=m.timeout_ms,
+                    status=fn.executor.status(),
+                )
+            if prob is not None:
+                item["error"] = prob.message
+                if fn is None:
+                    item["status"] = {"health": "failed"}
+            out.append(item)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _CandidateProblem(LoadProblem):
+    fingerprint: tuple[object, ...] = ()

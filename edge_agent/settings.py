@@ -1,0 +1,49 @@
+"""The agent's settings: one frozen object, built once from the command line and environment.
+
+Everything else receives the pieces it needs from `Agent`; nothing reads settings globally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+LogFormat = Literal["text", "json"]
+
+# 6 MiB: the same default request limit as AWS Lambda's synchronous invocations, which most
+# function authors already design for.
+DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024
+# How often the functions directory is checked for installs, removals and version switches.
+DEFAULT_SCAN_INTERVAL_S = 2.0
+# Staged shutdown: in-flight requests get this long to finish after SIGTERM.
+DEFAULT_DRAIN_S = 10.0
+
+
+def default_data_dir() -> Path:
+    """The user's data directory (XDG), so `edge-agent run` works without any flag."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "edgefn"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8680
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    log_format: LogFormat = "text"
+    log_level: str = "info"
+    require_signed: bool = False
+    scan_interval_s: float = DEFAULT_SCAN_INTERVAL_S
+    drain_s: float = DEFAULT_DRAIN_S
+
+    @property
+    def functions_dir(self) -> Path:
+        return self.data_dir / "functions"
+
+    @property
+    def state_file(self) -> Path:
+        """Where a running agent says where it listens (read by `edge-agent invoke`)."""
+        return self.data_dir / "agent.json"

@@ -1,0 +1,404 @@
+"""The warm pool: worker processes of one function version, scaled by concurrency.
+
+Flow of an invocation: `invoke()` picks the ready worker with the fewest requests in flight
+that still has a free slot (`concurrency` per worker). With no free slot the request waits in a
+bounded FIFO queue (full -> `Overloaded`, HTTP 429) and, while the pool is below
+`max_instances`, one more worker is started. A worker that finishes a request hands its slot to
+the oldest waiter. Workers above `min_instances` that stay idle for `idle_timeout_s` are retired.
+
+Failure handling: a worker that exits or breaks the protocol fails its in-flight requests with
+`WorkerCrashed` (502) and is replaced with exponential backoff; `CRASH_LOOP_COUNT` crashes within
+`CRASH_LOOP_WINDOW_S` mark the function unhealthy (reported in `status()`), and while no worker
+is ready requests fail fast with `Unavailable` (503) instead of piling up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from runtimes.errors import (
+    Overloaded,
+    RuntimeErrorBase,
+    Unavailable,
+)
+from runtimes.invocation import Invocation, Result
+from runtimes.manifest import Manifest
+from runtimes.worker import Worker, result_from_frame
+
+log = logging.getLogger("edgefn.pool")
+
+# Scale up when in-flight requests exceed this share of the ready slots: starting a worker
+# takes 1-70 ms, so we start one before the pool is completely full.
+TARGET_UTILISATION = 0.8
+# Crash-loop detection: this many unexpected exits inside the window marks the function
+# unhealthy. Five in thirty seconds is far past any transient fault (Kubernetes' CrashLoopBackOff
+# uses a similar order of magnitude).
+CRASH_LOOP_COUNT = 5
+CRASH_LOOP_WINDOW_S = 30.0
+# Replacement backoff: 0.1 s doubling to 10 s, reset after a worker served for a while.
+BACKOFF_INITIAL_S = 0.1
+BACKOFF_MAX_S = 10.0
+# How often idle workers are looked for; the idle timeout itself comes from the manifest.
+REAP_INTERVAL_S = 1.0
+
+CommandFactory = Callable[[], Sequence[str]]
+
+
+class Pool:
+    """Executor for process-isolated runtimes (Node, Go, isolated C++)."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        function_dir: Path,
+        command: CommandFactory,
+        *,
+        env: dict[str, str],
+        on_worker_start: Callable[[Worker], None] | None = None,
+        on_worker_exit: Callable[[Worker], None] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.function_dir = function_dir
+        self.settings = manifest.pool
+        self._command = command
+        self._env = env
+        self._on_worker_start = on_worker_start
+        self._on_worker_exit = on_worker_exit
+        self._workers: list[Worker] = []
+        self._starting = 0
+        self._waiters: deque[asyncio.Future[Worker]] = deque()
+        self._closing = False
+        self._crashes: deque[float] = deque()
+        self._backoff = BACKOFF_INITIAL_S
+        self._replacing = False
+        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.last_error = ""
+        self.restarts = 0
+        self.timeouts = 0
+        self.cold_starts: deque[float] = deque(maxlen=16)
+        self._label = f"{manifest.name}@{manifest.version}"
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start `min_instances` workers; fail if the function cannot start at all."""
+        wanted = self.settings.min_instances
+        results = await asyncio.gather(
+            *(self._spawn() for _ in range(wanted)), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for err in errors:
+            if not isinstance(err, RuntimeErrorBase):
+                raise err  # a bug, not a function problem: let it surface
+        if wanted and len(errors) == wanted:
+            raise errors[0]
+        if wanted == 0:
+            # Nothing pre-warmed: still prove the function starts, so a broken function is
+            # reported at load and not on its first request.
+            worker = await self._spawn()
+            await self._retire(worker)
+        self._reaper = asyncio.create_task(self._reap_idle(), name=f"reaper {self._label}")
+
+    async def close(self, drain_s: float = 5.0) -> None:
+        self._closing = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(Unavailable("the function is shutting down"))
+        self._waiters.clear()
+        if self._reaper is not None:
+            self._reaper.cancel()
+        deadline = time.monotonic() + drain_s
+        while any(w.in_flight for w in self._workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*(w.shutdown() for w in list(self._workers)))
+        for task in list(self._tasks):
+            task.cancel()
+
+    # ---- invocation -------------------------------------------------------------------
+
+    async def invoke(self, inv: Invocation) -> Result:
+        started = time.perf_counter()
+        worker = self._pick()
+        if worker is None:
+            worker = await self._wait_for_slot()
+        queued = time.perf_counter() - started
+        fut = worker.invoke(
+            inv,
+            function=self.manifest.name,
+            version=self.manifest.version,
+            on_timeout=self._on_timeout,
+        )
+        if self._waiters or self._busy():
+            self._maybe_scale_up()
+        try:
+            frame = await fut
+        finally:
+            self._release(worker)
+        return result_from_frame(frame, queued, time.perf_counter() - started - queued)
+
+    def _pick(self) -> Worker | None:
+        if self._closing:
+            raise Unavailable("the function is shutting down")
+        best: Worker | None = None
+        limit = self.settings.concurrency
+        for w in self._workers:
+            if w.in_flight < limit and w.ready and (best is None or w.in_flight < best.in_flight):
+                best = w
+                if w.in_flight == 0:
+                    break
+        # Fairness: when others are already waiting, queue behind them.
+        return None if self._waiters else best
+
+    async def _wait_for_slot(self) -> Worker:
+        if not any(w.ready for w in self._workers) and self._unhealthy():
+            raise Unavailable(f"function is in a crash loop: {self.last_error}")
+        if len(self._waiters) >= self.settings.max_queue:
+            raise Overloaded(
+                f"{self.manifest.name}: {len(self._waiters)} requests already waiting "
+                f"(max_queue {self.settings.max_queue})"
+            )
+        fut: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._maybe_scale_up()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # We were handed a slot but the client went away: pass the slot on.
+                self._release_slot(fut.result())
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+            raise
+
+    def _release(self, worker: Worker) -> None:
+        # Called after the worker's own bookkeeping freed the slot.
+        if self._waiters and worker.ready and worker.in_flight < self.settings.concurrency:
+            self._release_slot(worker)
+
+    def _release_slot(self, worker: Worker) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(worker)
+                return
+
+    def _busy(self) -> bool:
+        ready = [w for w in self._workers if w.ready]
+        if not ready:
+            return True
+        in_flight = sum(w.in_flight for w in ready)
+        return in_flight > TARGET_UTILISATION * len(ready) * self.settings.concurrency
+
+    # ---- scaling ----------------------------------------------------------------------
+
+    def _maybe_scale_up(self) -> None:
+        if self._closing or self._starting:
+            return
+        if len(self._workers) + self._starting >= self.settings.max_instances:
+            return
+        if self._unhealthy() and self._replacing:
+            return
+        # Count the start now, not when the task first runs: otherwise every request that
+        # arrives before then would start another worker.
+        self._starting += 1
+        self._background(self._spawn_quietly())
+
+    async def _spawn_quietly(self) -> None:
+        with contextlib.suppress(RuntimeErrorBase):
+            await self._spawn(reserved=True)
+
+    async def _spawn(self, *, reserved: bool = False) -> Worker:
+        if not reserved:
+            self._starting += 1
+        try:
+            worker = await Worker.spawn(
+                self._command(),
+                env=self._env,
+                cwd=str(self.function_dir),
+                label=self.manifest.name,
+                on_exit=self._on_exit,
+            )
+        except RuntimeErrorBase as exc:
+            self.last_error = exc.message
+            self._record_crash()
+            self._fail_waiters_if_hopeless(exc)
+            raise
+        finally:
+            self._starting -= 1
+        if self._closing:
+            await worker.shutdown()
+            raise Unavailable("the function is shutting down")
+        self._workers.append(worker)
+        self.cold_starts.append(worker.cold_start_s)
+        if self._on_worker_start is not None:
+            self._on_worker_start(worker)
+        log.debug(
+            "%s: worker %d ready in %.1f ms (%s)",
+            self._label,
+            worker.pid,
+            worker.cold_start_s * 1000,
+            worker.runtime,
+        )
+        # Hand the new worker's slots to whoever is waiting.
+        for _ in range(self.settings.concurrency):
+            if not self._waiters:
+                break
+            self._release_slot(worker)
+        return worker
+
+    def _fail_waiters_if_hopeless(self, exc: RuntimeErrorBase) -> None:
+        if any(w.ready for w in self._workers) or self._starting:
+            return
+        err = Unavailable(f"function failed to start a worker: {exc.message}")
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(err)
+
+    async def _retire(self, worker: Worker) -> None:
+        worker.closing = True
+        with contextlib.suppress(ValueError):
+            self._workers.remove(worker)
+        await worker.shutdown()
+
+    async def _reap_idle(self) -> None:
+        interval = min(REAP_INTERVAL_S, self.settings.idle_timeout_s / 2)
+        while not self._closing:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            spare = len(self._workers) - self.settings.min_instances
+            for worker in list(self._workers):
+                if spare <= 0:
+                    break
+                idle = now - worker.idle_since
+                if worker.in_flight == 0 and idle >= self.settings.idle_timeout_s:
+                    spare -= 1
+                    log.debug("%s: retiring idle worker %d", self._label, worker.pid)
+                    self._background(self._retire(worker))
+            if self._workers or self._starting:
+                continue
+            if self.settings.min_instances and not self._replacing:
+                self._schedule_replacement()
+
+    # ---- failures ---------------------------------------------------------------------
+
+    def _on_timeout(self, worker: Worker, inv: Invocation) -> None:
+        self.timeouts += 1
+        self.last_error = f"request {inv.request_id} timed out after {inv.timeout_s:g} s"
+
+    def _on_exit(self, worker: Worker) -> None:
+        with contextlib.suppress(ValueError):
+            self._workers.remove(worker)
+        if self._on_worker_exit is not None:
+            self._on_worker_exit(worker)
+        if self._closing or worker.closing:
+            return
+        self.last_error = f"worker {worker.pid} {worker.exit_reason}"
+        log.warning("%s: %s", self._label, self.last_error)
+        # A worker that served for a while before dying is not a crash loop.
+        if time.monotonic() - worker.ready_at > CRASH_LOOP_WINDOW_S:
+            self._backoff = BACKOFF_INITIAL_S
+        self._record_crash()
+        if len(self._workers) + self._starting < max(1, self.settings.min_instances) or (
+            self._waiters
+        ):
+            self._schedule_replacement()
+
+    def _record_crash(self) -> None:
+        now = time.monotonic()
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > CRASH_LOOP_WINDOW_S:
+            self._crashes.popleft()
+
+    def _unhealthy(self) -> bool:
+        now = time.monotonic()
+        recent = [t for t in self._crashes if now - t <= CRASH_LOOP_WINDOW_S]
+        return len(recent) >= CRASH_LOOP_COUNT
+
+    def _schedule_replacement(self) -> None:
+        if self._replacing or self._closing:
+            return
+        self._replacing = True
+        self._background(self._replace())
+
+    async def _replace(self) -> None:
+        try:
+            while not self._closing:
+                delay = self._backoff
+                self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+                await asyncio.sleep(delay)
+                if self._closing:
+                    return
+                try:
+                    await self._spawn()
+                except RuntimeErrorBase:
+                    continue
+                self.restarts += 1
+                have = len(self._workers) + self._starting
+                if have >= max(1, self.settings.min_instances) and not self._waiters:
+                    return
+        finally:
+            self._replacing = False
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- status -----------------------------------------------------------------------
+
+    @property
+    def instances(self) -> int:
+        return len(self._workers)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(w.in_flight for w in self._workers)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self._workers if w.alive]
+
+    def status(self) -> dict[str, Any]:
+        ready = sum(1 for w in self._workers if w.ready)
+        if self._closing:
+            health = "stopping"
+        elif self._unhealthy():
+            health = "unhealthy"
+        elif ready or self.settings.min_instances == 0:
+            health = "healthy"
+        else:
+            health = "starting"
+        return {
+            "health": health,
+            "instances": len(self._workers),
+            "ready": ready,
+            "starting": self._starting,
+            "in_flight": self.in_flight,
+            "queued": len(self._waiters),
+            "restarts": self.restarts,
+            "timeouts": self.timeouts,
+            "recent_crashes": len(self._crashes),
+            "last_error": self.last_error,
+            "workers": [
+                {
+                    "pid": w.pid,
+                    "in_flight": w.in_flight,
+                    "served": w.served,
+                    "runtime": w.runtime,
+                    "cold_start_ms": round(w.cold_start_s * 1000, 2),
+                }
+                for w in self._workers
+            ],
+        }

@@ -1,0 +1,249 @@
+"""The worker wire protocol: length-prefixed binary frames over a worker's stdin/stdout.
+
+Pure code, no I/O: the agent side (`runtimes.worker`) and the tests feed bytes in and take
+frames out. Every language host (Node, Go, C++) implements the same layout; the full
+description, with a worked byte example, is in docs/protocol.md.
+
+Layout of one frame (all integers big-endian)::
+
+    u32  length        bytes that follow this field (FIXED_LEN + header + payload)
+    u8   version       PROTOCOL_VERSION
+    u8   kind          Kind
+    u16  flags         Flag bits
+    u64  request_id    0 for frames not tied to a request (worker log lines, ready)
+    u32  header_len    bytes of TLV header that follow
+    ...  header        repeated: u8 key, u16 len, len bytes of value
+    ...  payload       raw bytes, never base64
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag
+
+PROTOCOL_VERSION = 1
+
+# Frames larger than this are a protocol violation: it bounds what a broken or hostile worker
+# can make the agent buffer. 64 MiB leaves room over the 6 MiB default body limit for functions
+# that raise --max-body-bytes.
+MAX_FRAME = 64 * 1024 * 1024
+
+_PREFIX = struct.Struct(">I")
+_FIXED = struct.Struct(">BBHQI")
+FIXED_LEN = _FIXED.size  # 16
+_TLV = struct.Struct(">BH")
+
+
+class Kind(IntEnum):
+    INVOKE = 1  # agent -> worker
+    RESULT = 2  # worker -> agent
+    ERROR = 3  # worker -> agent: the function (or the host) failed this request
+    LOG = 4  # worker -> agent: one log line, request_id 0 when not tied to a request
+    PING = 5  # agent -> worker; answered by PONG with the same request_id
+    PONG = 6
+    SHUTDOWN = 7  # agent -> worker: finish in-flight work, then exit 0
+    READY = 8  # worker -> agent, once, when it can take invocations
+
+
+class Flag(IntFlag):
+    NONE = 0
+    JSON = 1  # payload is UTF-8 JSON (hosts may hand the parsed value to the handler)
+
+
+class Key(IntEnum):
+    """TLV header keys. Unknown keys are skipped by every host, so new ones are compatible."""
+
+    DEADLINE_MS = 1  # u32: milliseconds left for this request when the frame was sent
+    TRACE_ID = 2  # utf-8
+    FUNCTION = 3  # utf-8 function name
+    VERSION = 4  # utf-8 function version
+    ERROR_CODE = 5  # utf-8, on ERROR frames: stable machine-readable code
+    LOG_LEVEL = 6  # utf-8, on LOG frames: debug|info|warn|error
+    CONTENT_TYPE = 7  # utf-8, on INVOKE and RESULT frames
+    RUNTIME = 8  # utf-8, on READY frames: host name and version, e.g. "node/20.20.2"
+
+
+_U32_KEYS = frozenset({Key.DEADLINE_MS})
+
+
+class ProtocolError(Exception):
+    """The byte stream is not a valid frame sequence: the worker that sent it is killed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: Kind
+    request_id: int = 0
+    payload: bytes = b""
+    headers: Mapping[int, bytes | str | int] = field(default_factory=dict)
+    flags: int = 0
+
+    def text(self, key: Key, default: str = "") -> str:
+        value = self.headers.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "replace")
+        return str(value)
+
+    def number(self, key: Key, default: int = 0) -> int:
+        value = self.headers.get(key)
+        return value if isinstance(value, int) else default
+
+
+def _encode_value(key: int, value: bytes | str | int) -> bytes:
+    if isinstance(value, int):
+        if key not in _U32_KEYS:
+            raise ValueError(f"header key {key} does not take an integer")
+        return struct.pack(">I", max(0, min(value, 0xFFFFFFFF)))
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return bytes(value)
+
+
+def encode_header(headers: Mapping[int, bytes | str | int]) -> bytes:
+    parts: list[bytes] = []
+    for key, value in headers.items():
+        raw = _encode_value(key, value)
+        if len(raw) > 0xFFFF:
+            raise ValueError(f"header value for key {key} is longer than 65535 bytes")
+        parts.append(_TLV.pack(key, len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def encode(frame: Frame) -> bytes:
+    """Serialise one frame, length prefix included."""
+    header = encode_header(frame.headers)
+    body_len = FIXED_LEN + len(header) + len(frame.payload)
+    if body_len > MAX_FRAME:
+        raise ProtocolError(f"frame of {body_len} bytes exceeds the {MAX_FRAME}-byte maximum")
+    return b"".join(
+        (
+            _PREFIX.pack(body_len),
+            _FIXED.pack(PROTOCOL_VERSION, frame.kind, frame.flags, frame.request_id, len(header)),
+            header,
+            frame.payload,
+        )
+    )
+
+
+def encode_invoke(
+    request_id: int,
+    payload: bytes,
+    *,
+    deadline_ms: int,
+    trace_id: str = "",
+    function: str = "",
+    version: str = "",
+    content_type: str = "",
+    json: bool = False,
+) -> bytes:
+    """The hot-path encoder: same bytes as `encode(Frame(INVOKE, ...))`, fewer allocations."""
+    header = bytearray(_TLV.pack(Key.DEADLINE_MS, 4))
+    header += struct.pack(">I", max(0, min(deadline_ms, 0xFFFFFFFF)))
+    for key, text in (
+        (Key.TRACE_ID, trace_id),
+        (Key.FUNCTION, function),
+        (Key.VERSION, version),
+        (Key.CONTENT_TYPE, content_type),
+    ):
+        if text:
+            raw = text.encode("utf-8")
+            header += _TLV.pack(key, len(raw))
+            header += raw
+    body_len = FIXED_LEN + len(header) + len(payload)
+    if body_len > MAX_FRAME:
+        raise ProtocolError(f"frame of {body_len} bytes exceeds the {MAX_FRAME}-byte maximum")
+    flags = Flag.JSON if json else 0
+    return b"".join(
+        (
+            _PREFIX.pack(body_len),
+            _FIXED.pack(PROTOCOL_VERSION, Kind.INVOKE, flags, request_id, len(header)),
+            header,
+            payload,
+        )
+    )
+
+
+def decode_header(raw: bytes | memoryview) -> dict[int, bytes | str | int]:
+    headers: dict[int, bytes | str | int] = {}
+    view = memoryview(raw)
+    pos = 0
+    end = len(view)
+    while pos < end:
+        if pos + _TLV.size > end:
+            raise ProtocolError("truncated header entry")
+        key, length = _TLV.unpack_from(view, pos)
+        pos += _TLV.size
+        if pos + length > end:
+            raise ProtocolError(f"header entry {key} runs past the header")
+        value = view[pos : pos + length]
+        pos += length
+        if key in _U32_KEYS:
+            if length != 4:
+                raise ProtocolError(f"header key {key} must be 4 bytes, got {length}")
+            headers[key] = struct.unpack(">I", value)[0]
+        else:
+            headers[key] = bytes(value)
+    return headers
+
+
+def _decode_body(body: memoryview) -> Frame:
+    if len(body) < FIXED_LEN:
+        raise ProtocolError(f"frame body of {len(body)} bytes is shorter than {FIXED_LEN}")
+    version, kind, flags, request_id, header_len = _FIXED.unpack_from(body, 0)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}")
+    try:
+        kind_enum = Kind(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown frame kind {kind}") from None
+    if FIXED_LEN + header_len > len(body):
+        raise ProtocolError("header length runs past the frame")
+    headers = decode_header(body[FIXED_LEN : FIXED_LEN + header_len]) if header_len else {}
+    payload = bytes(body[FIXED_LEN + header_len :])
+    return Frame(kind_enum, request_id, payload, headers, flags)
+
+
+class FrameDecoder:
+    """Incremental decoder: feed arbitrary chunks, iterate complete frames.
+
+    Once it raised ProtocolError the stream is unusable (framing is lost); callers kill the
+    worker rather than try to resynchronise.
+    """
+
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> Iterator[Frame]:
+        buf = self._buf
+        buf += data
+        pos = 0
+        total = len(buf)
+        view = memoryview(buf)
+        try:
+            while total - pos >= 4:
+                (length,) = _PREFIX.unpack_from(view, pos)
+                if length > self._max:
+                    raise ProtocolError(
+                        f"frame of {length} bytes exceeds the {self._max}-byte maximum"
+                    )
+                if total - pos - 4 < length:
+                    break
+                frame = _decode_body(view[pos + 4 : pos + 4 + length])
+                pos += 4 + length
+                yield frame
+        finally:
+            view.release()
+            if pos:
+                del buf[:pos]
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
