@@ -21,7 +21,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 FUNCTIONS = REPO / "tests" / "functions"
 EXAMPLES = REPO / "examples"
-_LISTEN_RE = re.compile(r"listening on (http://\S+)")
 
 
 @dataclass
@@ -127,12 +126,16 @@ def start_agent(data_dir: Path, *extra: str, wait: bool = True, timeout: float =
     if not wait:
         return agent
     deadline = time.monotonic() + timeout
+    state = data_dir / "agent.json"
     while time.monotonic() < deadline:
-        for line in list(agent.lines):
-            m = _LISTEN_RE.search(line)
-            if m:
-                agent.url = m.group(1)
-                return agent
+        # The agent writes agent.json (atomically) once it listens.
+        try:
+            info = json.loads(state.read_text())
+        except (OSError, ValueError):
+            info = {}
+        if info.get("pid") == proc.pid:
+            agent.url = info["url"]
+            return agent
         if proc.poll() is not None:
             agent.stop()
             raise AssertionError(f"agent exited with {proc.returncode}:\n{agent.log_text()}")

@@ -1,0 +1,282 @@
+"""Per-worker limits, applied by wrapping the worker's command line (never `preexec_fn`).
+
+Flow: the pool turns a manifest's `[limits]` into `WorkerLimits`, optionally gets a per-worker
+cgroup from `hardware.cgroup.CgroupManager`, resolves the unprivileged user once with
+`resolve_worker_user()` and spawns `wrap_command(argv, limits, run_as=..., cgroup=...)`:
+
+    [/bin/sh -c 'echo $$ > cgroup.procs && exec "$@"']     join the worker's cgroup (optional)
+    setpriv --pdeathsig KILL [--reuid U --regid G --clear-groups] --no-new-privs --
+    /bin/sh -c '[ "$PPID" = AGENT_PID ] || exit 70; exec "$@"'  parent still there? (see below)
+    prlimit --core=0 [--cpu=N:N+1] [--nofile=N] [--nproc=N] [--as=BYTES] --
+    <worker argv>
+
+Each step `exec`s the next, so the worker keeps the pid the pool spawned and its exit status.
+The parent check closes the race of every parent-death signal: an agent that dies between the
+fork and setpriv's prctl() sends no signal, so the first program after setpriv makes sure its
+parent is still the agent, and exits (70) if it was orphaned in that window.
+`preexec_fn` is not used because it runs Python between fork and exec, which can deadlock when the
+agent has threads (https://docs.python.org/3/library/subprocess.html#subprocess.Popen).
+
+Which limit goes where (docs/hardware.md explains why):
+- memory_mb: cgroup `memory.max` only. It is never turned into RLIMIT_AS implicitly: Go and Node
+  reserve gigabytes of address space they never touch and fail at start under RLIMIT_AS.
+- address_space_mb: RLIMIT_AS, only when asked (native workers without a cgroup).
+- processes: cgroup `pids.max`; RLIMIT_NPROC only with a dedicated user, as it counts every
+  process and thread of the real uid, and root ignores it.
+- cpu_seconds: RLIMIT_CPU (lifetime CPU of the worker: SIGXCPU, then SIGKILL a second later).
+- open_files: RLIMIT_NOFILE. cpu_cores: cgroup `cpu.max` (a throttle, never a kill).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hardware.errors import HardwareError, LimitToolMissing, WorkerUserError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from hardware.cgroup import WorkerCgroup
+
+DEFAULT_WORKER_USER = "edgefn-worker"
+FALLBACK_WORKER_USER = "nobody"
+
+# Service managers start us with a short PATH; util-linux lives in one of these everywhere.
+_TOOL_DIRS = ("/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin")
+_INSTALL_HINT = (
+    "install util-linux (Debian/Ubuntu: util-linux; Alpine: setpriv and util-linux-misc; "
+    "BusyBox has neither)"
+)
+_MB = 1024 * 1024
+# $0 is the agent's pid. Exit status 70 (EX_SOFTWARE): nobody is left to read it anyway.
+_PARENT_CHECK = (
+    '[ "$PPID" = "$0" ] || { echo "edgefn: agent gone before worker start" >&2; exit 70; }; '
+    'exec "$@"'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLimits:
+    """Limits for one worker process; 0 means "not set".
+
+    The first four mirror a manifest's `[limits]` table (`WorkerLimits(**asdict(m.limits))`).
+    """
+
+    memory_mb: int = 0  # cgroup memory.max (+ swap 0); needs a cgroup, see with_address_space()
+    cpu_seconds: int = 0  # RLIMIT_CPU over the worker's lifetime
+    open_files: int = 0  # RLIMIT_NOFILE
+    processes: int = 0  # cgroup pids.max, else RLIMIT_NPROC with a dedicated user
+    address_space_mb: int = 0  # RLIMIT_AS: explicit only (breaks Go and Node)
+    cpu_cores: float = 0.0  # cgroup cpu.max bandwidth, e.g. 0.5 = half a core
+
+    def __post_init__(self) -> None:
+        for name in ("memory_mb", "cpu_seconds", "open_files", "processes", "address_space_mb"):
+            if getattr(self, name) < 0:
+                raise HardwareError(f"limits: {name} must be >= 0", code="bad_limits")
+        if self.cpu_cores < 0:
+            raise HardwareError("limits: cpu_cores must be >= 0", code="bad_limits")
+
+    def with_address_space(self) -> WorkerLimits:
+        """A copy that also caps address space at `memory_mb`: the no-cgroup fallback.
+
+        Only for native (C/C++) workers that do not reserve large virtual ranges: each glibc
+        malloc arena reserves 64 MB of address space and each thread stack 8 MB, so even a
+        multi-threaded C++ worker needs generous headroom. Never for Go or Node workers.
+        """
+        if self.address_space_mb or not self.memory_mb:
+            return self
+        return WorkerLimits(
+            memory_mb=self.memory_mb,
+            cpu_seconds=self.cpu_seconds,
+            open_files=self.open_files,
+            processes=self.processes,
+            address_space_mb=self.memory_mb,
+            cpu_cores=self.cpu_cores,
+        )
+
+
+_found_tools: dict[str, str] = {}
+
+
+def find_tool(name: str) -> str:
+    """Absolute path of `setpriv` or `prlimit`, looked up once (successes are cached)."""
+    path = _found_tools.get(name)
+    if path is None:
+        search = os.pathsep.join([os.environ.get("PATH", ""), *_TOOL_DIRS])
+        found = shutil.which(name, path=search)
+        if found is None:
+            raise LimitToolMissing(
+                f"'{name}' was not found (searched PATH and {', '.join(_TOOL_DIRS)}): it is "
+                f"needed to start workers with limits; {_INSTALL_HINT}"
+            )
+        path = _found_tools[name] = os.path.abspath(found)
+    return path
+
+
+def preflight() -> list[str]:
+    """Problems that would stop `wrap_command` from working; [] when all is well.
+
+    Blocking (runs `setpriv --help`): call once at agent start, via `asyncio.to_thread`.
+    `--pdeathsig` needs util-linux 2.33 or later.
+    """
+    problems: list[str] = []
+    for name in ("setpriv", "prlimit"):
+        try:
+            find_tool(name)
+        except LimitToolMissing as exc:
+            problems.append(exc.message)
+    if not problems:
+        try:
+            done = subprocess.run(
+                [find_tool("setpriv"), "--help"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            )
+            if "--pdeathsig" not in done.stdout:
+                problems.append(
+                    "setpriv has no --pdeathsig option (util-linux < 2.33): workers would "
+                    f"outlive a crashed agent; {_INSTALL_HINT}"
+                )
+        except (OSError, subprocess.SubprocessError) as exc:
+            problems.append(f"setpriv does not run: {exc}")
+    return problems
+
+
+def wrap_command(
+    argv: Sequence[str],
+    limits: WorkerLimits,
+    *,
+    run_as: tuple[int, int] | None = None,
+    pdeathsig: bool = True,
+    cgroup: WorkerCgroup | None = None,
+    parent_pid: int | None = None,
+) -> list[str]:
+    """`argv` prefixed so the worker starts inside its limits (see the module docstring).
+
+    `run_as` is (uid, gid) from `resolve_worker_user()`. `pdeathsig` kills the worker when the
+    thread that spawned it exits: spawn workers from the event loop thread, never from a
+    short-lived executor thread; the spawning process must be `parent_pid` (default: this
+    one). `cgroup` makes the worker join its cgroup before anything else runs, so even its first
+    child is accounted for; limits that cgroup enforces are not repeated as rlimits.
+    Pure: no I/O beyond finding the tools once.
+    """
+    if not argv:
+        raise HardwareError("wrap_command: empty argv", code="bad_command")
+    in_cgroup = set() if cgroup is None else cgroup.controllers
+
+    rlimits = ["--core=0"]  # no core files of crashing workers in the function dir
+    if limits.cpu_seconds:
+        # Soft then hard: SIGXCPU first (a runtime may log it), SIGKILL one second later.
+        rlimits.append(f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}")
+    if limits.open_files:
+        rlimits.append(f"--nofile={limits.open_files}:{limits.open_files}")
+    if limits.processes and run_as is not None and "pids" not in in_cgroup:
+        rlimits.append(f"--nproc={limits.processes}:{limits.processes}")
+    if limits.address_space_mb:
+        size = limits.address_space_mb * _MB
+        rlimits.append(f"--as={size}:{size}")
+
+    setpriv: list[str] = []
+    if pdeathsig:
+        setpriv += ["--pdeathsig", "KILL"]
+    if run_as is not None:
+        uid, gid = run_as
+        setpriv += ["--reuid", str(uid), "--regid", str(gid), "--clear-groups"]
+
+    wrapped: list[str] = []
+    if cgroup is not None:
+        wrapped += cgroup.join_argv()
+    if setpriv:
+        # no-new-privs: a worker cannot regain privileges through setuid binaries.
+        wrapped += [find_tool("setpriv"), *setpriv, "--no-new-privs", "--"]
+    if pdeathsig:
+        expected = str(os.getpid() if parent_pid is None else parent_pid)
+        wrapped += ["/bin/sh", "-c", _PARENT_CHECK, expected]
+    wrapped += [find_tool("prlimit"), *rlimits, "--"]
+    return wrapped + list(argv)
+
+
+def enforcement(
+    limits: WorkerLimits,
+    *,
+    run_as: tuple[int, int] | None = None,
+    cgroup: WorkerCgroup | None = None,
+) -> dict[str, str]:
+    """How `wrap_command` with these arguments enforces each limit that is set.
+
+    Values are "cgroup ...", "rlimit ..." or "not enforced: <why>"; the pool logs the last kind
+    once per function so an operator knows a manifest limit is only advisory on this box.
+    """
+    in_cgroup = set() if cgroup is None else cgroup.controllers
+    how: dict[str, str] = {}
+    if limits.memory_mb:
+        how["memory_mb"] = (
+            "cgroup memory.max"
+            if "memory" in in_cgroup
+            else "rlimit RLIMIT_AS (address space)"
+            if limits.address_space_mb
+            else "not enforced: no cgroup memory controller (usage sampling only)"
+        )
+    if limits.address_space_mb:
+        how["address_space_mb"] = "rlimit RLIMIT_AS"
+    if limits.cpu_seconds:
+        how["cpu_seconds"] = "rlimit RLIMIT_CPU"
+    if limits.open_files:
+        how["open_files"] = "rlimit RLIMIT_NOFILE"
+    if limits.processes:
+        how["processes"] = (
+            "cgroup pids.max"
+            if "pids" in in_cgroup
+            else "rlimit RLIMIT_NPROC (per user: all workers of this user share it)"
+            if run_as is not None
+            else "not enforced: no cgroup pids controller and no dedicated worker user"
+        )
+    if limits.cpu_cores:
+        how["cpu_cores"] = (
+            "cgroup cpu.max" if "cpu" in in_cgroup else "not enforced: no cgroup cpu controller"
+        )
+    return how
+
+
+def resolve_worker_user(
+    user: str | None = None, group: str | None = None
+) -> tuple[int, int] | None:
+    """(uid, gid) workers should run as, or None to run them as ourselves.
+
+    Only root switches users (anyone else cannot). With no `user` configured, "edgefn-worker" is
+    used if it exists, else "nobody"; a configured user or group that does not exist is an error
+    (silently running functions as root would be worse). `user="root"` keeps workers as root.
+    The worker user must be able to read the function directories.
+    """
+    if os.geteuid() != 0:
+        return None
+    names = [user] if user else [DEFAULT_WORKER_USER, FALLBACK_WORKER_USER]
+    entry = None
+    for name in names:
+        try:
+            entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+            break
+        except KeyError:
+            continue
+    if entry is None:
+        raise WorkerUserError(
+            f"worker user {' or '.join(repr(n) for n in names)} does not exist; create it "
+            f"(e.g. useradd --system --no-create-home {DEFAULT_WORKER_USER}) or configure another"
+        )
+    if entry.pw_uid == 0:
+        return None
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise WorkerUserError(f"worker group {group!r} does not exist") from None
+    return entry.pw_uid, gid

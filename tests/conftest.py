@@ -1,0 +1,25 @@
+"""Shared fixtures: functions built once per session with the real toolchains."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtimes.build import build_function
+from tests.harness import FUNCTIONS
+
+
+@pytest.fixture(scope="session")
+def built_conformance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """runtime -> a built copy of that runtime's conformance function."""
+    root = tmp_path_factory.mktemp("conformance")
+    out: dict[str, Path] = {}
+    for runtime in ("node", "go", "cpp"):
+        dest = root / runtime
+        shutil.copytree(FUNCTIONS / "conformance" / runtime, dest)
+        build_function(dest)
+        out[runtime] = dest
+    yield out

@@ -1,0 +1,137 @@
+"""One conformance suite, run through the warm pool against every out-of-process runtime.
+
+Each runtime ships a conformance function (tests/functions/conformance/<runtime>/) that
+implements the ops of docs/protocol.md; the same assertions hold for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtimes.errors import FunctionError, InvocationTimeout, WorkerCrashed
+from runtimes.invocation import Invocation
+from runtimes.launchers import make_executor
+from runtimes.manifest import load_manifest
+from runtimes.pool import Pool
+
+pytestmark = pytest.mark.slow  # builds Go and C++ functions once per session
+
+
+@pytest.fixture(params=["node", "go", "cpp"])
+async def pool(request: pytest.FixtureRequest, built_conformance: dict[str, Path]) -> AsyncIterator[Pool]:
+    directory = built_conformance[request.param]
+    executor = make_executor(load_manifest(directory / "edgefn.toml"), directory)
+    assert isinstance(executor, Pool)
+    await executor.start()
+    yield executor
+    await executor.close()
+
+
+def op(timeout: float = 5.0, **kw: Any) -> Invocation:
+    return Invocation(json.dumps(kw).encode(), "conf", timeout, content_type="application/json")
+
+
+async def call(pool: Pool, **kw: Any) -> Any:
+    return json.loads((await pool.invoke(op(**kw))).payload)
+
+
+async def test_ready_names_the_runtime(pool: Pool) -> None:
+    runtime = pool.status()["workers"][0]["runtime"]
+    assert runtime.split("/")[0] == pool.manifest.runtime
+
+
+async def test_echo_is_byte_exact(pool: Pool) -> None:
+    for payload in (b"", b"\x00\xff\x00", bytes(range(256)) * 4, b"\xfe" * (1 << 20)):
+        result = await pool.invoke(Invocation(payload, "echo", 5.0))
+        assert result.payload == payload
+
+
+async def test_context_fields(pool: Pool) -> None:
+    inv = Invocation(
+        b'{"op":"context"}', "ctx", 4.0, trace_id="trace-9", content_type="application/json"
+    )
+    ctx = json.loads((await pool.invoke(inv)).payload)
+    assert ctx["function"] == pool.manifest.name
+    assert ctx["version"] == "1.0.0"
+    assert ctx["trace_id"] == "trace-9"
+    assert ctx["request_id"]
+    assert 0 < ctx["deadline_ms_left"] <= 4000
+
+
+async def test_requests_run_concurrently_and_answer_out_of_order(pool: Pool) -> None:
+    order: list[int] = []
+
+    async def sleep(ms: int) -> None:
+        assert await call(pool, op="sleep", ms=ms) == {"slept": ms}
+        order.append(ms)
+
+    await asyncio.gather(sleep(600), sleep(20))
+    assert order == [20, 600]
+
+
+async def test_throw_and_panic_are_error_answers_not_crashes(pool: Pool) -> None:
+    pid = pool.worker_pids()[0]
+    with pytest.raises(FunctionError, match="no route") as info:
+        await call(pool, op="throw", message="no route")
+    assert info.value.code == "function_error"
+    with pytest.raises(FunctionError, match="deep failure"):
+        await call(pool, op="panic", message="deep failure")
+    assert pool.worker_pids() == [pid]
+    assert (await pool.invoke(Invocation(b"fine", "r", 5.0))).payload == b"fine"
+
+
+async def test_log_frames_reach_the_agent_log(pool: Pool, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=f"edgefn.fn.{pool.manifest.name}")
+    assert await call(pool, op="log", message="route computed") == {"logged": True}
+    records = [r for r in caplog.records if r.getMessage() == "route computed"]
+    assert records, caplog.text
+    assert getattr(records[0], "request_id", None)
+
+
+async def test_ordinary_stdout_printing_does_not_break_framing(
+    pool: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=f"edgefn.fn.{pool.manifest.name}")
+    pid = pool.worker_pids()[0]
+    assert await call(pool, op="stdout", message="printed-line") == {"printed": True}
+    assert (await pool.invoke(Invocation(b"after", "r", 5.0))).payload == b"after"
+    assert pool.worker_pids() == [pid]
+    for _ in range(20):  # the printed line arrives as a log frame or on stderr
+        if "printed-line" in caplog.text:
+            break
+        await asyncio.sleep(0.05)
+    assert "printed-line" in caplog.text
+
+
+async def test_crash_is_a_worker_error_and_the_worker_is_replaced(pool: Pool) -> None:
+    pid = pool.worker_pids()[0]
+    with pytest.raises(WorkerCrashed):
+        await call(pool, op="crash")
+    assert (await pool.invoke(Invocation(b"again", "r", 10.0))).payload == b"again"
+    assert pool.worker_pids() != [pid]
+
+
+async def test_hang_past_the_deadline_is_a_timeout(pool: Pool) -> None:
+    with pytest.raises(InvocationTimeout):
+        await pool.invoke(op(timeout=0.3, op="hang", ms=10_000))
+    assert (await pool.invoke(Invocation(b"next", "r", 10.0))).payload == b"next"
+
+
+async def test_ping(pool: Pool) -> None:
+    worker = pool._workers[0]
+    assert await worker.ping() >= 0
+
+
+async def test_shutdown_drains_in_flight_requests(pool: Pool) -> None:
+    busy = asyncio.ensure_future(call(pool, op="sleep", ms=300))
+    await asyncio.sleep(0.05)
+    await pool.close(drain_s=5)
+    assert await busy == {"slept": 300}
+    assert pool.worker_pids() == []
