@@ -39,7 +39,7 @@ from runtimes.invocation import Invocation  # noqa: E402
 from runtimes.launchers import command_for  # noqa: E402
 from runtimes.manifest import load_manifest  # noqa: E402
 from runtimes.worker import Worker, worker_env  # noqa: E402
-from tests.harness import start_agent, write_manifest  # noqa: E402
+from tests.harness import start_agent  # noqa: E402
 
 PAYLOAD = b"x" * 100
 CONFORMANCE = REPO / "tests" / "functions" / "conformance"
@@ -163,8 +163,16 @@ def _us(text: str) -> float:
 def wrk(url: str, connections: int, duration: float, script: Path) -> tuple[float, float, float]:
     threads = 1 if connections == 1 else 2
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, int(duration))}s", "--latency"]
-        + ["-s", str(script), url],
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{max(1, int(duration))}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,

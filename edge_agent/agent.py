@@ -134,7 +134,9 @@ class Agent:
         self.url = f"http://{host}:{port}"
         atomic_write(
             s.state_file,
-            json.dumps({"url": self.url, "pid": os.getpid(), "started_at": self.started_at}).encode(),
+            json.dumps(
+                {"url": self.url, "pid": os.getpid(), "started_at": self.started_at}
+            ).encode(),
         )
         self._scanner = asyncio.create_task(self._scan_loop(), name="function scanner")
         log.info(

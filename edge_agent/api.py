@@ -116,9 +116,7 @@ class Api:
                 content_type=request.headers.get("Content-Type", ""),
             )
         except RuntimeErrorBase as exc:
-            log.info(
-                "%s failed: %s (%s)", name, exc.message, exc.code, extra={"request_id": rid}
-            )
+            log.info("%s failed: %s (%s)", name, exc.message, exc.code, extra={"request_id": rid})
             return error_response(exc.status, exc.code, exc.message, rid, function=name)
         result = routed.result
         headers = {
@@ -158,9 +156,24 @@ class Api:
         for name, fn in sorted(self._functions.loaded.items()):
             st = fn.executor.status()
             labels = {"function": name, "version": fn.manifest.version}
-            yield ("edgefn_pool_instances", "Worker instances running.", labels, st.get("instances", 0))
-            yield ("edgefn_pool_in_flight", "Requests being executed.", labels, st.get("in_flight", 0))
-            yield ("edgefn_pool_queued", "Requests waiting for a slot.", labels, st.get("queued", 0))
+            yield (
+                "edgefn_pool_instances",
+                "Worker instances running.",
+                labels,
+                st.get("instances", 0),
+            )
+            yield (
+                "edgefn_pool_in_flight",
+                "Requests being executed.",
+                labels,
+                st.get("in_flight", 0),
+            )
+            yield (
+                "edgefn_pool_queued",
+                "Requests waiting for a slot.",
+                labels,
+                st.get("queued", 0),
+            )
             healthy = 1.0 if st.get("health") == "healthy" else 0.0
             yield ("edgefn_function_healthy", "1 when the function is healthy.", labels, healthy)
 

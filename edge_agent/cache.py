@@ -61,6 +61,7 @@ ROW_OVERHEAD = 64
 LOW_WATER = 0.9
 EVICT_BATCH = 256  # rows fetched per LRU eviction query
 # One writer transaction takes at most this much, so a burst cannot hold the write lock long.
+# BATCH_MAX_OPS also stays under SQLite's oldest limit of 999 variables per statement.
 BATCH_MAX_OPS = 512
 BATCH_MAX_BYTES = 8 * 1024 * 1024
 # Results queued for the writer but not yet written; past it `put` drops (counted). Bounds the
@@ -68,7 +69,7 @@ BATCH_MAX_BYTES = 8 * 1024 * 1024
 MAX_PENDING_BYTES = 16 * 1024 * 1024
 CHECK_INTERVAL_S = 2.0  # how often the writer checks the file is still there (inode)
 TOUCH_FLUSH_S = 1.0  # how stale the LRU column may get while the cache is idle
-SWEEP_INTERVAL_S = 60.0  # how often entries past their stale window are deleted when idle
+SWEEP_INTERVAL_S = 60.0  # how often entries past their stale window are deleted anyway
 RETRY_INITIAL_S = 1.0  # first retry of a failed (re)creation; doubles up to RETRY_MAX_S
 RETRY_MAX_S = 60.0
 KEEP_SET_ASIDE = 2  # newest set-aside corrupt files kept; older ones deleted (a failing disk
@@ -259,6 +260,7 @@ class _Writer:
         self.errors = 0
         self.recoveries = 0
         self.last_recovery = ""
+        self.busy_s = 0.0  # time spent in write transactions (cost per row = busy_s / writes)
         self.cause = ""  # why the running cache had to be reopened, until that succeeds
         # Purges and invalidations that could not be applied yet (degraded, busy): applied at the
         # next successful transaction, so a file that comes back does not resurrect them.
@@ -364,7 +366,9 @@ class _Writer:
                 touches, self.shared.touches = self.shared.touches, {}
             self.last_touch_flush = time.monotonic()
             if batch or touches or self.replay or sweep:
+                started = time.perf_counter()
                 self._transaction(batch, touches, sweep, results)
+                self.busy_s += time.perf_counter() - started
         else:
             self.dropped += len(puts)
             self.replay += [(c.kind, c.args) for c in controls if c.kind in _DEFERRABLE]
@@ -396,11 +400,16 @@ class _Writer:
             conn.execute("BEGIN IMMEDIATE")
             for kind, args in replay:  # queued before everything in this batch
                 self._apply_control(kind, args)
+            run: list[_Put] = []  # consecutive puts go in as one executemany
             for op in batch:
                 if isinstance(op, _Put):
-                    stored += self._put_row(op)
-                elif op.kind in _DEFERRABLE:
+                    run.append(op)
+                    continue
+                stored += self._put_rows(run)
+                run = []
+                if op.kind in _DEFERRABLE:
                     results[id(op)] = self._apply_control(op.kind, op.args)
+            stored += self._put_rows(run)
             if touches:
                 conn.executemany(
                     "UPDATE entries SET last_access = ? WHERE key = ?",
@@ -411,11 +420,14 @@ class _Writer:
                 self.expired += self._delete("stale_until <= ?", (now,))[0]
             self._evict(now)
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self.entries, self.bytes, self.evictions, self.expired = before
             results.clear()
+            if not isinstance(exc, sqlite3.Error):
+                self.replay = replay + self.replay
+                raise  # a bug: _run logs it; the transaction is not left open
             mine = [(op.kind, op.args) for op in batch if isinstance(op, _Control)]
             self.replay = replay + [m for m in mine if m[0] in _DEFERRABLE] + self.replay
             puts = sum(1 for op in batch if isinstance(op, _Put))
@@ -429,19 +441,25 @@ class _Writer:
         self.writes += stored
         self.dropped += sum(1 for op in batch if isinstance(op, _Put)) - stored
 
-    def _put_row(self, p: _Put) -> int:
+    def _put_rows(self, puts: list[_Put]) -> int:
+        """Insert or replace rows; returns how many were stored."""
+        rows = [p.row for p in puts if p.row[2] in self.scopes.get(p.row[1], (p.row[2],))]
+        if not rows:  # (an old version's result that arrived after the switch is dropped)
+            return 0
         conn = self.conn
         assert conn is not None
-        key, function, scope = p.row[0], p.row[1], p.row[2]
-        wanted = self.scopes.get(function)
-        if wanted is not None and scope not in wanted:
-            return 0  # an old version's result that arrived after the switch
-        old = conn.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
-        conn.execute(_INSERT, p.row)
-        if old is None:
-            self.entries += 1
-        self.bytes += p.size - (old[0] if old else 0)
-        return 1
+        keys = list({r[0] for r in rows})  # <= BATCH_MAX_OPS, under SQLite's 999 variables
+        marks = ",".join("?" * len(keys))
+        sizes: dict[str, int] = dict(
+            conn.execute(f"SELECT key, size FROM entries WHERE key IN ({marks})", keys).fetchall()
+        )
+        conn.executemany(_INSERT, rows)
+        for r in rows:
+            old = sizes.get(r[0])
+            self.entries += old is None
+            self.bytes += r[8] - (old or 0)
+            sizes[r[0]] = r[8]
+        return len(rows)
 
     def _apply_control(self, kind: str, args: tuple[Any, ...]) -> int:
         if kind == "purge":
@@ -504,7 +522,9 @@ class _Writer:
         """Open or create the file; on failure stay degraded and schedule a retry."""
         try:
             note = self._open_or_rebuild()
-        except (_Unusable, OSError, sqlite3.Error, _Incompatible) as exc:
+        except Exception as exc:
+            if not isinstance(exc, _Unusable | OSError | sqlite3.Error | _Incompatible):
+                log.exception("result cache: unexpected error opening %s", self.path)
             self._close_conns()
             self._set_state("degraded", str(exc))
             self.next_retry = time.monotonic() + self.retry_delay
@@ -598,17 +618,22 @@ class _Writer:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._recover("database file was deleted")
+            self._recover("database file was deleted", orphaned=True)
             return
         except OSError as exc:
             self._recover(f"cannot stat database file: {exc}")
             return
         if (st.st_dev, st.st_ino) != self.identity:
-            self._recover("database file was replaced")
+            self._recover("database file was replaced", orphaned=True)
 
-    def _recover(self, reason: str) -> None:
+    def _recover(self, reason: str, orphaned: bool = False) -> None:
         self._set_state("degraded", reason)
         self._close_conns()
+        if orphaned:
+            # SQLite does not checkpoint or delete the WAL of a file that was moved or unlinked
+            # while open, so "<name>-wal" still holds the old file's pages. Opened beside the
+            # new file it would be replayed into it.
+            self._remove_orphans()
         self.cause = reason
         self.retry_delay = self.retry_initial_s
         self._open()
@@ -621,7 +646,10 @@ class _Writer:
                 os.unlink(f"{self.path}{suffix}")
 
     def _set_aside(self) -> str:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        # UTC with microseconds: names sort in the order the copies were made (pruning relies
+        # on it) and two rebuilds in one second do not collide.
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
         base = f"{self.path}.corrupt-{stamp}"
         n = 0
         while any(os.path.lexists(base + s) for s in ("", "-wal", "-shm")):
@@ -752,11 +780,13 @@ class ResultCache:
         """One primary-key SELECT, directly on the calling (loop) thread.
 
         Why not in a thread: the read is a B-tree lookup in pages that are in SQLite's or the
-        OS's page cache; measured here (tests/test_cache_perf.py) the whole `get` hit costs ~10-20
-        us on the loop, while a hop to a thread pool costs 70-100 us and adds scheduling jitter.
-        The worst case on the loop is a page that is not in memory (a cold read from flash,
-        ~0.1-1 ms) or one value copy of at most `max_entry_bytes`. The reader never waits on a
-        lock: WAL readers do not block on the writer and its busy timeout is 0 (busy = miss).
+        OS's page cache. Measured on the 2-core dev VM (tests/test_cache_perf.py, `-s`): a
+        whole `get` hit takes a median of 16-24 us on the loop, while the same lookup through
+        `asyncio.to_thread` takes 130-230 us (p99 in milliseconds): the hop would cost ten times
+        the read. The worst case on the loop is a page not in memory (one cold read from flash,
+        ~0.1-1 ms) or copying one value of at most `max_entry_bytes`. The reader never waits on
+        a lock: WAL readers do not block on the writer, and its busy timeout is 0 (busy = miss).
+        No mmap: a file truncated under an mmap kills the process with SIGBUS.
         """
         kid = key.id
         shared = self._shared
@@ -960,6 +990,7 @@ class ResultCache:
             "misses": self._misses,
             "stale_hits": self._stale_hits,
             "writes": w.writes,
+            "writer_busy_s": round(w.busy_s, 6),
             "evictions": w.evictions,
             "expired": w.expired,
             "dropped": self._dropped + w.dropped,

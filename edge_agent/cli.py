@@ -84,7 +84,9 @@ def _agent_url(args: argparse.Namespace) -> str:
 
 
 def _request(url: str, data: bytes | None, headers: dict[str, str], timeout: float) -> Any:
-    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
+    req = urllib.request.Request(
+        url, data=data, headers=headers, method="POST" if data is not None else "GET"
+    )
     return urllib.request.urlopen(req, timeout=timeout)
 
 
@@ -138,7 +140,9 @@ def cmd_functions(args: argparse.Namespace) -> int:
     except urllib.error.HTTPError as exc:
         return _fail(_error_message(exc), EXIT_ERROR)
     except (urllib.error.URLError, OSError) as exc:
-        return _fail(f"cannot reach the agent at {url}: {getattr(exc, 'reason', exc)}", EXIT_UNREACHABLE)
+        return _fail(
+            f"cannot reach the agent at {url}: {getattr(exc, 'reason', exc)}", EXIT_UNREACHABLE
+        )
     if args.json:
         print(json.dumps(items, indent=2))
         return 0

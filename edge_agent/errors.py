@@ -1,4 +1,4 @@
-"""Errors the agent itself raises; runtime errors come from `runtimes.errors` with the same shape."""
+"""Errors the agent itself raises; `runtimes.errors` has the runtime ones, in the same shape."""
 
 from __future__ import annotations
 

@@ -102,8 +102,12 @@ class Metrics:
                 f'edgefn_invocation_duration_seconds_bucket{{function="{fn}",le="+Inf"}} '
                 f"{st.invocations}"
             )
-            out.append(f'edgefn_invocation_duration_seconds_sum{{function="{fn}"}} {st.duration_sum}')
-            out.append(f'edgefn_invocation_duration_seconds_count{{function="{fn}"}} {st.invocations}')
+            out.append(
+                f'edgefn_invocation_duration_seconds_sum{{function="{fn}"}} {st.duration_sum}'
+            )
+            out.append(
+                f'edgefn_invocation_duration_seconds_count{{function="{fn}"}} {st.invocations}'
+            )
         seen: set[str] = set()
         for gname, ghelp, labels, value in gauges():
             if gname not in seen:

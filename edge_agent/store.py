@@ -83,7 +83,9 @@ def _load_one(root: Path, require_signed: bool) -> FunctionSource:
     return FunctionSource(manifest, directory, signed, fingerprint)
 
 
-def scan(functions_dir: Path, *, require_signed: bool) -> tuple[list[FunctionSource], list[LoadProblem]]:
+def scan(
+    functions_dir: Path, *, require_signed: bool
+) -> tuple[list[FunctionSource], list[LoadProblem]]:
     """Every function under `functions_dir`, and a problem for each one that cannot load."""
     found: list[FunctionSource] = []
     problems: list[LoadProblem] = []

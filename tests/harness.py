@@ -92,7 +92,9 @@ class AgentProcess:
         return code
 
 
-def start_agent(data_dir: Path, *extra: str, wait: bool = True, timeout: float = 60) -> AgentProcess:
+def start_agent(
+    data_dir: Path, *extra: str, wait: bool = True, timeout: float = 60
+) -> AgentProcess:
     """Start `edge-agent run` on a free loopback port and wait until it listens."""
     env = dict(os.environ)
     env.pop("EDGEFN_DATA_DIR", None)

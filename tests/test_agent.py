@@ -126,7 +126,9 @@ def test_timeout_is_504_and_crash_is_502(agent: AgentProcess) -> None:
     )
     assert hung.status == 504
     assert hung.json()["error"]["code"] == "timeout"
-    crash = agent.invoke("conformance-node", b'{"op":"crash"}', {"Content-Type": "application/json"})
+    crash = agent.invoke(
+        "conformance-node", b'{"op":"crash"}', {"Content-Type": "application/json"}
+    )
     assert crash.status == 502
     assert crash.json()["error"]["code"] == "worker_crashed"
     # Replaced: the next call succeeds.
@@ -264,7 +266,16 @@ def test_unwritable_data_dir_is_a_clear_startup_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a dir")
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "run", "--data-dir", str(blocker / "d"), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "run",
+            "--data-dir",
+            str(blocker / "d"),
+            "--port",
+            "0",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -277,8 +288,16 @@ def test_unwritable_data_dir_is_a_clear_startup_error(tmp_path: Path) -> None:
 def test_port_in_use_is_a_clear_startup_error(agent: AgentProcess, tmp_path: Path) -> None:
     port = agent.url.rsplit(":", 1)[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "run", "--data-dir", str(tmp_path / "d2")]
-        + ["--port", port],
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "run",
+            "--data-dir",
+            str(tmp_path / "d2"),
+            "--port",
+            port,
+        ],
         capture_output=True,
         text=True,
         timeout=30,

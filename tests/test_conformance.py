@@ -25,7 +25,9 @@ pytestmark = pytest.mark.slow  # builds Go and C++ functions once per session
 
 
 @pytest.fixture(params=["node", "go", "cpp"])
-async def pool(request: pytest.FixtureRequest, built_conformance: dict[str, Path]) -> AsyncIterator[Pool]:
+async def pool(
+    request: pytest.FixtureRequest, built_conformance: dict[str, Path]
+) -> AsyncIterator[Pool]:
     directory = built_conformance[request.param]
     executor = make_executor(load_manifest(directory / "edgefn.toml"), directory)
     assert isinstance(executor, Pool)

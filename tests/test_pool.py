@@ -134,7 +134,9 @@ async def test_timeout_kills_the_worker_and_the_pool_recovers(tmp_path: Path) ->
         pid = p.status()["workers"][0]["pid"]
         with pytest.raises(InvocationTimeout):
             await p.invoke(
-                Invocation(b'{"op":"hang","ms":20000}', "slow", 0.3, content_type="application/json")
+                Invocation(
+                    b'{"op":"hang","ms":20000}', "slow", 0.3, content_type="application/json"
+                )
             )
         assert p.status()["timeouts"] == 1
         result = await p.invoke(Invocation(b"after", "next", 10.0))
