@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +26,59 @@ from edge_agent.functions import FunctionSet
 from edge_agent.metrics import Metrics
 from edge_agent.router import Router
 from edge_agent.settings import Settings
-from runtimes.manifest import Manifest
+from runtimes.sandbox import Sandbox
 
 log = logging.getLogger("edgefn.agent")
 
+DEFAULT_WORKER_USER = "edgefn-worker"
 
-def worker_wrapper(argv: Sequence[str], manifest: Manifest) -> list[str]:
-    """Wrap a worker command with the parent-death signal and the manifest's limits."""
-    from hardware.limits import WorkerLimits, wrap_command
 
-    lim = manifest.limits
-    return wrap_command(
-        list(argv),
-        WorkerLimits(
-            memory_mb=lim.memory_mb,
-            cpu_seconds=lim.cpu_seconds,
-            open_files=lim.open_files,
-            processes=lim.processes,
-        ),
+def build_sandbox(settings: Settings) -> Sandbox:
+    """Worker user, budget and cgroups for this device. Blocking: reads /proc and /sys."""
+    import pwd
+
+    from hardware.budget import BudgetConfig, WorkerBudget
+    from hardware.cgroup import CgroupManager
+    from hardware.errors import HardwareError
+    from hardware.limits import preflight, resolve_worker_user
+    from hardware.profile import detect
+
+    problems = preflight()
+    if problems:
+        raise StartupError("; ".join(problems))
+    try:
+        profile = detect(settings.data_dir, dict(settings.labels))
+        budget = WorkerBudget.from_profile(
+            profile,
+            BudgetConfig(memory_mb=settings.budget_memory_mb, max_workers=settings.budget_workers),
+        )
+        run_as: tuple[int, int] | None = None
+        if settings.worker_user != "auto":
+            run_as = resolve_worker_user(settings.worker_user)
+        elif os.geteuid() == 0:
+            try:
+                run_as = resolve_worker_user(DEFAULT_WORKER_USER)
+            except HardwareError:
+                log.warning(
+                    "running as root and user %r does not exist: workers run as root "
+                    "(create it, or pass --worker-user NAME)",
+                    DEFAULT_WORKER_USER,
+                )
+    except HardwareError as exc:
+        raise StartupError(exc.message) from exc
+    cgroups = CgroupManager()
+    status = cgroups.setup()
+    log.info(
+        "device %s, %d CPUs, %d MB; worker budget %d MB / %d workers; workers run as %s; %s",
+        profile.artifact_key,
+        profile.cpu_count,
+        profile.memory_total_mb,
+        budget.memory_mb,
+        budget.max_workers,
+        pwd.getpwuid(run_as[0]).pw_name if run_as else "the agent's user",
+        f"cgroups: {status.describe()}",
     )
+    return Sandbox(budget=budget, run_as=run_as, cgroups=cgroups if status.available else None)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -86,8 +119,9 @@ class Agent:
         self.functions = FunctionSet(
             settings.functions_dir,
             require_signed=settings.require_signed,
-            wrap=worker_wrapper,
+            sandbox=None,  # built in start(): detecting the device is blocking I/O
         )
+        self.sandbox: Sandbox | None = None
         self.router = Router(self.functions, self.metrics)
         self.api = Api(
             self.router,
@@ -116,6 +150,8 @@ class Agent:
     async def start(self) -> None:
         s = self.settings
         prepare_data_dir(s.data_dir)
+        self.sandbox = await asyncio.to_thread(build_sandbox, s)
+        self.functions.sandbox = self.sandbox
         await self.functions.sync()
         self._runner = web.AppRunner(
             self.api.app(),
@@ -164,6 +200,8 @@ class Agent:
             # are still being served by the pools; only then are the pools stopped.
             await self._runner.cleanup()
         await self.functions.close(drain_s=1.0)
+        if self.sandbox is not None:
+            await self.sandbox.close()
         with contextlib.suppress(FileNotFoundError):
             self.settings.state_file.unlink()
         log.info("stopped")

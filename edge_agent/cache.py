@@ -845,7 +845,7 @@ class ResultCache:
     def put(
         self,
         key: CacheKey,
-        value: bytes,
+        value: bytes | bytearray | memoryview,
         content_type: str,
         ttl_s: float,
         stale_if_error_s: float = 0.0,

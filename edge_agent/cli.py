@@ -56,7 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse unsigned development functions",
     )
+    run.add_argument(
+        "--worker-user",
+        default="auto",
+        help="user workers run as when the agent is root (default: edgefn-worker if it exists)",
+    )
+    run.add_argument("--budget-memory-mb", type=int, default=0, help="total worker memory")
+    run.add_argument("--budget-workers", type=int, default=0, help="total worker processes")
+    run.add_argument("--label", action="append", default=[], help="device label KEY=VALUE")
     run.add_argument("--scan-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+
+    prof = sub.add_parser("profile", help="print this device's hardware profile")
+    prof.add_argument("--json", action="store_true")
+    prof.add_argument("--label", action="append", default=[], help="device label KEY=VALUE")
+    _add_data_dir(prof)
 
     inv = sub.add_parser("invoke", help="invoke a function on a running agent")
     inv.add_argument("name")
@@ -156,6 +169,31 @@ def cmd_functions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels(items: list[str]) -> tuple[tuple[str, str], ...] | None:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return None
+        out.append((key, value))
+    return tuple(out)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from hardware.errors import HardwareError
+    from hardware.profile import detect, human_text
+
+    labels = _labels(args.label)
+    if labels is None:
+        return _fail("--label takes KEY=VALUE", EXIT_USAGE)
+    try:
+        profile = detect(args.data_dir, dict(labels))
+    except HardwareError as exc:
+        return _fail(exc.message, EXIT_ERROR)
+    print(json.dumps(profile.to_dict(), indent=2) if args.json else human_text(profile))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from edge_agent import logs
     from edge_agent.agent import Agent
@@ -163,6 +201,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.settings import Settings
 
     logs.setup(args.log_format, args.log_level)
+    labels = _labels(args.label)
+    if labels is None:
+        return _fail("--label takes KEY=VALUE", EXIT_USAGE)
     settings = Settings(
         data_dir=args.data_dir.resolve(),
         host=args.host,
@@ -172,6 +213,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         require_signed=args.require_signed,
         scan_interval_s=args.scan_interval,
+        worker_user=args.worker_user,
+        budget_memory_mb=args.budget_memory_mb,
+        budget_workers=args.budget_workers,
+        labels=labels,
     )
     agent = Agent(settings)
     try:
@@ -194,7 +239,12 @@ def _run_loop(coro: Any) -> None:
         runner.run(coro)
 
 
-COMMANDS = {"run": cmd_run, "invoke": cmd_invoke, "functions": cmd_functions}
+COMMANDS = {
+    "run": cmd_run,
+    "invoke": cmd_invoke,
+    "functions": cmd_functions,
+    "profile": cmd_profile,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

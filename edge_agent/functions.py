@@ -12,13 +12,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edge_agent.store import FunctionSource, LoadProblem, scan
 from runtimes.errors import RuntimeErrorBase
 from runtimes.invocation import Executor
-from runtimes.launchers import Wrapper, make_executor
+from runtimes.launchers import make_executor
 from runtimes.manifest import Manifest
+from runtimes.sandbox import Sandbox
 
 log = logging.getLogger("edgefn.functions")
 
@@ -38,10 +40,12 @@ class LoadedFunction:
 
 
 class FunctionSet:
-    def __init__(self, settings_functions_dir: Any, *, require_signed: bool, wrap: Wrapper) -> None:
-        self._dir = settings_functions_dir
+    def __init__(
+        self, functions_dir: Path, *, require_signed: bool, sandbox: Sandbox | None
+    ) -> None:
+        self._dir = functions_dir
         self._require_signed = require_signed
-        self._wrap = wrap
+        self.sandbox = sandbox
         self.loaded: dict[str, LoadedFunction] = {}
         self.problems: dict[str, LoadProblem] = {}
         self._lock = asyncio.Lock()
@@ -101,7 +105,7 @@ class FunctionSet:
     async def _start(self, source: FunctionSource) -> LoadedFunction | LoadProblem:
         manifest = source.manifest
         try:
-            executor = make_executor(manifest, source.directory, wrap=self._wrap)
+            executor = make_executor(manifest, source.directory, sandbox=self.sandbox)
             await executor.start()
         except RuntimeErrorBase as exc:
             log.error("%s@%s not loaded: %s", manifest.name, manifest.version, exc.message)

@@ -38,6 +38,13 @@ class Settings:
     require_signed: bool = False
     scan_interval_s: float = DEFAULT_SCAN_INTERVAL_S
     drain_s: float = DEFAULT_DRAIN_S
+    # "auto": when running as root, workers run as `edgefn-worker` if that user exists (the
+    # .deb creates it), else as the agent's own user with a warning. A name forces that user.
+    worker_user: str = "auto"
+    # Worker budget; 0 derives it from the device profile (half the memory, 4 workers/CPU).
+    budget_memory_mb: int = 0
+    budget_workers: int = 0
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def functions_dir(self) -> Path:

@@ -11,22 +11,16 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from runtimes.errors import ManifestError, ToolchainError
 from runtimes.invocation import Executor
 from runtimes.manifest import Manifest
 from runtimes.pool import Pool
+from runtimes.sandbox import Sandbox
 from runtimes.worker import worker_env
 
 NODE_BOOTSTRAP = Path(__file__).resolve().parent / "node" / "bootstrap.mjs"
-
-Wrapper = Callable[[Sequence[str], Manifest], list[str]]
-
-
-def _no_wrap(argv: Sequence[str], manifest: Manifest) -> list[str]:
-    return list(argv)
 
 
 @functools.cache
@@ -38,7 +32,7 @@ def node_executable() -> str:
         where = f"EDGEFN_NODE={configured}" if configured else "PATH"
         raise ToolchainError(
             f"Node.js is not installed (no 'node' on {where}); install it "
-            "(e.g. apt-get install nodejs) to run runtime = \"node\" functions"
+            '(e.g. apt-get install nodejs) to run runtime = "node" functions'
         )
     return os.path.realpath(found)
 
@@ -59,7 +53,12 @@ def command_for(manifest: Manifest, function_dir: Path) -> list[str]:
     """argv that starts one worker of this function (without limit wrappers)."""
     if manifest.runtime == "node":
         entry = _artifact(manifest, function_dir)
-        return [node_executable(), str(NODE_BOOTSTRAP), str(entry), manifest.handler]
+        flags = []
+        if manifest.limits.memory_mb:
+            # V8 enforces its heap limit itself ("JavaScript heap out of memory"), which holds
+            # even where no cgroup can; buffers outside the heap are left to the watchdog.
+            flags.append(f"--max-old-space-size={manifest.limits.memory_mb}")
+        return [node_executable(), *flags, str(NODE_BOOTSTRAP), str(entry), manifest.handler]
     entry = _artifact(manifest, function_dir)
     if not os.access(entry, os.X_OK):
         raise ManifestError(f"{entry}: the function's entry is not executable")
@@ -70,7 +69,7 @@ def make_executor(
     manifest: Manifest,
     function_dir: Path,
     *,
-    wrap: Wrapper = _no_wrap,
+    sandbox: Sandbox | None = None,
     base_env: dict[str, str] | None = None,
 ) -> Executor:
     """Build (not start) the executor that runs this function."""
@@ -78,7 +77,7 @@ def make_executor(
         from runtimes.cpp.inproc import InProcessExecutor
 
         return InProcessExecutor(manifest, function_dir)
-    argv = wrap(command_for(manifest, function_dir), manifest)
+    argv = command_for(manifest, function_dir)
     env = worker_env(
         os.environ if base_env is None else base_env,
         {
@@ -89,4 +88,4 @@ def make_executor(
             **manifest.env,
         },
     )
-    return Pool(manifest, function_dir, lambda: argv, env=env)
+    return Pool(manifest, function_dir, lambda: argv, env=env, sandbox=sandbox)

@@ -30,6 +30,7 @@ from runtimes.errors import (
 )
 from runtimes.invocation import Invocation, Result
 from runtimes.manifest import Manifest
+from runtimes.sandbox import Prepared, Sandbox
 from runtimes.worker import Worker, result_from_frame
 
 log = logging.getLogger("edgefn.pool")
@@ -61,16 +62,15 @@ class Pool:
         command: CommandFactory,
         *,
         env: dict[str, str],
-        on_worker_start: Callable[[Worker], None] | None = None,
-        on_worker_exit: Callable[[Worker], None] | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.manifest = manifest
         self.function_dir = function_dir
         self.settings = manifest.pool
         self._command = command
         self._env = env
-        self._on_worker_start = on_worker_start
-        self._on_worker_exit = on_worker_exit
+        self._sandbox = sandbox
+        self._prepared: dict[int, Prepared] = {}  # worker id -> its sandbox share
         self._workers: list[Worker] = []
         self._starting = 0
         self._waiters: deque[asyncio.Future[Worker]] = deque()
@@ -116,7 +116,8 @@ class Pool:
         if self._reaper is not None:
             self._reaper.cancel()
         deadline = time.monotonic() + drain_s
-        while any(w.in_flight for w in self._workers) and time.monotonic() < deadline:
+        # Polling keeps the hot path free of per-request drain bookkeeping; shutdown is rare.
+        while any(w.in_flight for w in self._workers) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         await asyncio.gather(*(w.shutdown() for w in list(self._workers)))
         for task in list(self._tasks):
@@ -218,28 +219,37 @@ class Pool:
     async def _spawn(self, *, reserved: bool = False) -> Worker:
         if not reserved:
             self._starting += 1
+        prepared = None
         try:
+            argv = list(self._command())
+            if self._sandbox is not None:
+                prepared = self._sandbox.prepare(self.manifest, argv)
+                argv = prepared.argv
             worker = await Worker.spawn(
-                self._command(),
+                argv,
                 env=self._env,
                 cwd=str(self.function_dir),
                 label=self.manifest.name,
                 on_exit=self._on_exit,
             )
         except RuntimeErrorBase as exc:
+            if prepared is not None and self._sandbox is not None:
+                self._sandbox.finished(prepared, None)
             self.last_error = exc.message
-            self._record_crash()
+            if not isinstance(exc, Overloaded):  # a full budget is not the function's fault
+                self._record_crash()
             self._fail_waiters_if_hopeless(exc)
             raise
         finally:
             self._starting -= 1
+        if prepared is not None and self._sandbox is not None:
+            self._prepared[worker.id] = prepared
+            self._sandbox.attach(prepared, worker)
         if self._closing:
             await worker.shutdown()
             raise Unavailable("the function is shutting down")
         self._workers.append(worker)
         self.cold_starts.append(worker.cold_start_s)
-        if self._on_worker_start is not None:
-            self._on_worker_start(worker)
         log.debug(
             "%s: worker %d ready in %.1f ms (%s)",
             self._label,
@@ -297,8 +307,11 @@ class Pool:
     def _on_exit(self, worker: Worker) -> None:
         with contextlib.suppress(ValueError):
             self._workers.remove(worker)
-        if self._on_worker_exit is not None:
-            self._on_worker_exit(worker)
+        prepared = self._prepared.pop(worker.id, None)
+        if prepared is not None and self._sandbox is not None:
+            reason = self._sandbox.finished(prepared, worker)
+            if reason:
+                worker.exit_reason = f"{reason} ({worker.exit_reason})"
         if self._closing or worker.closing:
             return
         self.last_error = f"worker {worker.pid} {worker.exit_reason}"
