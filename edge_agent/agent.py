@@ -22,7 +22,7 @@ from aiohttp import web
 
 from edge_agent.api import Api
 from edge_agent.errors import StartupError
-from edge_agent.functions import FunctionSet
+from edge_agent.functions import FunctionSet, LoadedFunction
 from edge_agent.metrics import Metrics
 from edge_agent.router import Router
 from edge_agent.settings import Settings
@@ -120,6 +120,7 @@ class Agent:
             settings.functions_dir,
             require_signed=settings.require_signed,
             sandbox=None,  # built in start(): detecting the device is blocking I/O
+            on_switch=self._version_switched,
         )
         self.sandbox: Sandbox | None = None
         self.router = Router(self.functions, self.metrics)
@@ -136,6 +137,12 @@ class Agent:
         self._scanner: asyncio.Task[None] | None = None
         self._stopping = False
 
+    async def _version_switched(self, fn: LoadedFunction) -> None:
+        if self.router.cache is not None:
+            await self.router.cache.invalidate_function(
+                fn.manifest.name, fn.manifest.version, fn.cache_policy.epoch
+            )
+
     def health(self) -> dict[str, Any]:
         fns = self.functions.describe()
         unhealthy = [f["name"] for f in fns if f.get("status", {}).get("health") != "healthy"]
@@ -145,11 +152,16 @@ class Agent:
             "functions": len(self.functions.loaded),
             "unhealthy": unhealthy,
             "pid": os.getpid(),
+            "cache": self.router.cache.stats() if self.router.cache else {"state": "off"},
+            "sandbox": self.sandbox.status() if self.sandbox else {},
         }
 
     async def start(self) -> None:
         s = self.settings
         prepare_data_dir(s.data_dir)
+        from edge_agent.cache import ResultCache
+
+        self.router.cache = await ResultCache.open(s.data_dir / "cache.db", s.cache_max_bytes)
         self.sandbox = await asyncio.to_thread(build_sandbox, s)
         self.functions.sandbox = self.sandbox
         await self.functions.sync()
@@ -202,6 +214,8 @@ class Agent:
         await self.functions.close(drain_s=1.0)
         if self.sandbox is not None:
             await self.sandbox.close()
+        if self.router.cache is not None:
+            await self.router.cache.close()
         with contextlib.suppress(FileNotFoundError):
             self.settings.state_file.unlink()
         log.info("stopped")

@@ -82,6 +82,7 @@ class Api:
         app.router.add_get("/v1/health", self.health)
         app.router.add_get("/v1/openapi.json", self.openapi)
         app.router.add_get("/metrics", self.prometheus)
+        app.router.add_delete("/v1/cache/{name}", self.purge_cache)
         app.middlewares.append(_json_errors)
         return app
 
@@ -114,6 +115,9 @@ class Api:
                 request_id=rid,
                 trace_id=request.headers.get("X-Trace-Id", ""),
                 content_type=request.headers.get("Content-Type", ""),
+                headers=request.headers,
+                query=request.query,
+                no_cache="no-cache" in request.headers.get("Cache-Control", ""),
             )
         except RuntimeErrorBase as exc:
             log.info("%s failed: %s (%s)", name, exc.message, exc.code, extra={"request_id": rid})
@@ -124,9 +128,18 @@ class Api:
             "X-Request-Id": rid,
             "X-Edgefn-Version": routed.version,
             "X-Edgefn-Served-By": routed.served_by,
+            "X-Edgefn-Cache": routed.cache,
             "X-Edgefn-Duration-Ms": f"{(time.perf_counter() - started) * 1000:.3f}",
         }
         return web.Response(body=result.payload, headers=headers)
+
+    async def purge_cache(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        cache = self._router.cache
+        if cache is None:
+            return error_response(503, "unavailable", "the result cache is not open")
+        purged = await cache.purge(name)
+        return web.json_response({"function": name, "purged": purged})
 
     async def list_functions(self, request: web.Request) -> web.Response:
         return web.json_response({"functions": self._functions.describe()})

@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", action="append", default=[], help="device label KEY=VALUE")
     run.add_argument("--scan-interval", type=float, default=2.0, help=argparse.SUPPRESS)
 
+    run.add_argument(
+        "--cache-max-bytes", type=int, default=64 * 1024 * 1024, help="result cache bound"
+    )
+
+    cache = sub.add_parser("cache", help="result cache maintenance")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    purge = cache_sub.add_parser("purge", help="delete a function's cached results")
+    purge.add_argument("name")
+    purge.add_argument("--url", help="agent URL (default: from the data dir's agent.json)")
+    _add_data_dir(purge)
+
     prof = sub.add_parser("profile", help="print this device's hardware profile")
     prof.add_argument("--json", action="store_true")
     prof.add_argument("--label", action="append", default=[], help="device label KEY=VALUE")
@@ -83,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     fns.add_argument("--url")
     fns.add_argument("--json", action="store_true")
     _add_data_dir(fns)
+    _add_bundle_commands(sub)
     return parser
 
 
@@ -179,6 +191,38 @@ def _labels(items: list[str]) -> tuple[tuple[str, str], ...] | None:
     return tuple(out)
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Purge through the running agent; with no agent running, purge the file directly."""
+    url = f"{_agent_url(args)}/v1/cache/{args.name}"
+    req = urllib.request.Request(url, method="DELETE")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            purged = json.loads(resp.read())["purged"]
+    except urllib.error.HTTPError as exc:
+        return _fail(_error_message(exc), EXIT_ERROR)
+    except (urllib.error.URLError, OSError):
+        if args.url:
+            return _fail(f"cannot reach the agent at {args.url}", EXIT_UNREACHABLE)
+        purged = _purge_offline(args.data_dir / "cache.db", args.name)
+    print(f"purged {purged} cached results of {args.name}")
+    return 0
+
+
+def _purge_offline(path: Path, name: str) -> int:
+    import asyncio
+
+    from edge_agent.cache import ResultCache
+
+    async def purge() -> int:
+        cache = await ResultCache.open(path)
+        try:
+            return await cache.purge(name)
+        finally:
+            await cache.close()
+
+    return asyncio.run(purge())
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from hardware.errors import HardwareError
     from hardware.profile import detect, human_text
@@ -195,6 +239,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
     from edge_agent import logs
     from edge_agent.agent import Agent
     from edge_agent.errors import StartupError
@@ -217,13 +263,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         budget_memory_mb=args.budget_memory_mb,
         budget_workers=args.budget_workers,
         labels=labels,
+        cache_max_bytes=args.cache_max_bytes,
     )
     agent = Agent(settings)
     try:
         _run_loop(agent.run())
     except StartupError as exc:
         return _fail(exc.message, EXIT_STARTUP)
-    return 0
+    # The drain deadline has passed: an in-process C++ call that never returns still holds a
+    # thread, and interpreter exit would wait for it forever. Leave now.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _run_loop(coro: Any) -> None:
@@ -239,11 +290,134 @@ def _run_loop(coro: Any) -> None:
         runner.run(coro)
 
 
+# ---- signed bundles: fn install|list|rollback, trust add|list|remove (edge_agent/install.py) ----
+
+
+def _add_bundle_commands(sub: Any) -> None:
+    from runtimes.bundle import DEFAULT_MAX_BUNDLE_BYTES
+    from runtimes.unpack import DEFAULT_LIMITS
+
+    fn = sub.add_parser("fn", help="install, list and roll back signed function bundles")
+    fn_sub = fn.add_subparsers(dest="fn_command", required=True)
+    ins = fn_sub.add_parser("install", help="install a bundle file or NAME@VERSION from --cloud")
+    ins.add_argument("source", help="a bundle file (.efb), or NAME@VERSION / NAME with --cloud")
+    ins.add_argument("--cloud", help="registry URL to fetch NAME@VERSION from")
+    ins.add_argument("--force-downgrade", action="store_true", help="allow an older version")
+    ins.add_argument("--max-bundle-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)
+    ins.add_argument("--max-unpacked-bytes", type=int, default=DEFAULT_LIMITS.max_total_bytes)
+    _add_data_dir(ins)
+    lst = fn_sub.add_parser("list", help="installed functions and versions")
+    lst.add_argument("--json", action="store_true")
+    _add_data_dir(lst)
+    rb = fn_sub.add_parser("rollback", help="switch back to the previously active version")
+    rb.add_argument("name")
+    rb.add_argument("--to", metavar="VERSION", help="an installed version (default: previous)")
+    _add_data_dir(rb)
+
+    trust = sub.add_parser("trust", help="publisher keys this device accepts bundles from")
+    trust_sub = trust.add_subparsers(dest="trust_command", required=True)
+    add = trust_sub.add_parser("add", help="trust a publisher's public key (PEM .pub file)")
+    add.add_argument("pubfile", type=Path)
+    _add_data_dir(add)
+    tl = trust_sub.add_parser("list", help="list trusted keys")
+    _add_data_dir(tl)
+    rm = trust_sub.add_parser("remove", help="stop trusting a key")
+    rm.add_argument("key_id")
+    _add_data_dir(rm)
+
+
+def _refused(what: str, exc: Any) -> int:
+    """One line on stderr: what was refused, the stable code and the reason."""
+    from cloud_sync.registry_client import RegistryUnreachable
+
+    message = " ".join(str(exc.message).split())
+    code = EXIT_UNREACHABLE if isinstance(exc, RegistryUnreachable) else EXIT_ERROR
+    return _fail(f"{what} refused ({exc.code}): {message}", code)
+
+
+def cmd_fn(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from cloud_sync.errors import CloudSyncError
+    from edge_agent import install
+    from runtimes.errors import RuntimeErrorBase
+    from runtimes.unpack import DEFAULT_LIMITS
+
+    if args.fn_command == "list":
+        items = install.list_installed(args.data_dir)
+        if args.json:
+            print(json.dumps([dataclasses.asdict(i) for i in items], indent=2))
+            return 0
+        for item in items:
+            if item.development:
+                print(f"{item.name:<24} (development copy, unsigned)")
+                continue
+            for v in item.versions:
+                mark = "*" if v.active else " "
+                print(f"{item.name:<24} {mark} {v.version:<12} {v.arch:<16} {v.digest[:16]}")
+            if not item.versions:
+                print(f"{item.name:<24}   (no complete version)")
+        return 0
+    opts = install.InstallOptions(
+        data_dir=args.data_dir.resolve(),
+        force_downgrade=getattr(args, "force_downgrade", False),
+        say=lambda line: print(line, flush=True),
+    )
+    try:
+        if args.fn_command == "rollback":
+            result = install.rollback(args.name, opts, to=args.to)
+            print(f"rolled back {result.name} {result.previous} -> {result.version}")
+            return 0
+        if args.max_bundle_bytes <= 0 or args.max_unpacked_bytes <= 0:
+            return _fail("--max-bundle-bytes and --max-unpacked-bytes must be positive", EXIT_USAGE)
+        opts = dataclasses.replace(
+            opts,
+            max_bundle_bytes=args.max_bundle_bytes,
+            limits=dataclasses.replace(DEFAULT_LIMITS, max_total_bytes=args.max_unpacked_bytes),
+        )
+        if args.cloud:
+            name, _, version = args.source.partition("@")
+            result = install.install_from_registry(args.cloud, name, version or None, opts)
+        elif "@" in args.source and not Path(args.source).exists():
+            return _fail(f"{args.source}: to install NAME@VERSION pass --cloud URL", EXIT_USAGE)
+        else:
+            result = install.install_file(Path(args.source), opts)
+    except (RuntimeErrorBase, CloudSyncError) as exc:
+        return _refused("rollback" if args.fn_command == "rollback" else "install", exc)
+    if result.outcome == "already_installed":
+        print(f"{result.name} {result.version} is already installed and active")
+    else:
+        was = f" (was {result.previous})" if result.previous else ""
+        print(f"installed {result.name} {result.version} for {result.arch}{was}; active")
+    return 0
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    from edge_agent import trust
+    from runtimes.errors import RuntimeErrorBase
+
+    try:
+        if args.trust_command == "add":
+            key, new = trust.add_key(args.data_dir, args.pubfile)
+            print(f"{'trusted' if new else 'already trusted'}: {key.key_id} ({key.path})")
+        elif args.trust_command == "remove":
+            print(f"removed {trust.remove_key(args.data_dir, args.key_id)}")
+        else:
+            for key in trust.list_keys(args.data_dir):
+                print(f"{key.key_id}  {key.path}")
+    except RuntimeErrorBase as exc:
+        return _refused(f"trust {args.trust_command}", exc)
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "invoke": cmd_invoke,
     "functions": cmd_functions,
     "profile": cmd_profile,
+    "cache": cmd_cache,
+    "fn": cmd_fn,
+    "trust": cmd_trust,
 }
 
 

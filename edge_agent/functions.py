@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_agent.cache_policy import CachePolicy, parse_cache_policy
 from edge_agent.store import FunctionSource, LoadProblem, scan
 from runtimes.errors import RuntimeErrorBase
 from runtimes.invocation import Executor
@@ -32,6 +34,7 @@ SWAP_DRAIN_S = 30.0
 class LoadedFunction:
     source: FunctionSource
     executor: Executor
+    cache_policy: CachePolicy = field(default_factory=CachePolicy)
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -41,8 +44,14 @@ class LoadedFunction:
 
 class FunctionSet:
     def __init__(
-        self, functions_dir: Path, *, require_signed: bool, sandbox: Sandbox | None
+        self,
+        functions_dir: Path,
+        *,
+        require_signed: bool,
+        sandbox: Sandbox | None,
+        on_switch: Callable[[LoadedFunction], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_switch = on_switch
         self._dir = functions_dir
         self._require_signed = require_signed
         self.sandbox = sandbox
@@ -88,6 +97,8 @@ class FunctionSet:
                         "%s: switched %s -> %s", name, old.manifest.version, source.manifest.version
                     )
                     self._retire(old)
+                    if self._on_switch is not None:
+                        await self._on_switch(outcome)
                 else:
                     log.info("%s@%s loaded (%s)", name, source.manifest.version, source.directory)
             for name in list(self.loaded):
@@ -105,6 +116,9 @@ class FunctionSet:
     async def _start(self, source: FunctionSource) -> LoadedFunction | LoadProblem:
         manifest = source.manifest
         try:
+            policy = parse_cache_policy(
+                manifest.extra.get("cache"), str(source.directory / "edgefn.toml")
+            )
             executor = make_executor(manifest, source.directory, sandbox=self.sandbox)
             await executor.start()
         except RuntimeErrorBase as exc:
@@ -112,7 +126,7 @@ class FunctionSet:
             return _CandidateProblem(
                 manifest.name, source.directory, exc.message, fingerprint=source.fingerprint
             )
-        return LoadedFunction(source, executor)
+        return LoadedFunction(source, executor, policy)
 
     def _retire(self, fn: LoadedFunction) -> None:
         task = asyncio.create_task(fn.executor.close(SWAP_DRAIN_S))

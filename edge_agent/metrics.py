@@ -41,9 +41,12 @@ class FunctionStats:
     errors: dict[str, int] = field(default_factory=dict)
     bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     duration_sum: float = 0.0
+    cache: dict[str, int] = field(default_factory=dict)  # hit | miss | stale | bypass
 
-    def observe(self, duration_s: float, error_code: str | None) -> None:
+    def observe(self, duration_s: float, error_code: str | None, cache: str | None) -> None:
         self.invocations += 1
+        if cache is not None:
+            self.cache[cache] = self.cache.get(cache, 0) + 1
         self.duration_sum += duration_s
         self.bucket_counts[bisect.bisect_left(BUCKETS, duration_s)] += 1
         if error_code is not None:
@@ -54,6 +57,7 @@ class FunctionStats:
             "invocations": self.invocations,
             "errors": dict(self.errors),
             "duration_sum_s": self.duration_sum,
+            "cache": dict(self.cache),
             "buckets": dict(zip([*map(str, BUCKETS), "+Inf"], self.bucket_counts, strict=True)),
         }
 
@@ -62,11 +66,18 @@ class Metrics:
     def __init__(self) -> None:
         self.functions: dict[str, FunctionStats] = {}
 
-    def observe(self, function: str, duration_s: float, error_code: str | None = None) -> None:
+    def observe(
+        self,
+        function: str,
+        duration_s: float,
+        error_code: str | None = None,
+        *,
+        cache: str | None = None,
+    ) -> None:
         stats = self.functions.get(function)
         if stats is None:
             stats = self.functions[function] = FunctionStats()
-        stats.observe(duration_s, error_code)
+        stats.observe(duration_s, error_code, cache)
 
     def render(self, gauges: Callable[[], Iterable[tuple[str, str, dict[str, str], float]]]) -> str:
         """Prometheus text format 0.0.4. `gauges` yields (name, help, labels, value)."""
@@ -85,6 +96,15 @@ class Metrics:
                 out.append(
                     f'edgefn_errors_total{{function="{_esc(name)}",code="{_esc(code)}"}} {n}'
                 )
+        out += [
+            "# HELP edgefn_cache_requests_total Invocations by result-cache outcome.",
+            "# TYPE edgefn_cache_requests_total counter",
+        ]
+        for name, st in sorted(self.functions.items()):
+            fn = _esc(name)
+            for outcome, n in sorted(st.cache.items()):
+                labels = f'function="{fn}",outcome="{outcome}"'
+                out.append(f"edgefn_cache_requests_total{{{labels}}} {n}")
         out += [
             "# HELP edgefn_invocation_duration_seconds Time from request to answer.",
             "# TYPE edgefn_invocation_duration_seconds histogram",

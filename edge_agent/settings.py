@@ -45,6 +45,7 @@ class Settings:
     budget_memory_mb: int = 0
     budget_workers: int = 0
     labels: tuple[tuple[str, str], ...] = ()
+    cache_max_bytes: int = 64 * 1024 * 1024
 
     @property
     def functions_dir(self) -> Path:

@@ -49,8 +49,8 @@ def make_inproc_variant(src: Path) -> Path:
     shutil.copytree(src, dest)
     manifest = dest / "edgefn.toml"
     text = manifest.read_text()
-    text = re.sub(r'(?m)^name\s*=.*$', 'name = "route-cpp-inproc"', text)
-    text = re.sub(r'(?m)^isolation\s*=.*$', 'isolation = "in-process"', text)
+    text = re.sub(r"(?m)^name\s*=.*$", 'name = "route-cpp-inproc"', text)
+    text = re.sub(r"(?m)^isolation\s*=.*$", 'isolation = "in-process"', text)
     manifest.write_text(text)
     return dest
 

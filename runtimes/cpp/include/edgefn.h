@@ -1,0 +1,98 @@
+/*
+ * edgefn C ABI, version 1: the only contract between a C++ function library and its host.
+ *
+ * A function library exports exactly two symbols with C linkage:
+ *
+ *     uint32_t edgefn_abi_version(void);              returns EDGEFN_ABI_VERSION it was built with
+ *     int32_t  edgefn_invoke(const edgefn_call *call); runs one invocation
+ *
+ * Hosts (the in-process pybind11 host runtimes/cpp/_host.cpp and the isolated worker main in
+ * edgefn_worker.hpp) refuse a library whose version differs from their own: the struct below
+ * may change between versions, the two symbol names never do.
+ *
+ * Memory ownership, plainly:
+ *   - Everything the host passes in (payload, the strings, the call struct itself) is owned by
+ *     the host and valid only until edgefn_invoke returns. Copy what you want to keep.
+ *   - The answer is written into memory the HOST allocates: the library calls
+ *     call->alloc(call->host, n) and gets n writable bytes (or NULL when the host is out of
+ *     memory). Calling alloc again replaces the earlier buffer, which must no longer be used.
+ *     The library never frees it and must not keep the pointer after returning. This keeps one
+ *     allocator per buffer (no malloc/free pairing across a library boundary) and lets a host
+ *     hand out memory that already is its final destination (a Python bytes object, a frame).
+ *   - Return EDGEFN_OK: the buffer holds the response bytes (no alloc call = empty response).
+ *     Return EDGEFN_ERROR: the buffer holds a UTF-8 error message (may be empty).
+ *   - Nothing may unwind through edgefn_invoke: C++ exceptions must be caught inside the
+ *     library (the EDGEFN_FUNCTION macro of edgefn.hpp does this) and turned into EDGEFN_ERROR.
+ *
+ * Threads: a host may call edgefn_invoke from several threads at once, so handlers must be
+ * thread-safe. The callbacks below are safe to call from the calling thread during the call.
+ */
+#ifndef EDGEFN_H
+#define EDGEFN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EDGEFN_ABI_VERSION 1u
+
+/* Return values of edgefn_invoke. Hosts treat any other value as an error as well. */
+#define EDGEFN_OK 0
+#define EDGEFN_ERROR 1
+
+/* edgefn_call.flags */
+#define EDGEFN_FLAG_JSON 1u /* the payload is UTF-8 JSON (the request said so) */
+
+/* Levels for edgefn_call.log, same names as the protocol's LOG_LEVEL. */
+#define EDGEFN_LOG_DEBUG 0
+#define EDGEFN_LOG_INFO 1
+#define EDGEFN_LOG_WARN 2
+#define EDGEFN_LOG_ERROR 3
+
+#if defined(__GNUC__)
+#define EDGEFN_EXPORT __attribute__((visibility("default")))
+#else
+#define EDGEFN_EXPORT
+#endif
+
+/* A byte string that is not NUL-terminated. */
+typedef struct edgefn_str {
+    const char *data;
+    size_t len;
+} edgefn_str;
+
+typedef struct edgefn_call {
+    const uint8_t *payload; /* request bytes, owned by the host */
+    size_t payload_len;
+    edgefn_str request_id;   /* unique per in-flight request of this host */
+    edgefn_str function;     /* function name from the manifest */
+    edgefn_str version;      /* function version from the manifest */
+    edgefn_str trace_id;     /* may be empty */
+    edgefn_str content_type; /* request content type, may be empty */
+    uint32_t flags;          /* EDGEFN_FLAG_* */
+    uint32_t deadline_ms;    /* milliseconds left for this request when edgefn_invoke was called */
+
+    void *host; /* opaque, pass back to the callbacks */
+    /* n writable bytes owned by the host for the answer, or NULL (out of memory). */
+    uint8_t *(*alloc)(void *host, size_t n);
+    /* Content type of the answer (e.g. "application/json"); the bytes are copied. */
+    void (*set_content_type)(void *host, const char *data, size_t len);
+    /* One log line at EDGEFN_LOG_*; the bytes are copied. */
+    void (*log)(void *host, int32_t level, const char *msg, size_t len);
+} edgefn_call;
+
+EDGEFN_EXPORT uint32_t edgefn_abi_version(void);
+EDGEFN_EXPORT int32_t edgefn_invoke(const edgefn_call *call);
+
+/* Signatures for hosts that look the symbols up with dlsym. */
+typedef uint32_t (*edgefn_abi_version_fn)(void);
+typedef int32_t (*edgefn_invoke_fn)(const edgefn_call *call);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* EDGEFN_H */

@@ -1,0 +1,3 @@
+module edgefn.dev/sdk
+
+go 1.21

@@ -1,0 +1,220 @@
+// Conformance function for the C++ host (docs/protocol.md, "Conformance"), plus two ops only
+// C++ needs: "segfault" (a real null-pointer write) and "throw_nonstd" (`throw 42`).
+// Anything that is not a JSON object with a string "op" is echoed byte for byte.
+#include <edgefn.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <thread>
+
+namespace {
+
+// Upper bound for "hang", so a mistaken request cannot pin a thread for longer than this.
+constexpr long kMaxHangMs = 60000;
+
+// Top-level fields of a flat JSON object: strings decoded, numbers and literals kept as text,
+// nested values skipped. Enough for the op requests; returns false on anything malformed.
+class FlatJson {
+   public:
+    explicit FlatJson(std::string_view s) : s_(s) {}
+
+    bool parse(std::map<std::string, std::string>& out) {
+        ws();
+        if (!eat('{')) return false;
+        ws();
+        if (eat('}')) return end();
+        for (;;) {
+            std::string key, value;
+            ws();
+            if (!string(key)) return false;
+            ws();
+            if (!eat(':')) return false;
+            ws();
+            if (peek() == '"') {
+                if (!string(value)) return false;
+            } else if (!scalar_or_skip(value)) {
+                return false;
+            }
+            out[key] = value;
+            ws();
+            if (eat(',')) continue;
+            if (eat('}')) return end();
+            return false;
+        }
+    }
+
+   private:
+    char peek() const { return i_ < s_.size() ? s_[i_] : '\0'; }
+    bool eat(char c) {
+        if (peek() != c) return false;
+        ++i_;
+        return true;
+    }
+    void ws() {
+        while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\n' || s_[i_] == '\r' || s_[i_] == '\t'))
+            ++i_;
+    }
+    bool end() {
+        ws();
+        return i_ == s_.size();
+    }
+    static void utf8(std::string& out, unsigned cp) {
+        if (cp < 0x80) {
+            out.push_back(static_cast<char>(cp));
+        } else if (cp < 0x800) {
+            out.push_back(static_cast<char>(0xc0 | (cp >> 6)));
+            out.push_back(static_cast<char>(0x80 | (cp & 0x3f)));
+        } else {
+            out.push_back(static_cast<char>(0xe0 | (cp >> 12)));
+            out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3f)));
+            out.push_back(static_cast<char>(0x80 | (cp & 0x3f)));
+        }
+    }
+    bool string(std::string& out) {
+        if (!eat('"')) return false;
+        while (i_ < s_.size()) {
+            char c = s_[i_++];
+            if (c == '"') return true;
+            if (c != '\\') {
+                out.push_back(c);
+                continue;
+            }
+            if (i_ >= s_.size()) return false;
+            char e = s_[i_++];
+            switch (e) {
+                case '"': case '\\': case '/': out.push_back(e); break;
+                case 'b': out.push_back('\b'); break;
+                case 'f': out.push_back('\f'); break;
+                case 'n': out.push_back('\n'); break;
+                case 'r': out.push_back('\r'); break;
+                case 't': out.push_back('\t'); break;
+                case 'u': {
+                    if (i_ + 4 > s_.size()) return false;
+                    unsigned cp = std::stoul(std::string(s_.substr(i_, 4)), nullptr, 16);
+                    i_ += 4;
+                    utf8(out, cp);  // surrogate pairs are not joined: fine for test messages
+                    break;
+                }
+                default: return false;
+            }
+        }
+        return false;
+    }
+    // A number or literal as its text; an object or array skipped (value left empty).
+    bool scalar_or_skip(std::string& out) {
+        if (peek() == '{' || peek() == '[') {
+            int depth = 0;
+            while (i_ < s_.size()) {
+                char c = s_[i_];
+                if (c == '"') {
+                    std::string ignored;
+                    if (!string(ignored)) return false;
+                    continue;
+                }
+                ++i_;
+                if (c == '{' || c == '[') ++depth;
+                if ((c == '}' || c == ']') && --depth == 0) return true;
+            }
+            return false;
+        }
+        std::size_t start = i_;
+        while (i_ < s_.size() && s_[i_] != ',' && s_[i_] != '}' && s_[i_] != ' ' && s_[i_] != '\n')
+            ++i_;
+        out.assign(s_.substr(start, i_ - start));
+        return !out.empty();
+    }
+
+    std::string_view s_;
+    std::size_t i_ = 0;
+};
+
+long number(const std::map<std::string, std::string>& req, const char* key, long fallback) {
+    auto it = req.find(key);
+    if (it == req.end()) return fallback;
+    try {
+        return static_cast<long>(std::stod(it->second));
+    } catch (const std::exception&) {
+        return fallback;
+    }
+}
+
+std::string text(const std::map<std::string, std::string>& req, const char* key) {
+    auto it = req.find(key);
+    return it == req.end() ? std::string() : it->second;
+}
+
+// Node and Go report the protocol's numeric request id as a number; do the same when it is one.
+std::string request_id_json(std::string_view id) {
+    bool digits = !id.empty() && id.size() < 16;
+    for (char c : id) digits = digits && c >= '0' && c <= '9';
+    return digits ? std::string(id) : edgefn::json_quote(id);
+}
+
+[[noreturn]] void nested_throw(const std::string& message) { throw std::runtime_error(message); }
+
+std::string handle(std::string_view request, edgefn::Context& ctx) {
+    std::map<std::string, std::string> req;
+    if (request.empty() || request[0] != '{' || !FlatJson(request).parse(req) ||
+        req.find("op") == req.end()) {
+        return std::string(request);  // not an op: echo byte for byte
+    }
+    const std::string op = req["op"];
+    const std::string message = text(req, "message");
+    if (op == "sleep") {
+        long ms = number(req, "ms", 0);
+        std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+        ctx.set_content_type("application/json");
+        return "{\"slept\":" + std::to_string(ms) + "}";
+    }
+    if (op == "throw") throw std::runtime_error(message);
+    if (op == "panic") {
+        // Thrown two frames down, through a lambda: still must come back as an ERROR answer.
+        auto deeper = [&] { nested_throw(message); };
+        deeper();
+    }
+    if (op == "throw_nonstd") throw 42;
+    if (op == "log") {
+        ctx.log(edgefn::Level::info, message);
+        ctx.set_content_type("application/json");
+        return "{\"logged\":true}";
+    }
+    if (op == "stdout") {
+        std::printf("%s\n", message.c_str());
+        std::fflush(stdout);
+        std::cout << message << std::endl;
+        ctx.set_content_type("application/json");
+        return "{\"printed\":true}";
+    }
+    if (op == "context") {
+        ctx.set_content_type("application/json");
+        return "{\"request_id\":" + request_id_json(ctx.request_id()) +
+               ",\"function\":" + edgefn::json_quote(ctx.function()) +
+               ",\"version\":" + edgefn::json_quote(ctx.version()) +
+               ",\"trace_id\":" + edgefn::json_quote(ctx.trace_id()) +
+               ",\"deadline_ms_left\":" + std::to_string(ctx.deadline_ms_left()) + "}";
+    }
+    if (op == "crash") std::abort();
+    if (op == "segfault") {
+        volatile int* volatile nowhere = nullptr;
+        *nowhere = 1;  // a real SIGSEGV, not a raise(): what a buggy function does
+        return "unreachable";
+    }
+    if (op == "hang") {
+        long ms = number(req, "ms", kMaxHangMs);
+        ms = ms < 0 ? 0 : (ms > kMaxHangMs ? kMaxHangMs : ms);
+        std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+        ctx.set_content_type("application/json");
+        return "{\"hung\":" + std::to_string(ms) + "}";
+    }
+    throw std::invalid_argument("unknown op " + edgefn::json_quote(op));
+}
+
+}  // namespace
+
+EDGEFN_FUNCTION(handle)

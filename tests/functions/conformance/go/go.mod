@@ -1,0 +1,5 @@
+module edgefn.dev/conformance
+
+go 1.21
+
+require edgefn.dev/sdk v0.0.0
