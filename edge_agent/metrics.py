@@ -103,8 +103,8 @@ class Metrics:
         for name, st in sorted(self.functions.items()):
             fn = _esc(name)
             for outcome, n in sorted(st.cache.items()):
-                labels = f'function="{fn}",outcome="{outcome}"'
-                out.append(f"edgefn_cache_requests_total{{{labels}}} {n}")
+                pair = f'function="{fn}",outcome="{outcome}"'
+                out.append(f"edgefn_cache_requests_total{{{pair}}} {n}")
         out += [
             "# HELP edgefn_invocation_duration_seconds Time from request to answer.",
             "# TYPE edgefn_invocation_duration_seconds histogram",
