@@ -187,6 +187,11 @@ class Api:
                 labels,
                 st.get("queued", 0),
             )
+            workers = st.get("workers", [])
+            rss = sum(w.get("rss_mb", 0.0) for w in workers)
+            cpu = sum(w.get("cpu_percent", 0.0) for w in workers)
+            yield ("edgefn_workers_rss_mb", "Resident memory of the workers, MB.", labels, rss)
+            yield ("edgefn_workers_cpu_percent", "CPU of the workers, % of one core.", labels, cpu)
             healthy = 1.0 if st.get("health") == "healthy" else 0.0
             yield ("edgefn_function_healthy", "1 when the function is healthy.", labels, healthy)
 

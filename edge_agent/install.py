@@ -375,6 +375,9 @@ def _stage_local_file(src: Path, opts: InstallOptions) -> tuple[Path, str]:
 
 def install_file(src: Path, opts: InstallOptions) -> InstallResult:
     """Install the bundle file `src`."""
+    from edge_agent.trust import load_verifier
+
+    load_verifier(opts.data_dir)  # no trusted key: refuse before copying anything
     staged, digest = _stage_local_file(Path(src), opts)
     try:
         vb = _verify(staged, opts, expect_name=None, expect_version=None)
@@ -389,7 +392,9 @@ def install_from_registry(
 ) -> InstallResult:
     """Install `name@version` (None: the latest) from the registry at `url`."""
     from cloud_sync.registry_client import DownloadInterrupted, RegistryClient
+    from edge_agent.trust import load_verifier
 
+    load_verifier(opts.data_dir)  # no trusted key: refuse before downloading anything
     client = RegistryClient(url)
     info = client.resolve(name, version)
     with function_lock(opts, name):

@@ -27,6 +27,7 @@ from runtimes.errors import (
     Overloaded,
     RuntimeErrorBase,
     Unavailable,
+    WorkerCrashed,
 )
 from runtimes.invocation import Invocation, Result
 from runtimes.manifest import Manifest
@@ -46,6 +47,9 @@ CRASH_LOOP_WINDOW_S = 30.0
 # Replacement backoff: 0.1 s doubling to 10 s, reset after a worker served for a while.
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 10.0
+# Scale on CPU too: a worker busier than this (percent of one core, sampled by the sandbox) is
+# saturated even when it has free concurrency slots, e.g. a CPU-bound Node function.
+CPU_SCALE_PERCENT = 85.0
 # How often idle workers are looked for; the idle timeout itself comes from the manifest.
 REAP_INTERVAL_S = 1.0
 
@@ -141,6 +145,9 @@ class Pool:
             self._maybe_scale_up()
         try:
             frame = await fut
+        except WorkerCrashed as exc:
+            self.last_error = exc.message  # now, not when the exit is reaped a moment later
+            raise
         finally:
             self._release(worker)
         return result_from_frame(frame, queued, time.perf_counter() - started - queued)
@@ -196,7 +203,12 @@ class Pool:
         if not ready:
             return True
         in_flight = sum(w.in_flight for w in ready)
-        return in_flight > TARGET_UTILISATION * len(ready) * self.settings.concurrency
+        if in_flight > TARGET_UTILISATION * len(ready) * self.settings.concurrency:
+            return True
+        if self._sandbox is None or not in_flight:
+            return False
+        cpu = sum(self._sandbox.cpu_percent(w.pid) for w in ready) / len(ready)
+        return cpu > CPU_SCALE_PERCENT
 
     # ---- scaling ----------------------------------------------------------------------
 
@@ -370,7 +382,7 @@ class Pool:
 
     @property
     def instances(self) -> int:
-        return len(self._workers)
+        return sum(1 for w in self._workers if not w.killed)
 
     @property
     def in_flight(self) -> int:
@@ -382,6 +394,12 @@ class Pool:
 
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.alive]
+
+    def _usage(self, pid: int) -> dict[str, float]:
+        usage = self._sandbox.usage.get(pid) if self._sandbox is not None else None
+        if usage is None:
+            return {}
+        return {"rss_mb": round(usage.rss_mb, 1), "cpu_percent": round(usage.cpu_percent, 1)}
 
     def status(self) -> dict[str, Any]:
         ready = sum(1 for w in self._workers if w.ready)
@@ -395,7 +413,7 @@ class Pool:
             health = "starting"
         return {
             "health": health,
-            "instances": len(self._workers),
+            "instances": self.instances,
             "ready": ready,
             "starting": self._starting,
             "in_flight": self.in_flight,
@@ -411,6 +429,7 @@ class Pool:
                     "served": w.served,
                     "runtime": w.runtime,
                     "cold_start_ms": round(w.cold_start_s * 1000, 2),
+                    **self._usage(w.pid),
                 }
                 for w in self._workers
             ],

@@ -1,0 +1,59 @@
+// A deliberately hostile function for the limit tests. Every loop is bounded: it overshoots a
+// limit by a fixed amount and then stops, so a broken limit cannot harm the test machine.
+//   "alloc" touches up to 1 GiB in 16 MiB steps, then holds it for 10 s
+//   "fork"  forks up to 300 children that each sleep 2 s; answers how many it got
+//   "spin"  burns CPU for at most 20 s
+//   other   echoes the request
+#include <edgefn.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+std::string handle(std::string_view req, edgefn::Context& ctx) {
+    if (req == "alloc") {
+        std::vector<char*> blocks;
+        const size_t step = 16u << 20;
+        for (int i = 0; i < 64; ++i) {  // 64 x 16 MiB = 1 GiB at most
+            char* p = static_cast<char*>(std::malloc(step));
+            if (p == nullptr) return "malloc failed after " + std::to_string(i * 16) + " MiB";
+            std::memset(p, 1, step);
+            blocks.push_back(p);
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+        std::this_thread::sleep_for(std::chrono::seconds(10));
+        for (char* p : blocks) std::free(p);
+        return "allocated 1024 MiB";
+    }
+    if (req == "fork") {
+        int made = 0;
+        for (int i = 0; i < 300; ++i) {
+            pid_t pid = fork();
+            if (pid < 0) break;
+            if (pid == 0) {
+                sleep(2);
+                _exit(0);
+            }
+            ++made;
+        }
+        while (waitpid(-1, nullptr, 0) > 0) {
+        }
+        return "forked " + std::to_string(made);
+    }
+    if (req == "spin") {
+        auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+        volatile unsigned long x = 0;
+        while (std::chrono::steady_clock::now() < end) x = x + 1;
+        return "spun";
+    }
+    ctx.log("ok");
+    return std::string(req);
+}
+
+EDGEFN_FUNCTION(handle)
