@@ -20,11 +20,13 @@ from typing import Any
 
 from aiohttp import web
 
+from cloud_sync.cloud_invoke import CloudInvoker
 from edge_agent.api import Api
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
 from edge_agent.metrics import Metrics
 from edge_agent.router import Router
+from edge_agent.routing import check_policy
 from edge_agent.settings import Settings
 from runtimes.sandbox import Sandbox
 
@@ -123,7 +125,14 @@ class Agent:
             on_switch=self._version_switched,
         )
         self.sandbox: Sandbox | None = None
-        self.router = Router(self.functions, self.metrics)
+        self.router = Router(
+            self.functions,
+            self.metrics,
+            cloud=CloudInvoker(settings.cloud_url, token=settings.cloud_token)
+            if settings.cloud_url
+            else None,
+            default_policy=check_policy(settings.default_routing, "--default-routing"),
+        )
         self.api = Api(
             self.router,
             self.functions,
@@ -154,6 +163,7 @@ class Agent:
             "pid": os.getpid(),
             "cache": self.router.cache.stats() if self.router.cache else {"state": "off"},
             "sandbox": self.sandbox.status() if self.sandbox else {},
+            "cloud": self.router.cloud.status() if self.router.cloud else {"state": "off"},
         }
 
     async def start(self) -> None:
@@ -216,6 +226,8 @@ class Agent:
             await self.sandbox.close()
         if self.router.cache is not None:
             await self.router.cache.close()
+        if self.router.cloud is not None:
+            await self.router.cloud.close()
         with contextlib.suppress(FileNotFoundError):
             self.settings.state_file.unlink()
         log.info("stopped")

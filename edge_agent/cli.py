@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-max-bytes", type=int, default=64 * 1024 * 1024, help="result cache bound"
     )
 
+    run.add_argument("--cloud", default="", help="central platform URL (cloud routing, sync)")
+    run.add_argument(
+        "--cloud-token",
+        default=os.environ.get("EDGEFN_CLOUD_TOKEN", ""),
+        help="device token for the platform (default: $EDGEFN_CLOUD_TOKEN)",
+    )
+    run.add_argument(
+        "--default-routing",
+        default="local",
+        choices=("local", "cloud", "local-then-cloud", "cloud-then-local"),
+        help="routing for functions not installed on this device",
+    )
+
     cache = sub.add_parser("cache", help="result cache maintenance")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     purge = cache_sub.add_parser("purge", help="delete a function's cached results")
@@ -264,6 +277,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         budget_workers=args.budget_workers,
         labels=labels,
         cache_max_bytes=args.cache_max_bytes,
+        cloud_url=args.cloud,
+        cloud_token=args.cloud_token,
+        default_routing=args.default_routing,
     )
     agent = Agent(settings)
     try:

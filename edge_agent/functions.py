@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.cache_policy import CachePolicy, parse_cache_policy
+from edge_agent.routing import RoutingPolicy, parse_routing
 from edge_agent.store import FunctionSource, LoadProblem, scan
 from runtimes.errors import RuntimeErrorBase
 from runtimes.invocation import Executor
@@ -35,6 +36,7 @@ class LoadedFunction:
     source: FunctionSource
     executor: Executor
     cache_policy: CachePolicy = field(default_factory=CachePolicy)
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -116,9 +118,9 @@ class FunctionSet:
     async def _start(self, source: FunctionSource) -> LoadedFunction | LoadProblem:
         manifest = source.manifest
         try:
-            policy = parse_cache_policy(
-                manifest.extra.get("cache"), str(source.directory / "edgefn.toml")
-            )
+            where = str(source.directory / "edgefn.toml")
+            policy = parse_cache_policy(manifest.extra.get("cache"), where)
+            routing = parse_routing(manifest.extra.get("routing"), where)
             executor = make_executor(manifest, source.directory, sandbox=self.sandbox)
             await executor.start()
         except RuntimeErrorBase as exc:
@@ -126,7 +128,7 @@ class FunctionSet:
             return _CandidateProblem(
                 manifest.name, source.directory, exc.message, fingerprint=source.fingerprint
             )
-        return LoadedFunction(source, executor, policy)
+        return LoadedFunction(source, executor, policy, routing)
 
     def _retire(self, fn: LoadedFunction) -> None:
         task = asyncio.create_task(fn.executor.close(SWAP_DRAIN_S))

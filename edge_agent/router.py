@@ -1,25 +1,35 @@
 """Where an invocation runs: the one decision point between the HTTP API and the executors.
 
-Order for one request: the result cache (when the function's `[cache]` policy enables it and the
-client did not send `Cache-Control: no-cache`) -> the function's local executor -> on an error,
-a stale cache entry within `stale_if_error_s`. Cloud routing plugs in between the executor and
-the stale entry without the API changing.
+Order for one request:
+  1. the result cache, when the function's `[cache]` policy enables it and the client did not
+     send `Cache-Control: no-cache` (a fresh entry answers at once);
+  2. the primary place of the routing policy (local executor or the platform);
+  3. the fallback place, for `local-then-cloud` / `cloud-then-local`, unless the first answer
+     was the function's own error;
+  4. a stale cache entry within `stale_if_error_s` when every place failed.
+An error after all that names each step that failed (`RoutingFailed`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from cloud_sync.cloud_invoke import CloudInvoker, CloudUnavailable
 from edge_agent.cache import ResultCache
+from edge_agent.cache_policy import CachePolicy
 from edge_agent.errors import UnknownFunction
 from edge_agent.functions import FunctionSet, LoadedFunction
 from edge_agent.metrics import Metrics
+from edge_agent.routing import Policy, RoutingFailed, RoutingPolicy, falls_back
 from runtimes.errors import RuntimeErrorBase
 from runtimes.invocation import Invocation, Result
 
 Pairs = Mapping[str, str] | Iterable[tuple[str, str]]
+
+# Timeout for functions the device does not have (cloud-only), when the platform is asked.
+DEFAULT_CLOUD_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,20 +43,25 @@ class Routed:
 
 class Router:
     def __init__(
-        self, functions: FunctionSet, metrics: Metrics, cache: ResultCache | None = None
+        self,
+        functions: FunctionSet,
+        metrics: Metrics,
+        cache: ResultCache | None = None,
+        cloud: CloudInvoker | None = None,
+        default_policy: Policy = "local",
     ) -> None:
         self._functions = functions
         self._metrics = metrics
         self.cache = cache
+        self.cloud = cloud
+        self.default_policy: Policy = default_policy
+        # Per-function policy overrides from the device config (cloud_sync applies them).
+        self.overrides: dict[str, Policy] = {}
 
-    def _lookup(self, name: str) -> LoadedFunction:
-        fn = self._functions.get(name)
-        if fn is None:
-            problem = self._functions.problems.get(name)
-            if problem is not None:
-                raise UnknownFunction(f"function {name!r} is not loaded: {problem.message}")
-            raise UnknownFunction(f"no function named {name!r} is installed")
-        return fn
+    def policy_for(self, name: str, fn: LoadedFunction | None) -> RoutingPolicy:
+        base = fn.routing if fn is not None else RoutingPolicy(self.default_policy)
+        override = self.overrides.get(name)
+        return replace(base, policy=override) if override else base
 
     async def invoke(
         self,
@@ -60,28 +75,74 @@ class Router:
         query: Pairs = (),
         no_cache: bool = False,
     ) -> Routed:
-        fn = self._lookup(name)
-        manifest = fn.manifest
-        inv = Invocation(
-            payload,
-            request_id,
-            manifest.timeout_ms / 1000,
-            trace_id=trace_id,
-            content_type=content_type,
-        )
+        fn = self._functions.get(name)
+        routing = self.policy_for(name, fn)
+        if fn is None and "cloud" not in routing.steps:
+            raise self._unknown(name)
+        timeout_s = fn.manifest.timeout_ms / 1000 if fn else DEFAULT_CLOUD_TIMEOUT_S
+        inv = Invocation(payload, request_id, timeout_s, trace_id, content_type)
+        where = {"served_by": "local", "version": fn.manifest.version if fn else ""}
+
+        async def run() -> Result:
+            return await self._run_chain(name, fn, inv, routing, where)
+
         started = time.perf_counter()
-        policy = fn.cache_policy
+        policy = fn.cache_policy if fn is not None else CachePolicy()
         try:
             if self.cache is None or not policy.enabled or no_cache:
-                result, cache_status = await fn.executor.invoke(inv), "bypass"
+                result, cache_status = await run(), "bypass"
             else:
-                key = policy.key_for(name, manifest.version, payload, headers, query)
-                answer = await self.cache.run_cached(key, policy, lambda: fn.executor.invoke(inv))
+                key = policy.key_for(name, where["version"], payload, headers, query)
+                answer = await self.cache.run_cached(key, policy, run)
                 result, cache_status = answer.result, answer.status
         except RuntimeErrorBase as exc:
             self._metrics.observe(name, time.perf_counter() - started, exc.code)
             raise
         duration = time.perf_counter() - started
         self._metrics.observe(name, duration, cache=cache_status)
-        served_by = "cache" if cache_status in ("hit", "stale") else "local"
-        return Routed(result, manifest.version, served_by, cache_status, duration)
+        served_by = "cache" if cache_status in ("hit", "stale") else where["served_by"]
+        return Routed(result, where["version"], served_by, cache_status, duration)
+
+    async def _run_chain(
+        self,
+        name: str,
+        fn: LoadedFunction | None,
+        inv: Invocation,
+        routing: RoutingPolicy,
+        where: dict[str, str],
+    ) -> Result:
+        failures: list[tuple[str, RuntimeErrorBase]] = []
+        for i, step in enumerate(routing.steps):
+            try:
+                if step == "local":
+                    if fn is None:
+                        raise self._unknown(name)
+                    result = await fn.executor.invoke(inv)
+                    where.update(served_by="local", version=fn.manifest.version)
+                    return result
+                result, version = await self._cloud(name, inv, routing)
+                where.update(served_by="cloud", version=version)
+                return result
+            except RuntimeErrorBase as exc:
+                failures.append((step, exc))
+                last = i == len(routing.steps) - 1
+                if last or not falls_back(exc):
+                    if len(failures) == 1:
+                        raise
+                    raise RoutingFailed(failures) from exc
+        raise AssertionError("a routing policy has at least one step")
+
+    async def _cloud(
+        self, name: str, inv: Invocation, routing: RoutingPolicy
+    ) -> tuple[Result, str]:
+        if self.cloud is None:
+            raise CloudUnavailable("no platform is configured (edge-agent run --cloud URL)")
+        if routing.cloud_timeout_ms is not None:
+            inv = replace(inv, timeout_s=routing.cloud_timeout_ms / 1000)
+        return await self.cloud.invoke(name, inv)
+
+    def _unknown(self, name: str) -> UnknownFunction:
+        problem = self._functions.problems.get(name)
+        if problem is not None:
+            return UnknownFunction(f"function {name!r} is not loaded: {problem.message}")
+        return UnknownFunction(f"no function named {name!r} is installed")

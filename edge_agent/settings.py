@@ -46,6 +46,10 @@ class Settings:
     budget_workers: int = 0
     labels: tuple[tuple[str, str], ...] = ()
     cache_max_bytes: int = 64 * 1024 * 1024
+    # The central platform, for cloud routing (and, with credentials, sync).
+    cloud_url: str = ""
+    cloud_token: str = ""
+    default_routing: str = "local"  # policy for functions not installed here
 
     @property
     def functions_dir(self) -> Path:
