@@ -11,6 +11,9 @@ import pytest
 from runtimes.build import build_function
 from tests.harness import FUNCTIONS
 
+# The real-Mosquitto fixtures (`mosquitto`, `mosquitto_factory`).
+pytest_plugins = ["tests.mosquitto"]
+
 
 @pytest.fixture(scope="session")
 def built_conformance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:

@@ -26,7 +26,7 @@ from tests.mosquitto import Collector, eventually, platform_session
 if TYPE_CHECKING:
     from tests.mosquitto import Broker
 
-pytest_plugins = ["tests.mosquitto"]
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 

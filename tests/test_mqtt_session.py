@@ -23,8 +23,6 @@ from tests.mosquitto import Collector, eventually, platform_session
 if TYPE_CHECKING:
     from tests.mosquitto import Broker
 
-pytest_plugins = ["tests.mosquitto"]
-
 
 @pytest.fixture(autouse=True)
 def quick_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:

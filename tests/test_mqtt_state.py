@@ -24,7 +24,6 @@ from cloud_sync.state import (
 if TYPE_CHECKING:
     from tests.mosquitto import Broker
 
-pytest_plugins = ["tests.mosquitto"]
 
 GOOD: dict[str, Any] = {
     "functions": {
