@@ -2,7 +2,7 @@
 
 The install path, in order (each step named as the `EDGEFN_INSTALL_PAUSE_AT` test hook knows it):
 
-1. **download**: from the registry into `DATA_DIR/staging/<name>-<digest>.part`, resuming a part
+1. **download**: from the registry into `DATA_DIR/staging/<name>@<digest>.part`, resuming a part
    an interrupted attempt left, never more than the size cap, and the file's sha256 checked
    against the registry's digest (`cloud_sync.registry_client`). A local bundle file is copied
    into staging with the same cap, so what is verified cannot change underneath us.
@@ -46,6 +46,8 @@ import os
 import secrets
 import shutil
 import stat
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -291,6 +293,24 @@ def _pick_arch(manifest: BundleManifest, keys: tuple[str, ...]) -> str:
 # Warm check
 
 
+@contextlib.contextmanager
+def _worker_output_hidden() -> Iterator[None]:
+    """Workers inherit stderr; their noise would bury the one-line reason a refusal prints
+    (the reason already carries the worker's own first error line)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 def warm_check(manifest: Manifest, directory: Path, timeout_s: float, data_dir: Path) -> None:
     """Start the function once from `directory` and stop it: proof that it loads and runs.
 
@@ -315,7 +335,8 @@ def warm_check(manifest: Manifest, directory: Path, timeout_s: float, data_dir: 
             await sandbox.close()
 
     try:
-        asyncio.run(run())
+        with _worker_output_hidden():
+            asyncio.run(run())
     except RuntimeErrorBase as exc:
         raise InstallError(
             f"{manifest.name} {manifest.version} does not start: {exc.message}",
@@ -391,7 +412,7 @@ def install_from_registry(
     url: str, name: str, version: str | None, opts: InstallOptions
 ) -> InstallResult:
     """Install `name@version` (None: the latest) from the registry at `url`."""
-    from cloud_sync.registry_client import DownloadInterrupted, RegistryClient
+    from cloud_sync.registry_client import RegistryClient
     from edge_agent.trust import load_verifier
 
     load_verifier(opts.data_dir)  # no trusted key: refuse before downloading anything
@@ -399,14 +420,17 @@ def install_from_registry(
     info = client.resolve(name, version)
     with function_lock(opts, name):
         root = opts.functions_dir / name
+        _cleanup_leftovers(opts, name)
         done = _already_installed(root, info.version, info.digest)
         if done is not None:
+            _remove_parts(opts, name)
+            _prune(root, info.version)  # an earlier run may have died before pruning
             return done
         active = read_active(root)
         if active is not None and active != info.version:
             check_version_order(info.version, active, allow_rollback=opts.force_downgrade)
         opts.staging_dir.mkdir(parents=True, exist_ok=True)
-        part = opts.staging_dir / f"{name}-{info.digest}.part"
+        part = opts.staging_dir / f"{name}@{info.digest}.part"
         have = part.stat().st_size if part.exists() else 0
         if 0 < have < info.size:
             opts.tell(f"resuming download of {name}@{info.version} at byte {have} of {info.size}")
@@ -420,20 +444,22 @@ def install_from_registry(
                 paused = True
                 pause_point("download", opts.data_dir)
 
-        try:
-            client.download(info, part, max_bytes=opts.max_bundle_bytes, progress=progress)
-        except DownloadInterrupted:
-            raise  # keep the part: the next attempt resumes it
+        # DownloadInterrupted keeps the part: the next attempt resumes it.
+        client.download(info, part, max_bytes=opts.max_bundle_bytes, progress=progress)
         try:
             vb = _verify(part, opts, expect_name=name, expect_version=info.version)
             result = _install_verified(vb, info.digest, opts)
-        except BundleError:
-            part.unlink(missing_ok=True)  # verified bad: never resume these bytes
+        except Exception:
+            part.unlink(missing_ok=True)  # refused or failed after a complete download
             raise
-        part.unlink(missing_ok=True)
-        for stale in opts.staging_dir.glob(f"{name}-*.part"):
-            stale.unlink(missing_ok=True)
+        _remove_parts(opts, name)
         return result
+
+
+def _remove_parts(opts: InstallOptions, name: str) -> None:
+    """Downloads of `name` that can no longer be useful (call with its lock held)."""
+    for part in opts.staging_dir.glob(f"{name}@*.part"):
+        part.unlink(missing_ok=True)
 
 
 def _already_installed(root: Path, version: str, digest: str) -> InstallResult | None:
@@ -594,6 +620,8 @@ def rollback(name: str, opts: InstallOptions, *, to: str | None = None) -> Insta
         if current is None:
             raise InstallError(f"{name} has no installed active version", code="not_installed")
         if to is not None:
+            if not SEMVER_RE.match(to):
+                raise InstallError(f"not a version: {to!r}", code="bad_request")
             if to == current:
                 raise InstallError(f"{name} {to} is already active", code="already_active")
             if not (root / to / MANIFEST_NAME).is_file():

@@ -1,0 +1,341 @@
+"""The registry's HTTP API: publish signed bundles, list functions and versions, serve bundles.
+
+Endpoints (docs/registry.md is the reference):
+
+    POST /v1/registry/bundles                          publish (operator token)  201 / 200 / 4xx
+    GET  /v1/registry/functions                        every function, its latest version
+    GET  /v1/registry/functions/{name}                 its versions, oldest first
+    GET  /v1/registry/functions/{name}/versions/{v}    one version: digest, size, arches, url
+    GET  /v1/registry/bundles/sha256:{digest}          the bundle bytes; HEAD and Range work
+
+Publish flow: check the bearer token before reading a byte of the body -> stream the body into a
+spooled file with a size cap, hashing as it goes -> inspect it in a thread with the same code a
+device uses (`runtimes.bundle`: layout, signatures present, manifest valid, publisher signed,
+payload digests; and the signature itself when `<data_dir>/publishers/*.pub` exist) -> move the
+blob into the content-addressed store -> record name@version. A bundle that fails inspection is
+422 with the bundle module's error code; name@version already published with another digest is
+409 (versions are immutable, so a device that pinned a version always gets the same bytes).
+
+Downloads: one `bytes=` range per request (`a-b`, `a-`, `-n`) answered 206 with Content-Range, so
+an interrupted device download resumes where it stopped; an unsatisfiable or malformed range is
+416 with `Content-Range: bytes */size`. Bundles are immutable, so ETag is the digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from cloud_sync.platform.auth import AuthResult, check_bearer
+from cloud_sync.platform.store import (
+    DIGEST_RE,
+    RegistryStore,
+    StoreError,
+    VersionConflict,
+    VersionRecord,
+)
+from runtimes.bundle import (
+    BundleManifest,
+    check_payload,
+    check_publisher,
+    parse_signatures,
+    read_bundle,
+)
+from runtimes.errors import BundleError
+from runtimes.manifest import NAME_RE, SEMVER_RE
+from runtimes.verify import Verifier
+
+log = logging.getLogger("edgefn.registry")
+
+BUNDLE_MEDIA_TYPE = "application/vnd.edgefn.bundle"
+# Read and write in 1 MiB steps: few thread hops per bundle, bounded memory per request.
+CHUNK = 1 << 20
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, code: str, message: str, **headers: str) -> web.Response:
+    """The platform's JSON error shape (same as the agent's API): {"error": {code, message}}."""
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The inclusive byte span a `Range` header asks for, or None for the whole body.
+
+    One `bytes=` range only. Other units are ignored (RFC 9110 lets a server ignore Range);
+    a malformed, multi-part or unsatisfiable bytes range raises RangeNotSatisfiable (416).
+    """
+    if header is None:
+        return None
+    header = header.strip()
+    if not header.lower().startswith("bytes="):
+        return None
+    match = _RANGE_RE.match("bytes=" + header[6:].replace(" ", ""))
+    if not match or match.group(1) == match.group(2) == "":
+        raise RangeNotSatisfiable(header)
+    first, last = match.group(1), match.group(2)
+    if first == "":  # suffix: the last n bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable(header)
+        return max(0, size - n), size - 1
+    start = int(first)
+    end = size - 1 if last == "" else min(int(last), size - 1)
+    if start >= size or (last != "" and int(last) < start):
+        raise RangeNotSatisfiable(header)
+    return start, end
+
+
+def _inspect(path: Path, max_bytes: int, verifier: Verifier | None) -> BundleManifest:
+    """What a device will check, minus trust (unless the registry has publisher keys)."""
+    if verifier is not None:
+        return verifier.verify(path, max_bytes=max_bytes).manifest
+    raw = read_bundle(path, max_bytes=max_bytes)
+    parse_signatures(raw.signature_bytes)  # present and well-formed
+    manifest = BundleManifest.from_bytes(raw.manifest_bytes)
+    check_publisher(manifest, raw.signature_bytes)
+    check_payload(raw, manifest)
+    return manifest
+
+
+class Registry:
+    """Request handlers over a `RegistryStore`; built once by `server.create_app`."""
+
+    def __init__(
+        self,
+        store: RegistryStore,
+        token: str,
+        *,
+        max_bundle_bytes: int,
+        verifier: Verifier | None = None,
+    ) -> None:
+        self.store = store
+        self._token = token
+        self._max = max_bundle_bytes
+        self._verifier = verifier
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/registry/bundles", self.publish),
+            web.get("/v1/registry/functions", self.list_functions),
+            web.get("/v1/registry/functions/{name}", self.list_versions),
+            web.get("/v1/registry/functions/{name}/versions/{version}", self.get_version),
+            web.get("/v1/registry/bundles/{digest}", self.get_bundle),  # GET also answers HEAD
+        ]
+
+    # -- publish ----------------------------------------------------------------------------
+
+    def _auth(self, request: web.Request) -> web.Response | None:
+        result = check_bearer(request.headers.get("Authorization"), self._token)
+        if result is AuthResult.MISSING:
+            return error_response(
+                401,
+                "unauthorized",
+                "publishing needs the operator token: Authorization: Bearer <token>",
+                **{"WWW-Authenticate": 'Bearer realm="edgefn registry"'},
+            )
+        if result is AuthResult.WRONG:
+            return error_response(403, "forbidden", "the operator token is wrong")
+        return None
+
+    async def publish(self, request: web.Request) -> web.StreamResponse:
+        denied = self._auth(request)
+        if denied is not None:
+            return denied
+        if request.content_length is not None and request.content_length > self._max:
+            return self._too_large()
+        spooled = await asyncio.to_thread(self.store.new_upload)
+        try:
+            digest, size = await self._spool(request, spooled)
+            if size > self._max:
+                return self._too_large()
+            try:
+                manifest = await asyncio.to_thread(_inspect, spooled, self._max, self._verifier)
+            except BundleError as exc:
+                log.info("publish refused (%s): %s", exc.code, exc.message)
+                return error_response(422, exc.code, exc.message)
+            record = VersionRecord(
+                name=manifest.name,
+                version=manifest.version,
+                digest=digest,
+                size=size,
+                runtime=manifest.function.runtime,
+                arches=manifest.arches,
+                publisher=manifest.publisher,
+                created_at=manifest.created_at,
+                published_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
+            existing = await asyncio.to_thread(self.store.get_version, record.name, record.version)
+            if existing is not None and existing.digest != digest:
+                return self._conflict(existing)
+            await asyncio.to_thread(self.store.put_blob, spooled, digest)
+            try:
+                created = await asyncio.to_thread(self.store.add_version, record)
+            except VersionConflict as exc:  # a racing publish of other bytes won
+                return error_response(409, exc.code, exc.message)
+        except StoreError as exc:
+            log.error("publish failed: %s", exc.message)
+            return error_response(500, exc.code, exc.message)
+        finally:
+            await asyncio.to_thread(spooled.unlink, missing_ok=True)
+        stored = await asyncio.to_thread(self.store.get_version, record.name, record.version)
+        body = self._version_json(stored or record)
+        log.info(
+            "published %s@%s sha256:%s (%d bytes)%s",
+            record.name,
+            record.version,
+            digest,
+            size,
+            "" if created else " (already there)",
+        )
+        return web.json_response(body, status=201 if created else 200)
+
+    async def _spool(self, request: web.Request, spooled: Path) -> tuple[str, int]:
+        """Stream the body to `spooled`; stops counting (not reading) once past the cap."""
+        h = hashlib.sha256()
+        size = 0
+        buf = bytearray()
+        f = await asyncio.to_thread(open, spooled, "wb")
+        try:
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > self._max:
+                    return "", size
+                h.update(chunk)
+                buf += chunk
+                if len(buf) >= CHUNK:
+                    await asyncio.to_thread(f.write, bytes(buf))
+                    buf.clear()
+            if buf:
+                await asyncio.to_thread(f.write, bytes(buf))
+        finally:
+            await asyncio.to_thread(f.close)
+        return h.hexdigest(), size
+
+    def _too_large(self) -> web.Response:
+        return error_response(
+            413, "too_large", f"bundle is larger than this registry's limit of {self._max} bytes"
+        )
+
+    @staticmethod
+    def _conflict(existing: VersionRecord) -> web.Response:
+        return error_response(
+            409,
+            "version_conflict",
+            f"{existing.name}@{existing.version} is already published with digest "
+            f"sha256:{existing.digest}; versions are immutable, publish a new version",
+        )
+
+    # -- listing ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _version_json(record: VersionRecord) -> dict[str, Any]:
+        out = record.to_json()
+        out["url"] = f"/v1/registry/bundles/sha256:{record.digest}"
+        return out
+
+    async def list_functions(self, request: web.Request) -> web.StreamResponse:
+        items = await asyncio.to_thread(self.store.list_functions)
+        return web.json_response(
+            {
+                "functions": [
+                    {"name": f.name, "latest": f.latest, "versions": f.versions} for f in items
+                ]
+            }
+        )
+
+    async def list_versions(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if not NAME_RE.match(name):
+            return error_response(400, "bad_request", f"not a function name: {name!r}")
+        records = await asyncio.to_thread(self.store.list_versions, name)
+        if not records:
+            return error_response(404, "not_found", f"no function {name!r} in this registry")
+        return web.json_response(
+            {
+                "name": name,
+                "latest": records[-1].version,
+                "versions": [self._version_json(r) for r in records],
+            }
+        )
+
+    async def get_version(self, request: web.Request) -> web.StreamResponse:
+        name, version = request.match_info["name"], request.match_info["version"]
+        if not NAME_RE.match(name) or not SEMVER_RE.match(version):
+            return error_response(400, "bad_request", f"not a function@version: {name}@{version}")
+        record = await asyncio.to_thread(self.store.get_version, name, version)
+        if record is None:
+            return error_response(404, "not_found", f"{name}@{version} is not published")
+        return web.json_response(self._version_json(record))
+
+    # -- download ---------------------------------------------------------------------------
+
+    async def get_bundle(self, request: web.Request) -> web.StreamResponse:
+        digest = request.match_info["digest"].removeprefix("sha256:")
+        if not DIGEST_RE.match(digest):
+            return error_response(400, "bad_request", "expected /v1/registry/bundles/sha256:<hex>")
+        size = await asyncio.to_thread(self.store.blob_size, digest)
+        if size is None:
+            return error_response(404, "not_found", f"no bundle sha256:{digest}")
+        headers = {
+            "Accept-Ranges": "bytes",
+            "ETag": f'"sha256:{digest}"',
+            "Cache-Control": "public, max-age=31536000, immutable",
+            "Content-Type": BUNDLE_MEDIA_TYPE,
+        }
+        try:
+            span = parse_range(request.headers.get("Range"), size)
+        except RangeNotSatisfiable:
+            return error_response(
+                416,
+                "range_not_satisfiable",
+                f"bad or unsatisfiable range {request.headers.get('Range')!r} for {size} bytes",
+                **{"Content-Range": f"bytes */{size}"},
+            )
+        start, end = span if span is not None else (0, size - 1)
+        length = end - start + 1 if size else 0
+        resp = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
+        if span is not None:
+            resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        resp.content_length = length
+        await resp.prepare(request)
+        if request.method == "HEAD" or length == 0:
+            await resp.write_eof()
+            return resp
+        f = await asyncio.to_thread(self.store.open_blob, digest)
+        try:
+            await asyncio.to_thread(f.seek, start)
+            left = length
+            while left:
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
+                if not chunk:  # the blob shrank: impossible for an immutable blob, but bounded
+                    break
+                await resp.write(chunk)
+                left -= len(chunk)
+        finally:
+            await asyncio.to_thread(f.close)
+        await resp.write_eof()
+        return resp
+
+
+def publishers_verifier(directory: Path) -> Verifier | None:
+    """A verifier over `<data_dir>/publishers/*.pub`, or None when none are configured."""
+    from runtimes.verify import Ed25519Verifier
+
+    keys = sorted(Path(directory).glob("*.pub")) if Path(directory).is_dir() else []
+    return Ed25519Verifier.from_files(keys) if keys else None

@@ -1,0 +1,135 @@
+"""The platform's HTTP server: builds its parts once, then start -> serve -> staged shutdown.
+
+`create_app(settings)` is the one place the platform is assembled: it opens the store, loads (or
+creates) the operator token, picks a verifier when publisher keys are configured, and mounts the
+registry routes plus `/v1/health`. `serve(settings)` runs it: listen (port 0 picks a free port),
+write `<data_dir>/platform.json` ({"url", "pid"}) atomically once listening so scripts and tests
+find the URL, wait for SIGTERM/SIGINT, stop accepting, let in-flight requests finish for up to
+`drain_s`, close the store, remove the state file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from cloud_sync.platform.auth import load_or_create_token
+from cloud_sync.platform.registry import Registry, publishers_verifier
+from cloud_sync.platform.settings import PlatformSettings
+from cloud_sync.platform.store import LocalStore, RegistryStore
+
+log = logging.getLogger("edgefn.platform")
+
+STORE_KEY = web.AppKey("store", LocalStore)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """temp + fsync + rename + dir fsync: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def create_app(
+    settings: PlatformSettings, *, store_factory: Callable[[], RegistryStore] | None = None
+) -> web.Application:
+    """The platform application, with everything it needs built and passed in."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    token = load_or_create_token(settings.token_file)
+    store = (
+        store_factory()
+        if store_factory is not None
+        else LocalStore(settings.db_path, settings.blobs_dir)
+    )
+    verifier = publishers_verifier(settings.publishers_dir)
+    registry = Registry(store, token, max_bundle_bytes=settings.max_bundle_bytes, verifier=verifier)
+    # aiohttp refuses bodies over client_max_size; the registry enforces its own cap (413).
+    app = web.Application(client_max_size=settings.max_bundle_bytes + 1)
+    app.add_routes(registry.routes())
+    started = time.time()
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "uptime_s": round(time.time() - started, 3), "pid": os.getpid()}
+        )
+
+    app.add_routes([web.get("/v1/health", health)])
+
+    async def close_store(app: web.Application) -> None:
+        await asyncio.to_thread(store.close)
+
+    app.on_cleanup.append(close_store)
+    if verifier is None:
+        log.info(
+            "no publisher keys in %s: any validly signed bundle may be published",
+            settings.publishers_dir,
+        )
+    return app
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    server = getattr(runner, "server", None)
+    sockets: list[socket.socket] = getattr(server, "sockets", []) if server else []
+    return sockets[0].getsockname()[1] if sockets else 0
+
+
+async def serve(settings: PlatformSettings) -> None:
+    """Run the platform until SIGTERM/SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = await asyncio.to_thread(create_app, settings)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=settings.drain_s,
+        access_log=logging.getLogger("edgefn.access") if settings.access_log else None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from exc
+    port = _bound_port(runner) or settings.port
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"http://{host}:{port}"
+    await asyncio.to_thread(
+        atomic_write,
+        settings.state_file,
+        json.dumps({"url": url, "pid": os.getpid()}).encode(),
+    )
+    print(f"edge-cloud listening on {url} (data dir {settings.data_dir})", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: draining in-flight requests (up to %g s)", settings.drain_s)
+        await runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            settings.state_file.unlink()
+        log.info("stopped")

@@ -1,0 +1,62 @@
+"""The platform's settings: one frozen object, built once by `edge-cloud serve` and passed down.
+
+Paths under the data dir are derived here, so the store, the token file and the state file agree
+on one layout:
+
+    <data_dir>/admin.token      operator token (0600), created on first start
+    <data_dir>/platform.json    {"url", "pid"} of the running server, written once it listens
+    <data_dir>/registry.db      registry metadata (SQLite)
+    <data_dir>/blobs/           content-addressed bundles: blobs/sha256/<ab>/<digest>
+    <data_dir>/publishers/      optional: trusted publisher keys (*.pub); when present, publish
+                                refuses bundles not signed by one of them
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Same bound the bundle reader applies by default (runtimes.bundle.DEFAULT_MAX_BUNDLE_BYTES):
+# the registry never stores what a device would refuse to download.
+DEFAULT_MAX_BUNDLE_BYTES = 512 << 20
+DEFAULT_PORT = 8690
+# In-flight requests get this long to finish after SIGTERM.
+DEFAULT_DRAIN_S = 10.0
+
+
+def default_data_dir() -> Path:
+    """The user's data directory (XDG), so `edge-cloud serve` works without any flag."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "edgefn-cloud"
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformSettings:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
+    drain_s: float = DEFAULT_DRAIN_S
+    access_log: bool = True
+
+    @property
+    def token_file(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    @property
+    def state_file(self) -> Path:
+        """Where a running platform says where it listens (read by tests and `fn publish`)."""
+        return self.data_dir / "platform.json"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "registry.db"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def publishers_dir(self) -> Path:
+        return self.data_dir / "publishers"
