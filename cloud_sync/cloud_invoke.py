@@ -108,8 +108,11 @@ class CloudInvoker:
             )
         return self._session
 
-    async def invoke(self, name: str, inv: Invocation) -> tuple[Result, str]:
-        """Run `name` in the cloud; returns the result and the version that answered."""
+    async def invoke(self, name: str, inv: Invocation, version: str = "") -> tuple[Result, str]:
+        """Run `name` in the cloud; returns the result and the version that answered.
+
+        `version` pins the version the device runs, so both places run the same code.
+        """
         import aiohttp
 
         self.breaker.before_call()
@@ -118,6 +121,8 @@ class CloudInvoker:
             headers["Content-Type"] = inv.content_type
         if inv.trace_id:
             headers["X-Trace-Id"] = inv.trace_id
+        if version:
+            headers["X-Edgefn-Version"] = version
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         timeout = aiohttp.ClientTimeout(total=inv.timeout_s, connect=CONNECT_TIMEOUT_S)

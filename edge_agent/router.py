@@ -120,7 +120,8 @@ class Router:
                     result = await fn.executor.invoke(inv)
                     where.update(served_by="local", version=fn.manifest.version)
                     return result
-                result, version = await self._cloud(name, inv, routing)
+                pinned = fn.manifest.version if fn is not None else ""
+                result, version = await self._cloud(name, inv, routing, pinned)
                 where.update(served_by="cloud", version=version)
                 return result
             except RuntimeErrorBase as exc:
@@ -133,13 +134,13 @@ class Router:
         raise AssertionError("a routing policy has at least one step")
 
     async def _cloud(
-        self, name: str, inv: Invocation, routing: RoutingPolicy
+        self, name: str, inv: Invocation, routing: RoutingPolicy, version: str
     ) -> tuple[Result, str]:
         if self.cloud is None:
             raise CloudUnavailable("no platform is configured (edge-agent run --cloud URL)")
         if routing.cloud_timeout_ms is not None:
             inv = replace(inv, timeout_s=routing.cloud_timeout_ms / 1000)
-        return await self.cloud.invoke(name, inv)
+        return await self.cloud.invoke(name, inv, version)
 
     def _unknown(self, name: str) -> UnknownFunction:
         problem = self._functions.problems.get(name)

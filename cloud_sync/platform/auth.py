@@ -18,8 +18,11 @@ import hmac
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
+
+from aiohttp.web import BaseRequest
 
 from cloud_sync.errors import CredentialsError
 
@@ -86,3 +89,12 @@ def check_bearer(authorization: str | None, token: str) -> AuthResult:
     # Compare bytes of equal meaning; compare_digest's time depends only on the lengths.
     ok = hmac.compare_digest(presented.strip().encode("utf-8"), token.encode("utf-8"))
     return AuthResult.OK if ok else AuthResult.WRONG
+
+
+def operator_only(token: str) -> Callable[[BaseRequest], tuple[AuthResult, str]]:
+    """An `authorize` for routes only the operator may call (the device-aware one extends it)."""
+
+    def authorize(request: BaseRequest) -> tuple[AuthResult, str]:
+        return check_bearer(request.headers.get("Authorization"), token), "operator"
+
+    return authorize

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloud_sync.platform.auth import load_or_create_token
+from cloud_sync.platform.auth import load_or_create_token, operator_only
+from cloud_sync.platform.cloud_exec import CloudExec
 from cloud_sync.platform.registry import Registry, publishers_verifier
 from cloud_sync.platform.settings import PlatformSettings
 from cloud_sync.platform.store import LocalStore, RegistryStore
@@ -66,6 +67,10 @@ def create_app(
     # aiohttp refuses bodies over client_max_size; the registry enforces its own cap (413).
     app = web.Application(client_max_size=settings.max_bundle_bytes + 1)
     app.add_routes(registry.routes())
+    cloud_exec = CloudExec(
+        store, settings.data_dir / "exec", authorize=operator_only(token), verifier=verifier
+    )
+    app.add_routes(cloud_exec.routes())
     started = time.time()
 
     async def health(request: web.Request) -> web.Response:
@@ -76,6 +81,7 @@ def create_app(
     app.add_routes([web.get("/v1/health", health)])
 
     async def close_store(app: web.Application) -> None:
+        await cloud_exec.close()
         await asyncio.to_thread(store.close)
 
     app.on_cleanup.append(close_store)
