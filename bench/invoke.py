@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 import uvloop  # noqa: E402
 
+from runtimes import protocol  # noqa: E402
 from runtimes.build import build_function  # noqa: E402
 from runtimes.invocation import Invocation  # noqa: E402
 from runtimes.launchers import command_for  # noqa: E402
@@ -42,6 +43,7 @@ from runtimes.worker import Worker, worker_env  # noqa: E402
 from tests.harness import start_agent  # noqa: E402
 
 PAYLOAD = b"x" * 100
+STATIC = protocol.static_header("b", "1")
 CONFORMANCE = REPO / "tests" / "functions" / "conformance"
 
 TRIVIAL_SERVER = """
@@ -84,12 +86,12 @@ async def _raw(directory: Path, duration: float) -> tuple[float, float, float]:
     w = await Worker.spawn(command_for(manifest, directory), env=env, cwd=str(directory), label="b")
     inv = Invocation(PAYLOAD, "b", 30.0)
     for _ in range(200):  # warm-up
-        await w.invoke(inv, function="b", version="1")
+        await w.invoke(inv, static=STATIC)
     lat: list[float] = []
     end = time.perf_counter() + duration / 2
     while time.perf_counter() < end and len(lat) < 200_000:
         t0 = time.perf_counter()
-        await w.invoke(inv, function="b", version="1")
+        await w.invoke(inv, static=STATIC)
         lat.append(time.perf_counter() - t0)
     count = 0
     end = time.perf_counter() + duration / 2
@@ -97,7 +99,7 @@ async def _raw(directory: Path, duration: float) -> tuple[float, float, float]:
     async def client() -> None:
         nonlocal count
         while time.perf_counter() < end:
-            await w.invoke(inv, function="b", version="1")
+            await w.invoke(inv, static=STATIC)
             count += 1
 
     t0 = time.perf_counter()
@@ -122,7 +124,7 @@ async def _fork(directory: Path, duration: float) -> tuple[float, float, float]:
 
     async def once() -> None:
         w = await Worker.spawn(argv, env=env, cwd=str(directory), label="fork")
-        await w.invoke(inv, function="b", version="1")
+        await w.invoke(inv, static=STATIC)
         await w.shutdown()
 
     lat: list[float] = []

@@ -244,8 +244,13 @@ class MqttSession:
         subscriptions: Sequence[str] = (),
         will: tuple[str, bytes] | None = None,
         online: tuple[str, bytes] | None = None,
+        mqtt311: bool = False,
     ) -> None:
         topics.validate_id(client_id, "client id")
+        # MQTT 3.1.1 only for brokers without MQTT 5 (the embedded amqtt broker): no session
+        # expiry, receive maximum, user properties or retain handling; the platform then
+        # dedupes on the payload digest instead of the `edgefn-key` property.
+        self.mqtt311 = mqtt311
         self.client_id = client_id
         self.host = host
         self.port = port
@@ -278,7 +283,9 @@ class MqttSession:
         self._sub_mid: int | None = None
 
     @classmethod
-    def for_device(cls, creds: DeviceCredentials, groups: Sequence[str] = ()) -> MqttSession:
+    def for_device(
+        cls, creds: DeviceCredentials, groups: Sequence[str] = (), *, mqtt311: bool = False
+    ) -> MqttSession:
         """The device's session: its desired + its groups' desired, presence will and online."""
         broker = creds.broker
         presence = topics.device_topic(creds.device_id, "presence")
@@ -290,6 +297,7 @@ class MqttSession:
             subscriptions=topics.device_subscriptions(creds.device_id, list(groups)),
             will=(presence, topics.PRESENCE_OFFLINE),
             online=(presence, topics.PRESENCE_ONLINE),
+            mqtt311=mqtt311,
         )
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -306,12 +314,21 @@ class MqttSession:
         if self._client is not None:
             raise MqttError("session already started")
         self._loop = asyncio.get_running_loop()
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
-            manual_ack=True,
-        )
+        if self.mqtt311:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.client_id,
+                protocol=mqtt.MQTTv311,
+                clean_session=False,
+                manual_ack=True,
+            )
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.client_id,
+                protocol=mqtt.MQTTv5,
+                manual_ack=True,
+            )
         client.connect_timeout = CONNECT_TIMEOUT_S
         client.max_inflight_messages_set(MAX_INFLIGHT)
         client.max_queued_messages_set(MAX_QUEUED)
@@ -326,12 +343,15 @@ class MqttSession:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_log = self._on_log
-        props = _properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
-        client.connect_async(
-            self.host, self.port, keepalive=KEEPALIVE_S, clean_start=False, properties=props
-        )
+        if self.mqtt311:
+            client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S)
+        else:
+            props = _properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
+            client.connect_async(
+                self.host, self.port, keepalive=KEEPALIVE_S, clean_start=False, properties=props
+            )
         self._client = client
         client.loop_start()
 
@@ -443,7 +463,7 @@ class MqttSession:
             )
         props = None
         user_props = list(user_properties)
-        if user_props:
+        if user_props and not self.mqtt311:
             props = _properties(PacketTypes.PUBLISH)
             props.UserProperty = user_props
         try:
@@ -545,9 +565,12 @@ class MqttSession:
         if self._subscriptions and (not flags.session_present or not self._subscribed_once):
             # First connect of this process: subscribe even if the session exists (the list may
             # have changed); retain-handling 1 avoids duplicate retained copies in that case.
-            rh = 1 if flags.session_present else 0
-            opts = SubscribeOptions(qos=topics.QOS, retainHandling=rh)
-            _, mid = client.subscribe([(t, opts) for t in self._subscriptions])
+            if self.mqtt311:
+                _, mid = client.subscribe([(t, topics.QOS) for t in self._subscriptions])
+            else:
+                rh = 1 if flags.session_present else 0
+                opts = SubscribeOptions(qos=topics.QOS, retainHandling=rh)
+                _, mid = client.subscribe([(t, opts) for t in self._subscriptions])
             self._sub_mid = mid
             self._subscribed_once = True
             ready_now = False

@@ -1,8 +1,14 @@
 """The agent: builds every part in one place, then start -> serve -> staged shutdown.
 
-Nothing is a module-level singleton; `Agent` owns the function set, router, metrics and HTTP
-site, and tears them down in reverse order on SIGTERM/SIGINT: stop accepting connections, let
-in-flight invocations finish (up to `drain_s`), stop the pools, remove the state file.
+Nothing is a module-level singleton; `Agent` owns the function set, router, metrics, HTTP
+site and (with `--credentials`) the platform sync client, and tears them down in reverse order on
+SIGTERM/SIGINT: stop accepting connections, let in-flight invocations finish (up to `drain_s`),
+stop syncing, stop the pools, remove the state file.
+
+Sync (cloud_sync.sync) gets callbacks, never the agent: a metrics snapshot, pool sizes, a
+description for the reported document, and `_apply_config`, which applies desired config live:
+routing overrides (`Router.overrides`), log level, and pool sizes (re-applied after every
+function scan, so a newly loaded version gets them too).
 """
 
 from __future__ import annotations
@@ -15,19 +21,30 @@ import os
 import signal
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from cloud_sync.cloud_invoke import CloudInvoker
+from cloud_sync.credentials import DeviceCredentials
+from cloud_sync.state import AgentConfig
+from cloud_sync.sync import (
+    AgentHooks,
+    FunctionCounters,
+    SyncClient,
+    SyncSettings,
+    load_credentials_extras,
+)
 from edge_agent.api import Api
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
-from edge_agent.metrics import Metrics
+from edge_agent.metrics import BUCKETS, Metrics
 from edge_agent.router import Router
 from edge_agent.routing import check_policy
 from edge_agent.settings import Settings
+from runtimes.pool import Pool
 from runtimes.sandbox import Sandbox
 
 log = logging.getLogger("edgefn.agent")
@@ -125,12 +142,30 @@ class Agent:
             on_switch=self._version_switched,
         )
         self.sandbox: Sandbox | None = None
+        self.creds: DeviceCredentials | None = None
+        self._extras: dict[str, Any] = {}
+        cloud_url, token, ssl_ctx = settings.cloud_url, settings.cloud_token, None
+        if settings.credentials_file is not None:
+            from cloud_sync import credentials
+            from cloud_sync.errors import CredentialsError
+
+            try:
+                self.creds = credentials.load(settings.credentials_file)
+            except CredentialsError as exc:
+                raise StartupError(exc.message) from exc
+            self._extras = load_credentials_extras(settings.credentials_file)
+            cloud_url = cloud_url or self.creds.platform_url
+            token = token or str(self._extras.get("token") or "")
+            if cloud_url.startswith("https:"):
+                ssl_ctx = self.creds.ssl_context()
+        self.cloud_url = cloud_url
+        self.sync: SyncClient | None = None
+        self._desired = AgentConfig()
+        self._profile: dict[str, Any] = {}
         self.router = Router(
             self.functions,
             self.metrics,
-            cloud=CloudInvoker(settings.cloud_url, token=settings.cloud_token)
-            if settings.cloud_url
-            else None,
+            cloud=CloudInvoker(cloud_url, token=token, ssl=ssl_ctx) if cloud_url else None,
             default_policy=check_policy(settings.default_routing, "--default-routing"),
         )
         self.api = Api(
@@ -164,7 +199,68 @@ class Agent:
             "cache": self.router.cache.stats() if self.router.cache else {"state": "off"},
             "sandbox": self.sandbox.status() if self.sandbox else {},
             "cloud": self.router.cloud.status() if self.router.cloud else {"state": "off"},
+            "sync": self.sync.status() if self.sync else {"state": "off"},
         }
+
+    # ---- sync callbacks (cloud_sync never imports the agent) ---------------------------
+
+    def _metrics_snapshot(self) -> dict[str, FunctionCounters]:
+        bounds = tuple(b * 1000.0 for b in BUCKETS)
+        return {
+            name: FunctionCounters(
+                invocations=st.invocations,
+                errors=sum(st.errors.values()),
+                cache_hits=st.cache.get("hit", 0) + st.cache.get("stale", 0),
+                cache_misses=st.cache.get("miss", 0),
+                latency_bounds_ms=bounds,
+                latency_counts=tuple(st.bucket_counts),
+                latency_sum_ms=st.duration_sum * 1000.0,
+            )
+            for name, st in self.metrics.functions.items()
+        }
+
+    def _pool_sizes(self) -> dict[str, int]:
+        return {
+            name: int(fn.executor.status().get("instances", 0))
+            for name, fn in self.functions.loaded.items()
+        }
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "functions": {n: f.manifest.version for n, f in sorted(self.functions.loaded.items())},
+            "profile": self._profile,
+        }
+
+    async def _apply_config(self, config: AgentConfig) -> None:
+        """Desired config from the platform, applied live; None fields = the local default."""
+        self._desired = config
+        self.router.overrides.clear()
+        self.router.overrides.update(
+            {n: fc.routing for n, fc in config.functions.items() if fc.routing is not None}
+        )
+        level = (config.log_level or self.settings.log_level).upper()
+        logging.getLogger().setLevel(level)
+        self._apply_pools()
+
+    def _apply_pools(self) -> None:
+        for name, fn in self.functions.loaded.items():
+            if not isinstance(fn.executor, Pool):
+                continue  # in-process C++: no pool to size
+            base = fn.manifest.pool
+            fc = self._desired.functions.get(name)
+            want = base
+            if fc is not None:
+                lo = fc.min_instances if fc.min_instances is not None else base.min_instances
+                hi = fc.max_instances if fc.max_instances is not None else base.max_instances
+                want = replace(
+                    base,
+                    min_instances=lo,
+                    max_instances=max(lo, hi),
+                    concurrency=fc.concurrency or base.concurrency,
+                )
+            if fn.executor.settings != want:
+                log.info("%s: pool %s -> %s", name, fn.executor.settings, want)
+                fn.executor.update_settings(want)
 
     async def start(self) -> None:
         s = self.settings
@@ -175,6 +271,8 @@ class Agent:
         self.sandbox = await asyncio.to_thread(build_sandbox, s)
         self.functions.sandbox = self.sandbox
         await self.functions.sync()
+        if self.creds is not None:
+            await self._start_sync(self.creds)
         self._runner = web.AppRunner(
             self.api.app(),
             access_log=None,
@@ -204,11 +302,45 @@ class Agent:
             s.data_dir,
         )
 
+    async def _start_sync(self, creds: DeviceCredentials) -> None:
+        from hardware.errors import HardwareError
+        from hardware.profile import detect
+
+        s = self.settings
+        try:
+            profile = await asyncio.to_thread(detect, s.data_dir, dict(s.labels))
+            self._profile = profile.to_dict()
+        except HardwareError as exc:
+            log.warning("device profile unavailable for reporting: %s", exc.message)
+        self.sync = SyncClient(
+            creds,
+            SyncSettings(
+                data_dir=s.data_dir,
+                fallback_after_s=s.fallback_after_s,
+                # Poll desired state in fallback no slower than the fallback delay itself.
+                http_poll_s=max(1.0, min(10.0, s.fallback_after_s)),
+                metrics_interval_s=s.metrics_interval_s,
+                outbox_max_bytes=s.outbox_max_bytes,
+            ),
+            AgentHooks(
+                metrics_snapshot=self._metrics_snapshot,
+                pool_sizes=self._pool_sizes,
+                apply_config=self._apply_config,
+                describe=self._describe,
+            ),
+            platform_url=self.cloud_url,
+            token=str(self._extras.get("token") or ""),
+            groups=tuple(self._extras.get("groups") or ()),
+            mqtt311=bool(self._extras.get("mqtt311")),
+        )
+        await self.sync.start()
+
     async def _scan_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.scan_interval_s)
             try:
                 await self.functions.sync()
+                self._apply_pools()
             except Exception:
                 log.exception("function scan failed")
 
@@ -221,6 +353,8 @@ class Agent:
             # Stops listening, then waits up to shutdown_timeout for in-flight requests, which
             # are still being served by the pools; only then are the pools stopped.
             await self._runner.cleanup()
+        if self.sync is not None:
+            await self.sync.close()
         await self.functions.close(drain_s=1.0)
         if self.sandbox is not None:
             await self.sandbox.close()

@@ -77,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="device token for the platform (default: $EDGEFN_CLOUD_TOKEN)",
     )
     run.add_argument(
+        "--credentials",
+        type=Path,
+        help="device credentials file from `edge-cloud device enroll`: joins the platform",
+    )
+    run.add_argument(
+        "--fallback-after",
+        type=float,
+        default=30.0,
+        help="seconds the MQTT broker may be unreachable before syncing over HTTP (default 30)",
+    )
+    run.add_argument(
+        "--metrics-interval", type=float, default=10.0, help="seconds per metrics record"
+    )
+    run.add_argument(
+        "--outbox-max-bytes", type=int, default=16 * 1024 * 1024, help="sync outbox bound"
+    )
+    run.add_argument(
         "--default-routing",
         default="local",
         choices=("local", "cloud", "local-then-cloud", "cloud-then-local"),
@@ -280,9 +297,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         cloud_url=args.cloud,
         cloud_token=args.cloud_token,
         default_routing=args.default_routing,
+        credentials_file=args.credentials.resolve() if args.credentials else None,
+        fallback_after_s=args.fallback_after,
+        metrics_interval_s=args.metrics_interval,
+        outbox_max_bytes=args.outbox_max_bytes,
     )
-    agent = Agent(settings)
+    if min(args.fallback_after, args.metrics_interval) <= 0 or args.outbox_max_bytes < 4096:
+        return _fail(
+            "--fallback-after/--metrics-interval must be > 0, --outbox-max-bytes >= 4096",
+            EXIT_USAGE,
+        )
     try:
+        agent = Agent(settings)
         _run_loop(agent.run())
     except StartupError as exc:
         return _fail(exc.message, EXIT_STARTUP)

@@ -50,6 +50,11 @@ class Settings:
     cloud_url: str = ""
     cloud_token: str = ""
     default_routing: str = "local"  # policy for functions not installed here
+    # Sync with the platform (cloud_sync.sync): the enrolment credentials file turns it on.
+    credentials_file: Path | None = None
+    fallback_after_s: float = 30.0  # broker unreachable this long -> HTTP fallback
+    metrics_interval_s: float = 10.0  # until the desired config sets metrics.interval_s
+    outbox_max_bytes: int = 16 * 1024 * 1024
 
     @property
     def functions_dir(self) -> Path:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from runtimes import protocol
 from runtimes.errors import (
     Overloaded,
     RuntimeErrorBase,
@@ -30,7 +31,7 @@ from runtimes.errors import (
     WorkerCrashed,
 )
 from runtimes.invocation import Invocation, Result
-from runtimes.manifest import Manifest
+from runtimes.manifest import Manifest, PoolSettings
 from runtimes.sandbox import Prepared, Sandbox
 from runtimes.worker import Worker, result_from_frame
 
@@ -50,6 +51,8 @@ BACKOFF_MAX_S = 10.0
 # Scale on CPU too: a worker busier than this (percent of one core, sampled by the sandbox) is
 # saturated even when it has free concurrency slots, e.g. a CPU-bound Node function.
 CPU_SCALE_PERCENT = 85.0
+# On close, how long to let workers that are still starting finish starting (then they stop).
+START_WAIT_ON_CLOSE_S = 10.0
 # How often idle workers are looked for; the idle timeout itself comes from the manifest.
 REAP_INTERVAL_S = 1.0
 
@@ -87,8 +90,12 @@ class Pool:
         self.last_error = ""
         self.restarts = 0
         self.timeouts = 0
+        self.peak_instances = 0
         self.cold_starts: deque[float] = deque(maxlen=16)
         self._label = f"{manifest.name}@{manifest.version}"
+        self._static = protocol.static_header(manifest.name, manifest.version)
+        self._cpu_checked_at = 0.0
+        self._cpu_hot = False
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -124,8 +131,27 @@ class Pool:
         while any(w.in_flight for w in self._workers) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         await asyncio.gather(*(w.shutdown() for w in list(self._workers)))
+        # Workers still starting check `_closing` once ready and shut themselves down; wait
+        # for that rather than cancel them half-spawned (which would orphan the process).
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=START_WAIT_ON_CLOSE_S)
         for task in list(self._tasks):
             task.cancel()
+
+    def update_settings(self, settings: PoolSettings) -> None:
+        """Resize a running pool (desired config from the platform).
+
+        The new bounds hold from the next scaling decision on: a higher `min_instances` starts
+        the missing workers now; workers above a lower `max_instances` or `min_instances` are
+        not killed mid-request but retire through the idle reaper.
+        """
+        self.settings = settings
+        missing = settings.min_instances - (self.instances + self._starting)
+        for _ in range(max(0, missing)):
+            if self._closing:
+                return
+            self._starting += 1
+            self._background(self._spawn_quietly())
 
     # ---- invocation -------------------------------------------------------------------
 
@@ -135,13 +161,12 @@ class Pool:
         if worker is None:
             worker = await self._wait_for_slot()
         queued = time.perf_counter() - started
-        fut = worker.invoke(
-            inv,
-            function=self.manifest.name,
-            version=self.manifest.version,
-            on_timeout=self._on_timeout,
-        )
-        if self._waiters or self._busy():
+        fut = worker.invoke(inv, static=self._static, on_timeout=self._on_timeout)
+        if (
+            not self._starting
+            and len(self._workers) < self.settings.max_instances
+            and (self._waiters or self._busy())
+        ):
             self._maybe_scale_up()
         try:
             frame = await fut
@@ -199,16 +224,24 @@ class Pool:
                 return
 
     def _busy(self) -> bool:
-        ready = [w for w in self._workers if w.ready]
+        ready = in_flight = 0
+        for w in self._workers:
+            if w.ready:
+                ready += 1
+                in_flight += w.in_flight
         if not ready:
             return True
-        in_flight = sum(w.in_flight for w in ready)
-        if in_flight > TARGET_UTILISATION * len(ready) * self.settings.concurrency:
+        if in_flight > TARGET_UTILISATION * ready * self.settings.concurrency:
             return True
         if self._sandbox is None or not in_flight:
             return False
-        cpu = sum(self._sandbox.cpu_percent(w.pid) for w in ready) / len(ready)
-        return cpu > CPU_SCALE_PERCENT
+        # CPU figures change once per watchdog sample (1 s): look at them at most that often.
+        now = time.monotonic()
+        if now - self._cpu_checked_at >= 0.5:
+            self._cpu_checked_at = now
+            cpu = sum(self._sandbox.cpu_percent(w.pid) for w in self._workers if w.ready)
+            self._cpu_hot = cpu / ready > CPU_SCALE_PERCENT
+        return self._cpu_hot
 
     # ---- scaling ----------------------------------------------------------------------
 
@@ -261,6 +294,7 @@ class Pool:
             await worker.shutdown()
             raise Unavailable("the function is shutting down")
         self._workers.append(worker)
+        self.peak_instances = max(self.peak_instances, len(self._workers))
         self.cold_starts.append(worker.cold_start_s)
         log.debug(
             "%s: worker %d ready in %.1f ms (%s)",
@@ -286,7 +320,7 @@ class Pool:
                 waiter.set_exception(err)
 
     async def _retire(self, worker: Worker) -> None:
-        worker.closing = True
+        worker.mark_closing()
         with contextlib.suppress(ValueError):
             self._workers.remove(worker)
         await worker.shutdown()
@@ -414,6 +448,7 @@ class Pool:
         return {
             "health": health,
             "instances": self.instances,
+            "peak_instances": self.peak_instances,
             "ready": ready,
             "starting": self._starting,
             "in_flight": self.in_flight,

@@ -37,6 +37,9 @@ STDERR_TAIL_LINES = 20
 START_TIMEOUT_S = 20.0
 # After the process exited, how long to wait for its pipes to drain before declaring it gone.
 EXIT_PIPE_WAIT_S = 0.2
+# A worker killed at start is reaped within this time (SIGKILL cannot be ignored; this only
+# bounds a stuck kernel or a grandchild holding the pipes).
+EXIT_REAP_S = 5.0
 # After SHUTDOWN, how long a worker may take to exit before it is killed.
 EXIT_GRACE_S = 2.0
 
@@ -49,6 +52,7 @@ _LEVELS = {
 }
 
 _worker_ids = itertools.count(1)
+_JSON_FLAG = int(protocol.Flag.JSON)
 
 
 @dataclass(slots=True)
@@ -104,6 +108,9 @@ class Worker:
         self.exit_reason = ""
         self.closing = False
         self.killed = False
+        # True from READY until the worker is closing, killed or gone. A plain attribute, not a
+        # property: the pool reads it several times per request.
+        self.ready = False
         self._finished = False
         self._env = dict(env)
         self._cwd = cwd
@@ -116,6 +123,8 @@ class Worker:
         self._ready: asyncio.Future[None] | None = None
         self._exited: asyncio.Future[None] | None = None
         self._stderr_buf = bytearray()
+        # Frames written in one loop iteration go out in one write (see `_write`).
+        self._wbuf: list[bytes] = []
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._log = logging.getLogger(f"edgefn.fn.{label}")
@@ -161,16 +170,24 @@ class Worker:
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
+        except asyncio.CancelledError:
+            self.kill("start was cancelled")  # never leave a half-started process behind
+            raise
         except TimeoutError:
             self.kill(f"no READY within {timeout_s:g} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._exited), EXIT_REAP_S)
             raise WorkerCrashed(f"worker did not become ready within {timeout_s:g} s") from None
         except WorkerCrashed as exc:
-            # Let the last stderr lines arrive: they say why the function failed to load.
+            # Wait for the exit to be reaped: the last stderr lines say why the function failed
+            # to load, and a transport left open would outlive its event loop.
+            self.kill("failed at start")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._exited), 0.5)
+                await asyncio.wait_for(asyncio.shield(self._exited), EXIT_REAP_S)
             raise WorkerCrashed(f"{exc.message}{self._tail_suffix()}") from None
         self.ready_at = time.monotonic()
         self.idle_since = self.ready_at
+        self.ready = self.alive and not (self.closing or self.killed)
 
     @property
     def cold_start_s(self) -> float:
@@ -180,15 +197,17 @@ class Worker:
     def alive(self) -> bool:
         return self._exited is not None and not self._exited.done()
 
-    @property
-    def ready(self) -> bool:
-        return self.alive and self.ready_at > 0 and not self.closing and not self.killed
+    def mark_closing(self) -> None:
+        """Take no new requests (the pool is retiring this worker)."""
+        self.closing = True
+        self.ready = False
 
     def kill(self, reason: str) -> None:
         """SIGKILL now; every in-flight request fails with WorkerCrashed(reason)."""
         if not self.exit_reason:
             self.exit_reason = reason
         self.killed = True
+        self.ready = False
         self._fail_all(WorkerCrashed(f"worker {self.pid} killed: {reason}"))
         if self._transport is not None and self.alive:
             with contextlib.suppress(ProcessLookupError):
@@ -196,7 +215,7 @@ class Worker:
 
     async def shutdown(self, grace_s: float = EXIT_GRACE_S) -> None:
         """Ask the worker to finish in-flight work and exit; kill it after `grace_s`."""
-        self.closing = True
+        self.mark_closing()
         if not self.alive:
             return
         self._write(protocol.encode(Frame(Kind.SHUTDOWN)))
@@ -218,8 +237,7 @@ class Worker:
         self,
         inv: Invocation,
         *,
-        function: str,
-        version: str,
+        static: bytes,
         on_timeout: Callable[[Worker, Invocation], None] | None = None,
     ) -> asyncio.Future[Frame]:
         """Send INVOKE; the future resolves with the RESULT/ERROR frame, or raises."""
@@ -236,10 +254,9 @@ class Worker:
             inv.payload,
             deadline_ms=deadline_ms,
             trace_id=inv.trace_id,
-            function=function,
-            version=version,
             content_type=inv.content_type,
             json=inv.is_json,
+            static=static,
         )
         timer = loop.call_later(inv.timeout_s, self._on_deadline, rid, inv, on_timeout)
         self._pending[rid] = _Pending(fut, timer, loop.time())
@@ -282,9 +299,18 @@ class Worker:
         return loop.time() - started
 
     def _write(self, data: bytes) -> None:
+        # Coalesce: under load many requests are sent in the same loop iteration; one pipe
+        # write for all of them saves a syscall per request (measured ~30 us each here).
+        if not self._wbuf:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        self._wbuf.append(data)
+
+    def _flush(self) -> None:
+        data, self._wbuf = self._wbuf, []
         if self._stdin is None or self._stdin.is_closing():
             return
-        self._stdin.write(data)
+        self._stdin.write(data[0] if len(data) == 1 else b"".join(data))
 
     # ---- pipe events ------------------------------------------------------------------
 
@@ -352,6 +378,7 @@ class Worker:
         if self._finished:
             return
         self._finished = True
+        self.ready = False
         if self._stderr_buf:
             self._on_stderr(b"\n")
         code = self._transport.get_returncode() if self._transport else None
@@ -408,9 +435,7 @@ def result_from_frame(frame: Frame, queued_s: float, run_s: float) -> Result:
         raise FunctionError(message, code=code)
     ctype = frame.text(Key.CONTENT_TYPE)
     if not ctype:
-        ctype = (
-            "application/json" if frame.flags & protocol.Flag.JSON else "application/octet-stream"
-        )
+        ctype = "application/json" if frame.flags & _JSON_FLAG else "application/octet-stream"
     return Result(frame.payload, ctype, queued_s, run_s)
 
 

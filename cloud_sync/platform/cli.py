@@ -1,6 +1,14 @@
 """`edge-cloud` command line: the platform server and the function author's tools.
 
-    edge-cloud serve [--data-dir D] [--host H] [--port N]      run the platform (registry)
+    edge-cloud serve [--data-dir D] [--host H] [--port N] [--mqtt-port M | --broker URL] [--tls]
+                                                                run the platform
+    edge-cloud broker config --data-dir D --out DIR [--port N]  Mosquitto config, ACL, certs
+    edge-cloud device enroll ID --out FILE [--labels k=v,...]   device credentials file
+    edge-cloud device config ID --set KEY=VALUE ...             change desired config (live)
+    edge-cloud device revoke ID                                 revoke certificate and token
+    edge-cloud group config NAME --set KEY=VALUE ...            a group's desired config
+    edge-cloud devices [--json]                                 the fleet: online, versions
+    edge-cloud metrics ID [--function F] [--json]               stored metrics of a device
     edge-cloud keys create --out FILE                           Ed25519 signing key + FILE.pub
     edge-cloud fn new NAME --runtime cpp|go|node [--dir PATH]   scaffold a function
     edge-cloud fn test DIR                                      run its tests (real toolchain)
@@ -90,6 +98,64 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0 picks a free one)")
     serve.add_argument("--max-bundle-bytes", type=int, default=None)
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    mq = serve.add_mutually_exclusive_group()
+    mq.add_argument(
+        "--mqtt-port",
+        type=int,
+        default=int(os.environ.get("EDGEFN_MQTT_PORT", "0")),
+        help="port of the embedded MQTT broker on 127.0.0.1 (default: a free one)",
+    )
+    mq.add_argument("--broker", help="external broker, mqtts://host:port (Mosquitto, EMQX, ...)")
+    serve.add_argument("--no-mqtt", action="store_true", help="no broker at all (HTTP only)")
+    serve.add_argument("--tls", action="store_true", help="serve HTTPS (certificate from the CA)")
+    serve.add_argument("--public-url", default="", help="platform URL written into credentials")
+    serve.add_argument(
+        "--device-broker-url", default="", help="broker URL written into credentials"
+    )
+
+    broker = sub.add_parser("broker", help="external broker setup")
+    broker_sub = broker.add_subparsers(dest="broker_command", required=True)
+    bc = broker_sub.add_parser("config", help="write mosquitto.conf, ACL, CA, server cert, CRL")
+    bc.add_argument("--data-dir", type=Path, required=True, help="platform data dir (its CA)")
+    bc.add_argument("--out", type=Path, required=True)
+    bc.add_argument("--port", type=int, default=8883)
+    bc.add_argument("--listen", default="127.0.0.1", help="address to listen on ('' = all)")
+    bc.add_argument("--hostname", action="append", default=[], help="name in the server cert")
+    bc.add_argument("--no-persistence", action="store_true")
+
+    def operator_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--platform", help="platform URL (default: from --data-dir)")
+        p.add_argument("--token", help="operator token (default: $EDGEFN_TOKEN)")
+        p.add_argument("--data-dir", type=Path, help="platform data dir on this host")
+
+    device = sub.add_parser("device", help="one device: enroll, config, revoke")
+    device_sub = device.add_subparsers(dest="device_command", required=True)
+    de = device_sub.add_parser("enroll", help="issue a device's credentials file")
+    de.add_argument("id")
+    de.add_argument("--out", type=Path, required=True, help="credentials file to write (0600)")
+    de.add_argument("--labels", default="", help="k=v,k=v (group=NAME joins a group)")
+    operator_args(de)
+    dc = device_sub.add_parser("config", help="set desired config keys (dotted paths)")
+    dc.add_argument("id")
+    dc.add_argument("--set", action="append", required=True, metavar="KEY=VALUE")
+    operator_args(dc)
+    dr = device_sub.add_parser("revoke", help="revoke the device's certificate and token")
+    dr.add_argument("id")
+    operator_args(dr)
+    group = sub.add_parser("group", help="group desired config")
+    group_sub = group.add_subparsers(dest="group_command", required=True)
+    gc = group_sub.add_parser("config", help="set desired config keys of a group")
+    gc.add_argument("name")
+    gc.add_argument("--set", action="append", required=True, metavar="KEY=VALUE")
+    operator_args(gc)
+    devs = sub.add_parser("devices", help="list devices")
+    devs.add_argument("--json", action="store_true")
+    operator_args(devs)
+    met = sub.add_parser("metrics", help="a device's stored metrics")
+    met.add_argument("id")
+    met.add_argument("--function")
+    met.add_argument("--json", action="store_true")
+    operator_args(met)
 
     keys = sub.add_parser("keys", help="signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -149,6 +215,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_bundle_bytes=args.max_bundle_bytes or DEFAULT_MAX_BUNDLE_BYTES,
+        broker="" if args.no_mqtt else (args.broker or "embedded"),
+        mqtt_port=args.mqtt_port,
+        tls=args.tls,
+        public_url=args.public_url,
+        device_broker_url=args.device_broker_url,
     )
     try:
         asyncio.run(serve(settings))
@@ -631,7 +702,211 @@ def cmd_fn(args: argparse.Namespace) -> int:
     return handlers[args.fn_command](args)
 
 
-COMMANDS = {"serve": cmd_serve, "keys": cmd_keys, "fn": cmd_fn}
+# ---- fleet: broker config, device, group, devices, metrics -------------------------------------
+
+FLEET_TIMEOUT_S = 30.0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from cloud_sync.errors import CloudSyncError
+    from cloud_sync.platform.broker_config import write_broker_files
+    from cloud_sync.platform.pki import PlatformCA
+
+    try:
+        ca = PlatformCA.load_or_create(args.data_dir)
+        files = write_broker_files(
+            ca,
+            args.out,
+            port=args.port,
+            host=args.listen or None,
+            hostnames=args.hostname or ["localhost"],
+            persistence=not args.no_persistence,
+        )
+    except (CloudSyncError, OSError, ValueError) as exc:
+        return _fail(getattr(exc, "message", str(exc)), EXIT_USAGE)
+    _say(f"wrote {files.config}, {files.acl}, {files.cafile}, {files.certfile}, {files.crlfile}")
+    _say(f"run: mosquitto -c {files.config}")
+    _say(
+        f"then: edge-cloud serve --data-dir {args.data_dir} --broker mqtts://localhost:{args.port}"
+    )
+    return 0
+
+
+def _platform_url(args: argparse.Namespace) -> str | None:
+    if args.platform:
+        return str(args.platform).rstrip("/")
+    if args.data_dir is not None:
+        from cloud_sync.platform.settings import PlatformSettings
+
+        try:
+            state = json.loads(PlatformSettings(data_dir=args.data_dir).state_file.read_text())
+            return str(state["url"]).rstrip("/")
+        except (OSError, ValueError, KeyError):
+            return None
+    return None
+
+
+def _api(
+    args: argparse.Namespace, method: str, path: str, body: Any = None
+) -> tuple[int, Any] | int:
+    """Call the platform as the operator: (status, JSON) or an exit code after printing why."""
+    from cloud_sync.errors import CloudSyncError
+
+    try:
+        token = _operator_token(args)
+    except CloudSyncError as exc:
+        return _fail(exc.message, EXIT_USAGE)
+    if token is None:
+        return _fail(
+            "no operator token: pass --token, set EDGEFN_TOKEN, or --data-dir of the platform",
+            EXIT_USAGE,
+        )
+    base = _platform_url(args)
+    if base is None:
+        return _fail(
+            "no platform: pass --platform URL (or --data-dir of a running one)", EXIT_USAGE
+        )
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Authorization": f"Bearer {token}"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(base + path, data=data, headers=headers, method=method)
+    ctx = None
+    if base.startswith("https:") and args.data_dir is not None:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(args.data_dir / "pki" / "ca.crt"))
+    try:
+        with urllib.request.urlopen(req, timeout=FLEET_TIMEOUT_S, context=ctx) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return _fail(f"refused: {_http_error(exc)}", EXIT_ERROR)
+    except (urllib.error.URLError, OSError) as exc:
+        return _fail(
+            f"cannot reach the platform at {base}: {getattr(exc, 'reason', exc)}",
+            EXIT_UNREACHABLE,
+        )
+    except ValueError:
+        return _fail(f"the platform at {base} answered garbage", EXIT_ERROR)
+
+
+def _parse_labels(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--labels: {item!r} is not k=v")
+        out[key] = value
+    return out
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from cloud_sync.credentials import atomic_write, from_dict
+    from cloud_sync.errors import CloudSyncError
+
+    if args.device_command == "enroll":
+        try:
+            labels = _parse_labels(args.labels)
+        except ValueError as exc:
+            return _fail(str(exc), EXIT_USAGE)
+        got = _api(args, "POST", "/v1/devices", {"id": args.id, "labels": labels})
+        if isinstance(got, int):
+            return got
+        doc = got[1]
+        try:
+            from_dict(doc, "credentials from the platform")
+            atomic_write(args.out, json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
+        except (CloudSyncError, OSError) as exc:
+            return _fail(getattr(exc, "message", str(exc)), EXIT_ERROR)
+        _say(f"enrolled {args.id}: credentials in {args.out} (mode 0600; it holds the key)")
+        _say(f"run: edge-agent run --cloud {doc['platform_url']} --credentials {args.out}")
+        return 0
+    path = f"/v1/devices/{quote(args.id, safe='')}"
+    if args.device_command == "revoke":
+        got = _api(args, "POST", path + "/revoke", {})
+        if isinstance(got, int):
+            return got
+        _say(f"revoked {args.id} (serial {got[1]['revoked_serial']}); CRL: {got[1]['crl']}")
+        _say("an external broker needs the new CRL: copy it and reload (SIGHUP) the broker")
+        return 0
+    return _set_config(args, path + "/config")
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    return _set_config(args, f"/v1/groups/{quote(args.name, safe='')}/config")
+
+
+def _set_config(args: argparse.Namespace, path: str) -> int:
+    from cloud_sync.platform.fleet_store import parse_assignments
+
+    try:
+        sets = parse_assignments(args.set)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    got = _api(args, "POST", path, {"set": sets})
+    if isinstance(got, int):
+        return got
+    doc = got[1]
+    how = "published" if doc.get("published") else "stored (published when the broker is back)"
+    _say(f"desired version {doc['version']} {how}: {json.dumps(doc['config'], sort_keys=True)}")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    got = _api(args, "GET", "/v1/devices")
+    if isinstance(got, int):
+        return got
+    items = got[1]["devices"]
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    for d in items:
+        cv = d["config_version"]
+        fns = ",".join(f"{k}@{v}" for k, v in sorted(d["functions"].items())) or "-"
+        seen = time.strftime("%H:%M:%S", time.localtime(d["last_seen"])) if d["last_seen"] else "-"
+        state = "revoked" if d.get("revoked") else ("online" if d["online"] else "offline")
+        print(
+            f"{d['id']:<20} {state:<8} seen {seen:<9}"
+            f" config {cv['reported']}/{cv['desired']}  {fns}"
+        )
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from urllib.parse import quote, urlencode
+
+    query = f"?{urlencode({'function': args.function})}" if args.function else ""
+    got = _api(args, "GET", f"/v1/devices/{quote(args.id, safe='')}/metrics{query}")
+    if isinstance(got, int):
+        return got
+    doc = got[1]
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"{doc['device']}: {doc['records']} metrics records")
+    for name, f in sorted(doc["functions"].items()):
+        ratio = f["cache_hit_ratio"]
+        print(
+            f"  {name:<24} invocations={f['invocations']} errors={f['errors']}"
+            f" avg={f['latency_ms_avg']} ms cache_hit_ratio={ratio}"
+        )
+    return 0
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "keys": cmd_keys,
+    "fn": cmd_fn,
+    "broker": cmd_broker,
+    "device": cmd_device,
+    "group": cmd_group,
+    "devices": cmd_devices,
+    "metrics": cmd_metrics,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

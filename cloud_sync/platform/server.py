@@ -2,8 +2,12 @@
 
 `create_app(settings)` is the one place the platform is assembled: it opens the store, loads (or
 creates) the operator token, picks a verifier when publisher keys are configured, and mounts the
-registry routes plus `/v1/health`. `serve(settings)` runs it: listen (port 0 picks a free port),
-write `<data_dir>/platform.json` ({"url", "pid"}) atomically once listening so scripts and tests
+registry routes, cloud execution, the device routes (`devices.py`: enrolment, config, metrics,
+the agents' HTTP fallback) plus `/v1/health`. With `settings.broker` set it also starts, on app
+startup, the embedded amqtt broker (`embedded_broker.py`) when asked for and the MQTT intake
+(`intake.py`), and stops them on cleanup. `serve(settings)` runs it: listen (port 0 picks a
+free port; HTTPS with `settings.tls`), write `<data_dir>/platform.json` ({"url", "pid"})
+atomically once listening so scripts and tests
 find the URL, wait for SIGTERM/SIGINT, stop accepting, let in-flight requests finish for up to
 `drain_s`, close the store, remove the state file.
 """
@@ -17,14 +21,20 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from cloud_sync.platform.auth import load_or_create_token, operator_only
+from cloud_sync.platform.auth import load_or_create_token
 from cloud_sync.platform.cloud_exec import CloudExec
+from cloud_sync.platform.devices import DeviceAuth, DevicesApi
+from cloud_sync.platform.embedded_broker import EmbeddedBroker, free_port, start_embedded_broker
+from cloud_sync.platform.fleet_store import FleetStore
+from cloud_sync.platform.intake import MqttIntake
+from cloud_sync.platform.pki import PlatformCA
 from cloud_sync.platform.registry import Registry, publishers_verifier
 from cloud_sync.platform.settings import PlatformSettings
 from cloud_sync.platform.store import LocalStore, RegistryStore
@@ -32,6 +42,7 @@ from cloud_sync.platform.store import LocalStore, RegistryStore
 log = logging.getLogger("edgefn.platform")
 
 STORE_KEY = web.AppKey("store", LocalStore)
+DEVICES_KEY = web.AppKey("devices", DevicesApi)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -67,8 +78,12 @@ def create_app(
     # aiohttp refuses bodies over client_max_size; the registry enforces its own cap (413).
     app = web.Application(client_max_size=settings.max_bundle_bytes + 1)
     app.add_routes(registry.routes())
+    devices = _build_devices(settings, token, app)
+    app[DEVICES_KEY] = devices
+    app.add_routes(devices.routes())
+    # Cloud execution: the operator or any enrolled device (token or client certificate).
     cloud_exec = CloudExec(
-        store, settings.data_dir / "exec", authorize=operator_only(token), verifier=verifier
+        store, settings.data_dir / "exec", authorize=devices.auth.result, verifier=verifier
     )
     app.add_routes(cloud_exec.routes())
     started = time.time()
@@ -91,6 +106,67 @@ def create_app(
             settings.publishers_dir,
         )
     return app
+
+
+def _build_devices(settings: PlatformSettings, token: str, app: web.Application) -> DevicesApi:
+    """Fleet store, CA, device auth and (with a broker) the MQTT intake. Blocking (CA, SQLite)."""
+    ca = PlatformCA.load_or_create(settings.data_dir)
+    fleet = FleetStore(settings.fleet_db)
+    auth = DeviceAuth(token, fleet)
+    auth.refresh()
+    intake: MqttIntake | None = None
+    embedded_port: int | None = None
+    broker_url = settings.broker
+    if broker_url == "embedded":
+        embedded_port = settings.mqtt_port or free_port()
+        broker_url = f"mqtts://127.0.0.1:{embedded_port}"
+    if broker_url:
+        intake = MqttIntake(fleet, ca, broker_url, mqtt311=embedded_port is not None)
+    devices = DevicesApi(
+        fleet,
+        ca,
+        auth,
+        intake,
+        device_broker_url=settings.device_broker_url or broker_url or "mqtts://127.0.0.1:8883",
+        public_url=settings.public_url,
+    )
+    holder: list[EmbeddedBroker] = []
+
+    async def start_mqtt(app: web.Application) -> None:
+        if embedded_port is not None:
+            holder.append(
+                await start_embedded_broker(ca, settings.data_dir / "broker", embedded_port)
+            )
+        if intake is not None:
+            await intake.start()
+
+    async def stop_mqtt(app: web.Application) -> None:
+        if intake is not None:
+            await intake.close()
+        for broker in holder:
+            await broker.close()
+        await asyncio.to_thread(fleet.close)
+
+    app.on_startup.append(start_mqtt)
+    app.on_cleanup.append(stop_mqtt)
+    return devices
+
+
+def _server_ssl(settings: PlatformSettings) -> ssl.SSLContext:
+    """HTTPS with a server certificate from the platform CA. Device client certificates are
+    optional and verified when presented: `DeviceAuth` takes a verified CN as the identity."""
+    ca = PlatformCA.load_or_create(settings.data_dir)
+    issued = ca.issue_server_cert()
+    directory = settings.data_dir / "https"
+    directory.mkdir(exist_ok=True, mode=0o700)
+    atomic_write(directory / "server.crt", issued.cert_pem.encode(), 0o644)
+    atomic_write(directory / "server.key", issued.key_pem.encode(), 0o600)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(directory / "server.crt", directory / "server.key")
+    ctx.load_verify_locations(cafile=str(ca.cert_path))
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
 
 
 def _bound_port(runner: web.AppRunner) -> int:
@@ -116,7 +192,10 @@ async def serve(settings: PlatformSettings) -> None:
         access_log=logging.getLogger("edgefn.access") if settings.access_log else None,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    ssl_context = await asyncio.to_thread(_server_ssl, settings) if settings.tls else None
+    site = web.TCPSite(
+        runner, settings.host, settings.port, reuse_address=True, ssl_context=ssl_context
+    )
     try:
         await site.start()
     except OSError as exc:
@@ -124,12 +203,10 @@ async def serve(settings: PlatformSettings) -> None:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from exc
     port = _bound_port(runner) or settings.port
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{host}:{port}"
-    await asyncio.to_thread(
-        atomic_write,
-        settings.state_file,
-        json.dumps({"url": url, "pid": os.getpid()}).encode(),
-    )
+    url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
+    state = {"url": url, "pid": os.getpid()}
+    await asyncio.to_thread(atomic_write, settings.state_file, json.dumps(state).encode())
+    log.info("devices get broker %s", app[DEVICES_KEY].device_broker_url)
     print(f"edge-cloud listening on {url} (data dir {settings.data_dir})", flush=True)
     try:
         await stop.wait()

@@ -9,6 +9,9 @@ on one layout:
     <data_dir>/blobs/           content-addressed bundles: blobs/sha256/<ab>/<digest>
     <data_dir>/publishers/      optional: trusted publisher keys (*.pub); when present, publish
                                 refuses bundles not signed by one of them
+    <data_dir>/fleet.db         devices, desired/reported state, metrics (fleet_store.py)
+    <data_dir>/pki/             the platform CA (device certificates, CRL)
+    <data_dir>/broker/          the embedded broker's server certificate
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ class PlatformSettings:
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
     drain_s: float = DEFAULT_DRAIN_S
     access_log: bool = True
+    # MQTT: "" = none (registry only), "embedded" = amqtt on 127.0.0.1:`mqtt_port` (0 picks a
+    # free port), or an external broker URL (mqtts://host:port) the platform and devices use.
+    broker: str = ""
+    mqtt_port: int = 0
+    # What devices are told in their credentials; default: the broker URL / the URL they enrolled
+    # through. Set when devices reach the platform under another name than the operator.
+    device_broker_url: str = ""
+    public_url: str = ""
+    # Serve HTTPS (server certificate from the platform CA) and accept device client certificates.
+    tls: bool = False
 
     @property
     def token_file(self) -> Path:
@@ -52,6 +65,10 @@ class PlatformSettings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "registry.db"
+
+    @property
+    def fleet_db(self) -> Path:
+        return self.data_dir / "fleet.db"
 
     @property
     def blobs_dir(self) -> Path:

@@ -1,0 +1,171 @@
+"""Platform side of MQTT: take device traffic in, put desired documents out.
+
+`MqttIntake` holds one `MqttSession` with the platform identity (`edgefn-platform`, a client
+certificate the platform issues itself from its CA at start), subscribed to
+`edgefn/v1/devices/+/{reported,metrics,events,presence,rollout}`.
+
+Inbound, per message: topic -> (device, kind) -> `FleetStore.ingest` in a thread (deduped by
+the `edgefn-key` user property and by payload digest) -> only then `ack()` (PUBACK), so a crash
+before the commit makes the broker redeliver. Presence (`online`/`offline`, retained, the will)
+updates the registry. Messages for devices that were never enrolled, or whose certificate was
+revoked, are acknowledged and dropped (the broker's ACL already stops a device writing into
+another's subtree; this catches leftovers of removed devices).
+
+Outbound: `publish_desired(device)` / `publish_group(name)` publish the stored document retained
+(QoS 1). When the broker is down the document stays in the store; after every (re)connect
+`_republish` sends all of them again (a broker without persistence forgot its retained
+messages), which devices ignore when the version is one they have seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+from cloud_sync import topics
+from cloud_sync.credentials import DeviceCredentials, parse_broker_url
+from cloud_sync.errors import MqttError
+from cloud_sync.mqtt import InboundMessage, MqttSession
+from cloud_sync.platform.fleet_store import FleetStore
+from cloud_sync.platform.pki import PLATFORM_IDENTITY, PlatformCA
+
+log = logging.getLogger("edgefn.intake")
+
+_KINDS: tuple[topics.DeviceKind, ...] = ("reported", "metrics", "events", "presence", "rollout")
+# How often the intake checks whether the session reconnected (to republish desired state).
+WATCH_INTERVAL_S = 0.5
+
+
+class MqttIntake:
+    def __init__(
+        self, store: FleetStore, ca: PlatformCA, broker_url: str, *, mqtt311: bool
+    ) -> None:
+        self.store = store
+        self.broker_url = broker_url
+        self.mqtt311 = mqtt311
+        broker = parse_broker_url(broker_url)
+        issued = ca.issue_client_cert(PLATFORM_IDENTITY)
+        creds = DeviceCredentials(
+            device_id=PLATFORM_IDENTITY,
+            platform_url="http://127.0.0.1",
+            broker_url=broker_url,
+            ca_pem=ca.cert_pem,
+            cert_pem=issued.cert_pem,
+            key_pem=issued.key_pem,
+        )
+        self.session = MqttSession(
+            PLATFORM_IDENTITY,
+            broker.host,
+            broker.port,
+            ssl_context=creds.ssl_context() if broker.tls else None,
+            subscriptions=[topics.platform_filter(k) for k in _KINDS],
+            mqtt311=mqtt311,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stored = 0
+        self.duplicates = 0
+
+    async def start(self) -> None:
+        await self.session.start()
+        self._tasks = [
+            asyncio.create_task(self._consume(), name="mqtt intake"),
+            asyncio.create_task(self._watch(), name="desired republisher"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.session.close()
+
+    def status(self) -> dict[str, object]:
+        s = self.session.state
+        return {
+            "broker": self.broker_url,
+            "connected": s.connected,
+            "last_error": s.last_error,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+        }
+
+    # ---- inbound -----------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        while True:
+            msg = await self.session.messages.get()
+            try:
+                await self._handle(msg)
+            except Exception:
+                # Not acknowledged: the broker redelivers after the next reconnect.
+                log.exception("intake of %s failed", msg.topic)
+                continue
+            await msg.ack()
+
+    async def _handle(self, msg: InboundMessage) -> None:
+        if msg.scope != "device" or msg.target is None or msg.kind is None:
+            return
+        device = msg.target
+        exists = await asyncio.to_thread(self.store.exists, device)
+        if not exists:
+            log.warning("message on %s from a device that is not enrolled: dropped", msg.topic)
+            return
+        if msg.kind == "presence":
+            if msg.payload:
+                text = msg.payload.decode("utf-8", "replace")
+                await asyncio.to_thread(self.store.seen, device, via="mqtt", presence=text)
+            return
+        new = await asyncio.to_thread(
+            self.store.ingest, device, msg.kind, msg.topic, msg.payload, key=msg.key, via="mqtt"
+        )
+        if new:
+            self.stored += 1
+        else:
+            self.duplicates += 1
+
+    # ---- outbound ----------------------------------------------------------------------
+
+    async def publish_desired(self, device_id: str) -> bool:
+        """Publish the device's stored desired document (retained); False if not sent now."""
+        desired = await asyncio.to_thread(self.store.desired, device_id)
+        return await self._publish(
+            topics.device_topic(device_id, "desired"), json.dumps(desired.document()).encode()
+        )
+
+    async def publish_group(self, name: str) -> bool:
+        desired = await asyncio.to_thread(self.store.group_desired, name)
+        if desired is None:
+            return False
+        return await self._publish(
+            topics.group_topic(name), json.dumps(desired.document()).encode()
+        )
+
+    async def _publish(self, topic: str, payload: bytes) -> bool:
+        try:
+            await self.session.publish(topic, payload, retain=True)
+        except MqttError as exc:
+            log.info(
+                "desired document for %s not published now (%s): sent on reconnect", topic, exc
+            )
+            return False
+        return True
+
+    async def _watch(self) -> None:
+        connects = 0
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            state = self.session.state
+            if state.connected and state.connects != connects:
+                connects = state.connects
+                await self._republish()
+
+    async def _republish(self) -> None:
+        for device in await asyncio.to_thread(self.store.device_ids):
+            desired = await asyncio.to_thread(self.store.desired, device)
+            if desired.version > 0:
+                await self.publish_desired(device)
+        for name in await asyncio.to_thread(self.store.group_names):
+            await self.publish_group(name)

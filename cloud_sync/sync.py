@@ -1,0 +1,647 @@
+"""The agent's link to the platform: desired config in, reported state and metrics out.
+
+Flow (one `SyncClient`, built and started by the agent, which passes in callbacks so this
+package never imports the agent):
+
+    desired (MQTT retained, or HTTP poll in fallback) -> ConfigTracker.offer -> apply_config()
+        -> state file saved -> PUBACK (MQTT) -> reported document into the outbox
+    every metrics interval: metrics_snapshot() deltas + pool sizes + psutil -> outbox (durable)
+    sender: outbox.lease -> current transport (MQTT QoS 1 | HTTP POST) -> ack / release
+
+Transports (`MqttTransport`, `HttpTransport`) share one small interface (`send(records)`), and
+the sender picks one per round (`mode`):
+
+* `mqtt` while the MQTT session is connected;
+* `http` once the broker has been unreachable for `fallback_after_s` (default 30 s): records
+  go to `POST /v1/devices/{id}/records` (deleted after 2xx) and desired state is polled from
+  `GET /v1/devices/{id}/desired` every `http_poll_s`;
+* `waiting` in between (records stay in the outbox).
+
+The session keeps reconnecting in the background all along, so the first successful CONNACK
+switches back to `mqtt`. Records carry their outbox idempotency key on both paths (MQTT 5 user
+property, HTTP body); the platform also dedupes on the payload digest, so a record whose
+acknowledgement was lost on one path and resent on the other is stored once.
+
+State that must survive a restart (`<data_dir>/sync-state.json`, written atomically before a
+desired message is acknowledged): the tracker snapshot (versions seen/applied, effective
+config), the latest desired documents, the report counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import aiohttp
+
+from cloud_sync import topics
+from cloud_sync.credentials import DeviceCredentials, atomic_write
+from cloud_sync.errors import CloudSyncError, ConfigError, PublishRefused
+from cloud_sync.mqtt import USER_PROPERTY_KEY, USER_PROPERTY_KIND, MqttSession
+from cloud_sync.outbox import METRICS_SCHEMA, Outbox, OutboxRecord, OutboxStats, gauge
+from cloud_sync.state import (
+    AgentConfig,
+    ConfigTracker,
+    DesiredDoc,
+    parse_desired,
+    reported_document,
+)
+
+log = logging.getLogger("edgefn.sync")
+
+# ---- timers (module level so tests and settings can shrink them) --------------------------------
+
+# Broker unreachable this long -> HTTP fallback. Long enough to ride out a broker restart or a
+# short cellular gap without doubling traffic, short enough that config still arrives.
+FALLBACK_AFTER_S = 30.0
+# In fallback: how often desired state is polled over HTTP.
+HTTP_POLL_S = 10.0
+# Metrics interval (the desired config's metrics.interval_s overrides it).
+METRICS_INTERVAL_S = 10.0
+# The sender's cadence when there is nothing to do or no transport; an append wakes it earlier.
+TICK_S = 0.5
+# Records per send round (MQTT publishes them concurrently; HTTP sends one POST).
+SEND_BATCH = 64
+# HTTP requests to the platform: connect quickly, answer within this.
+HTTP_TIMEOUT_S = 15.0
+# Retry pause after a failed round, so a refusing platform is not hammered.
+RETRY_S = 1.0
+
+Mode = Literal["mqtt", "http", "waiting"]
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCounters:
+    """Cumulative counters of one function since the agent started (what the agent keeps)."""
+
+    invocations: int
+    errors: int
+    cache_hits: int
+    cache_misses: int
+    latency_bounds_ms: tuple[float, ...]
+    latency_counts: tuple[int, ...]  # per bucket, len(bounds) + 1
+    latency_sum_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class AgentHooks:
+    """What the agent lends the sync client; all run on the loop and must be quick."""
+
+    metrics_snapshot: Callable[[], Mapping[str, FunctionCounters]]
+    pool_sizes: Callable[[], Mapping[str, int]]
+    apply_config: Callable[[AgentConfig], Awaitable[None]]
+    describe: Callable[[], Mapping[str, Any]]  # extra reported keys: functions, profile, ...
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    data_dir: Path
+    fallback_after_s: float = FALLBACK_AFTER_S
+    http_poll_s: float = HTTP_POLL_S
+    metrics_interval_s: float = METRICS_INTERVAL_S
+    outbox_max_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    acked: list[int]
+    refused: list[int]
+    failed: list[int]
+
+
+class Transport(Protocol):
+    name: str
+
+    async def send(self, records: list[OutboxRecord]) -> SendResult: ...
+
+
+class MqttTransport:
+    name = "mqtt"
+
+    def __init__(self, session: MqttSession) -> None:
+        self.session = session
+
+    async def send(self, records: list[OutboxRecord]) -> SendResult:
+        results = await asyncio.gather(
+            *(
+                self.session.publish(
+                    r.topic,
+                    r.payload,
+                    user_properties=[(USER_PROPERTY_KEY, r.key), (USER_PROPERTY_KIND, r.kind)],
+                )
+                for r in records
+            ),
+            return_exceptions=True,
+        )
+        out = SendResult([], [], [])
+        for rec, res in zip(records, results, strict=True):
+            if res is None:
+                out.acked.append(rec.id)
+            elif isinstance(res, PublishRefused) and res.permanent:
+                out.refused.append(rec.id)
+            else:
+                out.failed.append(rec.id)
+        return out
+
+
+class HttpError(CloudSyncError):
+    code = "http_fallback_failed"
+    category = "transport"
+
+
+class HttpTransport:
+    """The platform's HTTP API as a transport: records out, desired documents in."""
+
+    name = "http"
+
+    def __init__(self, base_url: str, device_id: str, token: str, ssl_ctx: ssl.SSLContext | None):
+        self.base = base_url.rstrip("/") + f"/v1/devices/{device_id}"
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._ssl: ssl.SSLContext | bool = ssl_ctx if ssl_ctx is not None else True
+        self._client: aiohttp.ClientSession | None = None
+        self.last_error: str | None = None
+        self.last_ok: float | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._client is None or self._client.closed:
+            self._client = aiohttp.ClientSession(
+                headers=self._headers, timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+            )
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            async with self._session().request(
+                method, self.base + path, json=body, ssl=self._ssl
+            ) as resp:
+                data = await resp.read()
+                if resp.status >= 300:
+                    raise HttpError(
+                        f"{method} {path}: HTTP {resp.status} "
+                        + data[:200].decode("utf-8", "replace"),
+                        code="http_refused" if resp.status in (401, 403) else None,
+                    )
+                self.last_ok = time.time()
+                self.last_error = None
+                return json.loads(data)
+        except HttpError as exc:
+            self.last_error = exc.message
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            raise HttpError(f"{method} {path}: {self.last_error}") from exc
+
+    async def send(self, records: list[OutboxRecord]) -> SendResult:
+        body = {
+            "records": [
+                {"key": r.key, "kind": r.kind, "topic": r.topic, "payload": r.payload.decode()}
+                for r in records
+            ]
+        }
+        try:
+            await self._call("POST", "/records", body)
+        except HttpError:
+            return SendResult([], [], [r.id for r in records])
+        return SendResult([r.id for r in records], [], [])
+
+    async def fetch_desired(self) -> Any:
+        return await self._call("GET", "/desired")
+
+
+def _delta(now: FunctionCounters, before: FunctionCounters | None) -> FunctionCounters:
+    if (
+        before is None
+        or now.invocations < before.invocations
+        or (now.latency_bounds_ms != before.latency_bounds_ms)
+    ):
+        return now  # first interval, or the counters were reset (agent restart)
+    return FunctionCounters(
+        invocations=now.invocations - before.invocations,
+        errors=now.errors - before.errors,
+        cache_hits=now.cache_hits - before.cache_hits,
+        cache_misses=now.cache_misses - before.cache_misses,
+        latency_bounds_ms=now.latency_bounds_ms,
+        latency_counts=tuple(
+            a - b for a, b in zip(now.latency_counts, before.latency_counts, strict=True)
+        ),
+        latency_sum_ms=now.latency_sum_ms - before.latency_sum_ms,
+    )
+
+
+def system_figures(data_dir: Path) -> dict[str, float]:
+    """psutil figures present on this machine (blocking: call in a thread)."""
+    import psutil
+
+    out: dict[str, float] = {
+        "cpu_percent": float(psutil.cpu_percent(interval=None)),
+        "memory_used_bytes": float(psutil.virtual_memory().used),
+        "memory_percent": float(psutil.virtual_memory().percent),
+    }
+    with contextlib.suppress(OSError):
+        disk = psutil.disk_usage(str(data_dir))
+        out["disk_used_bytes"] = float(disk.used)
+        out["disk_percent"] = float(disk.percent)
+    sensors = getattr(psutil, "sensors_temperatures", None)
+    if sensors is not None:
+        with contextlib.suppress(OSError, RuntimeError):
+            temps = [t.current for entries in sensors().values() for t in entries if t.current]
+            if temps:
+                out["temperature_c"] = float(max(temps))
+    return out
+
+
+class SyncClient:
+    """Create with the device credentials; `await start()`, `await close()`."""
+
+    def __init__(
+        self,
+        creds: DeviceCredentials,
+        settings: SyncSettings,
+        hooks: AgentHooks,
+        *,
+        platform_url: str,
+        token: str = "",
+        groups: tuple[str, ...] = (),
+        mqtt311: bool = False,
+    ) -> None:
+        self.creds = creds
+        self.device_id = creds.device_id
+        self.settings = settings
+        self.hooks = hooks
+        self.groups = groups
+        self.session = MqttSession.for_device(creds, groups, mqtt311=mqtt311)
+        self.mqtt = MqttTransport(self.session)
+        https = platform_url.startswith("https:")
+        self.http = HttpTransport(
+            platform_url, creds.device_id, token, creds.ssl_context() if https else None
+        )
+        self.outbox: Outbox | None = None
+        self.tracker = ConfigTracker()
+        self._device_doc: DesiredDoc | None = None
+        self._group_doc: DesiredDoc | None = None
+        self._group_name: str | None = groups[0] if groups else None
+        self._seq = 0
+        self._desired_error: dict[str, Any] | None = None
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_counters: dict[str, FunctionCounters] = {}
+        self._last_tick = time.time()
+        self._mode: Mode = "waiting"
+        self._switches = 0
+        self._last_described: str = ""
+        self._state_file = settings.data_dir / "sync-state.json"
+        self._stats: OutboxStats | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.outbox = await Outbox.open(
+            self.settings.data_dir / "outbox.db",
+            max_bytes=self.settings.outbox_max_bytes,
+            events_topic=topics.device_topic(self.device_id, "events"),
+        )
+        await asyncio.to_thread(self._load_state)
+        if self.tracker.effective.raw:
+            await self._apply(self.tracker.effective)
+        await self._report()
+        await self.session.start()
+        await asyncio.to_thread(system_figures, self.settings.data_dir)  # primes cpu_percent
+        self._last_counters = dict(self.hooks.metrics_snapshot())
+        self._last_tick = time.time()
+        self._tasks = [
+            asyncio.create_task(self._inbound(), name="sync inbound"),
+            asyncio.create_task(self._sender(), name="sync sender"),
+            asyncio.create_task(self._metrics_loop(), name="sync metrics"),
+            asyncio.create_task(self._http_poll(), name="sync http poll"),
+        ]
+        log.info(
+            "sync: device %s, broker %s, platform %s (HTTP fallback after %g s)",
+            self.device_id,
+            self.creds.broker_url,
+            self.http.base,
+            self.settings.fallback_after_s,
+        )
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.session.close()
+        await self.http.close()
+        if self.outbox is not None:
+            await self.outbox.close()
+
+    @property
+    def mode(self) -> Mode:
+        state = self.session.state
+        if state.connected:
+            return "mqtt"
+        down = state.since_disconnected or 0.0
+        return "http" if down >= self.settings.fallback_after_s else "waiting"
+
+    def status(self) -> dict[str, Any]:
+        """For the agent's /v1/health: which path, why MQTT is down, the outbox (as of the
+        last send or metrics round)."""
+        s = self.session.state
+        stats = self._stats
+        return {
+            "device": self.device_id,
+            "transport": self.mode,
+            "switches": self._switches,
+            "mqtt": {
+                "broker": self.creds.broker_url,
+                "connected": s.connected,
+                "since_disconnected_s": None
+                if s.since_disconnected is None
+                else round(s.since_disconnected, 1),
+                "connects": s.connects,
+                "last_error": s.last_error,
+                "last_error_code": s.last_error_code,
+            },
+            "http": {"last_ok": self.http.last_ok, "last_error": self.http.last_error},
+            "config": {
+                "applied": self.tracker.applied_versions.to_dict(),
+                "error": self.tracker.last_error.to_dict() if self.tracker.last_error else None,
+                "desired_error": self._desired_error,
+            },
+            "outbox": {
+                "records": stats.records,
+                "bytes": stats.bytes,
+                "max_bytes": stats.max_bytes,
+                "dropped": stats.dropped,
+                "merged": stats.merged,
+            }
+            if stats
+            else None,
+        }
+
+    # ---- persistence -------------------------------------------------------------------
+
+    def _load_state(self) -> None:
+        try:
+            data = json.loads(self._state_file.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("sync: ignoring unreadable %s (%s)", self._state_file, exc)
+            return
+        self.tracker = ConfigTracker(data.get("tracker"))
+        self._seq = int(data.get("seq", 0))
+        for attr, key in (("_device_doc", "device_doc"), ("_group_doc", "group_doc")):
+            raw = data.get(key)
+            if raw:
+                with contextlib.suppress(ConfigError):
+                    setattr(self, attr, parse_desired(raw))
+
+    def _save_state(self) -> None:
+        def doc(d: DesiredDoc | None) -> Any:
+            return {"version": d.version, "config": dict(d.config)} if d else None
+
+        data = {
+            "tracker": self.tracker.snapshot(),
+            "seq": self._seq,
+            "device_doc": doc(self._device_doc),
+            "group_doc": doc(self._group_doc),
+        }
+        atomic_write(self._state_file, json.dumps(data).encode(), mode=0o600)
+
+    # ---- desired -----------------------------------------------------------------------
+
+    async def _inbound(self) -> None:
+        while True:
+            msg = await self.session.messages.get()
+            try:
+                if msg.kind == "desired" and msg.payload:
+                    if msg.scope == "group":
+                        await self.offer("group", msg.payload, group=msg.target)
+                    else:
+                        await self.offer("device", msg.payload)
+            except Exception:
+                log.exception("sync: handling %s failed", msg.topic)
+                continue  # not acknowledged: redelivered after a reconnect
+            await msg.ack()
+
+    async def offer(
+        self, scope: Literal["device", "group"], payload: Any, *, group: str | None = None
+    ) -> str:
+        """One desired document from either transport; returns the outcome status."""
+        async with self._lock:
+            try:
+                doc = parse_desired(payload, f"{scope} desired")
+            except ConfigError as exc:
+                # Not JSON / bad envelope: nothing to version; keep the config, say why.
+                self._desired_error = exc.to_dict()
+                log.warning("sync: %s", exc.message)
+                await self._event({"type": "desired_rejected", "scope": scope, **exc.to_dict()})
+                await self._report()
+                return "rejected"
+            if doc is None:
+                return "unchanged"
+            if scope == "group":
+                self._group_doc, self._group_name = doc, group
+            else:
+                self._device_doc = doc
+            outcome = self.tracker.offer(self._group_doc, self._device_doc, group=self._group_name)
+            if outcome.status == "applied":
+                self._desired_error = None
+                await self._apply(outcome.config)
+                log.info("sync: applied desired config %s", outcome.versions.to_dict())
+            elif outcome.status == "rejected" and outcome.error is not None:
+                log.warning("sync: %s", outcome.error.message)
+                await self._event({"type": "desired_rejected", **outcome.error.to_dict()})
+            await asyncio.to_thread(self._save_state)
+            if outcome.status in ("applied", "rejected"):
+                await self._report()
+            return outcome.status
+
+    async def _apply(self, config: AgentConfig) -> None:
+        try:
+            await self.hooks.apply_config(config)
+        except Exception:
+            log.exception("sync: applying config failed")
+
+    async def _http_poll(self) -> None:
+        while True:
+            await asyncio.sleep(min(TICK_S, self.settings.http_poll_s))
+            if self.mode != "http":
+                continue
+            try:
+                answer = await self.http.fetch_desired()
+            except HttpError as exc:
+                log.debug("sync: desired over HTTP failed: %s", exc.message)
+            else:
+                group = answer.get("group") if isinstance(answer, dict) else None
+                if isinstance(group, dict) and group.get("name"):
+                    doc = {k: group[k] for k in ("version", "config") if k in group}
+                    await self.offer("group", doc, group=str(group["name"]))
+                mine = answer.get("device") if isinstance(answer, dict) else None
+                if mine is not None:
+                    await self.offer("device", mine)
+            await asyncio.sleep(self.settings.http_poll_s)
+
+    # ---- reported, events, metrics -----------------------------------------------------
+
+    async def _report(self) -> None:
+        assert self.outbox is not None
+        self._seq += 1
+        extra = {
+            **self.hooks.describe(),
+            "sync": {"transport": self.mode, "desired_error": self._desired_error},
+        }
+        doc = reported_document(self.device_id, self._seq, self.tracker, extra=extra)
+        self._last_described = json.dumps(self.hooks.describe(), sort_keys=True)
+        await self.outbox.append(
+            "reported",
+            topics.device_topic(self.device_id, "reported"),
+            json.dumps(doc).encode(),
+            coalesce=True,
+        )
+        await asyncio.to_thread(self._save_state)
+
+    async def _event(self, event: Mapping[str, Any]) -> None:
+        assert self.outbox is not None
+        body = {"at": time.time(), **event}
+        await self.outbox.append(
+            "events", topics.device_topic(self.device_id, "events"), json.dumps(body).encode()
+        )
+
+    def _interval(self) -> float:
+        configured = self.tracker.effective.metrics_interval_s
+        return configured if configured is not None else self.settings.metrics_interval_s
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval())
+            try:
+                await self.collect_metrics()
+                described = json.dumps(self.hooks.describe(), sort_keys=True)
+                if described != self._last_described:
+                    await self._report()
+            except CloudSyncError as exc:
+                log.warning("sync: metrics interval lost: %s", exc.message)
+
+    async def collect_metrics(self) -> None:
+        """Close the current interval: deltas since the last one, gauges, system figures."""
+        assert self.outbox is not None
+        now = time.time()
+        counters = dict(self.hooks.metrics_snapshot())
+        pools = dict(self.hooks.pool_sizes())
+        system = await asyncio.to_thread(system_figures, self.settings.data_dir)
+        functions: dict[str, Any] = {}
+        for name in sorted(set(counters) | set(pools)):
+            entry: dict[str, Any] = {}
+            c = counters.get(name)
+            if c is not None:
+                d = _delta(c, self._last_counters.get(name))
+                if d.invocations:
+                    entry.update(
+                        invocations=d.invocations,
+                        errors=d.errors,
+                        cache_hits=d.cache_hits,
+                        cache_misses=d.cache_misses,
+                        latency_ms={
+                            "bounds": list(d.latency_bounds_ms),
+                            "counts": list(d.latency_counts),
+                            "sum": d.latency_sum_ms,
+                        },
+                    )
+            if name in pools:
+                entry["pool"] = {"instances": gauge(pools[name])}
+            if entry:
+                functions[name] = entry
+        record = {
+            "schema": METRICS_SCHEMA,
+            "device": self.device_id,
+            "interval_start": self._last_tick,
+            "interval_end": now,
+            "samples": 1,
+            "functions": functions,
+            "system": {k: gauge(v) for k, v in system.items()},
+        }
+        await self.outbox.append(
+            "metrics",
+            topics.device_topic(self.device_id, "metrics"),
+            json.dumps(record, separators=(",", ":")).encode(),
+            interval=(self._last_tick, now),
+        )
+        # Only after the append committed: a failed append leaves the deltas for the next one.
+        self._last_counters = counters
+        self._last_tick = now
+        self._stats = await self.outbox.stats()
+
+    # ---- sending -----------------------------------------------------------------------
+
+    async def _sender(self) -> None:
+        assert self.outbox is not None
+        outbox = self.outbox
+        last_mode: Mode = "waiting"
+        last_transport: Mode | None = None
+        while True:
+            mode = self.mode
+            if mode != last_mode:
+                log.info("sync: transport %s -> %s", last_mode, mode)
+                last_mode = mode
+                if mode != "waiting":
+                    if last_transport is not None and mode != last_transport:
+                        self._switches += 1  # MQTT <-> HTTP, the failovers and returns
+                    last_transport = mode
+                    await self._report()  # the platform sees which path the device uses
+            transport: Transport | None = None
+            if mode == "mqtt":
+                transport = self.mqtt
+            elif mode == "http":
+                transport = self.http
+            if transport is None:
+                await asyncio.sleep(TICK_S)
+                continue
+            outbox.clear_appended()
+            records = await outbox.lease(SEND_BATCH)
+            if not records:
+                await outbox.wait_for_records(TICK_S)
+                continue
+            try:
+                result = await transport.send(records)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await outbox.release(r.id for r in records)
+                raise
+            await asyncio.shield(self._settle(result))
+            if result.failed:
+                await asyncio.sleep(RETRY_S)
+
+    async def _settle(self, result: SendResult) -> None:
+        assert self.outbox is not None
+        await self.outbox.ack(result.acked)
+        await self.outbox.discard(result.refused)
+        await self.outbox.release(result.failed)
+        self._stats = await self.outbox.stats()
+
+
+def load_credentials_extras(path: Path) -> dict[str, Any]:
+    """The enrolment extras next to the standard fields: token, groups, mqtt_protocol."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    groups = data.get("groups") or []
+    return {
+        "token": data.get("token") if isinstance(data.get("token"), str) else "",
+        "groups": tuple(str(g) for g in groups if isinstance(g, str)),
+        "mqtt311": data.get("mqtt_protocol") == "3.1.1",
+    }
