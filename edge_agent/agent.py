@@ -23,20 +23,11 @@ import socket
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from cloud_sync.cloud_invoke import CloudInvoker
-from cloud_sync.credentials import DeviceCredentials
-from cloud_sync.state import AgentConfig
-from cloud_sync.sync import (
-    AgentHooks,
-    FunctionCounters,
-    SyncClient,
-    SyncSettings,
-    load_credentials_extras,
-)
 from edge_agent.api import Api
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
@@ -46,6 +37,11 @@ from edge_agent.routing import check_policy
 from edge_agent.settings import Settings
 from runtimes.pool import Pool
 from runtimes.sandbox import Sandbox
+
+if TYPE_CHECKING:  # imported when a device joins a platform: paho and cryptography cost RSS
+    from cloud_sync.credentials import DeviceCredentials
+    from cloud_sync.state import AgentConfig
+    from cloud_sync.sync import FunctionCounters, SyncClient
 
 log = logging.getLogger("edgefn.agent")
 
@@ -148,6 +144,7 @@ class Agent:
         if settings.credentials_file is not None:
             from cloud_sync import credentials
             from cloud_sync.errors import CredentialsError
+            from cloud_sync.sync import load_credentials_extras
 
             try:
                 self.creds = credentials.load(settings.credentials_file)
@@ -160,7 +157,7 @@ class Agent:
                 ssl_ctx = self.creds.ssl_context()
         self.cloud_url = cloud_url
         self.sync: SyncClient | None = None
-        self._desired = AgentConfig()
+        self._desired: AgentConfig | None = None
         self._profile: dict[str, Any] = {}
         self.router = Router(
             self.functions,
@@ -205,6 +202,8 @@ class Agent:
     # ---- sync callbacks (cloud_sync never imports the agent) ---------------------------
 
     def _metrics_snapshot(self) -> dict[str, FunctionCounters]:
+        from cloud_sync.sync import FunctionCounters
+
         bounds = tuple(b * 1000.0 for b in BUCKETS)
         return {
             name: FunctionCounters(
@@ -247,7 +246,7 @@ class Agent:
             if not isinstance(fn.executor, Pool):
                 continue  # in-process C++: no pool to size
             base = fn.manifest.pool
-            fc = self._desired.functions.get(name)
+            fc = self._desired.functions.get(name) if self._desired is not None else None
             want = base
             if fc is not None:
                 lo = fc.min_instances if fc.min_instances is not None else base.min_instances
@@ -303,6 +302,7 @@ class Agent:
         )
 
     async def _start_sync(self, creds: DeviceCredentials) -> None:
+        from cloud_sync.sync import AgentHooks, SyncClient, SyncSettings
         from hardware.errors import HardwareError
         from hardware.profile import detect
 
