@@ -1,107 +1,192 @@
-"""`make run`: build the example functions, install them into a demo data dir, start the agent.
+"""`make run`: the whole loop on this machine, with nothing configured by hand.
 
-Everything lives under `.demo/` in the repository (delete it to start over). The C++ example is
-installed twice, once per isolation mode, so both can be tried side by side.
+1. starts the central platform (`edge-cloud serve`, with its embedded MQTT broker) on loopback;
+2. creates a publisher key, builds and signs the example functions (Node, Go, C++ twice: once
+   isolated, once in-process) and publishes them to the platform's registry;
+3. enrolls a device and trusts the publisher key on it;
+4. installs every function on the device from the registry (signature checked, warmed);
+5. runs the agent in the foreground, joined to the platform (config, metrics over MQTT).
+
+Everything lives under `.demo/` in the repository (delete it to start over). Ctrl-C stops both.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from runtimes.build import build_function  # noqa: E402
-from runtimes.errors import RuntimeErrorBase  # noqa: E402
-
 DEMO = REPO / ".demo"
-DATA = DEMO / "data"
+CLOUD = DEMO / "cloud"
+DEVICE = DEMO / "device"
 PORT = int(os.environ.get("EDGEFN_PORT", "8680"))
+CLOUD_PORT = int(os.environ.get("EDGEFN_CLOUD_PORT", "8690"))
+# Fixed, because the device's credentials file names the broker's address.
+MQTT_PORT = int(os.environ.get("EDGEFN_MQTT_PORT", "8883"))
 
+ROUTE = '{"points": [[52.52, 13.405], [52.50, 13.42], [52.48, 13.44]], "speed_kmh": 40}'
 SAMPLES = {
     "eta-node": '{"distance_km": 12.5, "speed_kmh": 50, "traffic": "heavy"}',
-    "route-go": '{"points": [[52.52, 13.405], [52.50, 13.42], [52.48, 13.44]], "speed_kmh": 40}',
-    "route-cpp": '{"points": [[52.52, 13.405], [52.50, 13.42], [52.48, 13.44]], "speed_kmh": 40}',
-    "route-cpp-inproc": (
-        '{"points": [[52.52, 13.405], [52.50, 13.42], [52.48, 13.44]], "speed_kmh": 40}'
-    ),
+    "route-go": ROUTE,
+    "route-cpp": ROUTE,
+    "route-cpp-inproc": ROUTE,
 }
 
 
-def install(src: Path, name: str) -> None:
-    dest = DATA / "functions" / name
-    staged = dest.with_name(f".{name}.staged")
-    shutil.rmtree(staged, ignore_errors=True)
-    shutil.copytree(src, staged)
-    if dest.exists():
-        shutil.rmtree(dest)
-    staged.rename(dest)
+def run(*args: str | Path, quiet: bool = True) -> str:
+    """Run one of our CLIs; stop the demo with its message when it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-m", *map(str, args)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        sys.exit(f"demo: {' '.join(map(str, args[:3]))} failed:\n{proc.stdout}{proc.stderr}")
+    if not quiet:
+        print(proc.stdout, end="")
+    return proc.stdout
 
 
-def make_inproc_variant(src: Path) -> Path:
+def start_platform() -> tuple[subprocess.Popen[bytes], str]:
+    (CLOUD / "platform.json").unlink(missing_ok=True)
+    log = (DEMO / "platform.log").open("ab")
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "cloud_sync.platform.cli", "serve"),
+            *("--data-dir", str(CLOUD), "--port", str(CLOUD_PORT), "--mqtt-port", str(MQTT_PORT)),
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    for _ in range(300):  # bounded: up to 30 s
+        try:
+            info = json.loads((CLOUD / "platform.json").read_text())
+            if info.get("pid") == proc.pid:
+                return proc, str(info["url"])
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit(f"demo: the platform did not start; see {DEMO / 'platform.log'}")
+
+
+def inproc_variant(src: Path) -> Path:
     """A copy of the C++ example whose manifest asks for in-process isolation."""
-    dest = DEMO / "build" / "route-cpp-inproc"
+    dest = DEMO / "src" / "route-cpp-inproc"
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(src, dest)
     manifest = dest / "edgefn.toml"
     text = manifest.read_text()
     text = re.sub(r"(?m)^name\s*=.*$", 'name = "route-cpp-inproc"', text)
-    text = re.sub(r"(?m)^isolation\s*=.*$", 'isolation = "in-process"', text)
+    text = re.sub(r"(?m)^isolation\s*=.*$", 'isolation = "in-process"\ninline = true', text)
     manifest.write_text(text)
     return dest
 
 
 def main() -> int:
-    (DATA / "functions").mkdir(parents=True, exist_ok=True)
-    built: list[str] = []
-    for example in sorted((REPO / "examples").iterdir()):
-        if not (example / "edgefn.toml").is_file():
-            continue
-        work = DEMO / "build" / example.name
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(example, work)
-        print(f"building {example.name} ...", flush=True)
+    for d in (CLOUD, DEVICE, DEMO / "src", DEMO / "bundles"):
+        d.mkdir(parents=True, exist_ok=True)
+    platform, url = start_platform()
+    try:
+        return demo(platform, url)
+    finally:
+        platform.send_signal(signal.SIGTERM)
         try:
-            manifest = build_function(work)
-        except RuntimeErrorBase as exc:
-            print(f"  skipped {example.name}: {exc.message}", file=sys.stderr)
-            continue
-        install(work, manifest.name)
-        built.append(manifest.name)
-        if manifest.runtime == "cpp":
-            variant = make_inproc_variant(work)
-            install(variant, "route-cpp-inproc")
-            built.append("route-cpp-inproc")
+            platform.wait(15)
+        except subprocess.TimeoutExpired:
+            platform.kill()
 
-    url = f"http://127.0.0.1:{PORT}"
-    print("\nedgefn demo: the agent is starting with these functions. Try:\n")
-    for name in built:
-        body = SAMPLES.get(name, "hello")
-        print(
-            f"  curl -s -X POST {url}/v1/functions/{name}/invoke "
-            f"-H 'Content-Type: application/json' -d '{body}'"
+
+def demo(platform: subprocess.Popen[bytes], url: str) -> int:
+    print(f"platform: {url} (log in .demo/platform.log)")
+    key = DEMO / "publisher.key"
+    if not key.exists():
+        run("cloud_sync.platform.cli", "keys", "create", "--out", key)
+    sources = []
+    for example in sorted((REPO / "examples").iterdir()):
+        if (example / "edgefn.toml").is_file():
+            src = DEMO / "src" / example.name
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.copytree(example, src)
+            sources.append(src)
+            if example.name == "route-cpp":
+                sources.append(inproc_variant(src))
+    names = []
+    for src in sources:
+        print(f"building, signing and publishing {src.name} ...", flush=True)
+        bundle = DEMO / "bundles" / f"{src.name}.efb"
+        run("cloud_sync.platform.cli", "fn", "build", src, "--key", key, "--out", bundle)
+        run(
+            "cloud_sync.platform.cli",
+            "fn",
+            "publish",
+            bundle,
+            "--platform",
+            url,
+            "--data-dir",
+            CLOUD,
         )
-    print(f"\n  curl -s {url}/v1/functions      # what is loaded, pool status")
-    print(f"  curl -s {url}/metrics           # Prometheus metrics")
-    print(f"  .venv/bin/edge-agent invoke eta-node --data-dir {DATA.relative_to(REPO)} \\")
+        names.append(src.name)
+
+    creds = DEVICE / "credentials.json"
+    if not creds.exists():
+        run(
+            "cloud_sync.platform.cli",
+            "device",
+            "enroll",
+            "demo-gateway",
+            "--out",
+            creds,
+            "--data-dir",
+            CLOUD,
+        )
+        run("edge_agent", "trust", "add", f"{key}.pub", "--data-dir", DEVICE)
+    for name in names:
+        print(f"installing {name} on the device from the registry ...", flush=True)
+        run("edge_agent", "fn", "install", name, "--cloud", url, "--data-dir", DEVICE)
+
+    agent_url = f"http://127.0.0.1:{PORT}"
+    print("\nedgefn demo is up: a platform, and an agent joined to it. Try:\n")
+    for name in names:
+        print(
+            f"  curl -s -X POST {agent_url}/v1/functions/{name}/invoke "
+            f"-H 'Content-Type: application/json' -d '{SAMPLES.get(name, 'hi')}'"
+        )
+    print(f"\n  curl -s {agent_url}/v1/functions     # what is loaded, pool status")
+    print(f"  curl -s {agent_url}/metrics          # Prometheus metrics")
+    print("  .venv/bin/edge-agent invoke eta-node --data-dir .demo/device \\")
     print(f"      --data '{SAMPLES['eta-node']}'")
+    print("  .venv/bin/edge-cloud devices --data-dir .demo/cloud    # the device, online")
+    print("  .venv/bin/edge-cloud metrics demo-gateway --data-dir .demo/cloud")
     print("\nStop with Ctrl-C.\n", flush=True)
-    argv = [
-        sys.executable,
-        "-m",
-        "edge_agent",
-        "run",
-        "--data-dir",
-        str(DATA),
-        "--port",
-        str(PORT),
-    ]
-    os.execv(sys.executable, argv)
-    return 0
+    agent = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "edge_agent", "run", "--data-dir", str(DEVICE)),
+            *("--port", str(PORT), "--credentials", str(creds), "--metrics-interval", "10"),
+        ]
+    )
+    stop = {"sig": False}
+
+    def forward(signum: int, frame: object) -> None:
+        stop["sig"] = True
+        agent.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    while agent.poll() is None and platform.poll() is None:
+        time.sleep(0.2)
+    if agent.poll() is None:
+        agent.send_signal(signal.SIGTERM)
+        print("demo: the platform stopped; stopping the agent", file=sys.stderr)
+    code = agent.wait(30)
+    return 0 if stop["sig"] else code
 
 
 if __name__ == "__main__":
