@@ -179,9 +179,7 @@ def encode_invoke(
     return b"".join(
         (
             _PREFIX.pack(body_len),
-            _FIXED.pack(
-                PROTOCOL_VERSION, _INVOKE, _JSON if json else 0, request_id, len(header)
-            ),
+            _FIXED.pack(PROTOCOL_VERSION, _INVOKE, _JSON if json else 0, request_id, len(header)),
             header,
             payload,
         )
