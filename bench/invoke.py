@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import re
 import shutil
@@ -162,7 +163,9 @@ def _us(text: str) -> float:
     return value * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
 
 
-def wrk(url: str, connections: int, duration: float, script: Path) -> tuple[float, float, float]:
+def wrk(
+    url: str, connections: int, duration: float, script: Path
+) -> tuple[float, float, float, int]:
     threads = 1 if connections == 1 else 2
     out = subprocess.run(
         [
@@ -179,19 +182,32 @@ def wrk(url: str, connections: int, duration: float, script: Path) -> tuple[floa
         text=True,
         check=True,
     ).stdout
-    p50 = _us(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _us(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    # Anchored: an unanchored "50%" also matches the "+/- Stdev" column (e.g. "81.50%").
+    p50 = _us(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _us(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    count = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise RuntimeError(f"{url}: {errors.group(1)} error responses")
-    return p50, p99, rps
+    return p50, p99, rps, count
 
 
-def http_pair(url: str, duration: float, script: Path) -> tuple[float, float, float]:
-    p50, p99, _ = wrk(url, 1, duration / 2, script)
-    _, _, rps = wrk(url, 32, duration / 2, script)
-    return p50, p99, rps
+def http_pair(
+    url: str, duration: float, script: Path, pid: int | None = None
+) -> tuple[float, float, float, float]:
+    """p50/p99 at c=1, req/s at c=32 and, given the server's pid, its CPU microseconds per
+    request over the c=32 run (user + system, all threads; NaN without a pid).
+
+    CPU per request is the figure to compare on a shared machine: latency and throughput move
+    with whatever else runs, the CPU one request costs the server much less.
+    """
+    p50, p99, _, _ = wrk(url, 1, duration / 2, script)
+    proc = psutil.Process(pid) if pid is not None else None
+    before = sum(proc.cpu_times()[:2]) if proc is not None else 0.0
+    _, _, rps, count = wrk(url, 32, duration / 2, script)
+    cpu = (sum(proc.cpu_times()[:2]) - before) / count * 1e6 if proc is not None else math.nan
+    return p50, p99, rps, cpu
 
 
 # ---- cold start and memory ---------------------------------------------------------------
@@ -254,7 +270,7 @@ def main() -> int:
     for rt in runtimes:
         shutil.copytree(dirs[rt], data / "functions" / dirs[rt].name)
 
-    rows: list[tuple[str, float, float, float]] = []
+    rows: list[tuple[str, float, float, float, float]] = []
     print("measuring (B) trivial aiohttp handler ...", file=sys.stderr, flush=True)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", TRIVIAL_SERVER, str(port)])
@@ -269,7 +285,7 @@ def main() -> int:
                 break
             except OSError:
                 time.sleep(0.05)
-        b = http_pair(f"http://127.0.0.1:{port}/echo", args.duration, script)
+        b = http_pair(f"http://127.0.0.1:{port}/echo", args.duration, script, server.pid)
     finally:
         server.terminate()
         server.wait()
@@ -282,19 +298,19 @@ def main() -> int:
             continue
         print(f"measuring (A) raw pipe and (C) fork-per-request: {rt} ...", file=sys.stderr)
         raw[rt] = raw_pipe(dirs[rt], args.duration)
-        rows.append((f"(A) raw pipe, {rt} worker", *raw[rt]))
+        rows.append((f"(A) raw pipe, {rt} worker", *raw[rt], math.nan))
         fork[rt] = fork_per_request(dirs[rt], args.duration)
-        rows.append((f"(C) fork per request, {rt}", *fork[rt]))
+        rows.append((f"(C) fork per request, {rt}", *fork[rt], math.nan))
 
     print("starting the agent ...", file=sys.stderr, flush=True)
     agent = start_agent(data, "--log-level", "warning")
-    agent_rows: dict[str, tuple[float, float, float]] = {}
+    agent_rows: dict[str, tuple[float, float, float, float]] = {}
     try:
         for rt in runtimes:
             name = dirs[rt].name
             print(f"measuring the agent: {rt} ...", file=sys.stderr, flush=True)
             agent_rows[rt] = http_pair(
-                f"{agent.url}/v1/functions/{name}/invoke", args.duration, script
+                f"{agent.url}/v1/functions/{name}/invoke", args.duration, script, agent.proc.pid
             )
             rows.append((f"agent, {rt}", *agent_rows[rt]))
         time.sleep(1.5)
@@ -306,15 +322,15 @@ def main() -> int:
         agent.stop()
 
     print(f"\n## Invocation, 100-byte payload, {args.duration:g} s per figure\n")
-    print("| path | p50 us (c=1) | p99 us (c=1) | req/s (c=32) |")
-    print("|---|---:|---:|---:|")
-    for name, p50, p99, rps in rows:
-        print(f"| {name} | {p50:.0f} | {p99:.0f} | {rps:.0f} |")
+    print("| path | p50 us (c=1) | p99 us (c=1) | req/s (c=32) | server CPU us/req (c=32) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, p50, p99, rps, cpu in rows:
+        print(f"| {name} | {p50:.0f} | {p99:.0f} | {rps:.0f} | {cpu:.0f} |")
 
     print("\n## Ratios against the targets\n")
     print("| runtime | p50 / (A+B) p50 (<= 1.3) | req/s / B (>= 0.7) | req/s / C (>= 30) |")
     print("|---|---:|---:|---:|")
-    for rt, (p50, _, rps) in agent_rows.items():
+    for rt, (p50, _, rps, _cpu) in agent_rows.items():
         base = raw.get(rt if rt != "cpp-inproc" else "cpp")
         a_p50 = base[0] if base else float("nan")
         c = fork.get(rt if rt != "cpp-inproc" else "cpp")

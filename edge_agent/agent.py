@@ -239,6 +239,11 @@ class Agent:
         )
         level = (config.log_level or self.settings.log_level).upper()
         logging.getLogger().setLevel(level)
+        cache = self.router.cache
+        bound = max(4096, config.cache_max_bytes or self.settings.cache_max_bytes)
+        if cache is not None and bound != cache.max_bytes:
+            log.info("result cache bound %d -> %d bytes", cache.max_bytes, bound)
+            await cache.set_max_bytes(bound)
         self._apply_pools()
 
     def _apply_pools(self) -> None:

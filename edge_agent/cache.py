@@ -3,9 +3,10 @@
 Flow of one invocation (the router drives it; `run_cached` is that flow in one call):
 
 1. `policy.key_for(...)` (edge_agent.cache_policy) derives the `CacheKey` from the request.
-2. `await cache.get(key)` is one primary-key SELECT on a read connection, run directly on the
-   event loop thread (see `_lookup` for the measurement that justifies it). A hit records the key
-   in an in-memory "touched" map; the LRU column is updated later, in batches, by the writer.
+2. `await cache.get(key)` looks in a small in-memory hot layer of rows read before (`_Hot`),
+   else does one primary-key SELECT on a read connection, run directly on the event loop thread
+   (see `_find` for the measurement that justifies it). A hit records the key in an in-memory
+   "touched" map; the LRU column is updated later, in batches, by the writer.
 3. On a miss the function runs. Only a successful `Result` is offered to `cache.put(...)`, which
    checks the arguments, puts a row on a queue and returns at once. Errors are exceptions in this
    code base, so they never reach `put`; `put` refuses anything that is not bytes.
@@ -35,6 +36,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +80,13 @@ KEEP_SET_ASIDE = 2  # newest set-aside corrupt files kept; older ones deleted (a
 CLOSE_TIMEOUT_S = 10.0  # how long close() waits for the writer to flush
 WRITER_BUSY_TIMEOUT_S = 5.0  # only another process (an operator's sqlite3 shell) can hold the lock
 WAL_SIZE_LIMIT = 16 * 1024 * 1024  # the WAL file is truncated back to this after a checkpoint
+# The in-memory hot layer in front of the SQLite read (see `_Hot`): at most this many bytes of
+# values (and this share of the cache bound), entries above HOT_MAX_ENTRY_BYTES never enter it.
+# 2 MiB holds ~10 k typical small results and keeps the agent within its idle-RSS target.
+HOT_MAX_BYTES = 2 * 1024 * 1024
+HOT_SHARE = 8
+HOT_MAX_ENTRY_BYTES = 64 * 1024
+HOT_OVERHEAD = 200  # per entry: the tuple, the key string, the OrderedDict node (an estimate)
 
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
@@ -188,6 +197,54 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 # --- what the loop and the writer share -------------------------------------------------------
 
+# A committed row as the hot layer keeps it: value, content_type, created, expires, stale_until,
+# and the `Result` a hit answers with (immutable, so every hit can share the one object).
+_Row = tuple[bytes, str, float, float, float, Result]
+
+
+class _Hot:
+    """Rows read from SQLite recently, kept in memory so a repeated hit costs no SELECT.
+
+    Why: a hit through SQLite costs ~20 us on the loop (lock, statement, row tuple); from this
+    dict it is ~1-2 us, and at the agent's request rates that is most of what a hit costs on
+    top of aiohttp itself (bench/cache.py). Semantics stay those of the file:
+      * only rows that were read from SQLite (committed) enter, never a queued `put`;
+      * expiry and the stale window are checked against the row's own times on every lookup;
+      * the writer drops a key after it committed a new row for it, and empties the layer after
+        any committed delete (purge, invalidation, sweep, eviction) and whenever the read
+        connection is dropped or replaced (degraded, recovery);
+      * LRU bookkeeping still goes through `_Shared.touches` to the writer, in batches.
+    One gap, accepted: rows changed by another process (an operator's sqlite3 shell) are not
+    seen until one of the events above. Guarded by `_Shared.lock`, like everything shared.
+    """
+
+    __slots__ = ("max_bytes", "rows", "size")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.rows: OrderedDict[str, _Row] = OrderedDict()
+        self.size = 0
+        self.max_bytes = max_bytes
+
+    def add(self, kid: str, row: _Row) -> None:
+        cost = len(row[0]) + len(kid) + HOT_OVERHEAD
+        if cost > HOT_MAX_ENTRY_BYTES or cost > self.max_bytes:
+            return
+        self.drop(kid)
+        self.rows[kid] = row
+        self.size += cost
+        while self.size > self.max_bytes:
+            old, dropped = self.rows.popitem(last=False)
+            self.size -= len(dropped[0]) + len(old) + HOT_OVERHEAD
+
+    def drop(self, kid: str) -> None:
+        row = self.rows.pop(kid, None)
+        if row is not None:
+            self.size -= len(row[0]) + len(kid) + HOT_OVERHEAD
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.size = 0
+
 
 @dataclass
 class _Shared:
@@ -200,6 +257,7 @@ class _Shared:
     reason: str = "not opened yet"
     touches: dict[str, float] = field(default_factory=dict)  # key id -> last access
     pending_bytes: int = 0
+    hot: _Hot = field(default_factory=lambda: _Hot(HOT_MAX_BYTES))
 
 
 @dataclass
@@ -210,7 +268,7 @@ class _Put:
 
 @dataclass
 class _Control:
-    kind: Literal["purge", "invalidate", "flush", "recover", "stop"]
+    kind: Literal["purge", "invalidate", "flush", "resize", "recover", "stop"]
     args: tuple[Any, ...] = ()
     done: concurrent.futures.Future[Any] | None = None
 
@@ -220,7 +278,7 @@ def _is_transient(exc: BaseException) -> bool:
     return code is not None and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
-_DEFERRABLE = ("purge", "invalidate")
+_DEFERRABLE = ("purge", "invalidate", "resize")
 
 
 def _resolve(fut: concurrent.futures.Future[Any] | None, value: Any) -> None:
@@ -273,6 +331,9 @@ class _Writer:
         self.scopes: dict[str, frozenset[str]] = {}
         self.retry_delay = retry_initial_s
         self.next_retry = 0.0
+        # Set by any delete in the running transaction: after its COMMIT the hot layer is
+        # emptied (deletes are rare: purges, invalidations, sweeps, evictions).
+        self.deleted = False
         now = time.monotonic()
         self.last_check = now
         self.last_touch_flush = now
@@ -399,6 +460,7 @@ class _Writer:
         before = (self.entries, self.bytes, self.evictions, self.expired)
         stored = 0
         replay, self.replay = self.replay, []
+        self.deleted = False
         try:
             conn.execute("BEGIN IMMEDIATE")
             for kind, args in replay:  # queued before everything in this batch
@@ -423,6 +485,7 @@ class _Writer:
                 self.expired += self._delete("stale_until <= ?", (now,))[0]
             self._evict(now)
             conn.execute("COMMIT")
+            self._forget_hot(batch)
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -443,6 +506,20 @@ class _Writer:
             return
         self.writes += stored
         self.dropped += sum(1 for op in batch if isinstance(op, _Put)) - stored
+
+    def _forget_hot(self, batch: list[_Put | _Control]) -> None:
+        """After a COMMIT: the hot layer must not answer a row this transaction replaced or
+        deleted. Under the lock, so a lookup's SELECT-then-remember cannot interleave."""
+        with self.shared.lock:
+            hot = self.shared.hot
+            if not hot.rows:
+                return
+            if self.deleted:
+                hot.clear()
+                return
+            for op in batch:
+                if isinstance(op, _Put):
+                    hot.drop(op.row[0])
 
     def _put_rows(self, puts: list[_Put]) -> int:
         """Insert or replace rows; returns how many were stored."""
@@ -465,6 +542,9 @@ class _Writer:
         return len(rows)
 
     def _apply_control(self, kind: str, args: tuple[Any, ...]) -> int:
+        if kind == "resize":  # the transaction's eviction then honours the new bound
+            (self.max_bytes,) = args
+            return 0
         if kind == "purge":
             (function,) = args
             return self._delete("function = ?", (function,))[0]
@@ -481,6 +561,7 @@ class _Writer:
         ).fetchone()
         if n:
             conn.execute(f"DELETE FROM entries WHERE {where}", params)
+            self.deleted = True
             self.entries -= n
             self.bytes -= size
         return int(n), int(size)
@@ -507,6 +588,7 @@ class _Writer:
                 if self.bytes <= target:
                     break
             conn.executemany("DELETE FROM entries WHERE key = ?", victims)
+            self.deleted = True
             self.evictions += len(victims)
 
     # -- opening, checking, recovering ---------------------------------------------------------
@@ -603,6 +685,7 @@ class _Writer:
             raise
         with self.shared.lock:
             self.shared.reader = reader
+            self.shared.hot.clear()  # rows remembered from another file must not answer
 
     def _close_conns(self) -> None:
         # Readers first: the writer's connection must be the last one to close. The last close
@@ -611,6 +694,7 @@ class _Writer:
             readers = [*self.shared.retired, *([self.shared.reader] if self.shared.reader else [])]
             self.shared.reader = None
             self.shared.retired = []
+            self.shared.hot.clear()
         for c in [*readers, *([self.conn] if self.conn else [])]:
             with contextlib.suppress(sqlite3.Error):
                 c.close()
@@ -707,6 +791,7 @@ class ResultCache:
         )
         self._clock = clock
         self._shared = _Shared()
+        self._shared.hot.max_bytes = min(HOT_MAX_BYTES, max_bytes // HOT_SHARE)
         self._writer = _Writer(
             path, self._shared, max_bytes, clock, check_interval_s, retry_initial_s, retry_max_s
         )
@@ -779,26 +864,39 @@ class ResultCache:
 
     # -- reads (loop thread) -------------------------------------------------------------------
 
-    def _lookup(self, key: CacheKey) -> CacheEntry | None:
-        """One primary-key SELECT, directly on the calling (loop) thread.
+    def _find(self, kid: str) -> tuple[_Row, float] | None:
+        """The live row of key id `kid` and the clock reading it was judged by, or None.
 
-        Why not in a thread: the read is a B-tree lookup in pages that are in SQLite's or the
-        OS's page cache. Measured on the 2-core dev VM (tests/test_cache_perf.py, `-s`): a
-        whole `get` hit takes a median of 16-24 us on the loop, while the same lookup through
-        `asyncio.to_thread` takes 130-230 us (p99 in milliseconds): the hop would cost ten times
-        the read. The worst case on the loop is a page not in memory (one cold read from flash,
-        ~0.1-1 ms) or copying one value of at most `max_entry_bytes`. The reader never waits on
-        a lock: WAL readers do not block on the writer, and its busy timeout is 0 (busy = miss).
-        No mmap: a file truncated under an mmap kills the process with SIGBUS.
+        First the hot layer (`_Hot`, a dict lookup), else one primary-key SELECT, directly on
+        the calling (loop) thread; a row found by the SELECT enters the hot layer.
+
+        Why the SELECT is not in a thread: the read is a B-tree lookup in pages that are in
+        SQLite's or the OS's page cache. Measured on the 2-core dev VM (tests/test_cache_perf.py,
+        `-s`): a whole `get` hit through SQLite takes a median of 16-24 us on the loop, while the
+        same lookup through `asyncio.to_thread` takes 130-230 us (p99 in milliseconds): the hop
+        would cost ten times the read. The worst case on the loop is a page not in memory (one
+        cold read from flash, ~0.1-1 ms) or copying one value of at most `max_entry_bytes`. The
+        reader never waits on a lock: WAL readers do not block on the writer, and its busy
+        timeout is 0 (busy = miss). No mmap: a file truncated under an mmap kills the process
+        with SIGBUS.
         """
-        kid = key.id
         shared = self._shared
         with shared.lock:
             conn = shared.reader
             if conn is None:
                 return None
+            hot = shared.hot
+            row: _Row | None = hot.rows.get(kid)
+            if row is not None:
+                now = self._clock()
+                if now >= row[4]:
+                    hot.drop(kid)  # past its stale window: dead, the writer sweeps the row
+                    return None
+                hot.rows.move_to_end(kid)
+                shared.touches[kid] = now
+                return row, now
             try:
-                row = conn.execute(_SELECT, (kid,)).fetchone()
+                found = conn.execute(_SELECT, (kid,)).fetchone()
             except sqlite3.Error as exc:
                 self._read_errors += 1
                 if not _is_transient(exc):
@@ -807,15 +905,24 @@ class ResultCache:
                     shared.retired.append(conn)
                     shared.state = "degraded"
                     shared.reason = f"read failed: {exc}"
+                    hot.clear()
                     self._writer.q.put(_Control("recover", (f"read failed: {exc}",)))
                 return None
-            if row is None:
+            if found is None:
                 return None
             now = self._clock()
-            value, content_type, created, expires, stale_until = row
-            if now >= stale_until:
+            if now >= found[4]:
                 return None
+            row = (*found, Result(found[0], found[1]))
+            hot.add(kid, row)
             shared.touches[kid] = now
+        return row, now
+
+    def _lookup(self, key: CacheKey) -> CacheEntry | None:
+        found = self._find(key.id)
+        if found is None:
+            return None
+        (value, content_type, created, expires, stale_until, _), now = found
         return CacheEntry(
             value=value,
             content_type=content_type,
@@ -904,7 +1011,9 @@ class ResultCache:
         self._writer.q.put(_Put(row, size))
         return True
 
-    async def _control(self, kind: Literal["purge", "invalidate", "flush"], *args: Any) -> Any:
+    async def _control(
+        self, kind: Literal["purge", "invalidate", "flush", "resize"], *args: Any
+    ) -> Any:
         if self._closed:
             raise RuntimeError("the result cache is closed")
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -932,6 +1041,16 @@ class ResultCache:
             keep.add(f"e={keep_epoch}")
         return int(await self._control("invalidate", function, frozenset(keep)))
 
+    async def set_max_bytes(self, max_bytes: int) -> None:
+        """Change the byte bound live (device config); a lower bound evicts at once."""
+        if max_bytes < 4096:
+            raise ValueError(f"max_bytes must be at least 4096, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = min(MAX_ENTRY_BYTES, max_bytes // MAX_ENTRY_SHARE)
+        with self._shared.lock:
+            self._shared.hot.max_bytes = min(HOT_MAX_BYTES, max_bytes // HOT_SHARE)
+        await self._control("resize", max_bytes)
+
     async def flush(self) -> None:
         """Wait until everything queued so far (and the LRU touches) is committed, and check the
         file is still in place. For tests and orderly hand-offs; never needed for correctness."""
@@ -955,20 +1074,23 @@ class ResultCache:
         """
         if key is None or not policy.enabled:
             return CachedResult(await run(), "bypass")
-        entry = self._lookup(key)
-        if entry is not None and entry.status == "fresh":
-            self._hits += 1
-            return CachedResult(Result(entry.value, entry.content_type), "hit", entry.age_s)
+        # The row tuple, not a CacheEntry: a hit builds only the Result it answers with.
+        found = self._find(key.id)
+        if found is not None:
+            row, now = found
+            if now < row[3]:
+                self._hits += 1
+                return CachedResult(row[5], "hit", max(0.0, now - row[2]))
         self._misses += 1
         try:
             result = await run()
         except stale_on:
-            if entry is not None and policy.stale_if_error_s > 0:
+            if found is not None and policy.stale_if_error_s > 0:
+                row = found[0]
                 now = self._clock()
-                if now < entry.stale_until:
+                if now < row[4]:
                     self._stale_hits += 1
-                    stale = Result(entry.value, entry.content_type)
-                    return CachedResult(stale, "stale", max(0.0, now - entry.created))
+                    return CachedResult(row[5], "stale", max(0.0, now - row[2]))
             raise
         self.put(key, result.payload, result.content_type, policy.ttl_s, policy.stale_if_error_s)
         return CachedResult(result, "miss")

@@ -32,7 +32,9 @@ Pairs = Mapping[str, str] | Iterable[tuple[str, str]]
 DEFAULT_CLOUD_TIMEOUT_S = 30.0
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, ~3 us per request
+# here; nothing mutates a Routed after `invoke` returns it.
+@dataclass(slots=True)
 class Routed:
     result: Result
     version: str
@@ -79,11 +81,12 @@ class Router:
         routing = self.policy_for(name, fn)
         if fn is None and "cloud" not in routing.steps:
             raise self._unknown(name)
-        timeout_s = fn.manifest.timeout_ms / 1000 if fn else DEFAULT_CLOUD_TIMEOUT_S
-        inv = Invocation(payload, request_id, timeout_s, trace_id, content_type)
         where = {"served_by": "local", "version": fn.manifest.version if fn else ""}
 
         async def run() -> Result:
+            # The Invocation is built here, not before the cache lookup: a hit never needs it.
+            timeout_s = fn.manifest.timeout_ms / 1000 if fn else DEFAULT_CLOUD_TIMEOUT_S
+            inv = Invocation(payload, request_id, timeout_s, trace_id, content_type)
             return await self._run_chain(name, fn, inv, routing, where)
 
         started = time.perf_counter()

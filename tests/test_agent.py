@@ -330,3 +330,9 @@ def test_unknown_runtime_and_missing_toolchain_are_reported(tmp_path: Path) -> N
         assert http("GET", f"{agent.url}/v1/health").status == 200
     finally:
         agent.stop()
+
+
+def test_wrong_method_is_a_json_405(agent: AgentProcess) -> None:
+    resp = agent.get("/v1/functions/conformance-node/invoke")
+    assert resp.status == 405
+    assert resp.json()["error"]["code"] == "method_not_allowed"
