@@ -38,6 +38,7 @@ from cryptography.x509.oid import NameOID
 
 from cloud_sync.errors import CredentialsError, TopicError
 from cloud_sync.topics import validate_id
+from runtimes.fsio import atomic_write
 
 FORMAT = 1
 FILE_NAME = "credentials.json"
@@ -153,28 +154,6 @@ def save(path: Path | str, creds: DeviceCredentials) -> None:
     """Write atomically with mode 0600 from the first byte."""
     from_dict(json.loads(creds.to_json()))  # never persist something `load` would refuse
     atomic_write(Path(path), creds.to_json(), mode=0o600)
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int) -> None:
-    """Write `data` so readers see the old file or the new one, never half, with `mode`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)  # mkstemp makes it 0600 already; this also covers wider modes
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive power loss
-    finally:
-        os.close(dir_fd)
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 
 from cloud_sync import topics
-from cloud_sync.credentials import DeviceCredentials, atomic_write
+from cloud_sync.credentials import DeviceCredentials
 from cloud_sync.errors import CloudSyncError, ConfigError, PublishRefused
 from cloud_sync.mqtt import USER_PROPERTY_KEY, USER_PROPERTY_KIND, MqttSession
 from cloud_sync.outbox import METRICS_SCHEMA, Outbox, OutboxRecord, OutboxStats, gauge
@@ -54,6 +54,7 @@ from cloud_sync.state import (
     parse_desired,
     reported_document,
 )
+from runtimes.fsio import atomic_write
 
 log = logging.getLogger("edgefn.sync")
 

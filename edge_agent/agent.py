@@ -35,6 +35,7 @@ from edge_agent.metrics import BUCKETS, Metrics
 from edge_agent.router import Router
 from edge_agent.routing import check_policy
 from edge_agent.settings import Settings
+from runtimes.fsio import atomic_write
 from runtimes.pool import Pool
 from runtimes.sandbox import Sandbox
 
@@ -94,23 +95,6 @@ def build_sandbox(settings: Settings) -> Sandbox:
         f"cgroups: {status.describe()}",
     )
     return Sandbox(budget=budget, run_as=run_as, cgroups=cgroups if status.available else None)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write temp + fsync + rename: readers see the old or the new file, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def prepare_data_dir(data_dir: Path) -> None:

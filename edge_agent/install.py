@@ -56,6 +56,7 @@ from typing import Any, Literal
 
 from runtimes.bundle import DEFAULT_MAX_BUNDLE_BYTES, BundleManifest, check_version_order
 from runtimes.errors import BundleError, RuntimeErrorBase
+from runtimes.fsio import atomic_write, fsync_dir
 from runtimes.manifest import MANIFEST_NAME, NAME_RE, SEMVER_RE, Manifest, load_manifest, semver_key
 from runtimes.unpack import DEFAULT_LIMITS, UnpackLimits, remove_stale_staging
 from runtimes.verify import VerifiedBundle
@@ -154,27 +155,13 @@ def pause_point(step: str, data_dir: Path) -> None:
     time.sleep(PAUSE_S)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    from edge_agent.agent import atomic_write
-
-    atomic_write(path, data)
-
-
 def _remove_tree(path: Path) -> None:
     """Rename aside, then delete: a half-deleted tree never keeps a meaningful name."""
     if not os.path.lexists(path):
         return
     trash = path.with_name(f".trash-{secrets.token_hex(4)}")
     os.rename(path, trash)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -225,7 +212,7 @@ def read_meta(root: Path, version: str) -> dict[str, Any]:
 
 def _write_meta(root: Path, version: str, meta: dict[str, Any]) -> None:
     (root / META_DIR).mkdir(exist_ok=True)
-    _atomic_write(_meta_path(root, version), json.dumps(meta, sort_keys=True).encode())
+    atomic_write(_meta_path(root, version), json.dumps(meta, sort_keys=True).encode())
 
 
 def read_active(root: Path) -> str | None:
@@ -552,12 +539,12 @@ def _install_verified(vb: VerifiedBundle, digest: str, opts: InstallOptions) -> 
             },
         )
         os.rename(staging, work / version)
-        _fsync_dir(work)
+        fsync_dir(work)
         pause_point("switch", opts.data_dir)
-        _atomic_write(work / "active", f"{version}\n".encode())
+        atomic_write(work / "active", f"{version}\n".encode())
         if first:
             os.rename(work, root)
-            _fsync_dir(opts.functions_dir)
+            fsync_dir(opts.functions_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if first:
@@ -651,7 +638,7 @@ def rollback(name: str, opts: InstallOptions, *, to: str | None = None) -> Insta
             opts.warm_timeout_s,
             opts.data_dir,
         )
-        _atomic_write(root / "active", f"{target}\n".encode())
+        atomic_write(root / "active", f"{target}\n".encode())
         meta = read_meta(root, target)
         meta["activated_at"] = _now()
         _write_meta(root, target, meta)

@@ -34,7 +34,7 @@ def trust_dir(data_dir: Path) -> Path:
 
 def add_key(data_dir: Path, pubfile: Path) -> tuple[TrustedKey, bool]:
     """Trust the public key in `pubfile`; returns the stored key and whether it is new."""
-    from edge_agent.agent import atomic_write
+    from runtimes.fsio import atomic_write
 
     key = load_public_key(Path(pubfile))  # refuses anything but an Ed25519 PEM public key
     kid = key_id(key)

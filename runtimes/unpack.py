@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from runtimes.errors import BundleError
+from runtimes.fsio import fsync_dir
 
 BLOCK = 512
 MiB = 1 << 20
@@ -546,7 +547,7 @@ def unpack_archives(
         if isinstance(exc, OSError):  # disk full, permissions, a racing writer...
             raise _fail("io_error", f"{dest}: cannot unpack: {exc}") from exc
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return UnpackResult(path=dest, files=files, dirs=dirs, bytes=total)
 
 
@@ -556,14 +557,6 @@ def unpack_tar_gz(
     """Extract one .tar.gz (a file or bytes) into the new directory `dest`."""
     label = archive.name if isinstance(archive, Path) else "archive"
     return unpack_archives([ArchiveInput(label=label, source=archive)], dest, limits=limits)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, _OPEN_DIR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_mode_for(st_mode: int) -> int:

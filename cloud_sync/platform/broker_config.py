@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud_sync.credentials import atomic_write
 from cloud_sync.platform.pki import PLATFORM_IDENTITY, PlatformCA
 from cloud_sync.topics import PREFIX, ROOT, validate_id
+from runtimes.fsio import atomic_write
 
 # Messages the broker queues per offline persistent session. The device's own backlog lives in its
 # outbox, so this only bounds what the *platform* sends a device while it is away (desired

@@ -803,8 +803,9 @@ def _parse_labels(text: str) -> dict[str, str]:
 def cmd_device(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    from cloud_sync.credentials import atomic_write, from_dict
+    from cloud_sync.credentials import from_dict
     from cloud_sync.errors import CloudSyncError
+    from runtimes.fsio import atomic_write
 
     if args.device_command == "enroll":
         try:

@@ -31,9 +31,9 @@ from amqtt.session import Session  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from cloud_sync.credentials import atomic_write
 from cloud_sync.platform.pki import PLATFORM_IDENTITY, PlatformCA
 from cloud_sync.topics import PREFIX
+from runtimes.fsio import atomic_write
 
 log = logging.getLogger("edgefn.broker")
 

@@ -36,9 +36,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cloud_sync.credentials import atomic_write
 from cloud_sync.errors import PkiError, TopicError
 from cloud_sync.topics import validate_id
+from runtimes.fsio import atomic_write
 
 # The platform's own MQTT identity (certificate CN -> broker username). The ACL gives it the whole
 # tree, so no device may ever be issued this name.

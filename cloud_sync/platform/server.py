@@ -24,7 +24,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from aiohttp import web
 
@@ -38,28 +37,12 @@ from cloud_sync.platform.pki import PlatformCA
 from cloud_sync.platform.registry import Registry, publishers_verifier
 from cloud_sync.platform.settings import PlatformSettings
 from cloud_sync.platform.store import LocalStore, RegistryStore
+from runtimes.fsio import atomic_write
 
 log = logging.getLogger("edgefn.platform")
 
 STORE_KEY = web.AppKey("store", LocalStore)
 DEVICES_KEY = web.AppKey("devices", DevicesApi)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """temp + fsync + rename + dir fsync: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def create_app(

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, Protocol
 import sqlite_utils
 
 from cloud_sync.errors import CloudSyncError
+from runtimes.fsio import fsync_dir
 from runtimes.manifest import semver_key
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -125,14 +126,6 @@ def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalStore:
     """SQLite metadata + content-addressed blob directory (the default)."""
 
@@ -189,7 +182,7 @@ class LocalStore:
                 os.fsync(f.fileno())
             os.chmod(spooled, 0o644)
             os.replace(spooled, dest)  # same content if it existed: content-addressed
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except OSError as exc:
             raise StoreError(f"cannot store blob {digest}: {exc}") from exc
 
