@@ -7,16 +7,18 @@ PY := $(VENV)/bin/python
 # The system Python that creates the venv (pyenv shims are fine here: used once).
 PYTHON ?= python3
 # Debian packages the tests and the demo need (installed only when missing; needs root).
-APT_PACKAGES := mosquitto util-linux
+# patchelf and ccache: the Nuitka build of the agent binary; debootstrap: its clean-root install
+# test; wrk: benchmarks only.
+APT_PACKAGES := mosquitto util-linux patchelf ccache debootstrap
 
-.PHONY: all install system-deps run test lint fmt bench clean
+.PHONY: all install system-deps run test lint fmt bench binary deb clean
 
 all: install
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,binary]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -48,7 +50,17 @@ test: system-deps install lint
 	$(VENV)/bin/pytest -q
 
 bench: install
+	@command -v wrk >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 	$(PY) bench/invoke.py
+	$(PY) bench/cache.py
+	$(PY) -m bench.sync
+
+# The single-binary agent (Nuitka) and its .deb, in packaging/out/.
+binary: system-deps install
+	packaging/build_binary.sh --if-stale
+
+deb: binary
+	packaging/build_deb.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .demo
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .demo packaging/out
