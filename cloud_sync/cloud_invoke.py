@@ -13,12 +13,12 @@ error is a healthy platform.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from cloud_sync.errors import error_of
 from runtimes.errors import (
     FunctionError,
     InvocationTimeout,
@@ -149,7 +149,7 @@ class CloudInvoker:
                 raise CloudUnavailable("cloud answered without an X-Edgefn-Version header")
             self.breaker.success()
             return Result(body, ctype or "application/octet-stream", 0.0, run_s), version
-        err = _error_of(body)
+        err = error_of(body)
         if err is None:
             self.breaker.failure()
             raise CloudUnavailable(f"cloud answered HTTP {status} with a body that is not ours")
@@ -175,14 +175,6 @@ class CloudInvoker:
             await self._session.close()
             # Let the connector close its transports (aiohttp's documented graceful close).
             await asyncio.sleep(0)
-
-
-def _error_of(body: bytes) -> tuple[str, str] | None:
-    try:
-        err = json.loads(body)["error"]
-        return str(err["code"]), str(err["message"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def _cloud_error(status: int, code: str, message: str) -> RuntimeErrorBase:

@@ -146,3 +146,26 @@ class PublishRefused(MqttError):
         self.permanent = permanent
         if reason_code == 0x87:
             self.category = "auth"
+
+
+def error_of(body: bytes) -> tuple[str, str] | None:
+    """(code, message) of an edgefn JSON error body (agent or platform), or None if it is not one.
+
+    The one parser for `{"error": {"code": ..., "message": ...}}`, used by both CLIs and the
+    cloud client.
+    """
+    import json
+
+    try:
+        err = json.loads(body)["error"]
+        return str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def describe_http_error(status: int, body: bytes) -> str:
+    """One line for a failed HTTP call: the stable code when the server is ours, else the start."""
+    err = error_of(body)
+    if err is None:
+        return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
+    return f"{err[1]} ({err[0]}, HTTP {status})"

@@ -146,12 +146,9 @@ def _request(url: str, data: bytes | None, headers: dict[str, str], timeout: flo
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:
-    body = exc.read()
-    try:
-        err = json.loads(body)["error"]
-        return f"{err['message']} ({err['code']}, HTTP {exc.code})"
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {exc.code}: {body[:200].decode('utf-8', 'replace')}"
+    from cloud_sync.errors import describe_http_error
+
+    return describe_http_error(exc.code, exc.read())
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:

@@ -44,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cloud_sync.errors import describe_http_error
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
@@ -680,12 +682,7 @@ def cmd_fn_publish(args: argparse.Namespace) -> int:
 
 
 def _http_error(exc: urllib.error.HTTPError) -> str:
-    body = exc.read()
-    try:
-        err = json.loads(body)["error"]
-        return f"{err['message']} ({err['code']}, HTTP {exc.code})"
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {exc.code}: {body[:200].decode('utf-8', 'replace')}"
+    return describe_http_error(exc.code, exc.read())
 
 
 # ---- dispatch ---------------------------------------------------------------------------------
