@@ -26,13 +26,15 @@ last commits on power loss, and power loss is the common failure of an edge box.
 fsync per commit (~0.2 ms here); the outbox commits once per metrics interval, event or send batch,
 not per invocation, so the cost is small.
 
-Every database call runs on one thread that owns the connection (one transaction per call,
-`BEGIN IMMEDIATE`); the event loop only awaits futures. Plain sqlite3: one table, a counters
-table and a `user_version` check are all the schema management this needs. One process owns an
-outbox file at a time (in-memory leases and byte totals are per process).
+Every database call runs on the writer thread of a `runtimes.sqlitedb.Database`, which owns the
+connection (one `BEGIN IMMEDIATE` transaction per call); the event loop only awaits futures.
+Reads run there too: leases and the byte total are the writer's in-memory state. Plain sqlite3:
+one table, a counters table and a `user_version` check are all the schema management this
+needs. One process owns an outbox file at a time (in-memory leases and byte totals are per
+process).
 
-The metrics record format and its pure merge function live here too, because the merge rule is
-what makes the bound lossless for counters.
+The metrics record format and its merge rule (what makes the bound lossless for counters) live
+in `cloud_sync.metrics_record`; its names are re-exported here for the outbox's callers.
 """
 
 from __future__ import annotations
@@ -42,10 +44,7 @@ import concurrent.futures
 import itertools
 import json
 import logging
-import math
-import queue
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -54,200 +53,37 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cloud_sync.errors import CloudSyncError, MetricsFormatError, OutboxError, RecordTooLarge
+from cloud_sync.metrics_record import (
+    DEFAULT_LATENCY_BOUNDS_MS,
+    METRICS_SCHEMA,
+    gauge,
+    merge_metrics,
+    new_histogram,
+    observe,
+    validate_metrics,
+)
+from runtimes.sqlitedb import Database, transaction
+
+__all__ = [
+    "DEFAULT_LATENCY_BOUNDS_MS",
+    "DEFAULT_MAX_BYTES",
+    "DROP_EVENT_RESERVE",
+    "KIND_PRIORITY",
+    "METRICS_SCHEMA",
+    "RECORD_OVERHEAD",
+    "Outbox",
+    "OutboxRecord",
+    "OutboxStats",
+    "gauge",
+    "merge_metrics",
+    "new_histogram",
+    "observe",
+    "validate_metrics",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# ---------------------------------------------------------------------------------------------
-# Metrics record format (edgefn.metrics/1) and its merge. Pure.
-# ---------------------------------------------------------------------------------------------
-
-METRICS_SCHEMA = "edgefn.metrics/1"
-# Upper bounds (ms, inclusive) of the latency buckets; one more bucket catches everything above.
-# Roughly 1-2.5-5 steps: enough resolution for p50/p99 of both 1 ms in-process calls and 30 s jobs.
-DEFAULT_LATENCY_BOUNDS_MS: tuple[float, ...] = (
-    1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
-)  # fmt: skip
-_GAUGE_KEYS = ("avg", "max", "last")
-
-
-def new_histogram(bounds: Iterable[float] = DEFAULT_LATENCY_BOUNDS_MS) -> dict[str, Any]:
-    b = [float(x) for x in bounds]
-    return {"bounds": b, "counts": [0] * (len(b) + 1), "sum": 0.0}
-
-
-def observe(hist: dict[str, Any], value_ms: float) -> None:
-    """Count one latency into its bucket (the first bound >= value, else the overflow bucket)."""
-    bounds = hist["bounds"]
-    i = 0
-    while i < len(bounds) and value_ms > bounds[i]:
-        i += 1
-    hist["counts"][i] += 1
-    hist["sum"] += value_ms
-
-
-def gauge(value: float) -> dict[str, float]:
-    """A gauge sampled once: average, maximum and last value are all the sample."""
-    return {"avg": float(value), "max": float(value), "last": float(value)}
-
-
-def _num(x: Any) -> bool:
-    return not isinstance(x, bool) and isinstance(x, int | float) and math.isfinite(x)
-
-
-def validate_metrics(rec: Any) -> dict[str, Any]:
-    """Check a record against edgefn.metrics/1; MetricsFormatError names every bad field."""
-    bad: list[str] = []
-    if not isinstance(rec, dict):
-        raise MetricsFormatError("metrics record must be a JSON object")
-    if rec.get("schema") != METRICS_SCHEMA:
-        bad.append(f"schema: must be {METRICS_SCHEMA!r}")
-    if not isinstance(rec.get("device"), str) or not rec.get("device"):
-        bad.append("device: must be a non-empty string")
-    start: Any = rec.get("interval_start")
-    end: Any = rec.get("interval_end")
-    if not (_num(start) and _num(end)) or end < start:
-        bad.append("interval_start/interval_end: must be numbers with start <= end")
-    samples = rec.get("samples", 1)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        bad.append("samples: must be an integer >= 1")
-    fns = rec.get("functions", {})
-    if not isinstance(fns, dict):
-        bad.append("functions: must be an object")
-        fns = {}
-    for name, entry in fns.items():
-        path = f"functions.{name}"
-        if not isinstance(entry, dict):
-            bad.append(f"{path}: must be an object")
-            continue
-        for key, value in entry.items():
-            if key == "latency_ms":
-                bad.extend(_hist_problems(f"{path}.latency_ms", value))
-            elif key == "pool":
-                bad.extend(_gauges_problems(f"{path}.pool", value))
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                bad.append(f"{path}.{key}: counters must be integers >= 0")
-    bad.extend(_gauges_problems("system", rec.get("system", {})))
-    if bad:
-        raise MetricsFormatError("bad metrics record: " + "; ".join(bad))
-    return rec
-
-
-def _hist_problems(path: str, h: Any) -> list[str]:
-    if not isinstance(h, dict):
-        return [f"{path}: must be an object"]
-    bounds, counts = h.get("bounds"), h.get("counts")
-    if not isinstance(bounds, list) or not all(_num(b) for b in bounds):
-        return [f"{path}.bounds: must be a list of numbers"]
-    if any(b2 <= b1 for b1, b2 in itertools.pairwise(bounds)):
-        return [f"{path}.bounds: must be strictly increasing"]
-    if (
-        not isinstance(counts, list)
-        or len(counts) != len(bounds) + 1
-        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
-    ):
-        return [f"{path}.counts: must be len(bounds)+1 integers >= 0"]
-    if not _num(h.get("sum", 0.0)):
-        return [f"{path}.sum: must be a number"]
-    return []
-
-
-def _gauges_problems(path: str, table: Any) -> list[str]:
-    if not isinstance(table, dict):
-        return [f"{path}: must be an object"]
-    return [
-        f"{path}.{k}: must be a gauge {{avg, max, last}}"
-        for k, g in table.items()
-        if not isinstance(g, dict) or not all(_num(g.get(x)) for x in _GAUGE_KEYS)
-    ]
-
-
-def merge_metrics(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge two records of one device into one record covering both intervals.
-
-    Counters add; histograms add bucket-wise (bounds must match); gauges combine as a
-    duration-weighted average, the maximum, and the later record's last value; `samples` adds.
-    Order of the arguments does not matter. Neither input is modified.
-    """
-    first, second = sorted(
-        (validate_metrics(dict(a)), validate_metrics(dict(b))),
-        key=lambda r: (r["interval_start"], r["interval_end"]),
-    )
-    if first["device"] != second["device"]:
-        raise MetricsFormatError(
-            f"cannot merge metrics of {first['device']!r} and {second['device']!r}"
-        )
-    w1 = _weight(first)
-    w2 = _weight(second)
-    functions: dict[str, Any] = {}
-    f1, f2 = first.get("functions", {}), second.get("functions", {})
-    for name in sorted(set(f1) | set(f2)):
-        if name not in f1 or name not in f2:
-            functions[name] = json.loads(json.dumps(f1.get(name) or f2.get(name)))
-            continue
-        e1, e2 = f1[name], f2[name]
-        entry: dict[str, Any] = {}
-        for key in sorted(set(e1) | set(e2)):
-            if key not in e1 or key not in e2:
-                entry[key] = json.loads(json.dumps(e1.get(key, e2.get(key))))
-            elif key == "latency_ms":
-                entry[key] = _merge_hist(f"functions.{name}.latency_ms", e1[key], e2[key])
-            elif key == "pool":
-                entry[key] = _merge_gauges(e1[key], e2[key], w1, w2)
-            else:
-                entry[key] = e1[key] + e2[key]
-        functions[name] = entry
-    out: dict[str, Any] = {
-        "schema": METRICS_SCHEMA,
-        "device": first["device"],
-        "interval_start": first["interval_start"],
-        "interval_end": max(first["interval_end"], second["interval_end"]),
-        "samples": first.get("samples", 1) + second.get("samples", 1),
-        "functions": functions,
-    }
-    system = _merge_gauges(first.get("system", {}), second.get("system", {}), w1, w2)
-    if system:
-        out["system"] = system
-    return out
-
-
-def _weight(rec: Mapping[str, Any]) -> float:
-    # Weigh averages by time covered; zero-length intervals (tests, clock steps) by sample count.
-    duration = float(rec["interval_end"] - rec["interval_start"])
-    return duration if duration > 0 else 1e-9 * rec.get("samples", 1)
-
-
-def _merge_hist(path: str, h1: Mapping[str, Any], h2: Mapping[str, Any]) -> dict[str, Any]:
-    if list(h1["bounds"]) != list(h2["bounds"]):
-        raise MetricsFormatError(f"{path}: histogram bounds differ, cannot merge")
-    return {
-        "bounds": list(h1["bounds"]),
-        "counts": [x + y for x, y in zip(h1["counts"], h2["counts"], strict=True)],
-        "sum": h1.get("sum", 0.0) + h2.get("sum", 0.0),
-    }
-
-
-def _merge_gauges(
-    g1: Mapping[str, Any], g2: Mapping[str, Any], w1: float, w2: float
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in sorted(set(g1) | set(g2)):
-        if key not in g1 or key not in g2:  # e.g. temperature appeared or vanished
-            out[key] = dict(g1.get(key) or g2[key])
-            continue
-        a, b = g1[key], g2[key]
-        out[key] = {
-            "avg": (a["avg"] * w1 + b["avg"] * w2) / (w1 + w2),
-            "max": max(a["max"], b["max"]),
-            "last": b["last"],
-        }
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The outbox.
-# ---------------------------------------------------------------------------------------------
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024  # ~a day of 10 s metrics for 50 functions before merging
 # Bytes charged per record on top of topic + payload: key, timestamps, row and index entries.
@@ -279,7 +115,12 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_metrics ON records(kind, topic, interval_start);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-_COLUMNS = "id, kind, topic, payload, key, created, attempts, interval_start, interval_end, size"
+# The columns an `OutboxRecord` is read from, in SELECT order (`_row` maps them by name).
+_FIELDS = (
+    "id", "kind", "topic", "payload", "key", "created", "attempts",
+    "interval_start", "interval_end", "size",
+)  # fmt: skip
+_COLUMNS = ", ".join(_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,18 +150,9 @@ class OutboxStats:
 
 
 def _row(r: tuple[Any, ...]) -> OutboxRecord:
-    return OutboxRecord(
-        id=r[0],
-        kind=r[1],
-        topic=r[2],
-        payload=bytes(r[3]),
-        key=r[4],
-        created=r[5],
-        attempts=r[6],
-        interval_start=r[7],
-        interval_end=r[8],
-        size=r[9],
-    )
+    fields = dict(zip(_FIELDS, r, strict=True))
+    fields["payload"] = bytes(fields["payload"])
+    return OutboxRecord(**fields)
 
 
 class Outbox:
@@ -337,10 +169,7 @@ class Outbox:
         self._total = 0
         self._leased: set[int] = set()
         self._drop_event_id: int | None = None
-        self._jobs: queue.SimpleQueue[
-            tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any], bool] | None
-        ] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._db: Database | None = None
         self._closed = False
         self._appended = asyncio.Event()
 
@@ -354,10 +183,13 @@ class Outbox:
     ) -> Outbox:
         """Open (creating if needed) the outbox file; `events_topic` receives drop reports."""
         self = cls(Path(path), max_bytes=max_bytes, events_topic=events_topic)
-        self._thread = threading.Thread(target=self._run, name="edgefn-outbox", daemon=True)
-        self._thread.start()
+        # FULL: see the module docstring (power loss is the common failure of an edge box).
+        self._db = Database(self.path, synchronous="FULL", setup=self._init, name="edgefn-outbox")
         try:
-            await self._call(self._init, txn=False)
+            await asyncio.wrap_future(self._db.opened)
+        except sqlite3.Error as exc:
+            await self.close()
+            raise OutboxError(f"cannot open outbox {self.path}: {exc}") from exc
         except BaseException:
             await self.close()
             raise
@@ -374,9 +206,8 @@ class Outbox:
         if self._closed:
             return
         self._closed = True
-        self._jobs.put(None)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        if self._db is not None:
+            await self._db.aclose()
 
     # ---- public async API -------------------------------------------------------------------
 
@@ -420,8 +251,25 @@ class Outbox:
         )
 
     async def lease(self, limit: int = 32) -> list[OutboxRecord]:
-        """The oldest `limit` records no other sender holds; each lease counts as an attempt."""
-        return await self._call(lambda c: self._lease(c, limit))
+        """The oldest `limit` records no other sender holds; each lease counts as an attempt.
+
+        Cancellation-safe: if the caller is cancelled while the lease runs on the writer, what it
+        leased is released again (else those records would wait for a restart).
+        """
+        fut = self._submit(lambda c: self._lease(c, limit))
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(self._release_orphaned_lease)
+            raise
+
+    def _release_orphaned_lease(self, fut: concurrent.futures.Future[list[OutboxRecord]]) -> None:
+        if fut.cancelled() or fut.exception() is not None or not fut.result():
+            return
+        ids = [r.id for r in fut.result()]
+        if self._db is not None and not self._closed:
+            # A job, not a direct update: this callback may run on the caller's thread.
+            self._db.submit(lambda c: self._leased.difference_update(ids), txn=False)
 
     async def peek(self, limit: int = 100) -> list[OutboxRecord]:
         """The oldest records, leased or not, without touching them (inspection, tests)."""
@@ -464,74 +312,46 @@ class Outbox:
 
     # ---- writer thread ----------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, txn: bool = True) -> T:
-        if self._closed:
+    def _submit(
+        self, fn: Callable[[sqlite3.Connection], T], *, txn: bool = True
+    ) -> concurrent.futures.Future[T]:
+        if self._closed or self._db is None:
             raise OutboxError("outbox is closed", code="outbox_closed")
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._jobs.put((fn, fut, txn))
-        return await asyncio.wrap_future(fut)
+        return self._db.submit(lambda conn: self._job(conn, fn, txn), txn=False)
 
-    def _run(self) -> None:
-        conn: sqlite3.Connection | None = None
-        err: OutboxError | None = None
+    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, txn: bool = True) -> T:
+        return await asyncio.wrap_future(self._submit(fn, txn=txn))
+
+    def _job(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], txn: bool) -> T:
+        """One call on the writer thread: its transaction, and the in-memory state with it."""
+        leased_before = set(self._leased)
+        total_before, drop_id_before = self._total, self._drop_event_id
         try:
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
-        except sqlite3.Error as exc:
-            err = OutboxError(f"cannot open outbox {self.path}: {exc}")
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                break
-            fn, fut, txn = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            if err is not None or conn is None:
-                fut.set_exception(err or OutboxError("outbox is not open"))
-                continue
-            leased_before = set(self._leased)
-            total_before, drop_id_before = self._total, self._drop_event_id
-            try:
-                if txn:
-                    # IMMEDIATE takes the write lock up front: no lock-upgrade failure midway.
-                    conn.execute("BEGIN IMMEDIATE")
-                result = fn(conn)
-                if txn:
-                    conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        log.exception("outbox rollback failed")
-                # The database rolled back, so must our in-memory view of it.
-                self._leased = leased_before
-                self._total, self._drop_event_id = total_before, drop_id_before
-                if isinstance(exc, sqlite3.Error):
-                    exc = OutboxError(f"outbox database error: {exc}")
-                elif not isinstance(exc, CloudSyncError | ValueError | TypeError):
-                    log.exception("outbox job failed")
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-        if conn is not None:
-            conn.close()
+            if not txn:
+                return fn(conn)
+            with transaction(conn):
+                return fn(conn)
+        except BaseException as exc:
+            # The database rolled back, so must our in-memory view of it.
+            self._leased = leased_before
+            self._total, self._drop_event_id = total_before, drop_id_before
+            if isinstance(exc, sqlite3.Error):
+                raise OutboxError(f"outbox database error: {exc}") from exc
+            if not isinstance(exc, CloudSyncError | ValueError | TypeError):
+                log.exception("outbox job failed")
+            raise
 
     def _init(self, conn: sqlite3.Connection) -> None:
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise OutboxError(f"outbox {self.path}: cannot enable WAL (journal_mode={mode})")
-        conn.execute("PRAGMA synchronous=FULL")  # see the module docstring
-        conn.execute("BEGIN IMMEDIATE")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise OutboxError(f"outbox {self.path} has schema {version}, newer than this agent")
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        self._total = conn.execute("SELECT COALESCE(SUM(size), 0) FROM records").fetchone()[0]
-        conn.execute("COMMIT")
+        """The Database's setup step: schema check and creation, the byte total."""
+        with transaction(conn):
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise OutboxError(f"outbox {self.path} has schema {version}, newer than this agent")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._total = conn.execute("SELECT COALESCE(SUM(size), 0) FROM records").fetchone()[0]
 
     def _append(
         self,
@@ -558,7 +378,7 @@ class Outbox:
             rows = conn.execute(
                 "SELECT id FROM records WHERE kind=? AND topic=?", (kind, topic)
             ).fetchall()
-            superseded = [r[0] for r in rows if r[0] not in self._leased]
+            superseded = [rid for (rid,) in rows if rid not in self._leased]
             if superseded:
                 self._delete(conn, superseded, drop=False)
         dropped = self._make_room(conn, size + self._reserve)
@@ -646,9 +466,10 @@ class Outbox:
         if not rows:
             return None
 
-        def order(r: tuple[int, str]) -> tuple[int, int, int]:
+        def order(row: tuple[int, str]) -> tuple[int, int, int]:
+            rid, kind = row
             # Records on the wire go last: dropping one is harmless but usually wasted.
-            return (r[0] in self._leased, KIND_PRIORITY.get(r[1], DEFAULT_PRIORITY), r[0])
+            return (rid in self._leased, KIND_PRIORITY.get(kind, DEFAULT_PRIORITY), rid)
 
         return int(min(rows, key=order)[0])
 
@@ -661,11 +482,11 @@ class Outbox:
                 f"SELECT id, size FROM records WHERE id IN ({marks})", chunk
             ).fetchall()
             if rows:
-                found = [r[0] for r in rows]
+                found = [rid for rid, _ in rows]
                 conn.execute(
                     f"DELETE FROM records WHERE id IN ({','.join('?' * len(found))})", found
                 )
-                freed = sum(r[1] for r in rows)
+                freed = sum(size for _, size in rows)
                 self._total -= freed
                 deleted += len(rows)
                 if drop:
@@ -715,7 +536,7 @@ class Outbox:
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM records ORDER BY id LIMIT ?", (limit + len(self._leased),)
         ).fetchall()
-        picked = [_row(r) for r in rows if r[0] not in self._leased][:limit]
+        picked = [rec for rec in map(_row, rows) if rec.id not in self._leased][:limit]
         if not picked:
             return []
         ids = [r.id for r in picked]
