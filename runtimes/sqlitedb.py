@@ -136,11 +136,12 @@ def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator
     conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield
+        conn.execute("COMMIT")  # inside: a COMMIT that fails (busy) leaves the transaction open
     except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 _Job = tuple[Callable[[sqlite3.Connection], Any], "concurrent.futures.Future[Any]", bool]
