@@ -10,6 +10,8 @@ import asyncio
 import glob
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -396,3 +398,80 @@ def test_error_classes_are_not_results() -> None:
     # The API-level guarantee in one line: what the router gets from a failed run is an
     # exception, and the cache's put only takes bytes.
     assert not isinstance(ManifestError("x"), bytes | bytearray | memoryview)
+
+
+async def test_a_file_made_by_sqlite_utils_opens_unchanged(tmp_path: Path, clock: Clock) -> None:
+    """Agents before the plain-SQL schema created the file with sqlite-utils: same tables,
+    same indexes, same version, so such a file opens with its entries and nothing is rebuilt."""
+    import sqlite_utils  # the test may use it; the agent does not (next test)
+
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(path)
+    db.conn.execute("PRAGMA journal_mode=WAL")
+    db.table("schema_version").create({"id": int, "version": int}, pk="id")
+    db.conn.execute("INSERT INTO schema_version (id, version) VALUES (1, 1)")
+    entries = db.table("entries")
+    columns = {"key": str, "function": str, "scope": str, "value": bytes, "content_type": str}
+    times = {"created": float, "expires": float, "stale_until": float}
+    entries.create(
+        {**columns, **times, "size": int, "last_access": float},
+        pk="key",
+        not_null=[*list(columns)[1:], *times, "size", "last_access"],  # key: the primary key
+    )
+    for index in (["last_access"], ["function", "scope"], ["stale_until"]):
+        entries.create_index(index)
+    k = key(b"old")
+    now = clock()
+    entries.insert(
+        {"key": k.id, "function": k.function, "scope": k.scope, "value": b"kept"}
+        | {"content_type": "a/b", "created": now, "expires": now + 60, "stale_until": now + 60}
+        | {"size": 100, "last_access": now}
+    )
+    db.conn.commit()
+    db.close()
+    made_by_sqlite_utils = _schema_sql(path)
+    async with await ResultCache.open(path, clock=clock) as c:
+        s = c.stats()
+        assert (s["state"], s["entries"], s["recoveries"]) == ("ok", 1, 0)
+        hit = await c.get(k)
+        assert hit is not None and hit.value == b"kept"
+    fresh = tmp_path / "fresh.db"
+    async with await ResultCache.open(fresh, clock=clock):
+        pass
+    assert _schema_sql(fresh) == made_by_sqlite_utils  # the same schema, whoever made it
+
+
+def _schema_sql(path: Path) -> list[tuple[str, str]]:
+    """Table and index definitions, without whitespace and quoting."""
+    with sqlite3.connect(path) as db:
+        found = db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name"
+        ).fetchall()
+    db.close()
+    return [(n, "".join(s.split()).replace('"', "")) for n, s in found]
+
+
+def test_the_agent_never_imports_sqlite_utils(tmp_path: Path) -> None:
+    """sqlite-utils is the platform's; the agent (and its cache) run on plain sqlite3."""
+    code = (
+        "import asyncio, sys\n"
+        "import edge_agent.agent\n"
+        "from edge_agent.cache import ResultCache\n"
+        "from cloud_sync.outbox import Outbox\n"
+        "async def main():\n"
+        "    c = await ResultCache.open(sys.argv[1])\n"
+        "    await c.close()\n"
+        "    o = await Outbox.open(sys.argv[2])\n"
+        "    await o.close()\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sqlite_utils')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "c.db"), str(tmp_path / "o.db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
+    assert (tmp_path / "c.db").exists() and (tmp_path / "o.db").exists()

@@ -309,3 +309,25 @@ async def test_discard_counts_as_a_drop(tmp_path: Path) -> None:
         assert stats.dropped == 1 and stats.records == 1  # the drop report
         (report,) = await ob.peek(10)
         assert json.loads(report.payload)["dropped_total"] == 1
+
+
+async def test_a_cancelled_lease_gives_its_records_back(tmp_path: Path) -> None:
+    """The sender is cancelled after the writer leased records but before it got them: those
+    records must be sendable again now, not only after a restart."""
+    async with await Outbox.open(tmp_path / "o.db") as ob:
+        for i in range(3):
+            await ob.append("events", EVENTS, b"r%d" % i)
+        lease = asyncio.create_task(ob.lease(10))
+        await asyncio.sleep(0)  # the lease job is queued on the writer
+        # Block the loop until the writer has run the lease (and one job after it): the
+        # answer is on its way to the loop, and the caller is cancelled before it arrives.
+        assert ob._db is not None
+        ob._db.submit(lambda c: None, txn=False).result(10)
+        lease.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await lease
+        stats = await ob.stats()
+        assert stats.leased == 0
+        again = await ob.lease(10)
+        assert [r.payload for r in again] == [b"r0", b"r1", b"r2"]
+        assert [r.attempts for r in again] == [2, 2, 2]  # the lost lease counted as an attempt
