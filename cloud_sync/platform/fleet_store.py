@@ -1,9 +1,11 @@
 """What the platform knows about devices: registry, desired state, reported state, metrics.
 
 One SQLite file (`<data_dir>/fleet.db`, WAL) behind plain methods; every method blocks, so async
-callers use `asyncio.to_thread`. One connection guarded by a lock serves all threads (the write
-rate is one row per device per metrics interval: small for one host; a fleet swaps this class
-for PostgreSQL behind the same methods).
+callers use `asyncio.to_thread`. The access pattern is the shared one (`runtimes.sqlitedb`): a
+writer thread owns the write connection and runs each change in one `BEGIN IMMEDIATE`
+transaction; reads run on a connection of their own per calling thread, in one snapshot, and
+never wait for a write. The write rate is one row per device per metrics interval: small for one
+host; a fleet swaps this class for PostgreSQL behind the same methods.
 
 Tables:
 
@@ -25,14 +27,29 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cloud_sync.errors import CloudSyncError
+from cloud_sync.platform.assignments import apply_assignments, parse_assignments
+from runtimes.sqlitedb import Database
+
+# Config edits by `KEY=VALUE` moved to their own module; re-exported for existing importers.
+__all__ = [
+    "HTTP_ONLINE_S",
+    "Desired",
+    "DeviceExists",
+    "FleetError",
+    "FleetStore",
+    "UnknownDevice",
+    "apply_assignments",
+    "parse_assignments",
+    "record_digest",
+    "token_hash",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -120,71 +137,80 @@ class Desired:
 class FleetStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a platform crash loses nothing committed; a power cut may lose the last
         # commits, which devices resend (they delete records only after our 2xx/PUBACK ... of
         # the broker, so the broker path relies on the broker's own persistence).
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        with self._lock:
-            self._db.executescript(_SCHEMA)
+        self._db = Database(
+            self.path, synchronous="NORMAL", setup=_create_schema, name="edgefn-fleet-db"
+        )
+        try:
+            self._db.opened.result()
+        except (OSError, sqlite3.Error) as exc:
+            self._db.close()
+            raise FleetError(f"cannot open the fleet store {self.path}: {exc}") from exc
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     # ---- registry ----------------------------------------------------------------------
 
     def enroll(
         self, device_id: str, labels: Mapping[str, str], token: str, cert_serial: int
     ) -> None:
-        with self._lock:
-            try:
-                self._db.execute(
+        row = (
+            device_id,
+            json.dumps(dict(labels)),
+            token_hash(token),
+            str(cert_serial),
+            time.time(),
+        )
+        try:
+            self._db.write(
+                lambda c: c.execute(
                     "INSERT INTO devices (id, labels, token_hash, cert_serial, enrolled_at)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (device_id, json.dumps(dict(labels)), token_hash(token), str(cert_serial),
-                     time.time()),
-                )  # fmt: skip
-            except sqlite3.IntegrityError as exc:
-                raise DeviceExists(f"device {device_id!r} is already enrolled") from exc
+                    row,
+                )
+            )
+        except sqlite3.IntegrityError as exc:
+            raise DeviceExists(f"device {device_id!r} is already enrolled") from exc
 
     def revoke(self, device_id: str) -> int:
         """Mark revoked and forget its token; returns the certificate serial to put on the CRL."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT cert_serial FROM devices WHERE id=?", (device_id,)
-            ).fetchone()
+
+        def revoke(c: sqlite3.Connection) -> int:
+            row = c.execute("SELECT cert_serial FROM devices WHERE id=?", (device_id,)).fetchone()
             if row is None:
                 raise UnknownDevice(f"no device {device_id!r}")
-            self._db.execute(
-                "UPDATE devices SET revoked=1, token_hash=NULL WHERE id=?", (device_id,)
-            )
-            return int(row[0])
+            c.execute("UPDATE devices SET revoked=1, token_hash=NULL WHERE id=?", (device_id,))
+            (serial,) = row
+            return int(serial)
+
+        return self._db.write(revoke)
 
     def token_index(self) -> dict[str, str]:
-        with self._lock:
-            rows = self._db.execute(
+        rows = self._db.read(
+            lambda c: c.execute(
                 "SELECT token_hash, id FROM devices WHERE token_hash IS NOT NULL AND revoked=0"
             ).fetchall()
+        )
         return {h: d for h, d in rows}
 
     def revoked_serials(self) -> set[int]:
-        with self._lock:
-            rows = self._db.execute("SELECT cert_serial FROM devices WHERE revoked=1").fetchall()
-        return {int(r[0]) for r in rows if r[0]}
+        rows = self._db.read(
+            lambda c: c.execute("SELECT cert_serial FROM devices WHERE revoked=1").fetchall()
+        )
+        return {int(serial) for (serial,) in rows if serial}
 
     def exists(self, device_id: str) -> bool:
-        with self._lock:
-            return (
-                self._db.execute("SELECT 1 FROM devices WHERE id=?", (device_id,)).fetchone()
-                is not None
-            )
+        found = self._db.read(
+            lambda c: c.execute("SELECT 1 FROM devices WHERE id=?", (device_id,)).fetchone()
+        )
+        return found is not None
 
     def device_ids(self) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT id FROM devices ORDER BY id")]
+        rows = self._db.read(lambda c: c.execute("SELECT id FROM devices ORDER BY id").fetchall())
+        return [ident for (ident,) in rows]
 
     def describe(
         self, device_id: str | None = None, now: float | None = None
@@ -199,8 +225,7 @@ class FleetStore:
         if device_id is not None:
             sql += " WHERE id=?"
             args = (device_id,)
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY id", args).fetchall()
+        rows = self._db.read(lambda c: c.execute(sql + " ORDER BY id", args).fetchall())
         out = []
         for (ident, labels, enrolled, revoked, presence, _presence_at, last_seen,
              http_seen, desired_v, reported_raw) in rows:  # fmt: skip
@@ -233,83 +258,82 @@ class FleetStore:
     # ---- desired -----------------------------------------------------------------------
 
     def desired(self, device_id: str) -> Desired:
-        with self._lock:
-            row = self._db.execute(
+        row = self._db.read(
+            lambda c: c.execute(
                 "SELECT desired_version, desired_config FROM devices WHERE id=?", (device_id,)
             ).fetchone()
+        )
         if row is None:
             raise UnknownDevice(f"no device {device_id!r}")
-        return Desired(int(row[0]), json.loads(row[1]))
+        version, config = row
+        return Desired(int(version), json.loads(config))
 
     def set_desired(self, device_id: str, config: Mapping[str, Any]) -> Desired:
         """Store a new config under the next version (the caller validated it)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    "SELECT desired_version FROM devices WHERE id=?", (device_id,)
-                ).fetchone()
-                if row is None:
-                    raise UnknownDevice(f"no device {device_id!r}")
-                version = int(row[0]) + 1
-                self._db.execute(
-                    "UPDATE devices SET desired_version=?, desired_config=? WHERE id=?",
-                    (version, json.dumps(dict(config)), device_id),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return Desired(version, dict(config))
+        doc = json.dumps(dict(config))
+
+        def bump(c: sqlite3.Connection) -> int:
+            row = c.execute(
+                "SELECT desired_version FROM devices WHERE id=?", (device_id,)
+            ).fetchone()
+            if row is None:
+                raise UnknownDevice(f"no device {device_id!r}")
+            version = int(row[0]) + 1
+            c.execute(
+                "UPDATE devices SET desired_version=?, desired_config=? WHERE id=?",
+                (version, doc, device_id),
+            )
+            return version
+
+        return Desired(self._db.write(bump), dict(config))
 
     def group_desired(self, name: str) -> Desired | None:
-        with self._lock:
-            row = self._db.execute(
+        row = self._db.read(
+            lambda c: c.execute(
                 "SELECT desired_version, desired_config FROM groups WHERE name=?", (name,)
             ).fetchone()
-        return Desired(int(row[0]), json.loads(row[1])) if row else None
+        )
+        if row is None:
+            return None
+        version, config = row
+        return Desired(int(version), json.loads(config))
 
     def set_group_desired(self, name: str, config: Mapping[str, Any]) -> Desired:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    "SELECT desired_version FROM groups WHERE name=?", (name,)
-                ).fetchone()
-                version = (int(row[0]) if row else 0) + 1
-                self._db.execute(
-                    "INSERT INTO groups (name, desired_version, desired_config) VALUES (?, ?, ?)"
-                    " ON CONFLICT(name) DO UPDATE SET desired_version=excluded.desired_version,"
-                    " desired_config=excluded.desired_config",
-                    (name, version, json.dumps(dict(config))),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return Desired(version, dict(config))
+        doc = json.dumps(dict(config))
+
+        def bump(c: sqlite3.Connection) -> int:
+            row = c.execute("SELECT desired_version FROM groups WHERE name=?", (name,)).fetchone()
+            version = (int(row[0]) if row else 0) + 1
+            c.execute(
+                "INSERT INTO groups (name, desired_version, desired_config) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET desired_version=excluded.desired_version,"
+                " desired_config=excluded.desired_config",
+                (name, version, doc),
+            )
+            return version
+
+        return Desired(self._db.write(bump), dict(config))
 
     def group_names(self) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT name FROM groups ORDER BY name")]
+        rows = self._db.read(
+            lambda c: c.execute("SELECT name FROM groups ORDER BY name").fetchall()
+        )
+        return [name for (name,) in rows]
 
     # ---- intake ------------------------------------------------------------------------
 
     def seen(self, device_id: str, *, via: str, presence: str | None = None) -> None:
         now = time.time()
-        with self._lock:
-            if presence is not None:
-                self._db.execute(
-                    "UPDATE devices SET presence=?, presence_at=?, last_seen=? WHERE id=?",
-                    (presence, now, now, device_id),
-                )
-            elif via == "http":
-                self._db.execute(
-                    "UPDATE devices SET http_seen=?, last_seen=? WHERE id=?",
-                    (now, now, device_id),
-                )
-            else:
-                self._db.execute("UPDATE devices SET last_seen=? WHERE id=?", (now, device_id))
+        if presence is not None:
+            sql = "UPDATE devices SET presence=?, presence_at=?, last_seen=? WHERE id=?"
+            args: tuple[Any, ...] = (presence, now, now, device_id)
+        elif via == "http":
+            sql = "UPDATE devices SET http_seen=?, last_seen=? WHERE id=?"
+            args = (now, now, device_id)
+        else:
+            sql = "UPDATE devices SET last_seen=? WHERE id=?"
+            args = (now, device_id)
+        self._db.write(lambda c: c.execute(sql, args))
 
     def ingest(
         self,
@@ -330,63 +354,34 @@ class FleetStore:
                 doc = json.loads(payload)
             except ValueError:
                 doc = None
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = self._db.execute(
-                    "INSERT OR IGNORE INTO records (key, digest, device, kind, via, received_at,"
-                    " payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (key, digest, device_id, kind, via, now, payload),
-                )
-                new = cur.rowcount == 1
-                if new and kind == "metrics" and isinstance(doc, dict):
-                    self._add_metrics(cur.lastrowid or 0, device_id, doc)
-                if new and kind == "reported" and isinstance(doc, dict):
-                    seq = doc.get("version")
-                    if isinstance(seq, int):
-                        self._db.execute(
-                            "UPDATE devices SET reported=?, reported_seq=? WHERE id=?"
-                            " AND reported_seq < ?",
-                            (payload.decode(), seq, device_id, seq),
-                        )
-                if via == "http":
-                    self._db.execute(
-                        "UPDATE devices SET http_seen=?, last_seen=? WHERE id=?",
-                        (now, now, device_id),
-                    )
-                else:
-                    self._db.execute("UPDATE devices SET last_seen=? WHERE id=?", (now, device_id))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return new
 
-    def _add_metrics(self, record_id: int, device_id: str, doc: Mapping[str, Any]) -> None:
-        start, end = doc.get("interval_start", 0.0), doc.get("interval_end", 0.0)
-        fns = doc.get("functions")
-        if not isinstance(fns, dict):
-            return
-        rows = []
-        for name, entry in fns.items():
-            if not isinstance(entry, dict):
-                continue
-            lat = entry.get("latency_ms") if isinstance(entry.get("latency_ms"), dict) else {}
-            rows.append(
-                (
-                    record_id,
-                    device_id,
-                    str(name),
-                    float(start),
-                    float(end),
-                    _int(entry.get("invocations")),
-                    _int(entry.get("errors")),
-                    _int(entry.get("cache_hits")),
-                    _int(entry.get("cache_misses")),
-                    float(lat.get("sum", 0.0) if lat else 0.0),
-                )
+        def store(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO records (key, digest, device, kind, via, received_at,"
+                " payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, digest, device_id, kind, via, now, payload),
             )
-        self._db.executemany("INSERT INTO fn_metrics VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+            new = cur.rowcount == 1
+            if new and kind == "metrics" and isinstance(doc, dict):
+                _add_metrics(c, cur.lastrowid or 0, device_id, doc)
+            if new and kind == "reported" and isinstance(doc, dict):
+                seq = doc.get("version")
+                if isinstance(seq, int):
+                    c.execute(
+                        "UPDATE devices SET reported=?, reported_seq=? WHERE id=?"
+                        " AND reported_seq < ?",
+                        (payload.decode(), seq, device_id, seq),
+                    )
+            if via == "http":
+                c.execute(
+                    "UPDATE devices SET http_seen=?, last_seen=? WHERE id=?",
+                    (now, now, device_id),
+                )
+            else:
+                c.execute("UPDATE devices SET last_seen=? WHERE id=?", (now, device_id))
+            return new
+
+        return self._db.write(store)
 
     # ---- queries -----------------------------------------------------------------------
 
@@ -401,18 +396,23 @@ class FleetStore:
         if function is not None:
             sql += " AND function=?"
             args.append(function)
-        with self._lock:
-            if not self._db.execute("SELECT 1 FROM devices WHERE id=?", (device_id,)).fetchone():
+
+        def query(c: sqlite3.Connection) -> tuple[list[Any], int, Any]:
+            # One read snapshot: the totals, the count and the latest record agree.
+            if not c.execute("SELECT 1 FROM devices WHERE id=?", (device_id,)).fetchone():
                 raise UnknownDevice(f"no device {device_id!r}")
-            rows = self._db.execute(sql + " GROUP BY function ORDER BY function", args).fetchall()
-            count = self._db.execute(
+            rows = c.execute(sql + " GROUP BY function ORDER BY function", args).fetchall()
+            (count,) = c.execute(
                 "SELECT COUNT(*) FROM records WHERE device=? AND kind='metrics'", (device_id,)
-            ).fetchone()[0]
-            last = self._db.execute(
+            ).fetchone()
+            last = c.execute(
                 "SELECT payload FROM records WHERE device=? AND kind='metrics'"
                 " ORDER BY id DESC LIMIT 1",
                 (device_id,),
             ).fetchone()
+            return rows, int(count), last
+
+        rows, count, last = self._db.read(query)
         functions = {}
         for name, inv, err, hits, misses, lat_sum, start, end, n in rows:
             functions[name] = {
@@ -428,8 +428,9 @@ class FleetStore:
             }
         system: dict[str, Any] = {}
         if last is not None:
+            (payload,) = last
             try:
-                system = json.loads(last[0]).get("system") or {}
+                system = json.loads(payload).get("system") or {}
             except ValueError:
                 system = {}
         return {"device": device_id, "records": count, "functions": functions, "system": system}
@@ -440,8 +441,9 @@ class FleetStore:
         if kind is not None:
             sql += " AND kind=?"
             args.append(kind)
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
+        rows = self._db.read(
+            lambda c: c.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
+        )
         out = []
         for k, via, at, payload in rows:
             try:
@@ -452,54 +454,47 @@ class FleetStore:
         return out
 
     def record_counts(self, device_id: str) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute(
+        rows = self._db.read(
+            lambda c: c.execute(
                 "SELECT kind, COUNT(*) FROM records WHERE device=? GROUP BY kind", (device_id,)
             ).fetchall()
+        )
         return {k: n for k, n in rows}
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """The Database's setup step (idempotent: every statement is IF NOT EXISTS)."""
+    conn.executescript(_SCHEMA)
+
+
+def _add_metrics(
+    conn: sqlite3.Connection, record_id: int, device_id: str, doc: Mapping[str, Any]
+) -> None:
+    start, end = doc.get("interval_start", 0.0), doc.get("interval_end", 0.0)
+    fns = doc.get("functions")
+    if not isinstance(fns, dict):
+        return
+    rows = []
+    for name, entry in fns.items():
+        if not isinstance(entry, dict):
+            continue
+        lat = entry.get("latency_ms") if isinstance(entry.get("latency_ms"), dict) else {}
+        rows.append(
+            (
+                record_id,
+                device_id,
+                str(name),
+                float(start),
+                float(end),
+                _int(entry.get("invocations")),
+                _int(entry.get("errors")),
+                _int(entry.get("cache_hits")),
+                _int(entry.get("cache_misses")),
+                float(lat.get("sum", 0.0) if lat else 0.0),
+            )
+        )
+    conn.executemany("INSERT INTO fn_metrics VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
 
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
-    """`KEY=VALUE` pairs; VALUE is JSON when it parses (3, true, null, {...}), else a string."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{item!r}: expected KEY=VALUE")
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
-        out[key.strip()] = value
-    return out
-
-
-def apply_assignments(config: Mapping[str, Any], sets: Mapping[str, Any]) -> dict[str, Any]:
-    """Set dotted paths in a copy of `config`; a null value removes the key (local default)."""
-    out: dict[str, Any] = json.loads(json.dumps(dict(config)))
-    for path, value in sets.items():
-        parts = path.split(".")
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        if value is None:
-            node.pop(parts[-1], None)
-        else:
-            node[parts[-1]] = value
-    return _prune(out)
-
-
-def _prune(node: dict[str, Any]) -> dict[str, Any]:
-    for key in list(node):
-        if isinstance(node[key], dict):
-            _prune(node[key])
-            if not node[key]:
-                del node[key]
-    return node

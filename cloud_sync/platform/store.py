@@ -2,7 +2,7 @@
 
 `RegistryStore` is everything the registry handlers use: blobs by sha256 digest (spool an upload,
 put it, size it, open it for reading at an offset) and version records (add, list, get). The
-default `LocalStore` keeps metadata in SQLite (sqlite-utils, WAL) and blobs in a content-addressed
+default `LocalStore` keeps metadata in SQLite (WAL) and blobs in a content-addressed
 directory; a deployment that outgrows one machine swaps in PostgreSQL + an S3-compatible object
 store behind the same methods (uploads are spooled to a local file first either way).
 
@@ -16,8 +16,11 @@ Order of a publish: spool -> verify (the caller) -> `put_blob` (rename into plac
 `add_version`. A crash in between leaves at most an unreferenced blob, never a record without
 its blob. Blobs are immutable: a digest names exactly one byte string.
 
-All methods block (SQLite, file I/O): async callers use `asyncio.to_thread`. One connection,
-guarded by a lock, serves all threads: the registry's write rate is a human publishing.
+All methods block (SQLite, file I/O): async callers use `asyncio.to_thread`. SQLite access is
+the shared pattern (`runtimes.sqlitedb`): one writer thread owns the write connection, reads run
+on a connection per calling thread. sqlite-utils creates and migrates the schema (its table
+helpers, on the writer connection at open); rows are read and written with plain SQL, because
+sqlite-utils' own writes commit on their own and would break the writer's transactions.
 """
 
 from __future__ import annotations
@@ -27,10 +30,8 @@ import os
 import re
 import sqlite3
 import tempfile
-import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -39,6 +40,7 @@ import sqlite_utils
 from cloud_sync.errors import CloudSyncError
 from runtimes.fsio import fsync_dir
 from runtimes.manifest import semver_key
+from runtimes.sqlitedb import Database
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -126,6 +128,36 @@ def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+# The `versions` columns, in the order of VersionRecord's fields (the SQL below names them).
+_VERSION_COLUMNS = (
+    "name", "version", "digest", "size", "runtime", "arches", "publisher", "created_at",
+    "published_at",
+)  # fmt: skip
+_SELECT_VERSION = f"SELECT {', '.join(_VERSION_COLUMNS)} FROM versions"
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """The Database's setup step: create what is missing (sqlite-utils' table helpers)."""
+    db = sqlite_utils.Database(conn)
+    if "versions" not in db.table_names():
+        versions = db.table("versions")
+        versions.create(
+            {
+                "name": str,
+                "version": str,
+                "digest": str,
+                "size": int,
+                "runtime": str,
+                "arches": str,
+                "publisher": str,
+                "created_at": str,
+                "published_at": str,
+            },
+            pk=("name", "version"),
+        )
+        versions.create_index(["digest"])
+
+
 class LocalStore:
     """SQLite metadata + content-addressed blob directory (the default)."""
 
@@ -135,29 +167,17 @@ class LocalStore:
         try:
             self._uploads.mkdir(parents=True, exist_ok=True)
             (self._blobs / "sha256").mkdir(exist_ok=True)
-            conn = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise StoreError(f"cannot open the registry store in {db_path.parent}: {exc}") from exc
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")  # a publish is rare and must survive power loss
-        self._db = sqlite_utils.Database(conn)
-        self._lock = threading.Lock()
-        if "versions" not in self._db.table_names():
-            self._db.table("versions").create(
-                {
-                    "name": str,
-                    "version": str,
-                    "digest": str,
-                    "size": int,
-                    "runtime": str,
-                    "arches": str,
-                    "publisher": str,
-                    "created_at": str,
-                    "published_at": str,
-                },
-                pk=("name", "version"),
-            )
-            self._db.table("versions").create_index(["digest"])
+        # FULL: a publish is rare and must survive power loss.
+        self._db = Database(
+            db_path, synchronous="FULL", setup=_create_schema, name="edgefn-registry-db"
+        )
+        try:
+            self._db.opened.result()
+        except (OSError, sqlite3.Error) as exc:
+            self._db.close()
+            raise StoreError(f"cannot open the registry store in {db_path.parent}: {exc}") from exc
         # Uploads a crash interrupted are garbage: nobody references them.
         for leftover in self._uploads.iterdir():
             leftover.unlink(missing_ok=True)
@@ -201,39 +221,27 @@ class LocalStore:
     # -- metadata ---------------------------------------------------------------------------
 
     @staticmethod
-    def _record(row: dict[str, Any]) -> VersionRecord:
-        return VersionRecord(
-            name=row["name"],
-            version=row["version"],
-            digest=row["digest"],
-            size=row["size"],
-            runtime=row["runtime"],
-            arches=tuple(json.loads(row["arches"])),
-            publisher=row["publisher"],
-            created_at=row["created_at"],
-            published_at=row["published_at"],
-        )
+    def _record(row: tuple[Any, ...]) -> VersionRecord:
+        values = dict(zip(_VERSION_COLUMNS, row, strict=True))
+        values["arches"] = tuple(json.loads(values["arches"]))
+        return VersionRecord(**values)
 
     def add_version(self, record: VersionRecord) -> bool:
-        row = {
-            "name": record.name,
-            "version": record.version,
-            "digest": record.digest,
-            "size": record.size,
-            "runtime": record.runtime,
-            "arches": json.dumps(list(record.arches)),
-            "publisher": record.publisher,
-            "created_at": record.created_at,
-            "published_at": record.published_at or _utc_now(),
-        }
-        with self._lock:
-            try:
-                self._db.table("versions").insert(row)
-                return True
-            except sqlite3.IntegrityError:
-                existing = self._get(record.name, record.version)
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot record {record.name}@{record.version}: {exc}") from exc
+        values = {f.name: getattr(record, f.name) for f in fields(VersionRecord)}
+        values["arches"] = json.dumps(list(record.arches))
+        values["published_at"] = record.published_at or _utc_now()
+        row = tuple(values[c] for c in _VERSION_COLUMNS)
+        insert = (
+            f"INSERT INTO versions ({', '.join(_VERSION_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(_VERSION_COLUMNS))})"
+        )
+        try:
+            self._db.write(lambda c: c.execute(insert, row))
+            return True
+        except sqlite3.IntegrityError:
+            existing = self.get_version(record.name, record.version)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot record {record.name}@{record.version}: {exc}") from exc
         if existing is not None and existing.digest == record.digest:
             return False
         raise VersionConflict(
@@ -242,36 +250,29 @@ class LocalStore:
             "publish a new version"
         )
 
-    def _get(self, name: str, version: str) -> VersionRecord | None:
-        rows = list(
-            self._db.table("versions").rows_where(
-                "name = ? and version = ?", [name, version], limit=1
-            )
-        )
-        return self._record(rows[0]) if rows else None
-
     def get_version(self, name: str, version: str) -> VersionRecord | None:
-        with self._lock:
-            return self._get(name, version)
+        row = self._db.read(
+            lambda c: c.execute(
+                f"{_SELECT_VERSION} WHERE name = ? AND version = ?", (name, version)
+            ).fetchone()
+        )
+        return self._record(row) if row else None
 
     def list_versions(self, name: str) -> list[VersionRecord]:
-        with self._lock:
-            rows = list(self._db.table("versions").rows_where("name = ?", [name]))
-        return sorted((self._record(r) for r in rows), key=lambda r: semver_key(r.version))
+        rows = self._db.read(
+            lambda c: c.execute(f"{_SELECT_VERSION} WHERE name = ?", (name,)).fetchall()
+        )
+        return sorted(map(self._record, rows), key=lambda r: semver_key(r.version))
 
     def list_functions(self) -> list[FunctionSummary]:
-        with self._lock:
-            rows: Sequence[dict[str, Any]] = list(
-                self._db.table("versions").rows_where(select="name, version")
-            )
+        rows = self._db.read(lambda c: c.execute("SELECT name, version FROM versions").fetchall())
         by_name: dict[str, list[str]] = {}
-        for r in rows:
-            by_name.setdefault(r["name"], []).append(r["version"])
+        for name, version in rows:
+            by_name.setdefault(name, []).append(version)
         return [
             FunctionSummary(name, max(vs, key=semver_key), len(vs))
             for name, vs in sorted(by_name.items())
         ]
 
     def close(self) -> None:
-        with self._lock:
-            self._db.conn.close()
+        self._db.close()
