@@ -25,10 +25,10 @@ redeliver. `RECEIVE_MAXIMUM` caps how many unacknowledged messages the broker se
 
 Outbound: `await publish(...)` resolves on PUBACK, raises `PublishTimeout` after
 `PUBLISH_TIMEOUT_S`, `PublishRefused` on a failure reason code (e.g. 0x87 by the ACL),
-`NotConnected` when offline and `PublishBackpressure` when paho's bounded queue is full.
-`drain_outbox(outbox)` is the long-running task that moves outbox records to the broker and
-acknowledges them in the outbox only after PUBACK. `state` exposes connected / last_connected /
-since_disconnected / last_error for the MQTT-or-HTTP decision made elsewhere.
+`NotConnected` when offline and `PublishBackpressure` when paho's bounded queue is full. Moving
+outbox records to the broker is the sync client's sender (`cloud_sync.sync`), which acknowledges
+them in the outbox only after PUBACK. `state` exposes connected / last_connected /
+since_disconnected / last_error for that MQTT-or-HTTP decision.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ from cloud_sync.errors import (
     SessionClosed,
     TopicError,
 )
-from cloud_sync.outbox import Outbox, OutboxRecord
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +98,6 @@ MAX_QUEUED = 256
 # acks this is what bounds `messages`; QoS 0 traffic is bounded by MESSAGE_QUEUE_MAX instead.
 RECEIVE_MAXIMUM = 32
 MESSAGE_QUEUE_MAX = 1024
-# drain_outbox: records leased per round; how long to sleep when the outbox is empty (an append
-# wakes it earlier); how long to back off after a failed round.
-DRAIN_BATCH = 32
-DRAIN_IDLE_S = 5.0
-DRAIN_RETRY_S = 1.0
 # close(): how long to wait for the goodbye publish and for paho's thread to stop.
 CLOSE_TIMEOUT_S = 5.0
 
@@ -212,23 +206,6 @@ def _decode(kind: str | None, payload: bytes) -> tuple[Any, str | None]:
         return json.loads(payload), None
     except (UnicodeDecodeError, ValueError) as exc:
         return None, f"payload is not JSON: {exc}"
-
-
-async def _lease(outbox: Outbox, n: int) -> list[OutboxRecord]:
-    """Lease, and if cancelled meanwhile, give back what the lease got."""
-    task = asyncio.ensure_future(outbox.lease(n))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await outbox.release(r.id for r in await task)
-        raise
-
-
-async def _settle(outbox: Outbox, acked: list[int], refused: list[int], failed: list[int]) -> None:
-    await outbox.ack(acked)
-    await outbox.discard(refused)
-    await outbox.release(failed)
 
 
 class MqttSession:
@@ -487,49 +464,6 @@ class MqttSession:
             raise PublishTimeout(f"no PUBACK for {topic!r} within {timeout} s") from None
         finally:
             self._pending.pop(info.mid, None)
-
-    async def drain_outbox(self, outbox: Outbox, *, batch: int | None = None) -> None:
-        """Forever: lease records, publish them, ack them in the outbox after PUBACK.
-
-        Cancel the task to stop. A record refused for good by the broker (e.g. not authorized)
-        is discarded and counted as a drop; any other failure releases it for a later round.
-        """
-        while True:
-            await self._connected_evt.wait()
-            outbox.clear_appended()
-            records = await _lease(outbox, batch or DRAIN_BATCH)
-            if not records:
-                await outbox.wait_for_records(DRAIN_IDLE_S)
-                continue
-            try:
-                results = await asyncio.gather(
-                    *(self._send(r) for r in records), return_exceptions=True
-                )
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await outbox.release(r.id for r in records)
-                raise
-            acked, refused, failed = [], [], []
-            for rec, res in zip(records, results, strict=True):
-                if res is None:
-                    acked.append(rec.id)
-                elif isinstance(res, PublishRefused) and res.permanent:
-                    log.warning("outbox record %s (%s) refused: %s", rec.id, rec.topic, res)
-                    refused.append(rec.id)
-                else:
-                    failed.append(rec.id)
-            # Shielded: a cancellation here must not leave records leased (they would not be
-            # sent again until a restart).
-            await asyncio.shield(_settle(outbox, acked, refused, failed))
-            if failed:
-                await asyncio.sleep(DRAIN_RETRY_S)
-
-    async def _send(self, rec: OutboxRecord) -> None:
-        await self.publish(
-            rec.topic,
-            rec.payload,
-            user_properties=[(USER_PROPERTY_KEY, rec.key), (USER_PROPERTY_KIND, rec.kind)],
-        )
 
     # ---- paho thread -----------------------------------------------------------------------
 

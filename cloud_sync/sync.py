@@ -586,6 +586,12 @@ class SyncClient:
 
     # ---- sending -----------------------------------------------------------------------
 
+    async def run_sender(self, outbox: Outbox) -> None:
+        """Only the sender loop, on `outbox`, without `start()`'s other tasks: the production
+        sender that the outage tests drive against a real broker. Cancel it to stop."""
+        self.outbox = outbox
+        await self._sender()
+
     async def _sender(self) -> None:
         assert self.outbox is not None
         outbox = self.outbox

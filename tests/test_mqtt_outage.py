@@ -1,7 +1,8 @@
 """Outages end to end: broker crashes and restarts, devices killed with -9, last will.
 
 The platform side is a plain session with the platform identity that counts what arrives and
-dedupes by the `edgefn-key` user property, exactly as the platform's intake must.
+dedupes by the `edgefn-key` user property, exactly as the platform's intake must. The device
+side sends with the production sender (`SyncClient.run_sender`, see tests/sender.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from cloud_sync import credentials, mqtt, topics
+from cloud_sync import credentials, mqtt, sync, topics
 from cloud_sync.mqtt import MqttSession
 from cloud_sync.outbox import Outbox
 from tests.mosquitto import Collector, eventually, platform_session
+from tests.sender import device_sender
 
 if TYPE_CHECKING:
     from tests.mosquitto import Broker
@@ -35,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 def quick_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mqtt, "RECONNECT_MIN_S", 0.1)
     monkeypatch.setattr(mqtt, "RECONNECT_MAX_S", 0.5)
-    monkeypatch.setattr(mqtt, "DRAIN_RETRY_S", 0.1)
+    monkeypatch.setattr(sync, "RETRY_S", 0.1)
 
 
 async def test_broker_crash_mid_stream_loses_nothing(
@@ -51,11 +53,12 @@ async def test_broker_crash_mid_stream_loses_nothing(
     async with (
         platform_session(broker, topics.platform_filter("metrics")) as plat,
         await Outbox.open(tmp_path / "outbox.db") as outbox,
-        MqttSession.for_device(dev) as device,
+        device_sender(dev, tmp_path) as client,
     ):
+        device = client.session
         await plat.wait_ready(10)
         collector = Collector(plat)
-        drain = asyncio.create_task(device.drain_outbox(outbox, batch=8))
+        drain = asyncio.create_task(client.run_sender(outbox))
 
         async def produce() -> None:
             for i in range(total):
@@ -182,16 +185,17 @@ async def test_last_will_says_offline_when_the_device_is_killed(
 
 
 OUTBOX_CHILD = r"""
-import asyncio, sys
+import asyncio, pathlib, sys
 from cloud_sync import credentials
-from cloud_sync.mqtt import MqttSession
 from cloud_sync.outbox import Outbox
+from tests.sender import device_sender
 
 async def main():
     creds = credentials.load(sys.argv[1])
     topic = "edgefn/v1/devices/%s/events" % creds.device_id
-    async with await Outbox.open(sys.argv[2]) as outbox, MqttSession.for_device(creds) as s:
-        drain = asyncio.create_task(s.drain_outbox(outbox))
+    here = pathlib.Path(sys.argv[2]).parent
+    async with await Outbox.open(sys.argv[2]) as outbox, device_sender(creds, here) as s:
+        drain = asyncio.create_task(s.run_sender(outbox))
         for i in range(5):
             await outbox.append("events", topic, b"early-%d" % i)
         for _ in range(3000):
@@ -203,9 +207,11 @@ async def main():
         await asyncio.to_thread(sys.stdin.readline)  # the broker is frozen now
         for i in range(20):
             await outbox.append("events", topic, b"late-%d" % i)
-        drain = asyncio.create_task(s.drain_outbox(outbox))  # all 20 go out in one batch
+        # All 20 go out in one batch, after the reported document the sender appends when it
+        # starts (it tells the platform which transport it uses): 21 leased.
+        drain = asyncio.create_task(s.run_sender(outbox))
         for _ in range(3000):
-            if (await outbox.stats()).leased == 20:
+            if (await outbox.stats()).leased == 21:
                 break
             await asyncio.sleep(0.01)
         print("LEASED", flush=True)   # published, no PUBACK: killed here
@@ -240,10 +246,13 @@ async def test_unacked_outbox_records_are_resent_after_kill_9(
                 os.kill(mosquitto.proc.pid, signal.SIGCONT)
             async with await Outbox.open(db) as outbox:
                 left = await outbox.peek(100)
-                # Exactly the unacknowledged records survived the kill.
+                # Exactly the unacknowledged records survived the kill: the 20 events and the
+                # sender's own reported document.
+                assert sorted(r.kind for r in left) == ["events"] * 20 + ["reported"]
+                left = [r for r in left if r.kind == "events"]
                 assert sorted(r.payload for r in left) == sorted(b"late-%d" % i for i in range(20))
-                async with MqttSession.for_device(dev) as device:
-                    drain = asyncio.create_task(device.drain_outbox(outbox))
+                async with device_sender(dev, tmp_path) as client:
+                    drain = asyncio.create_task(client.run_sender(outbox))
                     try:
                         await eventually(
                             lambda: len(set(collector.keys())) == 25, 60, "all 25 records"

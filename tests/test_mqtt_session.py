@@ -19,6 +19,7 @@ from cloud_sync.mqtt import MqttSession, _guarded, classify_error
 from cloud_sync.outbox import Outbox
 from cloud_sync.platform.pki import PlatformCA
 from tests.mosquitto import Collector, eventually, platform_session
+from tests.sender import device_sender
 
 if TYPE_CHECKING:
     from tests.mosquitto import Broker
@@ -254,14 +255,15 @@ async def test_drain_acks_delivered_discards_refused_and_releases_on_cancel(
     async with (
         platform_session(mosquitto, topics.platform_filter("events")) as plat,
         await Outbox.open(tmp_path / "o.db") as outbox,
-        MqttSession.for_device(dev) as device,
+        device_sender(dev, tmp_path) as client,
     ):
+        device = client.session
         await plat.wait_ready(10)
         await device.wait_ready(10)
         collector = Collector(plat)
         good = await outbox.append("events", own, b"mine")
         await outbox.append("events", other, b"not mine")
-        drain = asyncio.create_task(device.drain_outbox(outbox))
+        drain = asyncio.create_task(client.run_sender(outbox))  # the production sender
 
         async def drained() -> bool:
             return (await outbox.stats()).records == 0
