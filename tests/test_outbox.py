@@ -1,5 +1,5 @@
 """The SQLite outbox: leases and acks, durability across kill -9, the byte bound (merge, then
-drop, counted) -- and the pure metrics record merge it relies on."""
+drop, counted). The pure metrics record merge it relies on: tests/test_metrics_record.py."""
 
 from __future__ import annotations
 
@@ -11,114 +11,20 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from cloud_sync.errors import MetricsFormatError, OutboxError, RecordTooLarge
+from cloud_sync.errors import OutboxError, RecordTooLarge
 from cloud_sync.outbox import (
     DROP_EVENT_RESERVE,
-    METRICS_SCHEMA,
     RECORD_OVERHEAD,
     Outbox,
-    gauge,
-    merge_metrics,
-    new_histogram,
-    observe,
-    validate_metrics,
 )
+from tests.metrics_samples import metrics
 
 METRICS = "edgefn/v1/devices/d1/metrics"
 EVENTS = "edgefn/v1/devices/d1/events"
 ROLLOUT = "edgefn/v1/devices/d1/rollout"
-
-
-def metrics(start: float, end: float, *, invocations: int = 1, cpu: float = 10.0) -> dict[str, Any]:
-    hist = new_histogram()
-    for _ in range(invocations):
-        observe(hist, 3.0)
-    return {
-        "schema": METRICS_SCHEMA,
-        "device": "d1",
-        "interval_start": start,
-        "interval_end": end,
-        "functions": {
-            "resize": {
-                "invocations": invocations,
-                "errors": 0,
-                "cache_hits": 1,
-                "cache_misses": invocations - 1,
-                "latency_ms": hist,
-                "pool": {"instances": gauge(2)},
-            }
-        },
-        "system": {"cpu_percent": gauge(cpu), "memory_used_bytes": gauge(1e8)},
-    }
-
-
-# ---- the metrics record and its merge (pure) ------------------------------------------------
-
-
-def test_histogram_observe_buckets_by_upper_bound() -> None:
-    h = new_histogram([1, 10])
-    for v in (0.5, 1, 1.01, 10, 11, 1000):
-        observe(h, v)
-    assert h["counts"] == [2, 2, 2]
-    assert h["sum"] == pytest.approx(1023.51)
-
-
-def test_merge_adds_counters_and_histograms_and_widens_the_interval() -> None:
-    a = metrics(0, 10, invocations=3, cpu=10)
-    b = metrics(10, 30, invocations=5, cpu=40)
-    b["functions"]["thumb"] = {"invocations": 2, "errors": 1}
-    b["system"]["temperature_c"] = gauge(55)
-    m = merge_metrics(a, b)
-    assert m == merge_metrics(b, a)  # order does not matter
-    assert (m["interval_start"], m["interval_end"], m["samples"]) == (0, 30, 2)
-    r = m["functions"]["resize"]
-    assert (r["invocations"], r["errors"], r["cache_hits"], r["cache_misses"]) == (8, 0, 2, 6)
-    assert sum(r["latency_ms"]["counts"]) == 8
-    assert r["latency_ms"]["counts"] == [
-        x + y
-        for x, y in zip(
-            a["functions"]["resize"]["latency_ms"]["counts"],
-            b["functions"]["resize"]["latency_ms"]["counts"],
-            strict=True,
-        )
-    ]
-    assert m["functions"]["thumb"] == {"invocations": 2, "errors": 1}
-    cpu = m["system"]["cpu_percent"]
-    assert cpu["avg"] == pytest.approx((10 * 10 + 40 * 20) / 30)  # weighted by duration
-    assert (cpu["max"], cpu["last"]) == (40, 40)
-    assert m["system"]["temperature_c"] == gauge(55)  # present in one record only
-    validate_metrics(m)
-    assert "thumb" not in a["functions"]  # inputs untouched
-
-
-def test_merge_refuses_other_devices_and_other_bounds() -> None:
-    other = metrics(10, 20)
-    other["device"] = "d2"
-    with pytest.raises(MetricsFormatError):
-        merge_metrics(metrics(0, 10), other)
-    rebucketed = metrics(10, 20)
-    rebucketed["functions"]["resize"]["latency_ms"] = new_histogram([5, 50])
-    with pytest.raises(MetricsFormatError, match="bounds differ"):
-        merge_metrics(metrics(0, 10), rebucketed)
-
-
-def test_validate_names_bad_fields() -> None:
-    bad = metrics(10, 5)
-    bad["functions"]["resize"]["invocations"] = -1
-    bad["functions"]["resize"]["latency_ms"]["counts"] = [1]
-    bad["system"]["cpu_percent"] = 3
-    with pytest.raises(MetricsFormatError) as info:
-        validate_metrics(bad)
-    text = str(info.value)
-    for field in ("interval_start", "invocations", "latency_ms.counts", "system.cpu_percent"):
-        assert field in text
-
-
-# ---- leases and acks -------------------------------------------------------------------------
 
 
 async def test_records_leave_only_on_ack(tmp_path: Path) -> None:
@@ -331,3 +237,10 @@ async def test_a_cancelled_lease_gives_its_records_back(tmp_path: Path) -> None:
         again = await ob.lease(10)
         assert [r.payload for r in again] == [b"r0", b"r1", b"r2"]
         assert [r.attempts for r in again] == [2, 2, 2]  # the lost lease counted as an attempt
+
+
+def test_the_metrics_record_names_are_still_importable_from_the_outbox() -> None:
+    from cloud_sync import metrics_record, outbox
+
+    for name in ("METRICS_SCHEMA", "gauge", "merge_metrics", "new_histogram", "validate_metrics"):
+        assert getattr(outbox, name) is getattr(metrics_record, name)
