@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +154,59 @@ def test_store_dedupes_on_key_or_digest(tmp_path: Path) -> None:
     assert store.ingest("d", "events", topic, b'{"a":3}', key=None, via="mqtt")
     assert store.record_counts("d") == {"events": 2}
     store.close()
+
+
+def test_store_under_concurrent_intake_and_queries(tmp_path: Path) -> None:
+    """Intake threads write while query threads read (the platform's to_thread pattern): every
+    record is stored once, queries never fail, and a reopened file has everything."""
+    path = tmp_path / "fleet.db"
+    store = FleetStore(path)
+    for d in ("d1", "d2"):
+        store.enroll(d, {}, f"tok-{d}", 1)
+    topic = {d: topics.device_topic(d, "events") for d in ("d1", "d2")}
+    errors: list[BaseException] = []
+    new: list[bool] = []
+
+    def intake(device: str) -> None:
+        try:
+            for i in range(50):
+                payload = b'{"i": %d}' % i
+                # The same record twice, by both paths: stored once.
+                new.append(
+                    store.ingest(device, "events", topic[device], payload, key=None, via="mqtt")
+                )
+                new.append(
+                    store.ingest(device, "events", topic[device], payload, key=None, via="http")
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    seen_counts: list[int] = []
+
+    def query() -> None:
+        try:
+            for _ in range(50):
+                counts = store.record_counts("d1")
+                seen_counts.append(counts.get("events", 0))
+                store.describe()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=intake, args=(d,)) for d in ("d1", "d2")]
+    threads += [threading.Thread(target=query) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert new.count(True) == 100 and new.count(False) == 100
+    assert all(0 <= n <= 50 for n in seen_counts)
+    assert store.record_counts("d1") == {"events": 50}
+    store.close()
+    again = FleetStore(path)
+    try:
+        assert again.record_counts("d2") == {"events": 50}
+        assert {d["id"] for d in again.describe()} == {"d1", "d2"}
+    finally:
+        again.close()
