@@ -475,3 +475,32 @@ def test_the_agent_never_imports_sqlite_utils(tmp_path: Path) -> None:
     )
     assert out.stdout.strip() == "[]"
     assert (tmp_path / "c.db").exists() and (tmp_path / "o.db").exists()
+
+
+async def test_get_and_run_cached_judge_and_count_through_one_path(
+    cache: ResultCache, clock: Clock
+) -> None:
+    k = key(b"count")
+
+    async def succeed() -> Result:
+        return Result(b"v", "text/plain")
+
+    async def crash() -> Result:
+        raise WorkerCrashed("worker died")
+
+    assert await cache.get(k) is None  # miss 1
+    assert (await cache.run_cached(k, POLICY, succeed)).status == "miss"  # miss 2, stored
+    await cache.flush()
+    fresh = await cache.get(k)  # hit 1
+    assert fresh is not None and fresh.status == "fresh"
+    assert (await cache.run_cached(k, POLICY, crash)).status == "hit"  # hit 2
+    clock.now += 30  # expired, within the stale window
+    assert await cache.get(k) is None  # miss 3: stale only when asked
+    stale = await cache.get(k, allow_stale=True)  # stale hit 1
+    assert stale is not None and (stale.status, stale.age_s) == ("stale", 30)
+    assert (await cache.run_cached(k, POLICY, crash)).status == "stale"  # miss 4, stale hit 2
+    clock.now += 100  # past the window: dead
+    with pytest.raises(WorkerCrashed):
+        await cache.run_cached(k, POLICY, crash)  # miss 5, and only one
+    s = cache.stats()
+    assert (s["hits"], s["misses"], s["stale_hits"]) == (2, 5, 2)

@@ -358,7 +358,8 @@ class ResultCache:
         """Answer from the cache, or run the function and cache its result if it succeeded.
 
         If `run` raises one of `stale_on` and an entry within its stale-if-error window exists,
-        that entry is answered with status "stale"; otherwise the error propagates unchanged.
+        that entry is answered with status "stale" (or "hit", if a concurrent request stored a
+        fresh one meanwhile); otherwise the error propagates unchanged.
         Errors are never cached. `key=None` or a disabled policy bypasses the cache.
         """
         if key is None or not policy.enabled:
