@@ -47,8 +47,9 @@ async def test_print_cache_figures(tmp_path: Path) -> None:
         hop_ns = []
         for k in keys[:500]:
             t = time.perf_counter_ns()
-            await asyncio.to_thread(c._lookup, k)
+            found = await asyncio.to_thread(c._lookup, k.id)
             hop_ns.append(time.perf_counter_ns() - t)
+            assert found is not None  # the same hit, not an error path
         key_ns = []
         for i in range(500):
             t = time.perf_counter_ns()
