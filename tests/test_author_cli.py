@@ -130,7 +130,10 @@ def install_and_invoke(tmp_path: Path, key: Path, bundle: Path, name: str, paylo
     data = tmp_path / "device"
     ok(agent_cli("trust", "add", f"{key}.pub", "--data-dir", data))
     ok(agent_cli("fn", "install", bundle, "--data-dir", data))
-    agent = start_agent(data, "--require-signed")
+    # As root the agent runs workers as `edgefn-worker` whenever that machine-wide user exists
+    # (other tests create it for a while), and that user cannot read pytest's 0700 temp dirs.
+    user = ("--worker-user", "root") if os.geteuid() == 0 else ()
+    agent = start_agent(data, "--require-signed", *user)
     try:
         wait_serving(agent, name, "0.1.0")
         resp = agent.invoke(name, payload, {"Content-Type": "application/octet-stream"})
