@@ -8,6 +8,9 @@
 5. runs the agent in the foreground, joined to the platform (config, metrics over MQTT).
 
 Everything lives under `.demo/` in the repository (delete it to start over). Ctrl-C stops both.
+Running it again on an existing `.demo/` reuses the key, the credentials and the platform's data:
+builds are reproducible, so the bundles come out byte for byte the same and publishing and
+installing them again are no-ops. `setup()` is steps 2-4 alone (the tests run it twice).
 """
 
 from __future__ import annotations
@@ -52,20 +55,25 @@ def run(*args: str | Path, quiet: bool = True) -> str:
     return proc.stdout
 
 
-def start_platform() -> tuple[subprocess.Popen[bytes], str]:
-    (CLOUD / "platform.json").unlink(missing_ok=True)
-    log = (DEMO / "platform.log").open("ab")
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "cloud_sync.platform.cli", "serve"),
-            *("--data-dir", str(CLOUD), "--port", str(CLOUD_PORT), "--mqtt-port", str(MQTT_PORT)),
-        ],
-        stdout=log,
-        stderr=log,
-    )
+def start_platform(
+    demo: Path = DEMO, port: int = CLOUD_PORT, mqtt_port: int = MQTT_PORT
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `edge-cloud serve` on loopback with its data in `demo`/cloud; (process, URL)."""
+    cloud = demo / "cloud"
+    cloud.mkdir(parents=True, exist_ok=True)
+    (cloud / "platform.json").unlink(missing_ok=True)
+    with (demo / "platform.log").open("ab") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "cloud_sync.platform.cli", "serve"),
+                *("--data-dir", str(cloud), "--port", str(port), "--mqtt-port", str(mqtt_port)),
+            ],
+            stdout=log,
+            stderr=log,
+        )
     for _ in range(300):  # bounded: up to 30 s
         try:
-            info = json.loads((CLOUD / "platform.json").read_text())
+            info = json.loads((cloud / "platform.json").read_text())
             if info.get("pid") == proc.pid:
                 return proc, str(info["url"])
         except (OSError, ValueError):
@@ -74,12 +82,12 @@ def start_platform() -> tuple[subprocess.Popen[bytes], str]:
             break
         time.sleep(0.1)
     proc.kill()
-    sys.exit(f"demo: the platform did not start; see {DEMO / 'platform.log'}")
+    sys.exit(f"demo: the platform did not start; see {demo / 'platform.log'}")
 
 
-def inproc_variant(src: Path) -> Path:
+def inproc_variant(src: Path, demo: Path = DEMO) -> Path:
     """A copy of the C++ example whose manifest asks for in-process isolation."""
-    dest = DEMO / "src" / "route-cpp-inproc"
+    dest = demo / "src" / "route-cpp-inproc"
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(src, dest)
     manifest = dest / "edgefn.toml"
@@ -87,15 +95,18 @@ def inproc_variant(src: Path) -> Path:
     text = re.sub(r"(?m)^name\s*=.*$", 'name = "route-cpp-inproc"', text)
     text = re.sub(r"(?m)^isolation\s*=.*$", 'isolation = "in-process"\ninline = true', text)
     manifest.write_text(text)
+    # The build dates a bundle by its sources' newest mtime: keep the example's, so the variant
+    # builds the same bytes on every run (a fresh mtime would be a new, unpublishable bundle).
+    shutil.copystat(src / "edgefn.toml", manifest)
     return dest
 
 
 def main() -> int:
-    for d in (CLOUD, DEVICE, DEMO / "src", DEMO / "bundles"):
-        d.mkdir(parents=True, exist_ok=True)
     platform, url = start_platform()
     try:
-        return demo(platform, url)
+        print(f"platform: {url} (log in .demo/platform.log)")
+        names = setup(url)
+        return run_agent(platform, names)
     finally:
         platform.send_signal(signal.SIGTERM)
         try:
@@ -104,24 +115,32 @@ def main() -> int:
             platform.kill()
 
 
-def demo(platform: subprocess.Popen[bytes], url: str) -> int:
-    print(f"platform: {url} (log in .demo/platform.log)")
-    key = DEMO / "publisher.key"
+def setup(url: str, demo: Path = DEMO) -> list[str]:
+    """Steps 2-4 against the platform at `url`: key, build, publish, enroll, trust, install.
+
+    Safe to run again on an existing `demo` dir: what exists is reused, and the same sources
+    build the same bundle bytes, which the registry and the device accept again as no-ops.
+    Returns the names of the installed functions.
+    """
+    for d in (demo / "cloud", demo / "device", demo / "src", demo / "bundles"):
+        d.mkdir(parents=True, exist_ok=True)
+    cloud, device = demo / "cloud", demo / "device"
+    key = demo / "publisher.key"
     if not key.exists():
         run("cloud_sync.platform.cli", "keys", "create", "--out", key)
     sources = []
     for example in sorted((REPO / "examples").iterdir()):
         if (example / "edgefn.toml").is_file():
-            src = DEMO / "src" / example.name
+            src = demo / "src" / example.name
             shutil.rmtree(src, ignore_errors=True)
-            shutil.copytree(example, src)
+            shutil.copytree(example, src)  # copy2: mtimes kept, so the build date is the same
             sources.append(src)
             if example.name == "route-cpp":
-                sources.append(inproc_variant(src))
+                sources.append(inproc_variant(src, demo))
     names = []
     for src in sources:
         print(f"building, signing and publishing {src.name} ...", flush=True)
-        bundle = DEMO / "bundles" / f"{src.name}.efb"
+        bundle = demo / "bundles" / f"{src.name}.efb"
         run("cloud_sync.platform.cli", "fn", "build", src, "--key", key, "--out", bundle)
         run(
             "cloud_sync.platform.cli",
@@ -131,11 +150,11 @@ def demo(platform: subprocess.Popen[bytes], url: str) -> int:
             "--platform",
             url,
             "--data-dir",
-            CLOUD,
+            cloud,
         )
         names.append(src.name)
 
-    creds = DEVICE / "credentials.json"
+    creds = device / "credentials.json"
     if not creds.exists():
         run(
             "cloud_sync.platform.cli",
@@ -145,13 +164,18 @@ def demo(platform: subprocess.Popen[bytes], url: str) -> int:
             "--out",
             creds,
             "--data-dir",
-            CLOUD,
+            cloud,
         )
-        run("edge_agent", "trust", "add", f"{key}.pub", "--data-dir", DEVICE)
+        run("edge_agent", "trust", "add", f"{key}.pub", "--data-dir", device)
     for name in names:
         print(f"installing {name} on the device from the registry ...", flush=True)
-        run("edge_agent", "fn", "install", name, "--cloud", url, "--data-dir", DEVICE)
+        run("edge_agent", "fn", "install", name, "--cloud", url, "--data-dir", device)
+    return names
 
+
+def run_agent(platform: subprocess.Popen[bytes], names: list[str]) -> int:
+    """Step 5: the agent in the foreground until Ctrl-C (or the platform stops)."""
+    creds = DEVICE / "credentials.json"
     agent_url = f"http://127.0.0.1:{PORT}"
     print("\nedgefn demo is up: a platform, and an agent joined to it. Try:\n")
     for name in names:

@@ -30,24 +30,8 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the venv: types-psutil
 
+from hardware.arch import ARCHES, normalise_arch
 from hardware.errors import HardwareError, UnknownArchitecture
-
-ARCHES: tuple[str, ...] = ("x86_64", "aarch64", "armv7")
-
-# What kernels, distributions and toolchains call the architectures we build artifacts for.
-# armv8l is a 32-bit ARM personality on an ARMv8 CPU: it runs armv7 (armhf) binaries.
-_ARCH_ALIASES: Mapping[str, str] = MappingProxyType(
-    {
-        "x86_64": "x86_64",
-        "amd64": "x86_64",
-        "aarch64": "aarch64",
-        "arm64": "aarch64",
-        "armv7": "armv7",
-        "armv7l": "armv7",
-        "armhf": "armv7",
-        "armv8l": "armv7",
-    }
-)
 
 # ARM does not put a readable CPU name in /proc/cpuinfo on arm64; map the common (implementer 0x41)
 # part numbers of edge boards. https://developer.arm.com/documentation (Main ID Register, PartNum)
@@ -207,24 +191,6 @@ class DeviceProfile:
                 "device profile: 'labels' must map strings to strings", code="bad_profile"
             )
         return cls(labels=labels, **values)
-
-
-def normalise_arch(machine: str, *, userland_bits: int = 64) -> str:
-    """Map a kernel/toolchain machine name to one of ARCHES, or raise UnknownArchitecture.
-
-    `userland_bits` is the pointer size of the programs that will run: a 64-bit ARM kernel with a
-    32-bit userland (Raspberry Pi OS 32-bit) says "aarch64" but can only run armv7 binaries.
-    """
-    arch = _ARCH_ALIASES.get(machine.strip().lower())
-    if arch is None:
-        raise UnknownArchitecture(
-            f"unsupported CPU architecture {machine.strip()!r}: edgefn runs on "
-            f"{', '.join(ARCHES)} (also known as amd64, arm64, armv7l/armhf); no bundle "
-            "artifact could run on this device"
-        )
-    if arch == "aarch64" and userland_bits == 32:
-        return "armv7"
-    return arch
 
 
 def detect(

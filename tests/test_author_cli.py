@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -127,7 +130,10 @@ def install_and_invoke(tmp_path: Path, key: Path, bundle: Path, name: str, paylo
     data = tmp_path / "device"
     ok(agent_cli("trust", "add", f"{key}.pub", "--data-dir", data))
     ok(agent_cli("fn", "install", bundle, "--data-dir", data))
-    agent = start_agent(data, "--require-signed")
+    # As root the agent runs workers as `edgefn-worker` whenever that machine-wide user exists
+    # (other tests create it for a while), and that user cannot read pytest's 0700 temp dirs.
+    user = ("--worker-user", "root") if os.geteuid() == 0 else ()
+    agent = start_agent(data, "--require-signed", *user)
     try:
         wait_serving(agent, name, "0.1.0")
         resp = agent.invoke(name, payload, {"Content-Type": "application/octet-stream"})
@@ -158,17 +164,15 @@ def test_node_dependencies_are_installed_into_the_bundle(tmp_path: Path) -> None
     assert (unpacked / "node_modules" / "ms" / "index.js").is_file()
     assert not (unpacked / "node_modules" / "left-pad").exists()  # dev dependencies stay out
     assert install_and_invoke(tmp_path, key, tmp_path / "dur.efb", "dur", b"2h") == b"7200000"
-    # With a lock file the build uses `npm ci`.
-    subprocess.run(
-        ["npm", "install", "--package-lock-only", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=fn,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    # The build kept npm's lock file next to package.json (dev dependencies locked too), so the
+    # next build installs the same versions with `npm ci`, and builds the same bytes.
+    lock = json.loads((fn / "package-lock.json").read_text())
+    assert lock["packages"]["node_modules/ms"]["version"] == "2.1.3"
+    assert "node_modules/left-pad" in lock["packages"]
     assert "npm ci --omit=dev" in ok(
         cli("fn", "build", fn, "--key", key, "--out", tmp_path / "d2.efb")
     )
+    assert (tmp_path / "d2.efb").read_bytes() == (tmp_path / "dur.efb").read_bytes()
 
 
 @pytest.mark.slow
@@ -218,3 +222,177 @@ def test_cpp_links_the_libraries_the_manifest_names(tmp_path: Path) -> None:
     manifest.write_text(manifest.read_text().replace("libs = []", 'libs = ["z"]'))
     bundle = build(fn, key, tmp_path / "crc.efb")
     assert install_and_invoke(tmp_path, key, bundle, "crc", b"hello") == b"907060870"
+
+
+# ---- defects found trying it as a new user would --------------------------------------------
+
+
+def _with_ms_dependency(fn: Path) -> None:
+    (fn / "package.json").write_text(
+        '{"name": "dur", "version": "0.1.0", "private": true, "dependencies": {"ms": "2.1.3"}}\n'
+    )
+    (fn / "handler.js").write_text(
+        "const ms = require('ms');\n"
+        "exports.handler = async (event) => String(ms(event.toString('utf8')));\n"
+    )
+
+
+@pytest.mark.slow
+def test_node_fn_test_installs_the_functions_dependencies(tmp_path: Path) -> None:
+    fn = tmp_path / "dur"
+    ok(cli("fn", "new", "dur", "--runtime", "node", "--dir", fn))
+    _with_ms_dependency(fn)
+    (fn / "handler.test.js").write_text(
+        "const test = require('node:test');\nconst assert = require('node:assert');\n"
+        "const { handler } = require('./handler.js');\n"
+        "test('2h', async () => assert.strictEqual(await handler(Buffer.from('2h')), '7200000'));\n"
+    )
+    out = ok(cli("fn", "test", fn))
+    assert "npm install" in out and "tests of dur passed" in out
+    assert not (fn / "node_modules").exists()  # installed into a private copy
+    assert (fn / "package-lock.json").is_file()  # and locked, as fn build does
+
+
+@pytest.mark.slow
+def test_bundles_leave_out_tests_and_the_test_folders_of_npm_packages(tmp_path: Path) -> None:
+    # A local package published as a tarball: npm installs it offline, with its test/ and
+    # benchmark/ folders, like many packages on the registry.
+    dep = tmp_path / "dep"
+    for rel, text in {
+        "package.json": '{"name": "dep", "version": "1.0.0", "main": "index.js"}\n',
+        "index.js": "exports.twice = (s) => s + s;\n",
+        "test/index.test.js": "throw new Error('never run on a device');\n",
+        "benchmark/run.js": "// benchmarks\n",
+        "lib/test.js": "// a file named test is code, not a test folder\n",
+    }.items():
+        (dep / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dep / rel).write_text(text)
+    subprocess.run(
+        ["npm", "pack", "--pack-destination", str(tmp_path), "--loglevel=error"],
+        cwd=dep,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    key = keypair(tmp_path)
+    fn = tmp_path / "twice"
+    ok(cli("fn", "new", "twice", "--runtime", "node", "--dir", fn))
+    tarball = tmp_path / "dep-1.0.0.tgz"
+    (fn / "package.json").write_text(
+        json.dumps({"name": "twice", "private": True, "dependencies": {"dep": f"file:{tarball}"}})
+    )
+    (fn / "handler.js").write_text(
+        "const { twice } = require('dep');\n"
+        "exports.handler = async (e) => twice(e.toString('utf8'));\n"
+    )
+    (fn / "test").mkdir()
+    (fn / "test" / "more.test.js").write_text("// a test\n")
+    (fn / "lib").mkdir()
+    (fn / "lib" / "util.js").write_text("exports.x = 1;\n")
+    (fn / "lib" / "util.spec.js").write_text("// a test\n")
+    bundle = build(fn, key, tmp_path / "twice.efb")
+    got = tmp_path / "unpacked"
+    verifier(key).verify(bundle).unpack(host_arch(), got)
+    files = {str(p.relative_to(got)) for p in got.rglob("*") if p.is_file()}
+    assert {"handler.js", "lib/util.js", "node_modules/dep/index.js"} <= files
+    assert "node_modules/dep/lib/test.js" in files
+    for gone in ("handler.test.js", "test/more.test.js", "lib/util.spec.js"):
+        assert gone not in files
+    assert not any(
+        f.startswith(("node_modules/dep/test/", "node_modules/dep/benchmark/")) for f in files
+    )
+    assert install_and_invoke(tmp_path, key, bundle, "twice", b"ab") == b"abab"
+
+
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        "node",
+        pytest.param("go", marks=pytest.mark.slow),
+        pytest.param("cpp", marks=pytest.mark.slow),
+    ],
+)
+def test_same_sources_and_key_build_the_same_bytes(tmp_path: Path, runtime: str) -> None:
+    key = keypair(tmp_path)
+    fn = tmp_path / "same"
+    ok(cli("fn", "new", "same", "--runtime", runtime, "--dir", fn))
+    first = build(fn, key, tmp_path / "one.efb").read_bytes()
+    second = build(fn, key, tmp_path / "two.efb").read_bytes()
+    assert first == second
+    created = BundleManifest.from_bytes(read_bundle(first).manifest_bytes).created_at
+    newest = max(p.stat().st_mtime for p in fn.rglob("*") if p.is_file())
+    assert created == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(newest)))
+    # SOURCE_DATE_EPOCH wins; an edited source dates (and changes) the next bundle.
+    pinned = cli(
+        "fn",
+        "build",
+        fn,
+        "--key",
+        key,
+        "--out",
+        tmp_path / "p.efb",
+        env={"SOURCE_DATE_EPOCH": "1767225600"},
+    )
+    ok(pinned)
+    pinned_manifest = BundleManifest.from_bytes(read_bundle(tmp_path / "p.efb").manifest_bytes)
+    assert pinned_manifest.created_at == "2026-01-01T00:00:00Z"
+    edited = fn / "edgefn.toml"
+    os.utime(edited, (newest + 3600, newest + 3600))
+    assert build(fn, key, tmp_path / "three.efb").read_bytes() != first
+
+
+def test_node_bundles_say_any_arch_not_the_build_machines(tmp_path: Path) -> None:
+    key = keypair(tmp_path)
+    fn = tmp_path / "echo"
+    ok(cli("fn", "new", "echo", "--runtime", "node", "--dir", fn))
+    out = ok(cli("fn", "build", fn, "--key", key, "--out", tmp_path / "e.efb"))
+    assert "built echo 0.1.0 for any (arch-independent)" in out
+    assert "linux-" not in out
+    assert BundleManifest.from_bytes(read_bundle(tmp_path / "e.efb").manifest_bytes).arches == ()
+
+
+def _go_with_relative_replace(tmp_path: Path, target: str) -> Path:
+    geo = tmp_path / "geo"
+    geo.mkdir()
+    (geo / "go.mod").write_text("module example.com/geo\n\ngo 1.21\n")
+    (geo / "geo.go").write_text('package geo\n\nfunc Name() string { return "geo" }\n')
+    fn = tmp_path / "fn"
+    ok(cli("fn", "new", "where", "--runtime", "go", "--dir", fn))
+    mod = (fn / "go.mod").read_text()
+    mod = mod.replace(
+        "require edgefn.dev/sdk v0.0.0\n",
+        "require (\n\tedgefn.dev/sdk v0.0.0\n\texample.com/geo v0.0.0\n)\n",
+    )
+    (fn / "go.mod").write_text(mod + f"\nreplace example.com/geo => {target}\n")
+    main = (fn / "main.go").read_text()
+    main = main.replace('"context"\n', '"context"\n\n\t"example.com/geo"\n')
+    main = main.replace(
+        "return req.Payload, nil", 'return append([]byte(geo.Name()+":"), req.Payload...), nil'
+    )
+    (fn / "main.go").write_text(main)
+    (fn / "main_test.go").write_text(
+        'package main\n\nimport (\n\t"testing"\n\n\t"example.com/geo"\n)\n\n'
+        "func TestGeo(t *testing.T) {\n"
+        '\tif geo.Name() != "geo" {\n\t\tt.Fatal(geo.Name())\n\t}\n}\n'
+    )
+    return fn
+
+
+@pytest.mark.slow
+def test_go_relative_replace_without_vendor_builds_and_tests(tmp_path: Path) -> None:
+    key = keypair(tmp_path)
+    fn = _go_with_relative_replace(tmp_path, "../geo")
+    before = (fn / "go.mod").read_text()
+    assert "tests of where passed" in ok(cli("fn", "test", fn))
+    bundle = build(fn, key, tmp_path / "where.efb")
+    assert (fn / "go.mod").read_text() == before  # the author's go.mod is never edited
+    assert install_and_invoke(tmp_path, key, bundle, "where", b"edge") == b"geo:edge"
+
+
+def test_go_relative_replace_to_nowhere_says_where_it_looked(tmp_path: Path) -> None:
+    key = keypair(tmp_path)
+    fn = _go_with_relative_replace(tmp_path, "../nowhere")
+    failed = cli("fn", "build", fn, "--key", key, "--out", tmp_path / "x.efb")
+    assert failed.returncode == 1
+    assert str(tmp_path / "nowhere") in failed.stderr
+    assert "resolved against the function directory" in failed.stderr
