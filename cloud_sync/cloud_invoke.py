@@ -18,12 +18,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+# The breaker's errors live in the one error tree (cloud_sync.errors); importable from here too.
+from cloud_sync.errors import CircuitOpen as CircuitOpen
+from cloud_sync.errors import CloudUnavailable as CloudUnavailable
 from cloud_sync.errors import error_of
 from runtimes.errors import (
     FunctionError,
     InvocationTimeout,
     RuntimeErrorBase,
-    Unavailable,
 )
 from runtimes.invocation import Invocation, Result
 
@@ -37,15 +39,6 @@ COOLDOWN_S = 5.0
 MAX_COOLDOWN_S = 60.0
 # Connecting should be fast on any working link; the rest of the budget is the function's.
 CONNECT_TIMEOUT_S = 3.0
-
-
-class CloudUnavailable(Unavailable):
-    code = "cloud_unavailable"
-    status = 502
-
-
-class CircuitOpen(CloudUnavailable):
-    code = "cloud_circuit_open"
 
 
 @dataclass(slots=True)
