@@ -1,0 +1,233 @@
+"""The one HTTP client helper against real servers on loopback (plain and TLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from cloud_sync.http_client import (
+    AsyncHttpClient,
+    BadAnswer,
+    Endpoint,
+    RemoteError,
+    RequestTimeout,
+    SyncHttpClient,
+    Unreachable,
+)
+from cloud_sync.platform.pki import PlatformCA
+from tests.mosquitto import free_port
+
+TOKEN = "s3cret"
+
+
+def make_app() -> web.Application:
+    async def doc(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return web.json_response(
+                {"error": {"code": "unauthorized", "message": "bad token"}}, status=401
+            )
+        body = await request.json() if request.can_read_body else None
+        return web.json_response({"echo": body, "ctype": request.content_type}, status=201)
+
+    async def missing(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"error": {"code": "unknown_device", "message": "no device 'x'"}}, status=404
+        )
+
+    async def foreign(request: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html>Bad Gateway</html>")
+
+    async def garbage(request: web.Request) -> web.Response:
+        return web.Response(status=200, text="not json")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(10)
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_route("*", "/doc", doc)
+    app.router.add_get("/missing", missing)
+    app.router.add_get("/foreign", foreign)
+    app.router.add_get("/garbage", garbage)
+    app.router.add_get("/slow", slow)
+    return app
+
+
+@contextlib.contextmanager
+def serve(app: web.Application, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """Run `app` on 127.0.0.1 in a thread; yields its base URL."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    ready = threading.Event()
+    urls: list[str] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+        loop.run_until_complete(site.start())
+        scheme = "https" if tls else "http"
+        urls.append(f"{scheme}://127.0.0.1:{runner.addresses[0][1]}")
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10), "test server did not start"
+
+    async def stop() -> None:
+        await runner.cleanup()
+        # Handlers still asleep (the slow route) are cancelled and awaited, not left pending.
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    try:
+        yield urls[0]
+    finally:
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def plain() -> Iterator[str]:
+    with serve(make_app()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ssl.SSLContext]:
+    data = tmp_path_factory.mktemp("pki")
+    ca = PlatformCA.load_or_create(data)
+    cert = ca.issue_server_cert()
+    (data / "server.crt").write_text(cert.cert_pem)
+    (data / "server.key").write_text(cert.key_pem)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(data / "server.crt", data / "server.key")
+    return ca.cert_path, ctx
+
+
+# ---- sync ---------------------------------------------------------------------------------------
+
+
+def test_sync_call_sends_the_token_and_json(plain: str) -> None:
+    client = SyncHttpClient(Endpoint(plain, token=TOKEN))
+    status, doc = client.call("POST", "/doc", {"a": 1})
+    assert status == 201
+    assert doc == {"echo": {"a": 1}, "ctype": "application/json"}
+
+
+def test_sync_refusals_carry_the_servers_stable_code(plain: str) -> None:
+    client = SyncHttpClient(Endpoint(plain, token="wrong", name="the platform"))
+    with pytest.raises(RemoteError) as denied:
+        client.call("GET", "/doc")
+    assert denied.value.status == 401 and denied.value.code == "unauthorized"
+    assert denied.value.category == "auth"
+    assert denied.value.message == "bad token (unauthorized, HTTP 401)"
+    with pytest.raises(RemoteError) as missing:
+        client.call("GET", "/missing")
+    assert missing.value.code == "unknown_device" and missing.value.category == "request"
+    assert missing.value.remote == ("unknown_device", "no device 'x'")
+    # A body that is not ours: the generic code and the start of the body.
+    with pytest.raises(RemoteError) as foreign:
+        client.call("GET", "/foreign")
+    assert foreign.value.code == "http_refused" and foreign.value.remote is None
+    assert "HTTP 502: <html>Bad Gateway" in foreign.value.message
+    assert foreign.value.category == "transport"
+
+
+def test_sync_request_returns_every_status_without_raising(plain: str) -> None:
+    resp = SyncHttpClient(Endpoint(plain)).request("GET", "/missing")
+    assert resp.status == 404 and not resp.ok
+    assert resp.error() == ("unknown_device", "no device 'x'")
+    assert resp.header("content-type").startswith("application/json")
+
+
+def test_sync_garbage_and_unreachable(plain: str) -> None:
+    with pytest.raises(BadAnswer, match="answered garbage"):
+        SyncHttpClient(Endpoint(plain)).call("GET", "/garbage")
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(Unreachable, match=f"cannot reach the agent at {dead}/doc"):
+        SyncHttpClient(Endpoint(dead, name="the agent")).call("GET", "/doc")
+
+
+def test_sync_timeout_is_its_own_error(plain: str) -> None:
+    with pytest.raises(RequestTimeout, match=r"did not answer within 0\.3 s"):
+        SyncHttpClient(Endpoint(plain, timeout_s=0.3)).call("GET", "/slow")
+
+
+def test_sync_tls_with_the_platform_ca(pki: tuple[Path, ssl.SSLContext]) -> None:
+    cafile, server_ctx = pki
+    with serve(make_app(), server_ctx) as url:
+        ok = SyncHttpClient(Endpoint(url, token=TOKEN, cafile=cafile))
+        assert ok.call("GET", "/doc")[0] == 201
+        # Without the CA the platform's certificate is not trusted: no silent downgrade.
+        with pytest.raises(Unreachable, match="CERTIFICATE_VERIFY_FAILED"):
+            SyncHttpClient(Endpoint(url, token=TOKEN)).call("GET", "/doc")
+
+
+def test_sync_streams_a_download(plain: str) -> None:
+    client = SyncHttpClient(Endpoint(plain, token=TOKEN))
+    with client.open("GET", "/doc") as resp:
+        assert resp.status == 201 and b'"echo": null' in resp.read()
+    with pytest.raises(RemoteError) as missing, client.open("GET", "/missing"):
+        pass
+    assert missing.value.status == 404
+
+
+# ---- async --------------------------------------------------------------------------------------
+
+
+async def test_async_call_refusal_and_reuse(plain: str) -> None:
+    client = AsyncHttpClient(Endpoint(plain, token=TOKEN))
+    try:
+        assert await client.call("POST", "/doc", {"b": 2}) == {
+            "echo": {"b": 2},
+            "ctype": "application/json",
+        }
+        with pytest.raises(RemoteError) as missing:
+            await client.call("GET", "/missing")
+        assert missing.value.code == "unknown_device" and missing.value.status == 404
+        resp = await client.request("GET", "/foreign")
+        assert resp.status == 502 and resp.error() is None
+        with pytest.raises(BadAnswer):
+            await client.call("GET", "/garbage")
+    finally:
+        await client.close()
+
+
+async def test_async_unreachable_and_timeout(plain: str) -> None:
+    dead = AsyncHttpClient(Endpoint(f"http://127.0.0.1:{free_port()}", name="the platform"))
+    slow = AsyncHttpClient(Endpoint(plain, timeout_s=0.3))
+    try:
+        with pytest.raises(Unreachable, match="cannot reach the platform"):
+            await dead.call("GET", "/doc")
+        with pytest.raises(RequestTimeout):
+            await slow.request("GET", "/slow")
+    finally:
+        await dead.close()
+        await slow.close()
+
+
+async def test_async_tls_with_the_platform_ca(pki: tuple[Path, ssl.SSLContext]) -> None:
+    cafile, server_ctx = pki
+    with serve(make_app(), server_ctx) as url:
+        ok = AsyncHttpClient(Endpoint(url, token=TOKEN, cafile=cafile))
+        untrusted = AsyncHttpClient(Endpoint(url, token=TOKEN))
+        try:
+            assert (await ok.request("GET", "/doc")).status == 201
+            with pytest.raises(Unreachable):
+                await untrusted.request("GET", "/doc")
+        finally:
+            await ok.close()
+            await untrusted.close()
