@@ -252,7 +252,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         purged = _client(args, 30).call("DELETE", f"/v1/cache/{args.name}")[1]["purged"]
     except Unreachable as exc:
         if args.url:
-            return _fail(exc.message, EXIT_UNREACHABLE)
+            return _fail(exc.one_line(), EXIT_UNREACHABLE)
         purged = _purge_offline(args.data_dir / "cache.db", args.name)
     except HttpClientError as exc:
         return _http_failure(exc)
@@ -329,7 +329,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         agent = Agent(settings)
         _run_loop(agent.run())
     except StartupError as exc:
-        return _fail(exc.message, EXIT_STARTUP)
+        return _fail(exc.one_line(), EXIT_STARTUP)
     # The drain deadline has passed: an in-process C++ call that never returns still holds a
     # thread, and interpreter exit would wait for it forever. Leave now.
     logging.shutdown()

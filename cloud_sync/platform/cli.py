@@ -721,13 +721,20 @@ def cmd_broker(args: argparse.Namespace) -> int:
             persistence=not args.no_persistence,
         )
     except (CloudSyncError, OSError, ValueError) as exc:
-        return _fail(getattr(exc, "message", str(exc)), EXIT_USAGE)
+        return _fail(_reason(exc), EXIT_USAGE)
     _say(f"wrote {files.config}, {files.acl}, {files.cafile}, {files.certfile}, {files.crlfile}")
     _say(f"run: mosquitto -c {files.config}")
     _say(
         f"then: edge-cloud serve --data-dir {args.data_dir} --broker mqtts://localhost:{args.port}"
     )
     return 0
+
+
+def _reason(exc: Exception) -> str:
+    """An edgefn error with its stable code; a foreign one (OSError...) as it reads."""
+    from hardware.errors import EdgefnError
+
+    return exc.one_line() if isinstance(exc, EdgefnError) else str(exc)
 
 
 def _platform_url(args: argparse.Namespace) -> str | None:
@@ -787,7 +794,7 @@ def cmd_device(args: argparse.Namespace) -> int:
             from_dict(doc, "credentials from the platform")
             atomic_write(args.out, json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
         except (CloudSyncError, OSError) as exc:
-            return _fail(getattr(exc, "message", str(exc)), EXIT_ERROR)
+            return _fail(_reason(exc), EXIT_ERROR)
         _say(f"enrolled {args.id}: credentials in {args.out} (mode 0600; it holds the key)")
         _say(f"run: edge-agent run --cloud {doc['platform_url']} --credentials {args.out}")
         return 0
