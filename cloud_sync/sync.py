@@ -265,7 +265,11 @@ class SyncClient:
                 "last_error": s.last_error,
                 "last_error_code": s.last_error_code,
             },
-            "http": {"last_ok": self.http.last_ok, "last_error": self.http.last_error},
+            "http": {
+                "last_ok": self.http.last_ok,
+                "last_error": self.http.last_error,
+                "last_error_code": self.http.last_error_code,
+            },
             "config": {
                 "applied": self.tracker.applied_versions.to_dict(),
                 "error": self.tracker.last_error.to_dict() if self.tracker.last_error else None,

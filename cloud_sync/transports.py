@@ -97,6 +97,7 @@ class HttpTransport:
         )
         self.base = self._http.endpoint.base_url
         self.last_error: str | None = None
+        self.last_error_code: str | None = None
         self.last_ok: float | None = None
 
     async def close(self) -> None:
@@ -106,15 +107,22 @@ class HttpTransport:
         try:
             answer = await self._http.call(method, path, body)
         except RemoteError as exc:
-            self.last_error = f"{method} {path}: {exc.message}"
             denied = exc.status in (401, 403)
-            raise HttpError(self.last_error, code="http_refused" if denied else None) from exc
+            raise self._failed(
+                HttpError(
+                    f"{method} {path}: {exc.message}", code="http_refused" if denied else None
+                )
+            ) from exc
         except HttpClientError as exc:
-            self.last_error = f"{method} {path}: {exc.message}"
-            raise HttpError(self.last_error) from exc
+            raise self._failed(HttpError(f"{method} {path}: {exc.one_line()}")) from exc
         self.last_ok = time.time()
-        self.last_error = None
+        self.last_error = self.last_error_code = None
         return answer
+
+    def _failed(self, exc: HttpError) -> HttpError:
+        """Remember the failure for the agent's health (`sync.http`), with its stable code."""
+        self.last_error, self.last_error_code = exc.message, exc.code
+        return exc
 
     async def send(self, records: list[OutboxRecord]) -> SendResult:
         body = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,8 +51,15 @@ def make_app() -> web.Application:
         await asyncio.sleep(10)
         return web.Response(text="late")
 
+    async def upload(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response(
+            {"size": len(body), "length": request.headers.get("Content-Length")}, status=201
+        )
+
     app = web.Application()
     app.router.add_route("*", "/doc", doc)
+    app.router.add_post("/upload", upload)
     app.router.add_get("/missing", missing)
     app.router.add_get("/foreign", foreign)
     app.router.add_get("/garbage", garbage)
@@ -104,6 +112,20 @@ def test_sync_refusals_carry_the_servers_stable_code(plain: str) -> None:
     assert foreign.value.code == "http_refused" and foreign.value.remote is None
     assert "HTTP 502: <html>Bad Gateway" in foreign.value.message
     assert foreign.value.category == "transport"
+
+
+def test_sync_uploads_a_file_object_as_fn_publish_does(plain: str, tmp_path: Path) -> None:
+    bundle = tmp_path / "b.efb"
+    bundle.write_bytes(os.urandom(300_000))
+    client = SyncHttpClient(Endpoint(plain, token=TOKEN, name="the platform"))
+    with bundle.open("rb") as f:
+        status, doc = client.call(
+            "POST",
+            "/upload",
+            data=f,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": "300000"},
+        )
+    assert status == 201 and doc == {"size": 300_000, "length": "300000"}
 
 
 def test_sync_request_returns_every_status_without_raising(plain: str) -> None:
