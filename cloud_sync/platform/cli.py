@@ -749,7 +749,7 @@ def _api(
     """Call the platform as the operator: (status, JSON) or an exit code after printing why."""
     from cloud_sync.errors import CloudSyncError
     from cloud_sync.http_client import BadAnswer, RemoteError, Unreachable
-    from cloud_sync.platform.operator_client import OperatorSetupError, operator_client
+    from cloud_sync.platform.operator_client import operator_client
 
     try:
         client = operator_client(args, timeout_s=FLEET_TIMEOUT_S)
@@ -760,7 +760,7 @@ def _api(
         return _fail(exc.one_line(), EXIT_UNREACHABLE)
     except BadAnswer as exc:
         return _fail(exc.one_line(), EXIT_ERROR)
-    except (OperatorSetupError, CloudSyncError) as exc:  # no URL/token, unreadable token file
+    except CloudSyncError as exc:  # OperatorSetupError (no URL/token), unreadable token file
         return _fail(exc.one_line(), EXIT_USAGE)
 
 
