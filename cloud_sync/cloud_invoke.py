@@ -12,18 +12,20 @@ error is a healthy platform.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import ssl as ssl_
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from cloud_sync.errors import error_of
+# The breaker's errors live in the one error tree (cloud_sync.errors); importable from here too.
+from cloud_sync.errors import CircuitOpen as CircuitOpen
+from cloud_sync.errors import CloudUnavailable as CloudUnavailable
+from cloud_sync.http_client import AsyncHttpClient, Endpoint, RequestTimeout, Unreachable
 from runtimes.errors import (
     FunctionError,
     InvocationTimeout,
     RuntimeErrorBase,
-    Unavailable,
 )
 from runtimes.invocation import Invocation, Result
 
@@ -37,15 +39,6 @@ COOLDOWN_S = 5.0
 MAX_COOLDOWN_S = 60.0
 # Connecting should be fast on any working link; the rest of the budget is the function's.
 CONNECT_TIMEOUT_S = 3.0
-
-
-class CloudUnavailable(Unavailable):
-    code = "cloud_unavailable"
-    status = 502
-
-
-class CircuitOpen(CloudUnavailable):
-    code = "cloud_circuit_open"
 
 
 @dataclass(slots=True)
@@ -63,7 +56,8 @@ class Breaker:
             return "half-open"
         return "open"
 
-    def before_call(self) -> None:
+    def before_call(self) -> bool:
+        """Let a call through or raise CircuitOpen; True when this call is the half-open probe."""
         state = self.state
         if state == "open" or (state == "half-open" and self.probing):
             left = self.cooldown_s - (time.monotonic() - self.opened_at)
@@ -73,6 +67,8 @@ class Breaker:
             )
         if state == "half-open":
             self.probing = True
+            return True
+        return False
 
     def success(self) -> None:
         self.failures = 0
@@ -92,30 +88,37 @@ class Breaker:
 class CloudInvoker:
     """POST {platform}/v1/functions/{name}/invoke with the device's credentials."""
 
-    def __init__(self, base_url: str, *, token: str = "", ssl: Any = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._token = token
-        self._ssl = ssl
-        self._session: Any = None
-        self.breaker = Breaker()
-
-    async def _client(self) -> Any:
-        if self._session is None:
-            import aiohttp
-
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True)
+    def __init__(
+        self, base_url: str, *, token: str = "", ssl: ssl_.SSLContext | None = None
+    ) -> None:
+        self._http = AsyncHttpClient(
+            Endpoint(
+                base_url,
+                token=token,
+                ssl_context=ssl,
+                connect_timeout_s=CONNECT_TIMEOUT_S,
+                name="the cloud",
             )
-        return self._session
+        )
+        self.base_url = self._http.endpoint.base_url
+        self.breaker = Breaker()
 
     async def invoke(self, name: str, inv: Invocation, version: str = "") -> tuple[Result, str]:
         """Run `name` in the cloud; returns the result and the version that answered.
 
         `version` pins the version the device runs, so both places run the same code.
         """
-        import aiohttp
+        probe = self.breaker.before_call()
+        try:
+            return await self._invoke(name, inv, version)
+        finally:
+            # A probe that ended without a verdict (cancelled: the client went away, the agent
+            # shuts down) must not keep the half-open slot, or every later call would see "a
+            # probe is in flight" and fail with circuit-open forever.
+            if probe:
+                self.breaker.probing = False
 
-        self.breaker.before_call()
+    async def _invoke(self, name: str, inv: Invocation, version: str) -> tuple[Result, str]:
         headers = {"X-Request-Id": inv.request_id}
         if inv.content_type:
             headers["Content-Type"] = inv.content_type
@@ -123,33 +126,34 @@ class CloudInvoker:
             headers["X-Trace-Id"] = inv.trace_id
         if version:
             headers["X-Edgefn-Version"] = version
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
-        timeout = aiohttp.ClientTimeout(total=inv.timeout_s, connect=CONNECT_TIMEOUT_S)
-        url = f"{self.base_url}/v1/functions/{name}/invoke"
         started = time.perf_counter()
         try:
-            session = await self._client()
-            async with session.post(url, data=inv.payload, headers=headers, timeout=timeout) as r:
-                body = await r.read()
-                status, ctype = r.status, r.headers.get("Content-Type", "")
-                version = r.headers.get("X-Edgefn-Version", "")
-        except TimeoutError:
+            resp = await self._http.request(
+                "POST",
+                f"/v1/functions/{name}/invoke",
+                data=inv.payload,
+                headers=headers,
+                timeout_s=inv.timeout_s,
+            )
+        except RequestTimeout:
             self.breaker.failure()
             raise InvocationTimeout(
                 f"cloud did not answer within {inv.timeout_s:g} s", code="cloud_timeout"
             ) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except Unreachable as exc:
             self.breaker.failure()
-            raise CloudUnavailable(f"cloud unreachable: {exc}") from exc
+            raise CloudUnavailable(f"cloud unreachable: {exc.__cause__ or exc}") from exc
         run_s = time.perf_counter() - started
+        status = resp.status
+        version = resp.header("X-Edgefn-Version")
         if status == 200:
             if not version:
                 self.breaker.failure()
                 raise CloudUnavailable("cloud answered without an X-Edgefn-Version header")
             self.breaker.success()
-            return Result(body, ctype or "application/octet-stream", 0.0, run_s), version
-        err = error_of(body)
+            ctype = resp.header("Content-Type") or "application/octet-stream"
+            return Result(resp.body, ctype, 0.0, run_s), version
+        err = resp.error()
         if err is None:
             self.breaker.failure()
             raise CloudUnavailable(f"cloud answered HTTP {status} with a body that is not ours")
@@ -171,10 +175,7 @@ class CloudInvoker:
         }
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            # Let the connector close its transports (aiohttp's documented graceful close).
-            await asyncio.sleep(0)
+        await self._http.close()
 
 
 def _cloud_error(status: int, code: str, message: str) -> RuntimeErrorBase:

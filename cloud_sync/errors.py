@@ -1,38 +1,29 @@
-"""One error tree for everything under `cloud_sync`.
+"""The `cloud_sync` subtree of the one error tree (`hardware.errors.EdgefnError`).
 
 Every error carries a stable `code` (what logs, reported documents and the platform see) and a
 `category` that says what kind of thing went wrong, so callers decide on retry/fallback without
 knowing every subclass: `transport` errors are worth retrying (or switching to HTTP), `config` and
 `auth` errors are not until something changes, `storage` means the local disk is in trouble.
-Foreign errors (sqlite3, ssl, paho, cryptography) are converted at the module boundary with
-`raise ... from exc`.
+Foreign errors (sqlite3, ssl, paho, cryptography, aiohttp, urllib) are converted at the module
+boundary with `raise ... from exc`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-Category = Literal["config", "transport", "auth", "storage", "internal"]
+# Category is re-exported: modules of this package import it from here.
+from hardware.errors import Category as Category
+from hardware.errors import EdgefnError
+from runtimes.errors import Unavailable
 
 
-class CloudSyncError(Exception):
+class CloudSyncError(EdgefnError):
+    """The root of the `cloud_sync` subtree: the link between edge and cloud, and the platform."""
+
     code = "cloud_sync_error"
     category: Category = "internal"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
-    @property
-    def message(self) -> str:
-        return str(self.args[0]) if self.args else self.code
-
-    def to_dict(self) -> dict[str, object]:
-        """The JSON shape used in reported documents and events."""
-        return {"code": self.code, "category": self.category, "message": self.message}
 
 
 class TopicError(CloudSyncError):
@@ -146,6 +137,25 @@ class PublishRefused(MqttError):
         self.permanent = permanent
         if reason_code == 0x87:
             self.category = "auth"
+
+
+class CloudUnavailable(CloudSyncError, Unavailable):
+    """The platform could not run a function for the device (unreachable, 5xx, not ours).
+
+    A cloud_sync error (category `transport`) that is also, to the agent's router, an
+    `Unavailable` invocation: the router's fallback and stale-if-error rules treat it like a
+    local function that cannot run now, and the local API answers its `status` (502).
+    """
+
+    code = "cloud_unavailable"
+    category: Category = "transport"
+    status = 502
+
+
+class CircuitOpen(CloudUnavailable):
+    """Cloud calls are paused by the circuit breaker after repeated transport failures."""
+
+    code = "cloud_circuit_open"
 
 
 def error_of(body: bytes) -> tuple[str, str] | None:

@@ -16,26 +16,33 @@ Flow of an install from the registry (the agent's `edge_agent.install` drives it
 The digest only proves the bytes are what the registry announced; whether they may run is for
 the device's signature check (`runtimes.verify`), which happens after this and before unpacking.
 
-Blocking (stdlib urllib): the install command runs it directly; async code would use
-`asyncio.to_thread`. Every socket operation has a timeout, so a stalled registry is an error.
+Blocking (`cloud_sync.http_client.SyncHttpClient`, stdlib urllib underneath): the install
+command runs it directly; async code would use `asyncio.to_thread`. Every socket operation has a
+timeout, so a stalled registry is an error. The helper's errors are converted here into this
+module's `RegistryError` subtree, which names the registry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import os
 import re
-import urllib.error
+import ssl
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cloud_sync.errors import Category, CloudSyncError
+from cloud_sync.http_client import (
+    BadAnswer,
+    Endpoint,
+    RemoteError,
+    SyncHttpClient,
+    Unreachable,
+)
 from runtimes.manifest import NAME_RE, SEMVER_RE
 
 # Per socket operation (connect, each read), not per download: a slow link with a large bundle
@@ -96,37 +103,53 @@ class VersionInfo:
 
 
 class RegistryClient:
-    def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        token: str = "",
+        cafile: Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         parsed = urllib.parse.urlsplit(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise RegistryError(f"not a registry URL: {base_url!r}", code="bad_url")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self._http = SyncHttpClient(
+            Endpoint(
+                self.base_url,
+                token=token,
+                cafile=cafile,
+                ssl_context=ssl_context,
+                timeout_s=timeout,
+                name="the registry",
+            )
+        )
 
     # -- metadata ---------------------------------------------------------------------------
 
     def _get_json(self, path: str, what: str) -> Any:
-        url = self.base_url + path
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as resp:
-                body = resp.read(MAX_METADATA_BYTES + 1)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                raise NotPublished(f"{what} is not published at {self.base_url}") from None
+            resp = self._http.request("GET", path, max_bytes=MAX_METADATA_BYTES)
+        except BadAnswer:
+            raise RegistryGarbage(f"registry at {self.base_url} sent an oversized answer") from None
+        except Unreachable as exc:
+            raise RegistryUnreachable(exc.message) from exc
+        if resp.status == 404:
+            raise NotPublished(f"{what} is not published at {self.base_url}")
+        if resp.status >= 300:
             raise RegistryError(
-                f"registry at {self.base_url} answered HTTP {exc.code} for {what}: "
-                f"{_error_text(exc)}"
-            ) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise RegistryUnreachable(f"cannot reach the registry at {url}: {reason}") from exc
-        if len(body) > MAX_METADATA_BYTES:
-            raise RegistryGarbage(f"registry at {self.base_url} sent an oversized answer")
+                f"registry at {self.base_url} answered HTTP {resp.status} for {what}: "
+                f"{_error_text(resp.error())}"
+            )
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            return resp.json()
+        except BadAnswer:
             raise RegistryGarbage(
-                f"registry at {self.base_url} returned garbage for {what} (not JSON: {body[:60]!r})"
+                f"registry at {self.base_url} returned garbage for {what} "
+                f"(not JSON: {resp.body[:60]!r})"
             ) from None
 
     def resolve(self, name: str, version: str | None = None) -> VersionInfo:
@@ -206,41 +229,48 @@ class RegistryClient:
         return part
 
     def _fetch(self, info: VersionInfo, part: Path, have: int, progress: Progress | None) -> None:
-        url = self.bundle_url(info.digest)
+        path = f"/v1/registry/bundles/sha256:{info.digest}"
         headers = {"Range": f"bytes={have}-"} if have else {}
-        req = urllib.request.Request(url, headers=headers)
         try:
-            resp = urllib.request.urlopen(req, timeout=self.timeout)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and have:
+            with self._http.open("GET", path, headers=headers) as resp:
+                self._receive(resp, info, part, have, progress)
+        except RemoteError as exc:
+            if exc.status == 416 and have:
                 part.unlink(missing_ok=True)  # our prefix does not fit: start over next time
             raise RegistryError(
-                f"registry at {self.base_url} answered HTTP {exc.code} for the bundle of "
-                f"{info.name}@{info.version}: {_error_text(exc)}"
+                f"registry at {self.base_url} answered HTTP {exc.status} for the bundle of "
+                f"{info.name}@{info.version}: {_error_text(exc.remote)}"
             ) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise RegistryUnreachable(f"cannot reach the registry at {url}: {reason}") from exc
-        with resp:
-            start = 0
-            if resp.status == 206:
-                match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
-                if not match or int(match.group(3)) != info.size or int(match.group(1)) != have:
-                    part.unlink(missing_ok=True)  # start over next time rather than loop
-                    raise RegistryGarbage(
-                        f"registry at {self.base_url} answered a range request with "
-                        f"Content-Range {resp.headers.get('Content-Range')!r}"
-                    )
-                start = have
-            elif resp.status != 200:
-                raise RegistryGarbage(f"registry answered HTTP {resp.status} for a bundle")
-            length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > info.size - start:
+        except Unreachable as exc:
+            raise RegistryUnreachable(exc.message) from exc
+
+    def _receive(
+        self,
+        resp: http.client.HTTPResponse,
+        info: VersionInfo,
+        part: Path,
+        have: int,
+        progress: Progress | None,
+    ) -> None:
+        start = 0
+        if resp.status == 206:
+            match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
+            if not match or int(match.group(3)) != info.size or int(match.group(1)) != have:
+                part.unlink(missing_ok=True)  # start over next time rather than loop
                 raise RegistryGarbage(
-                    f"registry at {self.base_url} sends {length} bytes for a bundle it "
-                    f"announced as {info.size} bytes"
+                    f"registry at {self.base_url} answered a range request with "
+                    f"Content-Range {resp.headers.get('Content-Range')!r}"
                 )
-            self._stream(resp, part, start, info, progress)
+            start = have
+        elif resp.status != 200:
+            raise RegistryGarbage(f"registry answered HTTP {resp.status} for a bundle")
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > info.size - start:
+            raise RegistryGarbage(
+                f"registry at {self.base_url} sends {length} bytes for a bundle it "
+                f"announced as {info.size} bytes"
+            )
+        self._stream(resp, part, start, info, progress)
 
     def _stream(
         self,
@@ -298,10 +328,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _error_text(exc: urllib.error.HTTPError) -> str:
-    try:
-        body = exc.read(4096)
-        err = json.loads(body)["error"]
-        return f"{err['message']} ({err['code']})"
-    except Exception:
-        return exc.reason if isinstance(exc.reason, str) else "no details"
+def _error_text(remote: tuple[str, str] | None) -> str:
+    """The registry's own error (message and stable code), when it sent one."""
+    return f"{remote[1]} ({remote[0]})" if remote else "no details"

@@ -8,8 +8,8 @@ package never imports the agent):
     every metrics interval: metrics_snapshot() deltas + pool sizes + psutil -> outbox (durable)
     sender: outbox.lease -> current transport (MQTT QoS 1 | HTTP POST) -> ack / release
 
-Transports (`MqttTransport`, `HttpTransport`) share one small interface (`send(records)`), and
-the sender picks one per round (`mode`):
+Transports (`MqttTransport`, `HttpTransport`, in `cloud_sync.transports`) share one small
+interface (`send(records)`), and the sender picks one per round (`mode`):
 
 * `mqtt` while the MQTT session is connected;
 * `http` once the broker has been unreachable for `fallback_after_s` (default 30 s): records
@@ -33,20 +33,17 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
-
-import aiohttp
+from typing import Any, Literal
 
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials
-from cloud_sync.errors import CloudSyncError, ConfigError, PublishRefused
-from cloud_sync.mqtt import USER_PROPERTY_KEY, USER_PROPERTY_KIND, MqttSession
-from cloud_sync.outbox import METRICS_SCHEMA, Outbox, OutboxRecord, OutboxStats, gauge
+from cloud_sync.errors import CloudSyncError, ConfigError
+from cloud_sync.mqtt import MqttSession
+from cloud_sync.outbox import METRICS_SCHEMA, Outbox, OutboxStats, gauge
 from cloud_sync.state import (
     AgentConfig,
     ConfigTracker,
@@ -54,6 +51,13 @@ from cloud_sync.state import (
     parse_desired,
     reported_document,
 )
+
+# The transports moved to their own module; these names stay importable from here.
+from cloud_sync.transports import HttpError as HttpError
+from cloud_sync.transports import HttpTransport as HttpTransport
+from cloud_sync.transports import MqttTransport as MqttTransport
+from cloud_sync.transports import SendResult as SendResult
+from cloud_sync.transports import Transport as Transport
 from runtimes.fsio import atomic_write
 
 log = logging.getLogger("edgefn.sync")
@@ -71,8 +75,6 @@ METRICS_INTERVAL_S = 10.0
 TICK_S = 0.5
 # Records per send round (MQTT publishes them concurrently; HTTP sends one POST).
 SEND_BATCH = 64
-# HTTP requests to the platform: connect quickly, answer within this.
-HTTP_TIMEOUT_S = 15.0
 # Retry pause after a failed round, so a refusing platform is not hammered.
 RETRY_S = 1.0
 
@@ -109,116 +111,6 @@ class SyncSettings:
     http_poll_s: float = HTTP_POLL_S
     metrics_interval_s: float = METRICS_INTERVAL_S
     outbox_max_bytes: int = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    acked: list[int]
-    refused: list[int]
-    failed: list[int]
-
-
-class Transport(Protocol):
-    name: str
-
-    async def send(self, records: list[OutboxRecord]) -> SendResult: ...
-
-
-class MqttTransport:
-    name = "mqtt"
-
-    def __init__(self, session: MqttSession) -> None:
-        self.session = session
-
-    async def send(self, records: list[OutboxRecord]) -> SendResult:
-        results = await asyncio.gather(
-            *(
-                self.session.publish(
-                    r.topic,
-                    r.payload,
-                    user_properties=[(USER_PROPERTY_KEY, r.key), (USER_PROPERTY_KIND, r.kind)],
-                )
-                for r in records
-            ),
-            return_exceptions=True,
-        )
-        out = SendResult([], [], [])
-        for rec, res in zip(records, results, strict=True):
-            if res is None:
-                out.acked.append(rec.id)
-            elif isinstance(res, PublishRefused) and res.permanent:
-                out.refused.append(rec.id)
-            else:
-                out.failed.append(rec.id)
-        return out
-
-
-class HttpError(CloudSyncError):
-    code = "http_fallback_failed"
-    category = "transport"
-
-
-class HttpTransport:
-    """The platform's HTTP API as a transport: records out, desired documents in."""
-
-    name = "http"
-
-    def __init__(self, base_url: str, device_id: str, token: str, ssl_ctx: ssl.SSLContext | None):
-        self.base = base_url.rstrip("/") + f"/v1/devices/{device_id}"
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._ssl: ssl.SSLContext | bool = ssl_ctx if ssl_ctx is not None else True
-        self._client: aiohttp.ClientSession | None = None
-        self.last_error: str | None = None
-        self.last_ok: float | None = None
-
-    def _session(self) -> aiohttp.ClientSession:
-        if self._client is None or self._client.closed:
-            self._client = aiohttp.ClientSession(
-                headers=self._headers, timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
-            )
-        return self._client
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
-        try:
-            async with self._session().request(
-                method, self.base + path, json=body, ssl=self._ssl
-            ) as resp:
-                data = await resp.read()
-                if resp.status >= 300:
-                    raise HttpError(
-                        f"{method} {path}: HTTP {resp.status} "
-                        + data[:200].decode("utf-8", "replace"),
-                        code="http_refused" if resp.status in (401, 403) else None,
-                    )
-                self.last_ok = time.time()
-                self.last_error = None
-                return json.loads(data)
-        except HttpError as exc:
-            self.last_error = exc.message
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            raise HttpError(f"{method} {path}: {self.last_error}") from exc
-
-    async def send(self, records: list[OutboxRecord]) -> SendResult:
-        body = {
-            "records": [
-                {"key": r.key, "kind": r.kind, "topic": r.topic, "payload": r.payload.decode()}
-                for r in records
-            ]
-        }
-        try:
-            await self._call("POST", "/records", body)
-        except HttpError:
-            return SendResult([], [], [r.id for r in records])
-        return SendResult([r.id for r in records], [], [])
-
-    async def fetch_desired(self) -> Any:
-        return await self._call("GET", "/desired")
 
 
 def _delta(now: FunctionCounters, before: FunctionCounters | None) -> FunctionCounters:
@@ -373,7 +265,11 @@ class SyncClient:
                 "last_error": s.last_error,
                 "last_error_code": s.last_error_code,
             },
-            "http": {"last_ok": self.http.last_ok, "last_error": self.http.last_error},
+            "http": {
+                "last_ok": self.http.last_ok,
+                "last_error": self.http.last_error,
+                "last_error_code": self.http.last_error_code,
+            },
             "config": {
                 "applied": self.tracker.applied_versions.to_dict(),
                 "error": self.tracker.last_error.to_dict() if self.tracker.last_error else None,

@@ -1,8 +1,12 @@
 """`edge-agent` command line. Each subcommand imports what it needs when it runs, so quick
 commands (`invoke`, `functions`) start fast and `run` does not pay for unused features.
 
-Exit status: 0 success; 1 the agent or function answered with an error; 2 bad usage or bad
-local input; 3 the agent could not be reached; 4 the agent could not start.
+Exit status: 0 success; 1 the agent or function answered with an error, or a command failed
+with an edgefn error (one line on stderr ending in its stable code, never a traceback); 2 bad
+usage or bad local input; 3 the agent could not be reached; 4 the agent could not start.
+
+HTTP calls to the agent go through `cloud_sync.http_client` (the agent CLI may import
+cloud_sync; it never imports the platform).
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import argparse
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cloud_sync.http_client import HttpClientError, SyncHttpClient
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -112,10 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--label", action="append", default=[], help="device label KEY=VALUE")
     _add_data_dir(prof)
 
-    inv = sub.add_parser("invoke", help="invoke a function on a running agent")
+    inv = sub.add_parser(
+        "invoke",
+        help="invoke a function on a running agent",
+        description="Invoke a function on a running agent and write its answer to stdout, "
+        "byte for byte. When stdout is a terminal and the answer does not end with a newline, "
+        "one is added so the prompt starts on its own line; piped or redirected output is "
+        "never changed.",
+    )
     inv.add_argument("name")
     inv.add_argument("--data", default="", help="payload text, or @FILE to send a file's bytes")
-    inv.add_argument("--content-type", default="", help="Content-Type of the payload")
+    inv.add_argument(
+        "--content-type",
+        default="",
+        help="Content-Type of the payload. Default: application/json when --data parses as "
+        "a JSON object or array, else application/octet-stream",
+    )
     inv.add_argument("--url", help="agent URL (default: from the data dir's agent.json)")
     inv.add_argument("--timeout", type=float, default=60.0, help="client timeout in seconds")
     _add_data_dir(inv)
@@ -138,20 +155,38 @@ def _agent_url(args: argparse.Namespace) -> str:
         return "http://127.0.0.1:8680"
 
 
-def _request(url: str, data: bytes | None, headers: dict[str, str], timeout: float) -> Any:
-    req = urllib.request.Request(
-        url, data=data, headers=headers, method="POST" if data is not None else "GET"
-    )
-    return urllib.request.urlopen(req, timeout=timeout)
+def _client(args: argparse.Namespace, timeout_s: float) -> SyncHttpClient:
+    from cloud_sync.http_client import Endpoint, SyncHttpClient
+
+    return SyncHttpClient(Endpoint(_agent_url(args), timeout_s=timeout_s, name="the agent"))
 
 
-def _error_message(exc: urllib.error.HTTPError) -> str:
-    from cloud_sync.errors import describe_http_error
+def _guess_content_type(data: bytes) -> str:
+    """application/json for a payload that parses as a JSON object or array (documented in
+    `invoke --help`); anything else is opaque bytes."""
+    if data[:1] in (b"{", b"["):
+        try:
+            json.loads(data)
+            return "application/json"
+        except ValueError:
+            pass
+    return "application/octet-stream"
 
-    return describe_http_error(exc.code, exc.read())
+
+def _http_failure(exc: HttpClientError) -> int:
+    """The one-line message and exit status for a failed call to the agent.
+
+    A refusal's message already names the agent's stable code and the HTTP status.
+    """
+    from cloud_sync.http_client import RemoteError, Unreachable
+
+    code = EXIT_UNREACHABLE if isinstance(exc, Unreachable) else EXIT_ERROR
+    return _fail(exc.message if isinstance(exc, RemoteError) else exc.one_line(), code)
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
+    from cloud_sync.http_client import HttpClientError
+
     data: bytes
     if args.data.startswith("@"):
         try:
@@ -160,24 +195,17 @@ def cmd_invoke(args: argparse.Namespace) -> int:
             return _fail(f"cannot read {args.data[1:]}: {exc.strerror}", EXIT_USAGE)
     else:
         data = args.data.encode()
-    ctype = args.content_type
-    if not ctype and data[:1] in (b"{", b"["):
-        try:
-            json.loads(data)
-            ctype = "application/json"
-        except ValueError:
-            pass
-    headers = {"Content-Type": ctype or "application/octet-stream"}
-    url = f"{_agent_url(args)}/v1/functions/{args.name}/invoke"
+    headers = {"Content-Type": args.content_type or _guess_content_type(data)}
     try:
-        with _request(url, data, headers, args.timeout) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as exc:
-        return _fail(_error_message(exc), EXIT_ERROR)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return _fail(f"cannot reach the agent at {url}: {reason}", EXIT_UNREACHABLE)
+        resp = _client(args, args.timeout).request(
+            "POST", f"/v1/functions/{args.name}/invoke", data=data, headers=headers
+        )
+        resp.raise_for_status()
+    except HttpClientError as exc:
+        return _http_failure(exc)
+    body = resp.body
     sys.stdout.buffer.write(body)
+    # Only for a terminal: piped output must stay the function's exact bytes (binary payloads).
     if sys.stdout.isatty() and not body.endswith(b"\n"):
         sys.stdout.buffer.write(b"\n")
     sys.stdout.flush()
@@ -185,16 +213,14 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
 
 def cmd_functions(args: argparse.Namespace) -> int:
-    url = f"{_agent_url(args)}/v1/functions"
+    from cloud_sync.http_client import HttpClientError
+
     try:
-        with _request(url, None, {}, 10) as resp:
-            items = json.loads(resp.read())["functions"]
-    except urllib.error.HTTPError as exc:
-        return _fail(_error_message(exc), EXIT_ERROR)
-    except (urllib.error.URLError, OSError) as exc:
-        return _fail(
-            f"cannot reach the agent at {url}: {getattr(exc, 'reason', exc)}", EXIT_UNREACHABLE
-        )
+        items = _client(args, 10).call("GET", "/v1/functions")[1]["functions"]
+    except HttpClientError as exc:
+        return _http_failure(exc)
+    except (KeyError, TypeError):
+        return _fail("the agent answered a function list without 'functions'", EXIT_ERROR)
     if args.json:
         print(json.dumps(items, indent=2))
         return 0
@@ -220,17 +246,16 @@ def _labels(items: list[str]) -> tuple[tuple[str, str], ...] | None:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """Purge through the running agent; with no agent running, purge the file directly."""
-    url = f"{_agent_url(args)}/v1/cache/{args.name}"
-    req = urllib.request.Request(url, method="DELETE")
+    from cloud_sync.http_client import HttpClientError, Unreachable
+
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            purged = json.loads(resp.read())["purged"]
-    except urllib.error.HTTPError as exc:
-        return _fail(_error_message(exc), EXIT_ERROR)
-    except (urllib.error.URLError, OSError):
+        purged = _client(args, 30).call("DELETE", f"/v1/cache/{args.name}")[1]["purged"]
+    except Unreachable as exc:
         if args.url:
-            return _fail(f"cannot reach the agent at {args.url}", EXIT_UNREACHABLE)
+            return _fail(exc.one_line(), EXIT_UNREACHABLE)
         purged = _purge_offline(args.data_dir / "cache.db", args.name)
+    except HttpClientError as exc:
+        return _http_failure(exc)
     print(f"purged {purged} cached results of {args.name}")
     return 0
 
@@ -251,16 +276,12 @@ def _purge_offline(path: Path, name: str) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from hardware.errors import HardwareError
     from hardware.profile import detect, human_text
 
     labels = _labels(args.label)
     if labels is None:
         return _fail("--label takes KEY=VALUE", EXIT_USAGE)
-    try:
-        profile = detect(args.data_dir, dict(labels))
-    except HardwareError as exc:
-        return _fail(exc.message, EXIT_ERROR)
+    profile = detect(args.data_dir, dict(labels))  # an EdgefnError ends in main: one line
     print(json.dumps(profile.to_dict(), indent=2) if args.json else human_text(profile))
     return 0
 
@@ -308,7 +329,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         agent = Agent(settings)
         _run_loop(agent.run())
     except StartupError as exc:
-        return _fail(exc.message, EXIT_STARTUP)
+        return _fail(exc.one_line(), EXIT_STARTUP)
     # The drain deadline has passed: an in-process C++ call that never returns still holds a
     # thread, and interpreter exit would wait for it forever. Leave now.
     logging.shutdown()
@@ -377,9 +398,8 @@ def _refused(what: str, exc: Any) -> int:
 def cmd_fn(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from cloud_sync.errors import CloudSyncError
     from edge_agent import install
-    from runtimes.errors import RuntimeErrorBase
+    from hardware.errors import EdgefnError
     from runtimes.unpack import DEFAULT_LIMITS
 
     if args.fn_command == "list":
@@ -421,7 +441,7 @@ def cmd_fn(args: argparse.Namespace) -> int:
             return _fail(f"{args.source}: to install NAME@VERSION pass --cloud URL", EXIT_USAGE)
         else:
             result = install.install_file(Path(args.source), opts)
-    except (RuntimeErrorBase, CloudSyncError) as exc:
+    except EdgefnError as exc:
         return _refused("rollback" if args.fn_command == "rollback" else "install", exc)
     if result.outcome == "already_installed":
         print(f"{result.name} {result.version} is already installed and active")
@@ -433,7 +453,7 @@ def cmd_fn(args: argparse.Namespace) -> int:
 
 def cmd_trust(args: argparse.Namespace) -> int:
     from edge_agent import trust
-    from runtimes.errors import RuntimeErrorBase
+    from hardware.errors import EdgefnError
 
     try:
         if args.trust_command == "add":
@@ -444,7 +464,7 @@ def cmd_trust(args: argparse.Namespace) -> int:
         else:
             for key in trust.list_keys(args.data_dir):
                 print(f"{key.key_id}  {key.path}")
-    except RuntimeErrorBase as exc:
+    except EdgefnError as exc:
         return _refused(f"trust {args.trust_command}", exc)
     return 0
 
@@ -461,10 +481,17 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hardware.errors import EdgefnError
+
     args = build_parser().parse_args(argv)
     if getattr(args, "max_body_bytes", 1) <= 0:
         return _fail("--max-body-bytes must be positive", EXIT_USAGE)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except EdgefnError as exc:
+        # The one root: whatever a command did not expect still ends as one line with the
+        # stable code and the documented status, never as a traceback.
+        return _fail(exc.one_line(), EXIT_ERROR)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
+from edge_agent.errors import AgentError
 from runtimes.errors import ManifestError, RuntimeErrorBase
 
 Policy = Literal["local", "cloud", "local-then-cloud", "cloud-then-local"]
@@ -67,8 +68,14 @@ def falls_back(exc: RuntimeErrorBase) -> bool:
     return exc.code not in NO_FALLBACK_CODES
 
 
-class RoutingFailed(RuntimeErrorBase):
-    """Every step of the chain failed; the message names each step and why."""
+class RoutingFailed(AgentError):
+    """Every step of the chain failed; the message names each step and why.
+
+    The instance carries the last failure's code and status (what the client should act on);
+    `routing_failed` is only the class's own name in the error tree.
+    """
+
+    code = "routing_failed"
 
     def __init__(self, failures: list[tuple[str, RuntimeErrorBase]]) -> None:
         last = failures[-1][1]

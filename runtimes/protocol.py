@@ -23,6 +23,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
+from runtimes.errors import RuntimeErrorBase
+
 PROTOCOL_VERSION = 1
 
 # Frames larger than this are a protocol violation: it bounds what a broken or hostile worker
@@ -69,8 +71,11 @@ _U32_KEYS = frozenset({Key.DEADLINE_MS})
 _KINDS = {int(k): k for k in Kind}  # a dict lookup is cheaper than Kind(value) per frame
 
 
-class ProtocolError(Exception):
+class ProtocolError(RuntimeErrorBase):
     """The byte stream is not a valid frame sequence: the worker that sent it is killed."""
+
+    code = "protocol_violation"
+    category = "function"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,9 @@
                                                                 see cloud_sync/author/cli.py
 
 Each subcommand imports what it needs when it runs. Exit status: 0 success; 1 refused or failed
-(one line on stderr says why); 2 bad usage or bad local input; 3 the platform was unreachable.
+(one line on stderr says why, ending in the stable code; an edgefn error no command expected
+ends the same way, never as a traceback); 2 bad usage or bad local input; 3 the platform was
+unreachable. Operator commands reach the platform through `operator_client`.
 """
 
 from __future__ import annotations
@@ -143,6 +145,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.log_level != "debug":
+        # The embedded broker (amqtt) drives its sessions with `transitions`, which logs every
+        # state-machine callback at INFO: several lines per device connection. Only for
+        # --log-level debug.
+        logging.getLogger("transitions").setLevel(logging.WARNING)
     settings = PlatformSettings(
         data_dir=args.data_dir.resolve(),
         host=args.host,
@@ -157,7 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(settings))
     except CloudSyncError as exc:
-        return _fail(exc.message, EXIT_USAGE)
+        return _fail(exc.one_line(), EXIT_USAGE)
     except OSError as exc:
         return _fail(str(exc), EXIT_ERROR)
     return 0
@@ -167,19 +174,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _operator_token(args: argparse.Namespace) -> str | None:
-    if args.token:
-        return str(args.token)
-    if os.environ.get("EDGEFN_TOKEN"):
-        return os.environ["EDGEFN_TOKEN"]
-    if args.data_dir is not None:
-        from cloud_sync.platform.auth import read_token
-        from cloud_sync.platform.settings import PlatformSettings
+    from cloud_sync.platform.operator_client import operator_token
 
-        return read_token(PlatformSettings(data_dir=args.data_dir).token_file)
-    return None
+    return operator_token(args)
 
 
 def _http_error(exc: urllib.error.HTTPError) -> str:
+    """Kept for `fn publish` until it moves to `operator_client` (RemoteError.message)."""
     return describe_http_error(exc.code, exc.read())
 
 
@@ -204,7 +205,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
             persistence=not args.no_persistence,
         )
     except (CloudSyncError, OSError, ValueError) as exc:
-        return _fail(getattr(exc, "message", str(exc)), EXIT_USAGE)
+        return _fail(_reason(exc), EXIT_USAGE)
     _say(f"wrote {files.config}, {files.acl}, {files.cafile}, {files.certfile}, {files.crlfile}")
     _say(f"run: mosquitto -c {files.config}")
     _say(
@@ -213,18 +214,17 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _platform_url(args: argparse.Namespace) -> str | None:
-    if args.platform:
-        return str(args.platform).rstrip("/")
-    if args.data_dir is not None:
-        from cloud_sync.platform.settings import PlatformSettings
+def _reason(exc: Exception) -> str:
+    """An edgefn error with its stable code; a foreign one (OSError...) as it reads."""
+    from hardware.errors import EdgefnError
 
-        try:
-            state = json.loads(PlatformSettings(data_dir=args.data_dir).state_file.read_text())
-            return str(state["url"]).rstrip("/")
-        except (OSError, ValueError, KeyError):
-            return None
-    return None
+    return exc.one_line() if isinstance(exc, EdgefnError) else str(exc)
+
+
+def _platform_url(args: argparse.Namespace) -> str | None:
+    from cloud_sync.platform.operator_client import platform_url
+
+    return platform_url(args)
 
 
 def _api(
@@ -232,43 +232,20 @@ def _api(
 ) -> tuple[int, Any] | int:
     """Call the platform as the operator: (status, JSON) or an exit code after printing why."""
     from cloud_sync.errors import CloudSyncError
+    from cloud_sync.http_client import BadAnswer, RemoteError, Unreachable
+    from cloud_sync.platform.operator_client import operator_client
 
     try:
-        token = _operator_token(args)
-    except CloudSyncError as exc:
-        return _fail(exc.message, EXIT_USAGE)
-    if token is None:
-        return _fail(
-            "no operator token: pass --token, set EDGEFN_TOKEN, or --data-dir of the platform",
-            EXIT_USAGE,
-        )
-    base = _platform_url(args)
-    if base is None:
-        return _fail(
-            "no platform: pass --platform URL (or --data-dir of a running one)", EXIT_USAGE
-        )
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Authorization": f"Bearer {token}"}
-    if data is not None:
-        headers["Content-Type"] = "application/json"
-    req = urllib.request.Request(base + path, data=data, headers=headers, method=method)
-    ctx = None
-    if base.startswith("https:") and args.data_dir is not None:
-        import ssl
-
-        ctx = ssl.create_default_context(cafile=str(args.data_dir / "pki" / "ca.crt"))
-    try:
-        with urllib.request.urlopen(req, timeout=FLEET_TIMEOUT_S, context=ctx) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return _fail(f"refused: {_http_error(exc)}", EXIT_ERROR)
-    except (urllib.error.URLError, OSError) as exc:
-        return _fail(
-            f"cannot reach the platform at {base}: {getattr(exc, 'reason', exc)}",
-            EXIT_UNREACHABLE,
-        )
-    except ValueError:
-        return _fail(f"the platform at {base} answered garbage", EXIT_ERROR)
+        client = operator_client(args, timeout_s=FLEET_TIMEOUT_S)
+        return client.call(method, path, body)
+    except RemoteError as exc:
+        return _fail(f"refused: {exc.message}", EXIT_ERROR)
+    except Unreachable as exc:
+        return _fail(exc.one_line(), EXIT_UNREACHABLE)
+    except BadAnswer as exc:
+        return _fail(exc.one_line(), EXIT_ERROR)
+    except CloudSyncError as exc:  # OperatorSetupError (no URL/token), unreadable token file
+        return _fail(exc.one_line(), EXIT_USAGE)
 
 
 def _parse_labels(text: str) -> dict[str, str]:
@@ -301,7 +278,7 @@ def cmd_device(args: argparse.Namespace) -> int:
             from_dict(doc, "credentials from the platform")
             atomic_write(args.out, json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
         except (CloudSyncError, OSError) as exc:
-            return _fail(getattr(exc, "message", str(exc)), EXIT_ERROR)
+            return _fail(_reason(exc), EXIT_ERROR)
         _say(f"enrolled {args.id}: credentials in {args.out} (mode 0600; it holds the key)")
         _say(f"run: edge-agent run --cloud {doc['platform_url']} --credentials {args.out}")
         return 0
@@ -390,9 +367,16 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hardware.errors import EdgefnError
+
     args = build_parser().parse_args(argv)
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
-    return int(handler(args))
+    try:
+        return int(handler(args))
+    except EdgefnError as exc:
+        # The one root: whatever a command did not expect still ends as one line with the
+        # stable code and the documented status, never as a traceback.
+        return _fail(exc.one_line(), EXIT_ERROR)
 
 
 if __name__ == "__main__":

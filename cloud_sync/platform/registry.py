@@ -34,6 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
+from cloud_sync.errors import CloudSyncError
 from cloud_sync.platform.auth import AuthResult, check_bearer
 from cloud_sync.platform.store import (
     DIGEST_RE,
@@ -70,8 +71,11 @@ def error_response(status: int, code: str, message: str, **headers: str) -> web.
     )
 
 
-class RangeNotSatisfiable(Exception):
-    pass
+class RangeNotSatisfiable(CloudSyncError):
+    """A `Range` header the registry cannot serve: answered 416."""
+
+    code = "range_not_satisfiable"
+    category = "request"
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
