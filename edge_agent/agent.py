@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from cloud_sync.cloud_invoke import CloudInvoker
-from edge_agent.api import Api
+from edge_agent.api import Api, ApiRunner
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
 from edge_agent.metrics import BUCKETS, Metrics
@@ -261,7 +261,7 @@ class Agent:
         await self.functions.sync()
         if self.creds is not None:
             await self._start_sync(self.creds)
-        self._runner = web.AppRunner(
+        self._runner = ApiRunner(
             self.api.app(),
             access_log=None,
             handle_signals=False,

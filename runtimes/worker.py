@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from runtimes import protocol
-from runtimes.errors import FunctionError, InvocationTimeout, RuntimeErrorBase, WorkerCrashed
+from runtimes.errors import (
+    FunctionError,
+    InvocationTimeout,
+    RequestRejected,
+    RuntimeErrorBase,
+    WorkerCrashed,
+)
 from runtimes.invocation import Invocation, Result
 from runtimes.protocol import Frame, Key, Kind
 
@@ -432,6 +438,8 @@ def result_from_frame(frame: Frame, queued_s: float, run_s: float) -> Result:
     if frame.kind is Kind.ERROR:
         code = frame.text(Key.ERROR_CODE, "function_error") or "function_error"
         message = frame.payload.decode("utf-8", "replace") or "function failed"
+        if code == RequestRejected.code:
+            raise RequestRejected(message)
         raise FunctionError(message, code=code)
     ctype = frame.text(Key.CONTENT_TYPE)
     if not ctype:
