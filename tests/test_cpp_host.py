@@ -418,6 +418,7 @@ def test_missing_gxx_is_a_toolchain_error(tmp_path: Path, monkeypatch: pytest.Mo
         build_cpp(CONFORMANCE_DIR, tmp_path / "out", "conformance")
 
 
+@pytest.mark.ci_may_skip("checks the cross compiler's absence; skips where it is installed")
 def test_missing_cross_compiler_names_the_debian_package(tmp_path: Path) -> None:
     other = "x86_64" if platform.machine() == "aarch64" else "aarch64"
     triple = f"{other}-linux-gnu"

@@ -25,7 +25,7 @@ from aiohttp import web
 from runtimes.bundle import build_bundle, read_bundle
 from runtimes.signing import load_private_key
 from tests.harness import AgentProcess, Response, install_dev_function, start_agent
-from tests.test_registry_helpers import (
+from tests.registry_helpers import (
     Entry,
     Platform,
     agent_cli,

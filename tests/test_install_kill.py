@@ -20,8 +20,8 @@ import pytest
 
 from edge_agent.install import STEPS
 from tests.harness import children_of, pid_alive, start_agent
+from tests.registry_helpers import agent_cli, ok
 from tests.test_install import Env, make_env, trusting_data_dir, wait_serving
-from tests.test_registry_helpers import agent_cli, ok
 
 pytestmark = pytest.mark.slow
 
