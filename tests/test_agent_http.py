@@ -117,6 +117,7 @@ NOT_HTTP = {
     "bad_bundle": "install and build time (edge-agent install, edge-cloud fn build)",
     "build_failed": "build time",
     "install_failed": "edge-agent install / rollback, a CLI",
+    "warm_failed": "the same: the installer's warm check",
     "startup_failed": "the agent does not start at all",
     "agent_error": "an abstract base, never raised itself",
 }
