@@ -187,30 +187,13 @@ class Api:
         for name, fn in sorted(self._functions.loaded.items()):
             st = fn.executor.status()
             labels = {"function": name, "version": fn.manifest.version}
-            yield (
-                "edgefn_pool_instances",
-                "Worker instances running.",
-                labels,
-                st.get("instances", 0),
-            )
-            yield (
-                "edgefn_pool_in_flight",
-                "Requests being executed.",
-                labels,
-                st.get("in_flight", 0),
-            )
-            yield (
-                "edgefn_pool_queued",
-                "Requests waiting for a slot.",
-                labels,
-                st.get("queued", 0),
-            )
-            workers = st.get("workers", [])
-            rss = sum(w.get("rss_mb", 0.0) for w in workers)
-            cpu = sum(w.get("cpu_percent", 0.0) for w in workers)
+            yield ("edgefn_pool_instances", "Worker instances running.", labels, st.instances)
+            yield ("edgefn_pool_in_flight", "Requests being executed.", labels, st.in_flight)
+            yield ("edgefn_pool_queued", "Requests waiting for a slot.", labels, st.queued)
+            rss, cpu = st.rss_mb, st.cpu_percent
             yield ("edgefn_workers_rss_mb", "Resident memory of the workers, MB.", labels, rss)
             yield ("edgefn_workers_cpu_percent", "CPU of the workers, % of one core.", labels, cpu)
-            healthy = 1.0 if st.get("health") == "healthy" else 0.0
+            healthy = 1.0 if st.health == "healthy" else 0.0
             yield ("edgefn_function_healthy", "1 when the function is healthy.", labels, healthy)
 
 

@@ -47,7 +47,7 @@ async def call(pool: Pool, **kw: Any) -> Any:
 
 
 async def test_ready_names_the_runtime(pool: Pool) -> None:
-    runtime = pool.status()["workers"][0]["runtime"]
+    runtime = pool.status().workers[0].runtime
     assert runtime.split("/")[0] == pool.manifest.runtime
 
 
