@@ -21,14 +21,15 @@ import os
 import signal
 import socket
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from cloud_sync.cloud_invoke import CloudInvoker
-from edge_agent.api import Api
+from edge_agent.api import Api, ApiRunner
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
 from edge_agent.metrics import BUCKETS, Metrics
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # imported when a device joins a platform: paho and cryptogra
     from cloud_sync.credentials import DeviceCredentials
     from cloud_sync.state import AgentConfig
     from cloud_sync.sync import FunctionCounters, SyncClient
+    from edge_agent.cache import ResultCache
 
 log = logging.getLogger("edgefn.agent")
 
@@ -111,17 +113,59 @@ def prepare_data_dir(data_dir: Path) -> None:
         raise StartupError(f"data dir {data_dir} is not writable: {exc.strerror}") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What serves requests, each part built complete with what it needs (`assemble`)."""
+
+    cache: ResultCache
+    sandbox: Sandbox
+    functions: FunctionSet
+    router: Router
+    api: Api
+
+
+def assemble(
+    settings: Settings,
+    metrics: Metrics,
+    cache: ResultCache,
+    sandbox: Sandbox,
+    cloud: CloudInvoker | None,
+    health: Callable[[], dict[str, Any]],
+) -> Parts:
+    """The one place the serving parts are wired: nothing is plugged in after construction."""
+
+    async def version_switched(fn: LoadedFunction) -> None:
+        # A new version must not answer from the old one's cached results.
+        await cache.invalidate_function(
+            fn.manifest.name, fn.manifest.version, fn.cache_policy.epoch
+        )
+
+    functions = FunctionSet(
+        settings.functions_dir,
+        require_signed=settings.require_signed,
+        sandbox=sandbox,
+        on_switch=version_switched,
+    )
+    router = Router(
+        functions,
+        metrics,
+        cache=cache,
+        cloud=cloud,
+        default_policy=check_policy(settings.default_routing, "--default-routing"),
+    )
+    api = Api(router, functions, metrics, max_body_bytes=settings.max_body_bytes, health=health)
+    return Parts(cache, sandbox, functions, router, api)
+
+
 class Agent:
+    """The lifecycle: device configuration at construction (cheap, no I/O beyond reading the
+    credentials), the serving parts in `open()` (stores and device detection: blocking work,
+    done off the loop), then serve -> staged shutdown."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        check_policy(settings.default_routing, "--default-routing")  # refuse before any I/O
         self.metrics = Metrics()
-        self.functions = FunctionSet(
-            settings.functions_dir,
-            require_signed=settings.require_signed,
-            sandbox=None,  # built in start(): detecting the device is blocking I/O
-            on_switch=self._version_switched,
-        )
-        self.sandbox: Sandbox | None = None
         self.creds: DeviceCredentials | None = None
         self._extras: dict[str, Any] = {}
         cloud_url, token, ssl_ctx = settings.cloud_url, settings.cloud_token, None
@@ -140,46 +184,63 @@ class Agent:
             if cloud_url.startswith("https:"):
                 ssl_ctx = self.creds.ssl_context()
         self.cloud_url = cloud_url
+        self.cloud = CloudInvoker(cloud_url, token=token, ssl=ssl_ctx) if cloud_url else None
         self.sync: SyncClient | None = None
         self._desired: AgentConfig | None = None
         self._profile: dict[str, Any] = {}
-        self.router = Router(
-            self.functions,
-            self.metrics,
-            cloud=CloudInvoker(cloud_url, token=token, ssl=ssl_ctx) if cloud_url else None,
-            default_policy=check_policy(settings.default_routing, "--default-routing"),
-        )
-        self.api = Api(
-            self.router,
-            self.functions,
-            self.metrics,
-            max_body_bytes=settings.max_body_bytes,
-            health=self.health,
-        )
+        self._parts: Parts | None = None
         self.started_at = time.time()
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._scanner: asyncio.Task[None] | None = None
         self._stopping = False
 
-    async def _version_switched(self, fn: LoadedFunction) -> None:
-        if self.router.cache is not None:
-            await self.router.cache.invalidate_function(
-                fn.manifest.name, fn.manifest.version, fn.cache_policy.epoch
-            )
+    @property
+    def parts(self) -> Parts:
+        if self._parts is None:
+            raise RuntimeError("the agent is not open yet (Agent.open / Agent.start)")
+        return self._parts
+
+    @property
+    def functions(self) -> FunctionSet:
+        return self.parts.functions
+
+    @property
+    def router(self) -> Router:
+        return self.parts.router
+
+    async def open(self, *, sandbox: Sandbox | None = None) -> Parts:
+        """Open the stores and build the serving parts (`sandbox`: given instead of detected)."""
+        s = self.settings
+        prepare_data_dir(s.data_dir)
+        from edge_agent.cache import ResultCache
+
+        cache = await ResultCache.open(s.data_dir / "cache.db", s.cache_max_bytes)
+        try:
+            if sandbox is None:
+                sandbox = await asyncio.to_thread(build_sandbox, s)
+        except BaseException:
+            await cache.close()
+            raise
+        self._parts = assemble(s, self.metrics, cache, sandbox, self.cloud, self.health)
+        return self._parts
 
     def health(self) -> dict[str, Any]:
-        fns = self.functions.describe()
-        unhealthy = [f["name"] for f in fns if f.get("status", {}).get("health") != "healthy"]
+        parts = self.parts
+        loaded = parts.functions.loaded
+        unhealthy = sorted(
+            {n for n, f in loaded.items() if f.executor.status().health != "healthy"}
+            | (set(parts.functions.problems) - set(loaded))
+        )
         return {
             "status": "stopping" if self._stopping else "ok",
             "uptime_s": round(time.time() - self.started_at, 3),
-            "functions": len(self.functions.loaded),
+            "functions": len(loaded),
             "unhealthy": unhealthy,
             "pid": os.getpid(),
-            "cache": self.router.cache.stats() if self.router.cache else {"state": "off"},
-            "sandbox": self.sandbox.status() if self.sandbox else {},
-            "cloud": self.router.cloud.status() if self.router.cloud else {"state": "off"},
+            "cache": parts.cache.stats(),
+            "sandbox": parts.sandbox.status(),
+            "cloud": self.cloud.status() if self.cloud else {"state": "off"},
             "sync": self.sync.status() if self.sync else {"state": "off"},
         }
 
@@ -203,10 +264,7 @@ class Agent:
         }
 
     def _pool_sizes(self) -> dict[str, int]:
-        return {
-            name: int(fn.executor.status().get("instances", 0))
-            for name, fn in self.functions.loaded.items()
-        }
+        return {name: fn.executor.status().instances for name, fn in self.functions.loaded.items()}
 
     def _describe(self) -> dict[str, Any]:
         return {
@@ -223,9 +281,9 @@ class Agent:
         )
         level = (config.log_level or self.settings.log_level).upper()
         logging.getLogger().setLevel(level)
-        cache = self.router.cache
+        cache = self.parts.cache
         bound = max(4096, config.cache_max_bytes or self.settings.cache_max_bytes)
-        if cache is not None and bound != cache.max_bytes:
+        if bound != cache.max_bytes:
             log.info("result cache bound %d -> %d bytes", cache.max_bytes, bound)
             await cache.set_max_bytes(bound)
         self._apply_pools()
@@ -252,17 +310,12 @@ class Agent:
 
     async def start(self) -> None:
         s = self.settings
-        prepare_data_dir(s.data_dir)
-        from edge_agent.cache import ResultCache
-
-        self.router.cache = await ResultCache.open(s.data_dir / "cache.db", s.cache_max_bytes)
-        self.sandbox = await asyncio.to_thread(build_sandbox, s)
-        self.functions.sandbox = self.sandbox
-        await self.functions.sync()
+        parts = self._parts or await self.open()
+        await parts.functions.sync()
         if self.creds is not None:
             await self._start_sync(self.creds)
-        self._runner = web.AppRunner(
-            self.api.app(),
+        self._runner = ApiRunner(
+            parts.api.app(),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=s.drain_s,
@@ -344,13 +397,13 @@ class Agent:
             await self._runner.cleanup()
         if self.sync is not None:
             await self.sync.close()
-        await self.functions.close(drain_s=1.0)
-        if self.sandbox is not None:
-            await self.sandbox.close()
-        if self.router.cache is not None:
-            await self.router.cache.close()
-        if self.router.cloud is not None:
-            await self.router.cloud.close()
+        parts = self._parts
+        if parts is not None:
+            await parts.functions.close(drain_s=1.0)
+            await parts.sandbox.close()
+            await parts.cache.close()
+        if self.cloud is not None:
+            await self.cloud.close()
         with contextlib.suppress(FileNotFoundError):
             self.settings.state_file.unlink()
         log.info("stopped")

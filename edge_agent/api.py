@@ -5,9 +5,12 @@ OpenAPI document served at `/v1/openapi.json` is `edge_agent/openapi.json`; keep
 
 Errors leave as JSON with a stable code without an aiohttp middleware: each handler is wrapped
 by `_guarded`, and a last catch-all route (`_no_route`) answers paths and methods that match no
-route (404/405). Why: a middleware makes aiohttp add its own current-app middleware and two
-more coroutine frames to every request; measured on the 2-core dev VM with wrk (c=32), the
-middleware cost ~20 us of agent CPU per request, about 15 % of a cache hit.
+route (404/405). What aiohttp refuses before any handler runs (a malformed request line, headers
+over its limits) is answered by its protocol's `handle_error`; `ApiRunner` swaps in a handler
+that writes the same JSON body. Why no middleware: a middleware makes aiohttp add its own
+current-app middleware and two more coroutine frames to every request; measured on the 2-core
+dev VM with wrk (c=32), the middleware cost ~20 us of agent CPU per request, about 15 % of a
+cache hit.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
 from edge_agent.errors import PayloadTooLarge
@@ -182,36 +187,25 @@ class Api:
         for name, fn in sorted(self._functions.loaded.items()):
             st = fn.executor.status()
             labels = {"function": name, "version": fn.manifest.version}
-            yield (
-                "edgefn_pool_instances",
-                "Worker instances running.",
-                labels,
-                st.get("instances", 0),
-            )
-            yield (
-                "edgefn_pool_in_flight",
-                "Requests being executed.",
-                labels,
-                st.get("in_flight", 0),
-            )
-            yield (
-                "edgefn_pool_queued",
-                "Requests waiting for a slot.",
-                labels,
-                st.get("queued", 0),
-            )
-            workers = st.get("workers", [])
-            rss = sum(w.get("rss_mb", 0.0) for w in workers)
-            cpu = sum(w.get("cpu_percent", 0.0) for w in workers)
+            yield ("edgefn_pool_instances", "Worker instances running.", labels, st.instances)
+            yield ("edgefn_pool_in_flight", "Requests being executed.", labels, st.in_flight)
+            yield ("edgefn_pool_queued", "Requests waiting for a slot.", labels, st.queued)
+            rss, cpu = st.rss_mb, st.cpu_percent
             yield ("edgefn_workers_rss_mb", "Resident memory of the workers, MB.", labels, rss)
             yield ("edgefn_workers_cpu_percent", "CPU of the workers, % of one core.", labels, cpu)
-            healthy = 1.0 if st.get("health") == "healthy" else 0.0
+            healthy = 1.0 if st.health == "healthy" else 0.0
             yield ("edgefn_function_healthy", "1 when the function is healthy.", labels, healthy)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    500: "internal",
+}
 
 
 def _guarded(handler: Handler) -> Handler:
@@ -245,3 +239,45 @@ async def _no_route(request: web.Request) -> web.StreamResponse:
     if allowed:
         return error_response(405, _HTTP_CODES[405], "Method Not Allowed")
     return error_response(404, _HTTP_CODES[404], "Not Found")
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own refusals as JSON error bodies.
+
+    aiohttp answers requests it cannot parse (400 for a header line over 8190 bytes, too many
+    headers, a bad request line) in `handle_error` with plain text, before any route or
+    `_guarded` wrapper runs. The documented contract is a JSON body with a stable code.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # The base logs the error and refuses when a response is already under way; its
+        # plain-text answer is replaced by ours.
+        super().handle_error(request, status, exc, message)
+        reason = message if status != 500 and message else "internal error (see the agent log)"
+        resp = error_response(status, _HTTP_CODES.get(status, "http_error"), reason)
+        resp.force_close()  # as aiohttp does: the connection's state is unknown after this
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """`web.AppRunner` whose connections answer HTTP-level parse errors as JSON."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Same object, our subclass: only `__call__` (the per-connection handler) differs,
+        # and copying the server's construction would track aiohttp's private arguments.
+        server.__class__ = _JsonErrorServer
+        return server

@@ -56,7 +56,7 @@ class FunctionSet:
         self._on_switch = on_switch
         self._dir = functions_dir
         self._require_signed = require_signed
-        self.sandbox = sandbox
+        self._sandbox = sandbox
         self.loaded: dict[str, LoadedFunction] = {}
         self.problems: dict[str, LoadProblem] = {}
         self._lock = asyncio.Lock()
@@ -121,7 +121,7 @@ class FunctionSet:
             where = str(source.directory / "edgefn.toml")
             policy = parse_cache_policy(manifest.extra.get("cache"), where)
             routing = parse_routing(manifest.extra.get("routing"), where)
-            executor = make_executor(manifest, source.directory, sandbox=self.sandbox)
+            executor = make_executor(manifest, source.directory, sandbox=self._sandbox)
             await executor.start()
         except RuntimeErrorBase as exc:
             log.error("%s@%s not loaded: %s", manifest.name, manifest.version, exc.message)
@@ -155,7 +155,7 @@ class FunctionSet:
                     isolation=m.isolation if m.runtime == "cpp" else "process",
                     signed=fn.source.signed,
                     timeout_ms=m.timeout_ms,
-                    status=fn.executor.status(),
+                    status=fn.executor.status().to_json(),
                 )
             if prob is not None:
                 item["error"] = prob.message

@@ -128,13 +128,14 @@ class Metrics:
             out.append(
                 f'edgefn_invocation_duration_seconds_count{{function="{fn}"}} {st.invocations}'
             )
-        seen: set[str] = set()
+        # Gauges arrive function by function; the text format wants each family in one block
+        # (a family's samples after another family's are invalid), so group them first.
+        families: dict[str, tuple[str, list[str]]] = {}
         for gname, ghelp, labels, value in gauges():
-            if gname not in seen:
-                seen.add(gname)
-                out += [f"# HELP {gname} {ghelp}", f"# TYPE {gname} gauge"]
             lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
-            out.append(f"{gname}{{{lab}}} {value}")
+            families.setdefault(gname, (ghelp, []))[1].append(f"{gname}{{{lab}}} {value}")
+        for gname, (ghelp, samples) in families.items():
+            out += [f"# HELP {gname} {ghelp}", f"# TYPE {gname} gauge", *samples]
         return "\n".join(out) + "\n"
 
 

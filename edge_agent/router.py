@@ -54,11 +54,20 @@ class Router:
     ) -> None:
         self._functions = functions
         self._metrics = metrics
-        self.cache = cache
-        self.cloud = cloud
+        self._cache = cache
+        self._invoker = cloud
         self.default_policy: Policy = default_policy
         # Per-function policy overrides from the device config (cloud_sync applies them).
         self.overrides: dict[str, Policy] = {}
+
+    @property
+    def cache(self) -> ResultCache | None:
+        """The result cache given at construction (None: caching off); never swapped later."""
+        return self._cache
+
+    @property
+    def cloud(self) -> CloudInvoker | None:
+        return self._invoker
 
     def policy_for(self, name: str, fn: LoadedFunction | None) -> RoutingPolicy:
         base = fn.routing if fn is not None else RoutingPolicy(self.default_policy)
@@ -92,11 +101,11 @@ class Router:
         started = time.perf_counter()
         policy = fn.cache_policy if fn is not None else CachePolicy()
         try:
-            if self.cache is None or not policy.enabled or no_cache:
+            if self._cache is None or not policy.enabled or no_cache:
                 result, cache_status = await run(), "bypass"
             else:
                 key = policy.key_for(name, where["version"], payload, headers, query)
-                answer = await self.cache.run_cached(key, policy, run)
+                answer = await self._cache.run_cached(key, policy, run)
                 result, cache_status = answer.result, answer.status
         except RuntimeErrorBase as exc:
             self._metrics.observe(name, time.perf_counter() - started, exc.code)
@@ -139,11 +148,11 @@ class Router:
     async def _cloud(
         self, name: str, inv: Invocation, routing: RoutingPolicy, version: str
     ) -> tuple[Result, str]:
-        if self.cloud is None:
+        if self._invoker is None:
             raise CloudUnavailable("no platform is configured (edge-agent run --cloud URL)")
         if routing.cloud_timeout_ms is not None:
             inv = replace(inv, timeout_s=routing.cloud_timeout_ms / 1000)
-        return await self.cloud.invoke(name, inv, version)
+        return await self._invoker.invoke(name, inv, version)
 
     def _unknown(self, name: str) -> UnknownFunction:
         problem = self._functions.problems.get(name)

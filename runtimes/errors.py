@@ -87,3 +87,11 @@ class BuildError(RuntimeErrorBase):
     code = "build_failed"
     category = "config"
     status = 422
+
+
+class RequestRejected(RuntimeErrorBase):
+    """The function's host could not decode the request (malformed JSON to a JSON function):
+    the caller's mistake, so 400 and never retried elsewhere (`bad_request` on the wire)."""
+
+    code = "bad_request"
+    status = 400

@@ -30,7 +30,7 @@ from runtimes.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from runtimes.invocation import Invocation, Result
+from runtimes.invocation import Health, Invocation, PoolStatus, Result, WorkerStatus
 from runtimes.manifest import Manifest, PoolSettings
 from runtimes.sandbox import Prepared, Sandbox
 from runtimes.worker import Worker, result_from_frame
@@ -429,14 +429,21 @@ class Pool:
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.alive]
 
-    def _usage(self, pid: int) -> dict[str, float]:
-        usage = self._sandbox.usage.get(pid) if self._sandbox is not None else None
-        if usage is None:
-            return {}
-        return {"rss_mb": round(usage.rss_mb, 1), "cpu_percent": round(usage.cpu_percent, 1)}
+    def _worker_status(self, w: Worker) -> WorkerStatus:
+        usage = self._sandbox.usage.get(w.pid) if self._sandbox is not None else None
+        return WorkerStatus(
+            pid=w.pid,
+            in_flight=w.in_flight,
+            served=w.served,
+            runtime=w.runtime,
+            cold_start_ms=round(w.cold_start_s * 1000, 2),
+            rss_mb=round(usage.rss_mb, 1) if usage is not None else None,
+            cpu_percent=round(usage.cpu_percent, 1) if usage is not None else None,
+        )
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> PoolStatus:
         ready = sum(1 for w in self._workers if w.ready)
+        health: Health
         if self._closing:
             health = "stopping"
         elif self._unhealthy():
@@ -445,27 +452,17 @@ class Pool:
             health = "healthy"
         else:
             health = "starting"
-        return {
-            "health": health,
-            "instances": self.instances,
-            "peak_instances": self.peak_instances,
-            "ready": ready,
-            "starting": self._starting,
-            "in_flight": self.in_flight,
-            "queued": len(self._waiters),
-            "restarts": self.restarts,
-            "timeouts": self.timeouts,
-            "recent_crashes": len(self._crashes),
-            "last_error": self.last_error,
-            "workers": [
-                {
-                    "pid": w.pid,
-                    "in_flight": w.in_flight,
-                    "served": w.served,
-                    "runtime": w.runtime,
-                    "cold_start_ms": round(w.cold_start_s * 1000, 2),
-                    **self._usage(w.pid),
-                }
-                for w in self._workers
-            ],
-        }
+        return PoolStatus(
+            health=health,
+            instances=self.instances,
+            in_flight=self.in_flight,
+            queued=len(self._waiters),
+            last_error=self.last_error,
+            peak_instances=self.peak_instances,
+            ready=ready,
+            starting=self._starting,
+            restarts=self.restarts,
+            timeouts=self.timeouts,
+            recent_crashes=len(self._crashes),
+            workers=tuple(self._worker_status(w) for w in self._workers),
+        )

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from runtimes import protocol
-from runtimes.errors import FunctionError, InvocationTimeout, RuntimeErrorBase, WorkerCrashed
+from runtimes.errors import (
+    FunctionError,
+    InvocationTimeout,
+    RequestRejected,
+    RuntimeErrorBase,
+    WorkerCrashed,
+)
 from runtimes.invocation import Invocation, Result
 from runtimes.protocol import Frame, Key, Kind
 
@@ -60,6 +66,9 @@ class _Pending:
     future: asyncio.Future[Frame]
     timer: asyncio.TimerHandle | None
     started: float
+    # The caller's request id (X-Request-Id): the wire's request id is the worker's own counter,
+    # so LOG frames are matched back to the request through this.
+    request_id: str = ""
 
 
 class _Pipes(asyncio.SubprocessProtocol):
@@ -259,7 +268,7 @@ class Worker:
             static=static,
         )
         timer = loop.call_later(inv.timeout_s, self._on_deadline, rid, inv, on_timeout)
-        self._pending[rid] = _Pending(fut, timer, loop.time())
+        self._pending[rid] = _Pending(fut, timer, loop.time(), inv.request_id)
         self.in_flight += 1
         self._write(frame)
         return fut
@@ -352,7 +361,14 @@ class Worker:
         message = frame.payload.decode("utf-8", "replace").rstrip("\n")
         extra: dict[str, Any] = {"worker_pid": self.pid}
         if frame.request_id:
-            extra["request_id"] = str(frame.request_id)
+            # The client's id while the request is in flight (log lines written during the
+            # handler always are: frames arrive in order, before its RESULT); a line a detached
+            # callback writes after the answer keeps the wire id, the only one left.
+            pending = self._pending.get(frame.request_id)
+            if pending is not None and pending.request_id:
+                extra["request_id"] = pending.request_id
+            else:
+                extra["request_id"] = str(frame.request_id)
         trace = frame.text(Key.TRACE_ID)
         if trace:
             extra["trace_id"] = trace
@@ -432,6 +448,8 @@ def result_from_frame(frame: Frame, queued_s: float, run_s: float) -> Result:
     if frame.kind is Kind.ERROR:
         code = frame.text(Key.ERROR_CODE, "function_error") or "function_error"
         message = frame.payload.decode("utf-8", "replace") or "function failed"
+        if code == RequestRejected.code:
+            raise RequestRejected(message)
         raise FunctionError(message, code=code)
     ctype = frame.text(Key.CONTENT_TYPE)
     if not ctype:

@@ -9,6 +9,7 @@ from edge_agent.agent import Agent
 from edge_agent.cache import ResultCache
 from edge_agent.cache_policy import parse_cache_policy
 from edge_agent.settings import Settings
+from runtimes.sandbox import Sandbox
 
 POLICY = parse_cache_policy({"enabled": True, "ttl_s": 600})
 
@@ -65,14 +66,15 @@ async def test_lowering_the_bound_evicts_at_once(tmp_path: Path) -> None:
 
 
 async def test_desired_config_resizes_the_cache_live(tmp_path: Path) -> None:
-    agent = Agent(Settings(data_dir=tmp_path / "d", port=0))
-    agent.router.cache = await ResultCache.open(tmp_path / "c.db", max_bytes=1 << 20)
+    agent = Agent(Settings(data_dir=tmp_path / "d", port=0, cache_max_bytes=1 << 20))
+    parts = await agent.open(sandbox=Sandbox())  # stores and parts, no HTTP site
     try:
+        assert agent.router.cache is parts.cache  # built with it, not plugged in afterwards
         await agent._apply_config(validate_config({"cache": {"max_bytes": 65536}}))
-        assert agent.router.cache.max_bytes == 65536
+        assert parts.cache.max_bytes == 65536
         assert agent.health()["cache"]["max_bytes"] == 65536
         # Dropping the setting goes back to the device's own bound.
         await agent._apply_config(validate_config({}))
-        assert agent.router.cache.max_bytes == agent.settings.cache_max_bytes
+        assert parts.cache.max_bytes == agent.settings.cache_max_bytes
     finally:
-        await agent.router.cache.close()
+        await agent.stop()

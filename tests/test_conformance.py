@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ async def call(pool: Pool, **kw: Any) -> Any:
 
 
 async def test_ready_names_the_runtime(pool: Pool) -> None:
-    runtime = pool.status()["workers"][0]["runtime"]
+    runtime = pool.status().workers[0].runtime
     assert runtime.split("/")[0] == pool.manifest.runtime
 
 
@@ -91,10 +93,17 @@ async def test_throw_and_panic_are_error_answers_not_crashes(pool: Pool) -> None
 
 async def test_log_frames_reach_the_agent_log(pool: Pool, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger=f"edgefn.fn.{pool.manifest.name}")
-    assert await call(pool, op="log", message="route computed") == {"logged": True}
+    inv = Invocation(
+        b'{"op":"log","message":"route computed"}',
+        "client-req-7",
+        5.0,
+        content_type="application/json",
+    )
+    assert json.loads((await pool.invoke(inv)).payload) == {"logged": True}
     records = [r for r in caplog.records if r.getMessage() == "route computed"]
     assert records, caplog.text
-    assert getattr(records[0], "request_id", None)
+    # The caller's id (X-Request-Id), not the worker's wire id: that is what the README promises.
+    assert [getattr(r, "request_id", None) for r in records] == ["client-req-7"]
 
 
 async def test_ordinary_stdout_printing_does_not_break_framing(
@@ -126,9 +135,21 @@ async def test_hang_past_the_deadline_is_a_timeout(pool: Pool) -> None:
     assert (await pool.invoke(Invocation(b"next", "r", 10.0))).payload == b"next"
 
 
-async def test_ping(pool: Pool) -> None:
+async def test_ping_is_answered_by_a_pong(pool: Pool) -> None:
     worker = pool._workers[0]
-    assert await worker.ping() >= 0
+    rtt = await worker.ping(timeout_s=5.0)
+    assert rtt > 0  # a real round trip through the pipe, answered before the timeout
+    assert worker.alive
+
+
+async def test_ping_of_a_stopped_worker_fails(pool: Pool) -> None:
+    worker = pool._workers[0]
+    os.kill(worker.pid, signal.SIGSTOP)  # alive but unable to answer
+    try:
+        with pytest.raises(WorkerCrashed, match="did not answer a ping"):
+            await worker.ping(timeout_s=0.3)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
 
 
 async def test_shutdown_drains_in_flight_requests(pool: Pool) -> None:

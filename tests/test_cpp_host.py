@@ -202,7 +202,7 @@ async def test_echo_is_byte_exact(
     assert result.payload == payload
     assert result.content_type == "application/octet-stream"
     assert (await ex.invoke(inv(b""))).payload == b""
-    assert ex.status()["invocations"] == 2
+    assert ex.status().invocations == 2
 
 
 @pytest.mark.parametrize("inline", MODES)
@@ -245,7 +245,7 @@ async def test_exceptions_become_function_errors(
     assert message in str(err.value)
     assert err.value.code == "function_error" and err.value.status == 500
     assert (await ex.invoke(inv(b"still fine"))).payload == b"still fine"
-    assert ex.status()["errors"] == 1
+    assert ex.status().errors == 1
 
 
 async def test_logs_reach_the_agent_log(
@@ -273,7 +273,7 @@ async def test_pooled_calls_run_concurrently(
     make_executor: Callable[..., Any], rendezvous_so: Path
 ) -> None:
     ex = await make_executor(rendezvous_so, pool={"concurrency": 4})
-    assert ex.status()["threads"] == 4
+    assert ex.status().threads == 4
     # Each call waits inside the library until all four are in: only true concurrency meets.
     results = await asyncio.gather(*(ex.invoke(inv(b"4", timeout_s=30)) for _ in range(4)))
     assert [r.payload for r in results] == [b"met"] * 4
@@ -299,7 +299,7 @@ async def test_inline_overrun_is_a_timeout_and_counted(
         await ex.invoke(inv(op("sleep", ms=300), timeout_s=0.05))
     assert err.value.status == 504
     status = ex.status()
-    assert status["overruns"] == 1 and status["timeouts"] == 1
+    assert status.overruns == 1 and status.timeouts == 1
     assert (await ex.invoke(inv(b"next"))).payload == b"next"
 
 
@@ -311,15 +311,15 @@ async def test_pooled_overrun_answers_at_the_deadline_and_is_counted(
         await ex.invoke(inv(op("sleep", ms=600), timeout_s=0.05))
     status = ex.status()
     # The caller has its 504 while the call still holds its thread: it cannot be stopped.
-    assert status["overruns"] == 1
-    assert status["overdue_running"] == 1 and status["running"] == 1
+    assert status.overruns == 1
+    assert status.overdue_running == 1 and status.running == 1
     for _ in range(200):  # bounded: the sleep ends after 0.6 s
-        if ex.status()["in_flight"] == 0:
+        if ex.status().in_flight == 0:
             break
         await asyncio.sleep(0.02)
     status = ex.status()
-    assert status["in_flight"] == 0 and status["overdue_running"] == 0
-    assert status["overruns"] == 1
+    assert status.in_flight == 0 and status.overdue_running == 0
+    assert status.overruns == 1
 
 
 # --- unloading -------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ async def test_close_unloads_the_library(
     await ex.invoke(inv(b"x"))
     await ex.close()
     assert not mapped(private)
-    assert ex.status()["loaded"] is False and ex.status()["health"] == "stopped"
+    assert ex.status().loaded is False and ex.status().health == "stopped"
     with pytest.raises(Unavailable):
         await ex.invoke(inv(b"x"))
 
@@ -351,12 +351,12 @@ async def test_close_waits_for_running_calls_before_unloading(
     await ex.start()
     call = asyncio.ensure_future(ex.invoke(inv(op("sleep", ms=500))))
     for _ in range(200):
-        if ex.status()["running"] == 1:
+        if ex.status().running == 1:
             break
         await asyncio.sleep(0.01)
     await ex.close(drain_s=0.01)  # gives up waiting: the running call must keep its code
     assert mapped(private)
-    assert ex.status()["health"] == "stopping"
+    assert ex.status().health == "stopping"
     assert json.loads((await call).payload) == {"slept": 500}
     assert not mapped(private)  # the last call out unloaded it
 
@@ -418,6 +418,7 @@ def test_missing_gxx_is_a_toolchain_error(tmp_path: Path, monkeypatch: pytest.Mo
         build_cpp(CONFORMANCE_DIR, tmp_path / "out", "conformance")
 
 
+@pytest.mark.ci_may_skip("checks the cross compiler's absence; skips where it is installed")
 def test_missing_cross_compiler_names_the_debian_package(tmp_path: Path) -> None:
     other = "x86_64" if platform.machine() == "aarch64" else "aarch64"
     triple = f"{other}-linux-gnu"

@@ -25,7 +25,7 @@ from aiohttp import web
 from runtimes.bundle import build_bundle, read_bundle
 from runtimes.signing import load_private_key
 from tests.harness import AgentProcess, Response, install_dev_function, start_agent
-from tests.test_registry_helpers import (
+from tests.registry_helpers import (
     Entry,
     Platform,
     agent_cli,
@@ -110,7 +110,9 @@ def test_full_flow_node(env: Env, tmp_path: Path) -> None:
                 "fn", "install", "echo@0.1.0", "--cloud", env.platform.url, "--data-dir", data
             )
         )
-        assert out.strip().splitlines()[-1].startswith("installed echo 0.1.0 for linux-")
+        # A Node bundle has no per-architecture artifacts: it installs for any architecture.
+        assert out.strip().splitlines()[-1].startswith("installed echo 0.1.0 for any")
+        assert "unpacking echo 0.1.0 (any)" in out
         resp = wait_serving(agent, "echo", "0.1.0")
         assert resp.body == ALL_BYTES  # byte for byte, every byte value
 
@@ -122,6 +124,8 @@ def test_full_flow_node(env: Env, tmp_path: Path) -> None:
         wait_serving(agent, "echo", "0.2.0")
         listing = ok(agent_cli("fn", "list", "--data-dir", data))
         assert "* 0.2.0" in listing and "  0.1.0" in listing
+        assert "linux-" not in listing  # no architecture claimed for a Node bundle
+        assert all(" any " in line for line in listing.splitlines()), listing
 
         # Same version again: nothing to do, success.
         again = agent_cli(
@@ -134,12 +138,18 @@ def test_full_flow_node(env: Env, tmp_path: Path) -> None:
         wait_serving(agent, "echo", "0.1.0")
         assert "* 0.1.0" in ok(agent_cli("fn", "list", "--data-dir", data))
 
-        # Forward again, from the copy kept on disk; then the latest without naming it.
-        ok(
+        # Forward again, from the copy kept on disk: no download, no unpack; then the latest
+        # without naming it.
+        start = len(env.platform.lines)
+        out = ok(
             agent_cli(
                 "fn", "install", "echo@0.2.0", "--cloud", env.platform.url, "--data-dir", data
             )
         )
+        assert "echo 0.2.0 is already unpacked; switching to it" in out
+        assert "downloading" not in out and "unpacking" not in out
+        env.platform.wait_log("/v1/registry/functions/echo/versions/0.2.0", start)
+        assert not [line for line in env.platform.lines[start:] if "/v1/registry/bundles/" in line]
         wait_serving(agent, "echo", "0.2.0")
         ok(agent_cli("fn", "install", "echo", "--cloud", env.platform.url, "--data-dir", data))
         wait_serving(agent, "echo", "0.3.0")
@@ -171,6 +181,14 @@ def test_only_recent_versions_are_kept(env: Env, tmp_path: Path) -> None:
     refused(
         agent_cli("fn", "rollback", "echo", "--to", "9.9.9", "--data-dir", data), "not_installed"
     )
+
+
+def test_rollback_of_an_unknown_function_leaves_nothing_behind(tmp_path: Path) -> None:
+    data = tmp_path / "device"
+    data.mkdir()
+    refused(agent_cli("fn", "rollback", "ghost", "--data-dir", data), "not_installed")
+    assert not (data / "staging" / "ghost.lock").exists()
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) in ([], ["staging"])
 
 
 def test_install_without_trusted_keys_is_refused(env: Env, tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 is active and serving (the old one, or the new one once the switch happened), leftovers are
 ignored by the agent, and the next install cleans them up and completes (resuming a cut download).
 
-The installer's test hook EDGEFN_INSTALL_PAUSE_AT=<step> writes a marker file and sleeps at that
-step, so the test kills it exactly there.
+The installer's fault-injection seam (edge_agent/install_faults.py), set through
+EDGEFN_INSTALL_PAUSE_AT=<step>, writes a marker file and sleeps at that step, so the test kills
+it exactly there.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import pytest
 
 from edge_agent.install import STEPS
 from tests.harness import children_of, pid_alive, start_agent
+from tests.registry_helpers import agent_cli, ok
 from tests.test_install import Env, make_env, trusting_data_dir, wait_serving
-from tests.test_registry_helpers import agent_cli, ok
 
 pytestmark = pytest.mark.slow
 

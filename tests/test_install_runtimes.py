@@ -10,8 +10,7 @@ import pytest
 
 from runtimes.bundle import BundleManifest, host_arch, read_bundle
 from tests.harness import start_agent
-from tests.test_install import ALL_BYTES, wait_serving
-from tests.test_registry_helpers import (
+from tests.registry_helpers import (
     agent_cli,
     build,
     cli,
@@ -20,6 +19,7 @@ from tests.test_registry_helpers import (
     publish,
     set_version,
 )
+from tests.test_install import ALL_BYTES, wait_serving
 
 pytestmark = pytest.mark.slow
 

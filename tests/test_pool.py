@@ -61,14 +61,14 @@ async def test_prewarms_min_instances_and_echoes_bytes(tmp_path: Path) -> None:
     p = pool_for(make_fn(tmp_path, pool={"min_instances": 2, "max_instances": 2}))
     await p.start()
     try:
-        assert p.status()["instances"] == 2
-        assert all(w["runtime"].startswith("node/") for w in p.status()["workers"])
+        assert p.status().instances == 2
+        assert all(w.runtime.startswith("node/") for w in p.status().workers)
         payload = bytes(range(256)) * 4
         result = await p.invoke(Invocation(payload, "r1", 5.0))
         assert result.payload == payload
     finally:
         await p.close()
-    assert p.status()["instances"] == 0
+    assert p.status().instances == 0
 
 
 async def test_one_worker_serves_many_requests_concurrently(tmp_path: Path) -> None:
@@ -78,7 +78,7 @@ async def test_one_worker_serves_many_requests_concurrently(tmp_path: Path) -> N
         results = await asyncio.gather(*(p.invoke(op(op="sleep", ms=300)) for _ in range(8)))
         assert [json.loads(r.payload) for r in results] == [{"slept": 300}] * 8
         # All eight were in flight at once on the single worker: it served them all.
-        assert p.status()["workers"][0]["served"] == 8
+        assert p.status().workers[0].served == 8
     finally:
         await p.close()
 
@@ -97,15 +97,15 @@ async def test_scales_up_under_load_and_down_when_idle(
     try:
         await asyncio.gather(*(p.invoke(op(op="sleep", ms=400)) for _ in range(6)))
         for _ in range(100):  # bounded: a worker started under load may still be starting
-            if p.status()["peak_instances"] == 3 and not p.status()["starting"]:
+            if p.status().peak_instances == 3 and not p.status().starting:
                 break
             await asyncio.sleep(0.05)
-        assert p.status()["peak_instances"] == 3  # scaled to max_instances, never past it
+        assert p.status().peak_instances == 3  # scaled to max_instances, never past it
         for _ in range(100):  # bounded: 100 x 50 ms
-            if p.status()["instances"] == 1:
+            if p.status().instances == 1:
                 break
             await asyncio.sleep(0.05)
-        assert p.status()["instances"] == 1
+        assert p.status().instances == 1
     finally:
         await p.close()
 
@@ -135,17 +135,17 @@ async def test_timeout_kills_the_worker_and_the_pool_recovers(tmp_path: Path) ->
     p = pool_for(make_fn(tmp_path, pool={"min_instances": 1, "max_instances": 1}))
     await p.start()
     try:
-        pid = p.status()["workers"][0]["pid"]
+        pid = p.status().workers[0].pid
         with pytest.raises(InvocationTimeout):
             await p.invoke(
                 Invocation(
                     b'{"op":"hang","ms":20000}', "slow", 0.3, content_type="application/json"
                 )
             )
-        assert p.status()["timeouts"] == 1
+        assert p.status().timeouts == 1
         result = await p.invoke(Invocation(b"after", "next", 10.0))
         assert result.payload == b"after"
-        assert p.status()["workers"][0]["pid"] != pid
+        assert p.status().workers[0].pid != pid
     finally:
         await p.close()
 
@@ -162,7 +162,7 @@ async def test_crash_fails_in_flight_requests_and_worker_is_replaced(tmp_path: P
             await sleeping
         result = await p.invoke(Invocation(b"alive", "n", 10.0))
         assert result.payload == b"alive"
-        assert p.status()["health"] == "healthy"
+        assert p.status().health == "healthy"
     finally:
         await p.close()
 
@@ -171,11 +171,11 @@ async def test_function_error_is_not_a_crash(tmp_path: Path) -> None:
     p = pool_for(make_fn(tmp_path))
     await p.start()
     try:
-        pid = p.status()["workers"][0]["pid"]
+        pid = p.status().workers[0].pid
         with pytest.raises(FunctionError, match="nope") as info:
             await p.invoke(op(op="throw", message="nope"))
         assert info.value.code == "function_error"
-        assert p.status()["workers"][0]["pid"] == pid
+        assert p.status().workers[0].pid == pid
     finally:
         await p.close()
 
@@ -233,12 +233,12 @@ async def test_crash_loop_marks_unhealthy_and_fails_fast(
         with pytest.raises(WorkerCrashed):
             await p.invoke(Invocation(b"x", "1", 5.0))
         for _ in range(100):  # bounded: up to 5 s
-            if p.status()["health"] == "unhealthy":
+            if p.status().health == "unhealthy":
                 break
             await asyncio.sleep(0.05)
         status = p.status()
-        assert status["health"] == "unhealthy"
-        assert "status 7" in status["last_error"]
+        assert status.health == "unhealthy"
+        assert "status 7" in status.last_error
         with pytest.raises(Unavailable, match="crash loop"):
             await p.invoke(Invocation(b"x", "2", 5.0))
     finally:
@@ -248,7 +248,7 @@ async def test_crash_loop_marks_unhealthy_and_fails_fast(
 async def test_close_drains_in_flight_work(tmp_path: Path) -> None:
     p = pool_for(make_fn(tmp_path))
     await p.start()
-    pid = p.status()["workers"][0]["pid"]
+    pid = p.status().workers[0].pid
     busy = asyncio.ensure_future(p.invoke(op(op="sleep", ms=300)))
     await asyncio.sleep(0.05)
     await p.close(drain_s=5)
@@ -264,15 +264,15 @@ async def test_killed_worker_is_replaced(tmp_path: Path) -> None:
     p = pool_for(make_fn(tmp_path, pool={"min_instances": 1, "max_instances": 1}))
     await p.start()
     try:
-        pid = p.status()["workers"][0]["pid"]
+        pid = p.status().workers[0].pid
         os.kill(pid, signal.SIGKILL)
         for _ in range(100):  # bounded: up to 5 s
             st = p.status()
-            if st["ready"] == 1 and st["workers"][0]["pid"] != pid:
+            if st.ready == 1 and st.workers[0].pid != pid:
                 break
             await asyncio.sleep(0.05)
-        assert p.status()["workers"][0]["pid"] != pid
-        assert "SIGKILL" in p.status()["last_error"]
+        assert p.status().workers[0].pid != pid
+        assert "SIGKILL" in p.status().last_error
         assert (await p.invoke(Invocation(b"ok", "r", 5.0))).payload == b"ok"
     finally:
         await p.close()

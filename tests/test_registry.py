@@ -16,7 +16,7 @@ from cloud_sync.platform.registry import parse_range
 from cloud_sync.registry_client import DigestMismatch, RegistryClient
 from runtimes.bundle import read_bundle
 from tests.harness import http
-from tests.test_registry_helpers import (
+from tests.registry_helpers import (
     Entry,
     Platform,
     build,

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from tests.harness import FUNCTIONS, AgentProcess, http, start_agent
-from tests.test_registry_helpers import (
+from tests.registry_helpers import (
     Platform,
     build,
     cli,

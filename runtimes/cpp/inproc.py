@@ -44,7 +44,7 @@ from runtimes.errors import (
     ToolchainError,
     Unavailable,
 )
-from runtimes.invocation import Invocation, Result
+from runtimes.invocation import Health, InProcessStatus, Invocation, Result
 from runtimes.manifest import Manifest
 
 log = logging.getLogger("edgefn.cpp")
@@ -314,31 +314,31 @@ class InProcessExecutor:
             # dlclose runs the library's static destructors: user code, so off the loop.
             await asyncio.to_thread(lib.close)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> InProcessStatus:
         lib = self._lib
         loaded = bool(lib is not None and lib.loaded)
         running = int(lib.active) if lib is not None else 0
+        health: Health
         if self._closing:
             health = "stopped" if not loaded else "stopping"
         elif loaded:
             health = "healthy"
         else:
             health = "starting"
-        return {
-            "health": health,
-            "isolation": "in-process",
-            "mode": "inline" if self.inline else "pooled",
-            "library": str(self.library_path),
-            "loaded": loaded,
-            "instances": 1 if loaded else 0,
-            "threads": self.threads,
-            "in_flight": self._in_flight,
-            "running": running,
-            "queued": max(0, self._in_flight - running),
-            "invocations": self.invocations,
-            "errors": self.errors,
-            "timeouts": self.timeouts,
-            "overruns": self.overruns,
-            "overdue_running": len(self._overdue),
-            "last_error": self.last_error,
-        }
+        return InProcessStatus(
+            health=health,
+            instances=1 if loaded else 0,
+            in_flight=self._in_flight,
+            queued=max(0, self._in_flight - running),
+            last_error=self.last_error,
+            mode="inline" if self.inline else "pooled",
+            library=str(self.library_path),
+            loaded=loaded,
+            threads=self.threads,
+            running=running,
+            invocations=self.invocations,
+            errors=self.errors,
+            timeouts=self.timeouts,
+            overruns=self.overruns,
+            overdue_running=len(self._overdue),
+        )
