@@ -41,6 +41,8 @@ from typing import Any, Literal
 
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials
+from cloud_sync.device_figures import FunctionCounters as FunctionCounters
+from cloud_sync.device_figures import counter_delta, system_figures
 from cloud_sync.errors import CloudSyncError, ConfigError
 from cloud_sync.mqtt import MqttSession
 from cloud_sync.outbox import METRICS_SCHEMA, Outbox, OutboxStats, gauge
@@ -82,19 +84,6 @@ Mode = Literal["mqtt", "http", "waiting"]
 
 
 @dataclass(frozen=True, slots=True)
-class FunctionCounters:
-    """Cumulative counters of one function since the agent started (what the agent keeps)."""
-
-    invocations: int
-    errors: int
-    cache_hits: int
-    cache_misses: int
-    latency_bounds_ms: tuple[float, ...]
-    latency_counts: tuple[int, ...]  # per bucket, len(bounds) + 1
-    latency_sum_ms: float
-
-
-@dataclass(frozen=True, slots=True)
 class AgentHooks:
     """What the agent lends the sync client; all run on the loop and must be quick."""
 
@@ -111,48 +100,6 @@ class SyncSettings:
     http_poll_s: float = HTTP_POLL_S
     metrics_interval_s: float = METRICS_INTERVAL_S
     outbox_max_bytes: int = 16 * 1024 * 1024
-
-
-def _delta(now: FunctionCounters, before: FunctionCounters | None) -> FunctionCounters:
-    if (
-        before is None
-        or now.invocations < before.invocations
-        or (now.latency_bounds_ms != before.latency_bounds_ms)
-    ):
-        return now  # first interval, or the counters were reset (agent restart)
-    return FunctionCounters(
-        invocations=now.invocations - before.invocations,
-        errors=now.errors - before.errors,
-        cache_hits=now.cache_hits - before.cache_hits,
-        cache_misses=now.cache_misses - before.cache_misses,
-        latency_bounds_ms=now.latency_bounds_ms,
-        latency_counts=tuple(
-            a - b for a, b in zip(now.latency_counts, before.latency_counts, strict=True)
-        ),
-        latency_sum_ms=now.latency_sum_ms - before.latency_sum_ms,
-    )
-
-
-def system_figures(data_dir: Path) -> dict[str, float]:
-    """psutil figures present on this machine (blocking: call in a thread)."""
-    import psutil
-
-    out: dict[str, float] = {
-        "cpu_percent": float(psutil.cpu_percent(interval=None)),
-        "memory_used_bytes": float(psutil.virtual_memory().used),
-        "memory_percent": float(psutil.virtual_memory().percent),
-    }
-    with contextlib.suppress(OSError):
-        disk = psutil.disk_usage(str(data_dir))
-        out["disk_used_bytes"] = float(disk.used)
-        out["disk_percent"] = float(disk.percent)
-    sensors = getattr(psutil, "sensors_temperatures", None)
-    if sensors is not None:
-        with contextlib.suppress(OSError, RuntimeError):
-            temps = [t.current for entries in sensors().values() for t in entries if t.current]
-            if temps:
-                out["temperature_c"] = float(max(temps))
-    return out
 
 
 class SyncClient:
@@ -443,7 +390,7 @@ class SyncClient:
             entry: dict[str, Any] = {}
             c = counters.get(name)
             if c is not None:
-                d = _delta(c, self._last_counters.get(name))
+                d = counter_delta(c, self._last_counters.get(name))
                 if d.invocations:
                     entry.update(
                         invocations=d.invocations,
