@@ -200,7 +200,7 @@ def uses_previous(expr: Expr) -> bool:
 
 # ---- gates --------------------------------------------------------------------------------------
 
-_GATE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*(.+?)\s*$")
+_GATE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*([^=<>\s].*?)\s*$")
 
 
 @dataclass(frozen=True, slots=True)
