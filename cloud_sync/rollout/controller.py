@@ -352,8 +352,10 @@ def _dispatch(r: Rollout, now: float, actions: list[Action]) -> Rollout:
     if not queued:
         return r
     origin = r.rate_origin if r.rate_origin is not None else now
-    # Token bucket: `rate` per minute since the origin, plus one so the first device goes now.
-    budget = math.floor(spec.rate_per_minute * max(0.0, now - origin) / 60 + 1e-9) + 1
+    # Token bucket: `rate` per minute since the origin, plus one second's worth (at least one
+    # device) at once, so a wave starts without waiting for the first tick.
+    burst = max(1, math.ceil(spec.rate_per_minute / 60))
+    budget = math.floor(spec.rate_per_minute * max(0.0, now - origin) / 60 + 1e-9) + burst
     budget -= r.sent_since_origin
     if spec.max_concurrent_downloads is not None:
         downloading = sum(1 for rec in r.devices.values() if rec.state in DOWNLOADING_STATES)
