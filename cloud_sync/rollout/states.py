@@ -141,12 +141,13 @@ FAILURE_CODES = frozenset(
         "error_rate",  # health window: too many errors
         "health_failed",
         "timeout",  # the platform's per-device timeout
-        "rollback_failed",
+        "rollback_failed",  # the device could not go back to its previous version
+        "rollback_timeout",  # the platform's timeout on a rollback the device did not confirm
         "interrupted",  # the agent restarted mid-step and could not finish it
     }
 )
 # Codes the platform gives with `canceled`.
-CANCEL_CODES = frozenset({"aborted", "superseded", "rollout_failed", "paused"})
+CANCEL_CODES = frozenset({"aborted", "superseded", "rollout_failed"})
 
 
 def check_rollout_transition(old: RolloutState, new: RolloutState) -> None:
