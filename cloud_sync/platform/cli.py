@@ -15,6 +15,7 @@
     edge-cloud fn build DIR --key FILE [--out B] [--arch LIST]  compile, pack, sign
     edge-cloud fn sign BUNDLE --key FILE [--add]                re-sign (or add a signature)
     edge-cloud fn publish BUNDLE --platform URL [--token T]     upload to the registry
+    edge-cloud simulate --devices N --platform URL [--fault F]  simulated fleet (loopback)
 
 `fn build` flow: read edgefn.toml -> load the key (fail before a long build) -> per target arch
 (host first, then `--arch`), compile into a private payload dir (Go cross-compiles with GOARCH;
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.errors import describe_http_error
+from cloud_sync.platform import simulator_cli
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -193,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument(
         "--data-dir", type=Path, help="platform data dir on this host: reads its token"
     )
+    simulator_cli.add_parser(sub)
     return parser
 
 
@@ -895,6 +898,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    return simulator_cli.run(args, _operator_token(args))
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "keys": cmd_keys,
@@ -904,6 +911,7 @@ COMMANDS = {
     "group": cmd_group,
     "devices": cmd_devices,
     "metrics": cmd_metrics,
+    "simulate": cmd_simulate,
 }
 
 

@@ -143,7 +143,9 @@ def parse_deployments(config: Mapping[str, Any]) -> dict[str, DesiredDeployment]
         extra = sorted(set(entry) - {"rollout", "version", "rollback", "remove"})
         problems.extend(FieldProblem(f"{path}.{k}", "unknown field") for k in extra)
         rollout, version = entry.get("rollout"), entry.get("version")
-        rollback, remove = entry.get("rollback", False), entry.get("remove", False)
+        # null = absent: a platform store may keep the merge patch's nulls.
+        rollback = False if entry.get("rollback") is None else entry["rollback"]
+        remove = False if entry.get("remove") is None else entry["remove"]
         if not isinstance(rollback, bool) or not isinstance(remove, bool):
             problems.append(FieldProblem(path, "rollback and remove must be true or false"))
             continue
