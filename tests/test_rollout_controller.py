@@ -9,6 +9,7 @@ import pytest
 
 from cloud_sync.rollout.controller import (
     Abort,
+    Join,
     Pause,
     Reports,
     Resume,
@@ -421,3 +422,21 @@ def test_random_event_sequences_keep_every_invariant() -> None:
         assert not any(rec.rollback_pending for rec in final.devices.values()) or (
             final.state is not R.ABORTED
         )
+
+
+def test_devices_joining_mid_rollout_go_by_their_slot() -> None:
+    from cloud_sync.rollout import waves
+
+    r, _ = step(make(20, waves="50,100"), Start(0.0))
+    newcomers = fleet(40, prefix="late")
+    slots = {d.id: waves.wave_of_slot(waves.slot("r-1", d.id), (50.0, 100.0)) for d in newcomers}
+    early = sorted(d for d, w in slots.items() if w == 0)
+    assert early and len(early) < 40  # the hash splits forty ids
+    unfit = DeviceFacts("late-x86", {"group": "west"}, profile("armv7"))
+    r, acts = step(r, Join(1.0, (*newcomers, unfit, fleet(1)[0]), BUNDLE))
+    assert r.devices["late-x86"].state is D.REJECTED and r.devices["late-x86"].code == "wrong_arch"
+    assert notified(acts) == early  # wave 0 is running: its newcomers go now
+    assert all(r.devices[d].state is D.QUEUED for d, w in slots.items() if w == 1)
+    assert r.devices["edge-000"].wave is not None  # already there: not moved
+    done, _ = step(r, Abort(2.0))
+    assert step(done, Join(3.0, tuple(fleet(2, prefix="later")), BUNDLE))[0] == done

@@ -2,10 +2,11 @@
 
 The platform's controller (not in this package) owns I/O: it loads the `Rollout` from its store,
 feeds it events -- `Start`, a periodic `Tick` with the per-version metrics of the gate devices,
-batches of device `Reports`, operator `Pause`/`Resume`/`Abort`, `Supersede` by a newer rollout --
-stores the new `Rollout` and carries out the actions (`SetDesired`: write the device's desired
-document and publish it retained). Everything here is deterministic in its inputs, time
-included (`now` comes with the event), so a restarted platform continues from the stored value.
+batches of device `Reports`, operator `Pause`/`Resume`/`Abort`, `Supersede` by a newer rollout,
+`Join` for devices that entered the target -- stores the new `Rollout` and carries out the
+actions (`SetDesired`: write the device's desired document and publish it retained). Everything
+here is deterministic in its inputs, time included (`now` comes with the event), so a restarted
+platform continues from the stored value.
 
 What one step does, in order:
 
@@ -30,10 +31,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from cloud_sync.rollout import waves as wave_math
+from cloud_sync.rollout.eligibility import BundleFacts, check_device
 from cloud_sync.rollout.gates import evaluate_gates
 from cloud_sync.rollout.messages import StatusReport, order
 from cloud_sync.rollout.metrics import VersionMetrics
 from cloud_sync.rollout.model import DeviceRecord, Rollout
+from cloud_sync.rollout.selector import DeviceFacts
 from cloud_sync.rollout.states import (
     DOWNLOADING_STATES,
     IN_FLIGHT_STATES,
@@ -96,7 +100,22 @@ class Supersede:
     by: str  # the id of the rollout that replaces this one
 
 
-Event = Start | Tick | Reports | Pause | Resume | Abort | Supersede
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Devices that entered the target while the rollout runs (enrolled, relabelled).
+
+    Each goes into the wave its slot picks (`waves.wave_of_slot`), so nobody already assigned
+    moves; one the platform can prove unfit for `bundle` is recorded `rejected` with its code.
+    A finished or failing rollout takes no newcomers: the platform gives them the version of
+    the last succeeded rollout instead.
+    """
+
+    now: float
+    devices: tuple[DeviceFacts, ...]
+    bundle: BundleFacts
+
+
+Event = Start | Tick | Reports | Pause | Resume | Abort | Supersede | Join
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +159,9 @@ def step(r: Rollout, event: Event) -> tuple[Rollout, list[Action]]:
                 r = _begin_wave(r, _first_nonempty_wave(r, 0), now)
     elif isinstance(event, Abort):
         r = _stop(r, now, R.ABORTED, event.reason, "aborted", actions)
+    elif isinstance(event, Join):
+        if r.state in (R.PENDING, R.RUNNING, R.PAUSED):
+            r = _join(r, event)
     elif isinstance(event, Supersede):
         r = _stop(r, now, R.ABORTED, f"superseded by rollout {event.by}", "superseded", actions)
         r = replace(r, superseded_by=event.by)
@@ -210,6 +232,23 @@ def _apply_reports(r: Rollout, event: Reports) -> Rollout:
             updated_at=event.now, reached=max(rec.reached, reached),
             rollback_pending=rec.rollback_pending and new not in (D.ROLLED_BACK, D.FAILED),
         )  # fmt: skip
+    return r.with_devices(changed, updated_at=event.now) if changed else r
+
+
+def _join(r: Rollout, event: Join) -> Rollout:
+    changed: dict[str, DeviceRecord] = {}
+    for device in event.devices:
+        if device.id in r.devices or device.id in changed:
+            continue
+        prev = device.functions.get(r.spec.function)
+        unfit = check_device(device, event.bundle)
+        if unfit is not None:
+            changed[device.id] = DeviceRecord(
+                device.id, None, D.REJECTED, unfit.code, prev, prev, updated_at=event.now
+            )
+            continue
+        wave = wave_math.wave_of_slot(wave_math.slot(r.id, device.id), r.spec.waves)
+        changed[device.id] = DeviceRecord(device.id, wave, version=prev, previous=prev)
     return r.with_devices(changed, updated_at=event.now) if changed else r
 
 
