@@ -205,3 +205,71 @@ async def test_simulated_fleet_installs_crashes_and_rolls_back_through_the_real_
         api, platform, "GET", f"/v1/devices/{healthy[0]}/records?kind=reported&limit=1"
     )
     assert view["records"][0]["value"]["rollouts"][FN]["rollout"] == "r-4"
+
+
+@pytest.mark.slow
+async def test_simulated_faults_offline_drop_errors_and_latency(
+    platform: Platform, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    publish(platform, bundles["0.1.0"])
+    faults = tuple(
+        parse_fault(f)
+        for f in ("0.1.0:drop@0.3", "0.1.0:offline=3@0.3", "0.1.0:errors=0.5@0.5",
+                  "0.1.0:latency=300@0.5")
+    )  # fmt: skip
+    settings = SimSettings(
+        devices=8, platform_url=platform.url, token=platform.token, prefix="flt",
+        duration_s=120, metrics_interval_s=0.3, health_window_s=0.1, faults=faults,
+    )  # fmt: skip
+    sim = Simulator(settings)
+    await sim.enrol(tmp_path)
+    ids = [d.id for d in sim.devices]
+    picked = {f.kind: {d for d in ids if f.hits(d, "0.1.0")} for f in faults}
+    assert all(0 < len(p) < len(ids) for p in picked.values()), picked  # the hash splits them
+    run = asyncio.create_task(sim.run())
+    try:
+
+        async def online() -> bool:
+            view = await asyncio.to_thread(api, platform, "GET", "/v1/devices")
+            return all(d["online"] for d in view["devices"] if d["id"] in ids)
+
+        await eventually(online, 60, "devices online")
+        for device in ids:
+            await desire(platform, device, "0.1.0", "r-1")
+        went_offline: set[str] = set()
+
+        async def settled() -> bool:
+            view = await asyncio.to_thread(api, platform, "GET", "/v1/devices")
+            went_offline.update(
+                d["id"] for d in view["devices"] if d["id"] in ids and d["presence"] == "offline"
+            )
+            states = {d: await last_state(platform, d, "r-1") for d in ids}
+            want = {
+                d: DeviceState.DOWNLOADING if d in picked["drop"] else DeviceState.HEALTHY
+                for d in ids
+            }
+            return states == want
+
+        await eventually(settled, 60, "healthy, except the devices that drop mid-install")
+        assert went_offline >= picked["offline"]  # each was seen offline before it installed
+
+        async def metrics_show_faults() -> bool:
+            running = [d for d in ids if d not in picked["drop"]]
+            for device in running:
+                doc = await asyncio.to_thread(
+                    api, platform, "GET", f"/v1/devices/{device}/metrics?function={FN}"
+                )
+                entry = doc["functions"].get(FN)
+                if not entry or entry["invocations"] < 40:
+                    return False
+                rate = entry["errors"] / entry["invocations"]
+                assert rate == (0.5 if device in picked["errors"] else 0.0), (device, entry)
+                assert (entry["latency_ms_avg"] > 300) is (device in picked["latency"]), entry
+            return True
+
+        await eventually(metrics_show_faults, 60, "metrics with the injected errors and latency")
+    finally:
+        sim.stop()
+        summary = await asyncio.wait_for(run, 60)
+    assert all(summary.active[d] == {} for d in picked["drop"])
+    assert all(summary.active[d] == {FN: "0.1.0"} for d in ids if d not in picked["drop"])
