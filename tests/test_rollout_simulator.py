@@ -273,3 +273,18 @@ async def test_simulated_faults_offline_drop_errors_and_latency(
         summary = await asyncio.wait_for(run, 60)
     assert all(summary.active[d] == {} for d in picked["drop"])
     assert all(summary.active[d] == {FN: "0.1.0"} for d in ids if d not in picked["drop"])
+
+
+@pytest.mark.slow
+def test_edge_cloud_simulate_command(platform: Platform) -> None:
+    bad = cli("simulate", "--devices", "1", "--platform", "http://10.1.2.3:80", "--token", "t")
+    assert bad.returncode == 2 and "loopback" in bad.stdout + bad.stderr
+    proc = cli(
+        "simulate", "--devices", "2", "--platform", platform.url, "--data-dir",
+        platform.data_dir, "--duration", "3", "--metrics-interval", "0.5", "--prefix", "cli",
+        "--json",
+    )  # fmt: skip
+    summary = json.loads(ok(proc))
+    assert summary["devices"] == 2 and set(summary["active"]) == {"cli-00000", "cli-00001"}
+    view = api(platform, "GET", "/v1/devices")
+    assert {"cli-00000", "cli-00001"} <= {d["id"] for d in view["devices"]}

@@ -32,19 +32,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import ipaddress
 import json
 import logging
-import re
 import shutil
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 
@@ -52,6 +48,7 @@ from cloud_sync import credentials, topics
 from cloud_sync.errors import CloudSyncError, MqttError
 from cloud_sync.mqtt import USER_PROPERTY_KEY, USER_PROPERTY_KIND, MqttSession
 from cloud_sync.outbox import METRICS_SCHEMA, new_histogram, observe
+from cloud_sync.platform.sim_faults import Fault, SimulatorError, check_loopback, parse_fault
 from cloud_sync.registry_client import (
     DigestMismatch,
     NotPublished,
@@ -69,6 +66,8 @@ from cloud_sync.state import ConfigTracker, DesiredDoc, parse_desired, reported_
 from hardware.profile import DeviceProfile
 from runtimes.manifest import semver_key
 
+__all__ = ["Fault", "SimSettings", "Simulator", "SimulatorError", "Summary", "parse_fault"]
+
 log = logging.getLogger("edgefn.simulator")
 
 MAX_DEVICES = 10_000  # the benchmark's largest fleet
@@ -77,59 +76,6 @@ ENROL_CONCURRENCY = 16  # enrolment signs a certificate per device: do not flood
 MAX_PENDING = 256  # reports kept per device while the broker is away (then the oldest go)
 BASE_LATENCY_MS = 4.0
 DOWNLOAD_CAP = 64 * 1024 * 1024  # a simulated device refuses bundles above this
-
-FaultKind = Literal["crash", "errors", "latency", "offline", "drop"]
-_FAULT_RE = re.compile(
-    r"^(?P<version>\*|[0-9A-Za-z.+-]+):(?P<kind>crash|errors|latency|offline|drop)"
-    r"(?:=(?P<value>[0-9.]+))?(?:@(?P<fraction>[0-9.]+))?$"
-)
-_NEEDS_VALUE = {"errors", "latency", "offline"}
-
-
-class SimulatorError(CloudSyncError):
-    code = "simulator_error"
-    category = "config"
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    version: str  # "*" = any
-    kind: FaultKind
-    value: float = 0.0
-    fraction: float = 1.0
-
-    def hits(self, device: str, version: str | None) -> bool:
-        if self.version != "*" and self.version != version:
-            return False
-        digest = hashlib.sha256(f"{self.kind}:{self.version}\x00{device}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64 < self.fraction
-
-
-def parse_fault(text: str) -> Fault:
-    m = _FAULT_RE.match(text.strip())
-    if m is None:
-        raise SimulatorError(
-            f"bad fault {text!r}: expected VERSION:KIND[=VALUE][@FRACTION], e.g. "
-            "1.4.0:errors=0.3@0.5 (kinds: crash, errors, latency, offline, drop)"
-        )
-    kind = m.group("kind")
-    value = float(m.group("value") or 0.0)
-    fraction = float(m.group("fraction") or 1.0)
-    if kind in _NEEDS_VALUE and m.group("value") is None:
-        raise SimulatorError(f"fault {text!r}: {kind} needs a value ({kind}=...)")
-    if not 0.0 <= fraction <= 1.0 or (kind == "errors" and value > 1.0):
-        raise SimulatorError(f"fault {text!r}: fractions and error rates are between 0 and 1")
-    return Fault(m.group("version"), kind, value, fraction)  # type: ignore[arg-type]
-
-
-def check_loopback(url: str, what: str) -> None:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise SimulatorError(f"{what} {url!r} is not on loopback: the simulator only runs there")
 
 
 @dataclass(frozen=True, slots=True)
