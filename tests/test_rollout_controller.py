@@ -440,3 +440,18 @@ def test_devices_joining_mid_rollout_go_by_their_slot() -> None:
     assert r.devices["edge-000"].wave is not None  # already there: not moved
     done, _ = step(r, Abort(2.0))
     assert step(done, Join(3.0, tuple(fleet(2, prefix="later")), BUNDLE))[0] == done
+
+
+def test_one_active_rollout_per_function() -> None:
+    from cloud_sync.rollout.model import admit
+
+    running, _ = step(make(5), Start(0.0))
+    assert admit("resize", [], supersede=False) == []
+    with pytest.raises(RolloutError) as info:
+        admit("resize", [running], supersede=False)
+    assert info.value.code == "rollout_active" and "r-1" in str(info.value)
+    assert "--supersede" in str(info.value)
+    assert admit("resize", [running], supersede=True) == ["r-1"]
+    assert admit("other", [running], supersede=False) == []
+    finished, _ = step(running, Abort(1.0))
+    assert admit("resize", [finished], supersede=False) == []

@@ -16,6 +16,8 @@ Read in this order:
    platform's controller drives (it persists the rollout and carries out the actions).
 8. `messages` -- the platform <-> device contract: the desired document's per-function rollout
    entry and the device's status reports (seq-ordered, idempotent).
+9. `model` -- the stored `Rollout`, `plan()` (the `--dry-run` answer), `new_rollout()`, and
+   `admit()` (one active rollout per function, `--supersede`); `render` -- the `--watch` view.
 
 docs/rollouts.md describes the whole design and what is built.
 """

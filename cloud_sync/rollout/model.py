@@ -20,7 +20,7 @@ from cloud_sync.rollout.eligibility import BundleFacts, Ineligible, partition
 from cloud_sync.rollout.errors import RolloutError
 from cloud_sync.rollout.selector import DeviceFacts
 from cloud_sync.rollout.spec import RolloutSpec
-from cloud_sync.rollout.states import DeviceState, RolloutState
+from cloud_sync.rollout.states import ACTIVE_ROLLOUT_STATES, DeviceState, RolloutState
 from cloud_sync.topics import validate_id
 
 
@@ -248,3 +248,22 @@ def new_rollout(spec: RolloutSpec, p: Plan, now: float) -> Rollout:
             bad.device, None, DeviceState.REJECTED, bad.code, prev, prev, updated_at=now
         )
     return Rollout(p.rollout_id, spec, devices=records, created_at=now, updated_at=now)
+
+
+def admit(function: str, existing: Sequence[Rollout], *, supersede: bool) -> list[str]:
+    """One active rollout per function: the ids a new rollout must supersede, or an error.
+
+    Refuses (code `rollout_active`) with a message naming the active rollout unless `supersede`,
+    in which case the caller steps each returned id with `controller.Supersede` first.
+    """
+    active = [
+        r for r in existing if r.spec.function == function and r.state in ACTIVE_ROLLOUT_STATES
+    ]
+    if active and not supersede:
+        r = active[0]
+        raise RolloutError(
+            f"rollout {r.id} of {function}@{r.spec.version} is {r.state.value}: pause it, abort "
+            "it, wait for it, or start the new one with --supersede",
+            code="rollout_active",
+        )
+    return [r.id for r in active]
