@@ -142,11 +142,17 @@ def test_lost_intermediate_reports_and_duplicates_and_reordering() -> None:
 
 def test_rate_limit_and_concurrent_download_cap() -> None:
     f = Fleet()
-    r = make(30, waves="100", rate_per_minute=60, bake_s=0)
+    r = make(40, waves="100", rate_per_minute=60, bake_s=0)
     r, acts = step(r, Start(0.0))
-    assert len(notified(acts)) == 1  # one now, then one per second
-    r, acts = step(r, Tick(10.0))
-    assert len(notified(acts)) == 10
+    assert len(notified(acts)) == 10  # a burst of 10 s worth, then one per second
+    r, acts = step(r, Tick(5.0))
+    assert len(notified(acts)) == 5
+    r, acts = step(r, Tick(5.5))
+    assert acts == []  # half a token
+    r, acts = step(r, Tick(6.0))
+    assert len(notified(acts)) == 1
+    r, acts = step(r, Tick(600.0))
+    assert len(notified(acts)) == 10  # ten minutes idle save up no more than the bucket
     capped = make(30, waves="100", max_concurrent_downloads=3)
     capped, acts = step(capped, Start(0.0))
     first = notified(acts)

@@ -53,6 +53,10 @@ from cloud_sync.rollout.states import (
 
 D, R = DeviceState, RolloutState
 
+# The rate limit's bucket holds this many seconds of `rate_per_minute`: the controller ticks
+# more often than that, so the rate holds, and a wave never starts with more than this burst.
+BUCKET_S = 10.0
+
 # ---- events and actions -----------------------------------------------------------------------
 
 
@@ -144,7 +148,7 @@ def step(r: Rollout, event: Event) -> tuple[Rollout, list[Action]]:
         return r, []  # only late reports still update the record of a finished rollout
     elif isinstance(event, Start):
         if r.state is R.PENDING:
-            r = _to(r, R.RUNNING, now, "", rate_origin=now, sent_since_origin=0)
+            r = _to(r, R.RUNNING, now, "", tokens_at=None)
             r = _begin_wave(r, _first_nonempty_wave(r, 0), now)
     elif isinstance(event, Pause):
         if r.state in (R.PENDING, R.RUNNING):
@@ -152,7 +156,7 @@ def step(r: Rollout, event: Event) -> tuple[Rollout, list[Action]]:
     elif isinstance(event, Resume):
         if r.state is R.PAUSED:
             r = _to(
-                r, R.RUNNING, now, "", rate_origin=now, sent_since_origin=0,
+                r, R.RUNNING, now, "", tokens_at=None,
                 settled_at=None, failures=0, last_eval_at=None,
             )  # fmt: skip
             if r.wave_started_at is None:
@@ -390,23 +394,22 @@ def _dispatch(r: Rollout, now: float, actions: list[Action]) -> Rollout:
     )
     if not queued:
         return r
-    origin = r.rate_origin if r.rate_origin is not None else now
-    # Token bucket: `rate` per minute since the origin, plus one second's worth (at least one
-    # device) at once, so a wave starts without waiting for the first tick.
-    burst = max(1, math.ceil(spec.rate_per_minute / 60))
-    budget = math.floor(spec.rate_per_minute * max(0.0, now - origin) / 60 + 1e-9) + burst
-    budget -= r.sent_since_origin
+    # Token bucket of `rate_per_minute`, holding at most BUCKET_S seconds' worth (at least one
+    # device): a wave starts at once, and a pause or a bake does not save up a burst.
+    capacity = max(1.0, spec.rate_per_minute * BUCKET_S / 60)
+    tokens = capacity
+    if r.tokens_at is not None:
+        tokens = min(capacity, r.tokens + spec.rate_per_minute * max(0.0, now - r.tokens_at) / 60)
+    budget = math.floor(tokens + 1e-9)
     if spec.max_concurrent_downloads is not None:
         downloading = sum(1 for rec in r.devices.values() if rec.state in DOWNLOADING_STATES)
         budget = min(budget, spec.max_concurrent_downloads - downloading)
     if budget <= 0:
-        return r
+        return replace(r, tokens=tokens, tokens_at=now)
     changed: Mapping[str, DeviceRecord] = {
         rec.device: replace(rec, state=D.NOTIFIED, notified_at=now, updated_at=now)
         for rec in queued[:budget]
     }
     for rec in queued[:budget]:
         actions.append(SetDesired(rec.device, spec.function, spec.version, False, r.id))
-    return r.with_devices(
-        changed, sent_since_origin=r.sent_since_origin + len(changed), updated_at=now
-    )
+    return r.with_devices(changed, tokens=tokens - len(changed), tokens_at=now, updated_at=now)

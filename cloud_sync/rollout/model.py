@@ -84,8 +84,8 @@ class Rollout:
     settled_at: float | None = None  # every device of the waves so far settled: bake starts
     last_eval_at: float | None = None
     failures: int = 0  # failed gate evaluations in this wave (vs spec.failure_limit)
-    rate_origin: float | None = None  # the rate limit counts devices notified since then
-    sent_since_origin: int = 0
+    tokens: float = 0.0  # the rate limit's token bucket (controller.BUCKET_S)
+    tokens_at: float | None = None  # when `tokens` was computed; None: a full bucket
     verdict: Mapping[str, Any] | None = None  # the last gate verdict (gates.Verdict.to_dict())
     superseded_by: str | None = None
 
@@ -117,8 +117,8 @@ class Rollout:
             "settled_at": self.settled_at,
             "last_eval_at": self.last_eval_at,
             "failures": self.failures,
-            "rate_origin": self.rate_origin,
-            "sent_since_origin": self.sent_since_origin,
+            "tokens": self.tokens,
+            "tokens_at": self.tokens_at,
             "verdict": dict(self.verdict) if self.verdict is not None else None,
             "superseded_by": self.superseded_by,
         }
@@ -139,8 +139,8 @@ class Rollout:
             settled_at=d.get("settled_at"),
             last_eval_at=d.get("last_eval_at"),
             failures=int(d.get("failures") or 0),
-            rate_origin=d.get("rate_origin"),
-            sent_since_origin=int(d.get("sent_since_origin") or 0),
+            tokens=float(d.get("tokens") or 0.0),
+            tokens_at=d.get("tokens_at"),
             verdict=d.get("verdict"),
             superseded_by=d.get("superseded_by"),
         )
