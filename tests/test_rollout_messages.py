@@ -151,3 +151,13 @@ def test_reported_document_carries_the_latest_report_per_function() -> None:
     assert {p.path.split(".")[1] for p in bad} == {"broken", "liar"}
     assert reports_from_reported({}) == ([], [])
     assert reports_from_reported({"rollouts": []})[1][0].path == "rollouts"
+
+
+def test_entries_stored_with_the_patch_nulls_still_parse() -> None:
+    # The platform sets `deployment.rollouts.<fn>` to the patch's entry as a whole, nulls kept.
+    entry = desired_patch("resize", "1.4.0", "r-1")["deployment"]["rollouts"]["resize"]
+    assert entry["remove"] is None
+    config = {"functions": {"resize": {"version": "1.4.0"}},
+              "deployment": {"rollouts": {"resize": entry}}}  # fmt: skip
+    got = parse_deployments(config)["resize"]
+    assert (got.version, got.rollback, got.remove) == ("1.4.0", False, False)
