@@ -192,3 +192,17 @@ def test_metrics_from_record_entry_and_merge() -> None:
     with pytest.raises(MessageError) as info:
         VersionMetrics.from_entry({"invocations": -1, "errors": "x", "latency_ms": {"bounds": []}})
     assert {f.path for f in info.value.fields} == {"invocations", "errors", "latency_ms"}
+
+
+def test_metrics_record_split_by_version() -> None:
+    from cloud_sync.rollout.metrics import by_version
+
+    entry = {"invocations": 10, "errors": 1, "latency_ms": {"bounds": list(BOUNDS),
+             "counts": [0, 10] + [0] * 9, "sum": 20.0}}  # fmt: skip
+    record = {"schema": "edgefn.metrics/1", "device": "d", "functions": {"resize": entry,
+              "other": {"invocations": 3}}, "versions": {"resize": "1.4.0"}}  # fmt: skip
+    got = by_version(record)
+    assert set(got) == {("resize", "1.4.0"), ("other", None)}
+    assert got[("resize", "1.4.0")].errors == 1 and got[("other", None)].invocations == 3
+    with pytest.raises(MessageError):
+        by_version({"functions": {"resize": 5}})

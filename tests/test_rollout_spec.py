@@ -115,3 +115,13 @@ def test_bad_waves(text: str, problem: str) -> None:
 def test_waves_accept_percent_signs_and_fractions() -> None:
     assert parse_waves("0.5%, 10%, 100") == ((0.5, 10.0, 100.0), [])
     assert parse_waves([100]) == ((100.0,), [])
+
+
+def test_function_reference() -> None:
+    from cloud_sync.rollout.spec import parse_function_ref
+
+    assert parse_function_ref("resize@1.4.0") == ("resize", "1.4.0")
+    assert parse_function_ref("resize@1.4.0-rc.1") == ("resize", "1.4.0-rc.1")
+    for bad in ("resize", "resize@", "Resize@1.0.0", "resize@1.4", "@1.0.0"):
+        with pytest.raises(SpecError):
+            parse_function_ref(bad)

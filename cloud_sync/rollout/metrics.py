@@ -123,3 +123,24 @@ def total(items: Sequence[VersionMetrics]) -> VersionMetrics:
     for item in items:
         out = out.merge(item)
     return out
+
+
+def by_version(record: Mapping[str, Any]) -> dict[tuple[str, str | None], VersionMetrics]:
+    """Split one `edgefn.metrics/1` record into (function, version) -> metrics.
+
+    The record's optional `versions` map (function -> the version that ran during the interval,
+    sent by the simulator; the agent does not send it yet) says which version the counts belong
+    to; without it the version is None and the caller attributes it (e.g. to the version the
+    device reported running). A malformed entry raises `MessageError`.
+    """
+    versions = record.get("versions")
+    versions = versions if isinstance(versions, Mapping) else {}
+    out: dict[tuple[str, str | None], VersionMetrics] = {}
+    for name, entry in (record.get("functions") or {}).items():
+        if not isinstance(entry, Mapping):
+            raise MessageError("metrics record", [FieldProblem(f"functions.{name}", "not a table")])
+        version = versions.get(name)
+        key = (str(name), version if isinstance(version, str) else None)
+        m = VersionMetrics.from_entry(entry)
+        out[key] = out[key].merge(m) if key in out else m
+    return out

@@ -243,3 +243,16 @@ def _build(data: Mapping[str, Any]) -> RolloutSpec:
         interval_s=interval,
         on_failure=policy,  # type: ignore[arg-type]
     )
+
+
+def parse_function_ref(text: str) -> tuple[str, str]:
+    """`NAME@VERSION` (as `edge-cloud rollout start` takes it) -> (name, version)."""
+    name, sep, version = text.partition("@")
+    problems = []
+    if not sep or not NAME_RE.match(name):
+        problems.append(FieldProblem("function", f"expected NAME@VERSION, got {text!r}"))
+    elif not SEMVER_RE.match(version):
+        problems.append(FieldProblem("version", f"{version!r} is not a semantic version"))
+    if problems:
+        raise SpecError("bad function reference", problems)
+    return name, version
