@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import json
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +288,50 @@ def test_edge_cloud_simulate_command(platform: Platform) -> None:
     assert summary["devices"] == 2 and set(summary["active"]) == {"cli-00000", "cli-00001"}
     view = api(platform, "GET", "/v1/devices")
     assert {"cli-00000", "cli-00001"} <= {d["id"] for d in view["devices"]}
+
+
+@pytest.mark.slow
+async def test_broker_restart_mid_deployment_loses_no_report(
+    mosquitto_factory: Callable[..., Broker], bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    # Persistent like a production broker: the platform's session survives the restart, so a
+    # report the broker acknowledged is not lost before the platform resubscribes.
+    broker = mosquitto_factory(persistence=True, autosave_on_changes=True)
+    plat = start_platform(broker.workdir / "platform", "--broker", broker.url)
+    try:
+        publish(plat, bundles["0.1.0"])
+        settings = SimSettings(
+            devices=3, platform_url=plat.url, token=plat.token, prefix="brk", duration_s=120,
+            metrics_interval_s=0.5, health_window_s=0.5,
+        )  # fmt: skip
+        sim = Simulator(settings)
+        await sim.enrol(tmp_path)
+        ids = [d.id for d in sim.devices]
+        run = asyncio.create_task(sim.run())
+        try:
+
+            async def online() -> bool:
+                view = await asyncio.to_thread(api, plat, "GET", "/v1/devices")
+                return all(d["online"] for d in view["devices"] if d["id"] in ids)
+
+            await eventually(online, 60, "devices online")
+            for device in ids:
+                await desire(plat, device, "0.1.0", "r-1")
+            await asyncio.to_thread(broker.restart, crash=True)
+
+            async def all_healthy() -> bool:
+                got = [await last_state(plat, d, "r-1") for d in ids]
+                return got == [DeviceState.HEALTHY] * len(ids)
+
+            await eventually(all_healthy, 90, "healthy everywhere after the broker restart")
+            for device in ids:
+                states = [r.state for r in await reports(plat, device) if r.rollout == "r-1"]
+                assert states == [
+                    DeviceState.DOWNLOADING, DeviceState.INSTALLING, DeviceState.WARMING,
+                    DeviceState.ACTIVE, DeviceState.HEALTHY,
+                ], (device, states)  # fmt: skip
+        finally:
+            sim.stop()
+            await asyncio.wait_for(run, 60)
+    finally:
+        plat.stop()
