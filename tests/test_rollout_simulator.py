@@ -278,7 +278,7 @@ async def test_simulated_faults_offline_drop_errors_and_latency(
 @pytest.mark.slow
 def test_edge_cloud_simulate_command(platform: Platform) -> None:
     bad = cli("simulate", "--devices", "1", "--platform", "http://10.1.2.3:80", "--token", "t")
-    assert bad.returncode == 2 and "loopback" in bad.stdout + bad.stderr
+    assert bad.returncode == 2 and "loopback" in bad.stderr
     proc = cli(
         "simulate", "--devices", "2", "--platform", platform.url, "--data-dir",
         platform.data_dir, "--duration", "3", "--metrics-interval", "0.5", "--prefix", "cli",

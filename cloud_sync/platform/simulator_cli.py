@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,12 @@ def run(args: argparse.Namespace, token: str | None) -> int:
             faults=tuple(simulator.parse_fault(f) for f in args.fault),
         )  # fmt: skip
     except (CloudSyncError, ValueError) as exc:
-        print(f"edge-cloud simulate: {exc}")
+        print(f"edge-cloud simulate: {exc}", file=sys.stderr)
         return 2
     try:
         summary = asyncio.run(simulator.Simulator(settings).run())
     except CloudSyncError as exc:
-        print(f"edge-cloud simulate: {exc.message} ({exc.code})")
+        print(f"edge-cloud simulate: {exc.message} ({exc.code})", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
