@@ -9,6 +9,7 @@ One versioned tree, so a v2 can run beside v1 during a migration::
     edgefn/v1/devices/{device_id}/presence   device -> platform, retained, QoS 1, online/offline
     edgefn/v1/devices/{device_id}/rollout    device -> platform, QoS 1 (rollout status)
     edgefn/v1/groups/{group}/desired         platform -> devices of the group, retained, QoS 1
+    edgefn/v1/rollouts/{rollout_id}/status   platform -> operators, retained, QoS 1 (progress)
 
 Ids become one topic level and, on Mosquitto, the `%u` of an ACL pattern (the device certificate's
 CN), so they must never contain `/`, `+`, `#` or anything that could widen a subscription or an
@@ -29,12 +30,14 @@ PREFIX = f"{ROOT}/{VERSION}"
 
 DeviceKind = Literal["desired", "reported", "metrics", "events", "presence", "rollout"]
 GroupKind = Literal["desired"]
-Scope = Literal["device", "group"]
+RolloutKind = Literal["status"]
+Scope = Literal["device", "group", "rollout"]
 DEVICE_KINDS: tuple[str, ...] = get_args(DeviceKind)
 GROUP_KINDS: tuple[str, ...] = get_args(GroupKind)
+ROLLOUT_KINDS: tuple[str, ...] = get_args(RolloutKind)
 
 # Retained topics hold *state* (the latest value is what a newcomer needs); the rest are streams.
-RETAINED_KINDS = frozenset({"desired", "presence"})
+RETAINED_KINDS = frozenset({"desired", "presence", "status"})
 # Everything is QoS 1: at-least-once plus idempotency keys is what the outbox is built for; QoS 2
 # costs an extra round trip per message and is still not exactly-once across a broker crash.
 QOS = 1
@@ -69,6 +72,20 @@ def group_topic(group: str, kind: GroupKind = "desired") -> str:
     return f"{PREFIX}/groups/{validate_id(group, 'group name')}/{kind}"
 
 
+def rollout_report_topic(device_id: str) -> str:
+    """Where a device sends its rollout status reports (cloud_sync/rollout/messages.py)."""
+    return device_topic(device_id, "rollout")
+
+
+def rollout_topic(rollout_id: str, kind: RolloutKind = "status") -> str:
+    """A rollout's progress summary, retained, so a console or a second platform replica sees
+    the current state at once. Only the platform identity may publish or read it (the ACL gives
+    devices their own subtree and the group documents, nothing under `rollouts/`)."""
+    if kind not in ROLLOUT_KINDS:
+        raise TopicError(f"unknown rollout topic kind {kind!r}; expected one of {ROLLOUT_KINDS}")
+    return f"{PREFIX}/rollouts/{validate_id(rollout_id, 'rollout id')}/{kind}"
+
+
 def is_retained(kind: str) -> bool:
     return kind in RETAINED_KINDS
 
@@ -101,6 +118,11 @@ def parse(topic: str) -> Topic:
         if kind not in GROUP_KINDS:
             raise TopicError(f"unknown group topic kind {kind!r} in {topic!r}")
         return Topic("group", ident, kind)
+    if tree == "rollouts":
+        validate_id(ident, "rollout id")
+        if kind not in ROLLOUT_KINDS:
+            raise TopicError(f"unknown rollout topic kind {kind!r} in {topic!r}")
+        return Topic("rollout", ident, kind)
     raise TopicError(f"unknown subtree {tree!r} in {topic!r}")
 
 

@@ -11,6 +11,7 @@
     edge-cloud metrics ID [--function F] [--json]               stored metrics of a device
     edge-cloud keys ... / fn new|test|build|sign|publish ...    the author's toolchain:
                                                                 see cloud_sync/author/cli.py
+    edge-cloud simulate --devices N --platform URL [--fault F]  simulated fleet (loopback)
 
 Each subcommand imports what it needs when it runs. Exit status: 0 success; 1 refused or failed
 (one line on stderr says why, ending in the stable code; an edgefn error no command expected
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.errors import describe_http_error
+from cloud_sync.platform import simulator_cli
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cloud_sync.author.cli import register
 
     register(sub)  # keys, fn: the author's toolchain (cloud_sync/author), handler in args
+    simulator_cli.add_parser(sub)
     return parser
 
 
@@ -356,6 +359,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    return simulator_cli.run(args, _operator_token(args))
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "broker": cmd_broker,
@@ -363,6 +370,7 @@ COMMANDS = {
     "group": cmd_group,
     "devices": cmd_devices,
     "metrics": cmd_metrics,
+    "simulate": cmd_simulate,
 }
 
 
