@@ -21,7 +21,7 @@ from runtimes.cppbuild import compiler_for
 from runtimes.errors import BuildError, ToolchainError
 from runtimes.gobuild import build_go, find_go, goarch_name
 from runtimes.verify import Ed25519Verifier
-from tests.test_registry_helpers import build, cli, ok
+from tests.registry_helpers import build, cli, ok
 
 SPELLINGS = sorted(BY_NAME)  # every canonical name and alias
 

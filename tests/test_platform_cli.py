@@ -12,7 +12,7 @@ import pytest
 from cloud_sync.errors import PkiError
 from cloud_sync.platform import cli as platform_cli
 from tests.mosquitto import free_port
-from tests.test_registry_helpers import Platform, cli, start_platform
+from tests.registry_helpers import Platform, cli, start_platform
 
 
 @pytest.fixture(scope="module")

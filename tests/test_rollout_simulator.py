@@ -23,7 +23,7 @@ from cloud_sync.platform.simulator import Fault, SimSettings, Simulator, Simulat
 from cloud_sync.rollout.messages import StatusReport, decode_status
 from cloud_sync.rollout.states import DeviceState
 from tests.mosquitto import Broker, eventually
-from tests.test_registry_helpers import (
+from tests.registry_helpers import (
     Platform,
     build,
     cli,
