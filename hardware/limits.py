@@ -11,15 +11,16 @@ resolves the unprivileged user once with `resolve_worker_user()` and spawns
     /bin/sh -c '[ "$PPID" = AGENT_PID ] || exit 70; exec "$@"'  parent still there? (see below)
     prlimit --core=0 [--cpu=N:N+1] [--nofile=N] [--nproc=N] [--as=BYTES] --
     [unshare --pid --fork --kill-child --                  a PID namespace per worker (optional)
-     setpriv --pdeathsig KILL --reuid U --regid G --clear-groups --no-new-privs --]
+     /bin/sh -c '"$@"; exit $?'                             its pid 1, the worker its child
+     setpriv --reuid U --regid G --clear-groups --no-new-privs --]
     <worker argv>
 
 Each step `exec`s the next, so the worker keeps the pid the pool spawned and its exit status --
-except with a PID namespace: `unshare --fork` stays as the worker's parent (a ~1 MB shim that
-only waits and passes the exit status or signal on) and the worker is pid 1 of the namespace.
-When pid 1 of a namespace dies, the kernel kills every process in it, detached or not; and
-the shim dies with the agent (parent-death signal), taking the namespace with it. The user
-switch then happens inside the namespace, because creating one needs root's CAP_SYS_ADMIN.
+except with a PID namespace: `unshare --fork` stays as the spawned pid (a ~1 MB shim that only
+waits and passes the exit status on), a shell is pid 1 of the namespace and the worker its
+child. When pid 1 of a namespace dies, the kernel kills every process in it, detached or not;
+pid 1 dies with the shim (--kill-child) and the shim with the agent (parent-death signal).
+The user switch happens inside the namespace, as creating one needs root's CAP_SYS_ADMIN.
 The parent check closes the race of every parent-death signal: an agent that dies between the
 fork and setpriv's prctl() sends no signal, so the first program after setpriv makes sure its
 parent is still the agent, and exits (70) if it was orphaned in that window.
@@ -68,6 +69,17 @@ _MB = 1024 * 1024
 _PARENT_CHECK = (
     '[ "$PPID" = "$0" ] || { echo "edgefn: agent gone before worker start" >&2; exit 70; }; '
     'exec "$@"'
+)
+
+# pid 1 of a worker's PID namespace: a shell that runs the worker as its child and passes its
+# exit status on. Not the worker itself, because the kernel drops signals that pid 1 has no
+# handler for when they come from inside the namespace (its own abort(), RLIMIT_CPU's SIGXCPU),
+# and because the shell reaps the orphans a function leaves, which a worker would not. The
+# signal is named on stderr because the shim (util-linux 2.38 `unshare`) cannot re-raise a
+# SIGKILL and would only say "exited with status 1".
+_NS_INIT = (
+    '"$@"; s=$?; [ "$s" -gt 128 ] && '
+    'echo "edgefn: the worker was killed by SIG$(kill -l $((s - 128)))" >&2; exit "$s"'
 )
 
 
@@ -225,10 +237,9 @@ def wrap_command(
     if pid_namespace:
         # --kill-child: the namespace's init (and so the namespace) dies with the shim.
         wrapped += [find_tool("unshare"), "--pid", "--fork", "--kill-child", "--"]
+        wrapped += ["/bin/sh", "-c", _NS_INIT, "edgefn-init"]
         if user:
-            # The credential change clears the parent-death signal unshare armed; setpriv
-            # arms it again after switching.
-            wrapped += [find_tool("setpriv"), "--pdeathsig", "KILL", *user, "--no-new-privs", "--"]
+            wrapped += [find_tool("setpriv"), *user, "--no-new-privs", "--"]
     return wrapped + list(argv)
 
 
