@@ -4,8 +4,9 @@
 //   "fork"  forks up to 300 children that each sleep 2 s; answers how many it got
 //   "spin"  burns CPU for at most 20 s
 //   "detach TOKEN [then]" leaves two processes that carry TOKEN in their command line and
-//          sleep 60 s: one plain child, one detached (own session, double fork); then does
-//          `then`: "hang" (sleeps 30 s), "crash" (aborts), "alloc" (as above), or answers
+//          sleep 60 s: one plain child, one detached (own session, double fork); then, after
+//          0.5 s, does `then`: "hang" (sleeps 30 s), "crash" (aborts), "alloc" (as above);
+//          without `then` it answers at once
 //   other   echoes the request
 #include <edgefn.hpp>
 
@@ -63,6 +64,8 @@ std::string handle(std::string_view req, edgefn::Context& ctx) {
         std::string token = rest.substr(0, space);
         std::string then = space == std::string::npos ? "" : rest.substr(space + 1);
         leave_children(token);
+        // Give the test time to see the children before the worker dies.
+        if (!then.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(500));
         if (then == "hang") std::this_thread::sleep_for(std::chrono::seconds(30));
         if (then == "crash") std::abort();
         if (then == "alloc") return alloc_gib();
