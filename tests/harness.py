@@ -98,6 +98,11 @@ def start_agent(
     """Start `edge-agent run` on a free loopback port and wait until it listens."""
     env = dict(os.environ)
     env.pop("EDGEFN_DATA_DIR", None)
+    if os.geteuid() == 0 and "--worker-user" not in extra:
+        # Whether the machine has an `edgefn-worker` user (the limit tests create it) must not
+        # change other tests: their functions live in 0700 temporary directories that only
+        # root can read. Tests of the worker user pass --worker-user themselves.
+        extra = ("--worker-user", "root", *extra)
     proc = subprocess.Popen(
         [
             sys.executable,

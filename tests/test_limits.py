@@ -47,7 +47,7 @@ def agent() -> Iterator[AgentProcess]:
             write_manifest(d, **fields, timeout_ms=30000, pool={"concurrency": 2}, **extra)
         for p in [root, *root.rglob("*")]:
             p.chmod(0o755 if p.is_dir() or p.name == "hostile" else 0o644)
-        proc = start_agent(data)
+        proc = start_agent(data, "--worker-user", "edgefn-worker")
         yield proc
         proc.stop()
     finally:

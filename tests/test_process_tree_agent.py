@@ -68,7 +68,7 @@ def fresh_data_dir(built: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def agent(built: Path) -> Iterator[AgentProcess]:
-    proc = start_agent(fresh_data_dir(built))
+    proc = start_agent(fresh_data_dir(built), "--worker-user", "edgefn-worker")
     yield proc
     proc.stop()
 
@@ -108,7 +108,7 @@ def test_killed_worker_leaves_no_process(
 
 
 def test_agent_shutdown_leaves_no_process(built: Path, token: str) -> None:
-    agent = start_agent(fresh_data_dir(built))
+    agent = start_agent(fresh_data_dir(built), "--worker-user", "edgefn-worker")
     try:
         resp = agent.invoke("tree", f"detach {token}".encode())
         assert resp.status == 200, resp.body
@@ -119,7 +119,7 @@ def test_agent_shutdown_leaves_no_process(built: Path, token: str) -> None:
 
 
 def test_agent_killed_and_not_restarted_leaves_no_process(built: Path, token: str) -> None:
-    agent = start_agent(fresh_data_dir(built))
+    agent = start_agent(fresh_data_dir(built), "--worker-user", "edgefn-worker")
     try:
         resp = agent.invoke("tree", f"detach {token}".encode())
         assert resp.status == 200, resp.body
