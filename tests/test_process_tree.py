@@ -35,7 +35,7 @@ PIDNS = probe_pid_namespace()
 needs_pidns = pytest.mark.skipif(PIDNS is not None, reason=f"no PID namespace here: {PIDNS}")
 
 
-def _worker_script(token: str) -> list[str]:
+def worker_script(token: str) -> list[str]:
     """sh that leaves a plain and a detached child with `token`, says "ready", sleeps."""
     linger = f"sleep 60; : {token}"
     script = (
@@ -100,7 +100,7 @@ def test_killed_worker_takes_detached_children_along(token: str, as_worker_user:
     run_as = resolve_worker_user() if as_worker_user else None
     if as_worker_user and run_as is None:
         pytest.skip("only root switches users")
-    argv = wrap_command(_worker_script(token), WorkerLimits(), run_as=run_as, pid_namespace=True)
+    argv = wrap_command(worker_script(token), WorkerLimits(), run_as=run_as, pid_namespace=True)
     with _start(argv) as worker:
         wait_present(token, 2)
         worker.kill()
@@ -111,7 +111,7 @@ def test_killed_worker_takes_detached_children_along(token: str, as_worker_user:
 @needs_pidns
 def test_worker_exiting_on_its_own_takes_its_children_along(token: str) -> None:
     """A worker that exits after SHUTDOWN (or crashes by itself) leaves nothing behind."""
-    script = _worker_script(token)
+    script = worker_script(token)
     script[-1] = (
         script[-1]
         .replace("sleep 60", "sleep 0.3", 1)
@@ -135,7 +135,7 @@ time.sleep(60)
 
 @needs_pidns
 def test_agent_killed_and_not_restarted_leaves_nothing(token: str) -> None:
-    argv = wrap_command(_worker_script(token), WorkerLimits(), pid_namespace=True, parent_pid=-1)
+    argv = wrap_command(worker_script(token), WorkerLimits(), pid_namespace=True, parent_pid=-1)
     parent = subprocess.Popen(
         [sys.executable, "-c", _PARENT, json.dumps(argv)], stdout=subprocess.PIPE, text=True
     )
@@ -154,7 +154,7 @@ def test_agent_killed_and_not_restarted_leaves_nothing(token: str) -> None:
 def test_without_namespace_the_process_group_dies_with_the_worker(token: str) -> None:
     """The fallback: the worker leads its own group; killing the group ends the plain child.
     A child that starts its own session escapes the group (the documented limit)."""
-    argv = wrap_command(_worker_script(token), WorkerLimits(), new_session=True, pdeathsig=False)
+    argv = wrap_command(worker_script(token), WorkerLimits(), new_session=True, pdeathsig=False)
     with _start(argv) as worker:
         wait_present(token, 2)
         assert os.getpgid(worker.pid) == worker.pid
@@ -172,7 +172,7 @@ def test_without_namespace_the_process_group_dies_with_the_worker(token: str) ->
 def test_next_start_ends_what_a_killed_agent_left(token: str, tmp_path: Path) -> None:
     """Leftover sweep: recorded pid + start time prove the process group is ours."""
     records = WorkerRecords(tmp_path / "run" / "workers")
-    argv = wrap_command(_worker_script(token), WorkerLimits(), new_session=True, pdeathsig=False)
+    argv = wrap_command(worker_script(token), WorkerLimits(), new_session=True, pdeathsig=False)
     worker = _start(argv)
     assert worker.stdout is not None
     worker.stdout.close()

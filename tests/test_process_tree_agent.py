@@ -13,17 +13,28 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from hardware.isolation import instance_prefix, open_cgroups
+from hardware.leftovers import WorkerRecords
+from hardware.limits import WorkerLimits, wrap_command
 from runtimes.build import build_function
 from tests.harness import FUNCTIONS, AgentProcess, Response, start_agent, write_manifest
-from tests.test_process_tree import needs_pidns, tokened, wait_gone, wait_present
+from tests.test_process_tree import (
+    worker_script,
+    needs_pidns,
+    tokened,
+    wait_gone,
+    wait_present,
+)
 from tests.worker_user import ensure_worker_user
 
 pytestmark = [pytest.mark.slow, needs_pidns]
@@ -127,3 +138,43 @@ def test_agent_killed_and_not_restarted_leaves_no_process(built: Path, token: st
     finally:
         agent.stop(signal.SIGKILL)
     assert wait_gone(token) == []
+
+
+def test_agent_start_ends_what_a_previous_run_left(built: Path, token: str) -> None:
+    """Leftovers it can prove are its own: a recorded worker (pid + start time) with its
+    process group, and a worker still in one of its instance's cgroups."""
+    data = fresh_data_dir(built)
+    recorded = subprocess.Popen(
+        wrap_command(worker_script(token), WorkerLimits(), new_session=True, pdeathsig=False),
+        stdout=subprocess.DEVNULL,
+    )
+    WorkerRecords(data / "run" / "workers").add(recorded.pid)
+    procs = [recorded]
+    cgroups, _ = open_cgroups(instance_prefix(data))
+    in_group: subprocess.Popen[bytes] | None = None
+    if cgroups is not None:
+        group = cgroups.create("tree", "w99", WorkerLimits())
+        assert group is not None
+        in_group = subprocess.Popen([*group.join_argv(), "/bin/sh", "-c", f"sleep 60; : {token}"])
+        procs.append(in_group)
+    try:
+        wait_present(token, 2)
+        group_members = [p for p in tokened(token) if os.getpgid(p) == recorded.pid]
+        agent = start_agent(data, "--worker-user", "edgefn-worker")
+        try:
+            agent.wait_log(r"ended \d+ worker processes")
+            assert recorded.wait(timeout=10) < 0
+            if in_group is not None:
+                assert in_group.wait(timeout=10) < 0
+            deadline = time.monotonic() + 10
+            while set(group_members) & set(tokened(token)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not set(group_members) & set(tokened(token))
+        finally:
+            agent.stop()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        if cgroups is not None:
+            cgroups.close()
