@@ -29,11 +29,11 @@ from hardware.limits import WorkerLimits, wrap_command
 from runtimes.build import build_function
 from tests.harness import FUNCTIONS, AgentProcess, Response, start_agent, write_manifest
 from tests.test_process_tree import (
-    worker_script,
     needs_pidns,
     tokened,
     wait_gone,
     wait_present,
+    worker_script,
 )
 from tests.worker_user import ensure_worker_user
 
