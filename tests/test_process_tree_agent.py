@@ -9,6 +9,7 @@ nothing outside it).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -27,6 +28,11 @@ from hardware.isolation import instance_prefix, open_cgroups
 from hardware.leftovers import WorkerRecords
 from hardware.limits import WorkerLimits, wrap_command
 from runtimes.build import build_function
+from runtimes.invocation import Invocation
+from runtimes.launchers import make_executor
+from runtimes.manifest import load_manifest
+from runtimes.pool import Pool
+from runtimes.sandbox import Sandbox
 from tests.harness import FUNCTIONS, AgentProcess, Response, start_agent, write_manifest
 from tests.test_process_tree import (
     needs_pidns,
@@ -178,3 +184,38 @@ def test_agent_start_ends_what_a_previous_run_left(built: Path, token: str) -> N
             proc.wait()
         if cgroups is not None:
             cgroups.close()
+
+
+async def test_without_namespace_the_sandbox_kills_the_process_group(
+    built: Path, token: str, tmp_path: Path
+) -> None:
+    """The fallback path, through a real pool and sandbox: the worker leads its own process
+    group, is recorded while it runs, and its group dies with it when it is killed."""
+    records = WorkerRecords(tmp_path / "workers")
+    sandbox = Sandbox(process_group=True, records=records)
+    manifest = load_manifest(built / "edgefn.toml")
+    pool = make_executor(manifest, built, sandbox=sandbox)
+    assert isinstance(pool, Pool)
+    await pool.start()
+    try:
+        result = await pool.invoke(Invocation(f"detach {token}".encode(), "r1", 5.0))
+        assert result.payload == f"detached {token}".encode()
+        for _ in range(250):  # bounded: 5 s for the children to exec
+            if len(tokened(token)) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        pid = int(pool.status()["workers"][0]["pid"])
+        assert os.getpgid(pid) == pid  # the worker leads its own group
+        assert [p.name for p in records.directory.iterdir()] == [str(pid)]
+        plain = [p for p in tokened(token) if os.getpgid(p) == pid]
+        assert plain
+        os.kill(pid, signal.SIGKILL)  # a crash
+        for _ in range(500):  # bounded: 10 s
+            if not set(plain) & set(tokened(token)):
+                break
+            await asyncio.sleep(0.02)
+        assert not set(plain) & set(tokened(token))
+        assert str(pid) not in [p.name for p in records.directory.iterdir()]
+    finally:
+        await pool.close()
+        await sandbox.close()
