@@ -82,6 +82,10 @@ _NS_INIT = (
     'echo "edgefn: the worker was killed by SIG$(kill -l $((s - 128)))" >&2; exit "$s"'
 )
 
+# Processes a PID namespace adds to every worker's group (the unshare shim and the init shell):
+# a pids.max must allow them on top of the function's own `processes`.
+PID_NAMESPACE_PROCESSES = 2
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerLimits:

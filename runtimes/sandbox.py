@@ -22,7 +22,7 @@ import itertools
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ from hardware.cgroupfs import GroupManager, WorkerGroup
 from hardware.errors import HardwareError
 from hardware.isolation import detect_isolation, instance_prefix
 from hardware.leftovers import WorkerRecords
-from hardware.limits import WorkerLimits, enforcement, wrap_command
+from hardware.limits import PID_NAMESPACE_PROCESSES, WorkerLimits, enforcement, wrap_command
 from hardware.usage import ProcessUsage, UsageSampler
 from runtimes.errors import Overloaded, Unavailable
 from runtimes.manifest import Manifest
@@ -110,7 +110,14 @@ class Sandbox:
         cgroup = None
         try:
             if self.cgroups is not None:
-                cgroup = self.cgroups.create(manifest.name, f"w{next(_ids)}", limits)
+                group_limits = limits
+                if self.pid_namespace and limits.processes:
+                    # The shim and the init shell live in the group too, outside the budget
+                    # the function asked for.
+                    group_limits = replace(
+                        limits, processes=limits.processes + PID_NAMESPACE_PROCESSES
+                    )
+                cgroup = self.cgroups.create(manifest.name, f"w{next(_ids)}", group_limits)
             wrapped = wrap_command(
                 argv,
                 limits,

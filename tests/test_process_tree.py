@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from hardware.cgroup import WorkerCgroup
+from hardware.cgroup_v1 import WorkerCgroupV1
+from hardware.cgroupfs import WorkerGroup
 from hardware.isolation import probe_pid_namespace
 from hardware.leftovers import WorkerRecords, start_time
 from hardware.limits import WorkerLimits, resolve_worker_user, wrap_command
@@ -198,3 +201,44 @@ def test_next_start_ends_what_a_killed_agent_left(token: str, tmp_path: Path) ->
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_the_namespace_processes_do_not_eat_the_functions_process_limit() -> None:
+    """The shim and the init shell share the worker's pids group: pids.max leaves room."""
+    from hardware.isolation import open_cgroups
+    from runtimes.manifest import parse_manifest
+    from runtimes.sandbox import Sandbox
+
+    manager, status = open_cgroups(f"edgefn-test-{uuid.uuid4().hex[:8]}")
+    if manager is None or "pids" not in status.controllers:
+        pytest.skip(f"no pids cgroup here: {status.reason}")
+    manifest = parse_manifest(
+        {
+            "name": "fn",
+            "version": "1.0.0",
+            "runtime": "cpp",
+            "entry": "w",
+            "limits": {"processes": 5},
+        }
+    )
+    try:
+        for pidns, expected in ((True, "7"), (False, "5")):
+            prepared = Sandbox(cgroups=manager, pid_namespace=pidns).prepare(
+                manifest, ["/bin/true"]
+            )
+            assert prepared.cgroup is not None
+            files = [
+                p / "pids.max" for p in _group_dirs(prepared.cgroup) if (p / "pids.max").exists()
+            ]
+            assert [f.read_text().strip() for f in files] == [expected]
+            prepared.cgroup.remove()
+    finally:
+        manager.close()
+
+
+def _group_dirs(group: WorkerGroup) -> list[Path]:
+    """The directories of a v1 (one per hierarchy) or v2 worker group."""
+    if isinstance(group, WorkerCgroupV1):
+        return [d for d, _ in group.dirs]
+    assert isinstance(group, WorkerCgroup)
+    return [group.path]
