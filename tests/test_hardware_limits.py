@@ -36,6 +36,7 @@ from hardware.limits import (
     resolve_worker_user,
     wrap_command,
 )
+from tests.worker_user import ensure_worker_user
 
 HOSTILE = Path(__file__).parent / "functions" / "hostile"
 # Bounds for things that happen in milliseconds; generous because the machine is shared.
@@ -133,22 +134,29 @@ def test_memory_hog_is_stopped_far_below_1gib(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mechanism", ["cgroup", "rlimit"])
 def test_fork_bomb_is_capped_by_the_process_limit(
-    hostile_bin: Path, cgroups: GroupManager | None
+    hostile_bin: Path, cgroups: GroupManager | None, mechanism: str
 ) -> None:
-    by_cgroup = cgroups is not None and "pids" in cgroups.status.controllers
-    run_as = None if by_cgroup else resolve_worker_user()
-    if not by_cgroup and run_as is None:
-        pytest.skip("no cgroup pids controller and not root: a process limit cannot be enforced")
+    """pids.max where a pids cgroup exists; RLIMIT_NPROC of the dedicated worker user (created
+    here if missing: root ignores RLIMIT_NPROC) otherwise. Both are exercised where possible."""
+    if mechanism == "cgroup":
+        if cgroups is None or "pids" not in cgroups.status.controllers:
+            pytest.skip("no cgroup pids controller here")
+        run_as, group_manager = None, cgroups
+    else:
+        run_as, group_manager = ensure_worker_user(), None
+        if run_as is None:
+            pytest.skip("not root: workers cannot be switched to a dedicated user")
     rc, out, report = _run(
-        hostile_bin / "fork_many", WorkerLimits(processes=16), cgroups, run_as=run_as
+        hostile_bin / "fork_many", WorkerLimits(processes=16), group_manager, run_as=run_as
     )
     forked = [int(line.split()[1]) for line in out.splitlines() if line.startswith("forked ")]
     assert forked, out
     assert forked[0] <= 16 + FORK_SLACK
     assert "fork failed" in out
     assert rc == 4
-    if by_cgroup:
+    if mechanism == "cgroup":
         assert report is not None and report.pids_limit_hits >= 1
 
 
