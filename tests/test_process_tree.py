@@ -28,6 +28,7 @@ from hardware.cgroupfs import WorkerGroup
 from hardware.isolation import probe_pid_namespace
 from hardware.leftovers import WorkerRecords, start_time
 from hardware.limits import WorkerLimits, resolve_worker_user, wrap_command
+from tests.harness import children_of
 
 # Processes die within milliseconds of the kill; the bound is for a loaded machine.
 GONE_BOUND_S = 5.0
@@ -65,6 +66,14 @@ def tokened(token: str) -> list[int]:
     return found
 
 
+def kill_tree(token: str) -> None:
+    """SIGKILL the token's processes and their children (the `sleep` each shell runs)."""
+    shells = set(tokened(token))
+    for pid in [*shells, *(c for s in shells for c in children_of(s))]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def wait_gone(token: str, bound: float = GONE_BOUND_S) -> list[int]:
     deadline = time.monotonic() + bound
     while (left := tokened(token)) and time.monotonic() < deadline:
@@ -84,9 +93,7 @@ def wait_present(token: str, count: int) -> None:
 def token() -> Iterator[str]:
     value = f"edgefn-tree-{uuid.uuid4().hex}"
     yield value
-    for pid in tokened(value):  # never leave a failed test's processes behind
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_tree(value)  # never leave a test's processes behind (escaped or failed)
 
 
 def _start(argv: list[str]) -> subprocess.Popen[str]:

@@ -10,7 +10,6 @@ nothing outside it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ from runtimes.pool import Pool
 from runtimes.sandbox import Sandbox
 from tests.harness import FUNCTIONS, AgentProcess, Response, start_agent, write_manifest
 from tests.test_process_tree import (
+    kill_tree,
     needs_pidns,
     tokened,
     wait_gone,
@@ -94,9 +94,7 @@ def agent(built: Path) -> Iterator[AgentProcess]:
 def token() -> Iterator[str]:
     value = f"edgefn-tree-{uuid.uuid4().hex}"
     yield value
-    for pid in tokened(value):  # never leave a failed test's processes behind
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_tree(value)  # never leave a test's processes behind (escaped or failed)
 
 
 def _invoke_in_background(
