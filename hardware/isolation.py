@@ -94,6 +94,7 @@ class HostIsolation:
             run_as=self.run_as,
             controllers=self.status.controllers if available else frozenset(),
             version=self.status.version,
+            swap_limited=not isinstance(self.cgroups, CgroupV1Manager) or self.cgroups.swap_limited,
         )
 
     def process_tree(self) -> str:

@@ -260,21 +260,25 @@ def mechanisms(
     version: int = 2,
     as_root: bool | None = None,
     address_space: bool = False,
+    swap_limited: bool = True,
 ) -> dict[str, str]:
     """How each kind of limit is enforced for workers started this way, in plain words.
 
     Values start with "cgroup v1/v2 ...", "rlimit ...", "sampling ..." or "not enforced: <why>".
-    `as_root` defaults to whether this process is root (it decides why processes are unlimited).
+    `as_root` defaults to whether this process is root (it decides why processes are unlimited);
+    `swap_limited` is False on a v1 host without swap accounting.
     """
     files = _CGROUP_FILES.get(version, _CGROUP_FILES[2])
     root = os.geteuid() == 0 if as_root is None else as_root
 
     def cgroup(controller: str) -> str:
-        extra = (
-            " (+ memsw, so swap does not dodge it)"
-            if version == 1 and controller == "memory"
-            else ""
-        )
+        extra = ""
+        if version == 1 and controller == "memory":
+            extra = (
+                " (+ memsw, so swap does not dodge it)"
+                if swap_limited
+                else " (swap not limited: no swap accounting, memory.memsw.* is missing)"
+            )
         return f"cgroup v{version} {files[controller]}{extra}"
 
     how: dict[str, str] = {}

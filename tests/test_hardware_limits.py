@@ -235,6 +235,10 @@ def test_processes_as_root_without_a_worker_user_are_not_enforced() -> None:
     assert v1["processes"] == "cgroup v1 pids.max"
     assert v1["memory_mb"].startswith("cgroup v1 memory.limit_in_bytes (+ memsw")
     assert v1["cpu_cores"] == "cgroup v1 cpu.cfs_quota_us"
+    no_swap_accounting = mechanisms(
+        controllers=frozenset({"memory"}), version=1, swap_limited=False
+    )
+    assert "swap not limited" in no_swap_accounting["memory_mb"]
 
 
 def test_missing_tool_is_a_clear_error() -> None:
