@@ -157,7 +157,9 @@ class Sandbox:
             self.usage.pop(worker.pid, None)
             if self.process_group:
                 # The worker led its own group: its children that stayed in it go too. The
-                # kernel does not reuse the pid while the group exists, so this hits only ours.
+                # kernel does not reuse the pid while the group has members; an empty group's
+                # pid being reused (and made a group leader) within the moment since the
+                # worker was reaped would take a full pid wrap-around.
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(worker.pid, signal.SIGKILL)
             if self.records is not None:
