@@ -182,7 +182,7 @@ class CgroupV1Manager:
         return status, tuple(found)
 
     def setup(self) -> CgroupStatus:
-        """Probe, create our subtree in each hierarchy, sweep a previous run's groups."""
+        """Probe, check we can create our subtree in each hierarchy, sweep a previous run's."""
         if self.status.available:
             return self.status
         status, hierarchies = self.probe()
@@ -200,6 +200,9 @@ class CgroupV1Manager:
         )
         self.status = status
         self.swept = self.sweep()
+        # The subtree exists only while workers do (create() makes it): an agent that stops
+        # or fails to start before running a worker leaves nothing in the hierarchies.
+        self._remove_empty_prefix()
         return status
 
     def create(self, function: str, worker_id: str, limits: WorkerLimits) -> WorkerCgroupV1 | None:
@@ -258,8 +261,11 @@ class CgroupV1Manager:
     def close(self) -> None:
         """Remove our (empty) subtree at agent exit; groups still busy stay for the next sweep."""
         self.sweep()
+        self._remove_empty_prefix()
+
+    def _remove_empty_prefix(self) -> None:
         for h in self._hierarchies:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # busy: groups a sweep could not remove
                 (h.base / self.prefix).rmdir()
 
 
