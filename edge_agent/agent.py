@@ -38,7 +38,7 @@ from edge_agent.routing import check_policy
 from edge_agent.settings import Settings
 from runtimes.fsio import atomic_write
 from runtimes.pool import Pool
-from runtimes.sandbox import Sandbox
+from runtimes.sandbox import Sandbox, host_sandbox
 
 if TYPE_CHECKING:  # imported when a device joins a platform: paho and cryptography cost RSS
     from cloud_sync.credentials import DeviceCredentials
@@ -56,7 +56,6 @@ def build_sandbox(settings: Settings) -> Sandbox:
     import pwd
 
     from hardware.budget import BudgetConfig, WorkerBudget
-    from hardware.cgroup import CgroupManager
     from hardware.errors import HardwareError
     from hardware.limits import preflight, resolve_worker_user
     from hardware.profile import detect
@@ -84,19 +83,17 @@ def build_sandbox(settings: Settings) -> Sandbox:
                 )
     except HardwareError as exc:
         raise StartupError(exc.message) from exc
-    cgroups = CgroupManager()
-    status = cgroups.setup()
     log.info(
-        "device %s, %d CPUs, %d MB; worker budget %d MB / %d workers; workers run as %s; %s",
+        "device %s, %d CPUs, %d MB; worker budget %d MB / %d workers; workers run as %s",
         profile.artifact_key,
         profile.cpu_count,
         profile.memory_total_mb,
         budget.memory_mb,
         budget.max_workers,
         pwd.getpwuid(run_as[0]).pw_name if run_as else "the agent's user",
-        f"cgroups: {status.describe()}",
     )
-    return Sandbox(budget=budget, run_as=run_as, cgroups=cgroups if status.available else None)
+    # [limits] cgroups (v2/v1), PID namespaces, leftover sweep and the one summary line.
+    return host_sandbox(data_dir=settings.data_dir, budget=budget, run_as=run_as)
 
 
 def prepare_data_dir(data_dir: Path) -> None:

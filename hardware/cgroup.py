@@ -26,12 +26,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hardware.cgroupfs import (
+    CgroupReport,
+    CgroupStatus,
+    check_name,
+    join_argv,
+    read_keyed,
+    read_lines,
+    read_pids,
+    read_words,
+    unescape,
+    write,
+    write_if_present,
+)
 from hardware.errors import CgroupError
 from hardware.limits import WorkerLimits
 
@@ -46,41 +58,7 @@ _MOVE_ROUNDS = 5
 # milliseconds unless stuck in uninterruptible I/O), and how often it looks.
 REMOVE_TIMEOUT_S = 5.0
 _POLL_S = 0.01
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _MB = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class CgroupStatus:
-    """Whether per-worker cgroups are used, which limits they enforce, and why (not)."""
-
-    available: bool
-    reason: str
-    base: Path | None = None  # our cgroup's directory on the cgroup2 mount
-    controllers: frozenset[str] = frozenset()
-
-    def describe(self) -> str:
-        if not self.available:
-            return f"cgroup v2: not available ({self.reason})"
-        enforced = ", ".join(sorted(self.controllers)) or "none (process tracking only)"
-        return f"cgroup v2: {self.base}, controllers {enforced}"
-
-
-@dataclass(frozen=True, slots=True)
-class CgroupReport:
-    """What the kernel recorded about a worker's group; read it before `remove()`."""
-
-    oom_kills: int = 0
-    pids_limit_hits: int = 0
-
-    @property
-    def reason(self) -> str | None:
-        """A human reason for the worker's death, if its group explains it."""
-        if self.oom_kills:
-            return "killed for memory (cgroup memory.max reached)"
-        if self.pids_limit_hits:
-            return "process limit reached (cgroup pids.max)"
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,34 +66,32 @@ class WorkerCgroup:
     path: Path
     controllers: frozenset[str] = field(default_factory=frozenset)
 
-    def join_argv(self) -> list[str]:
-        """Prefix that moves the process into this group, then execs the rest of the argv.
+    version: int = 2
 
-        A shell is the one program everywhere that can write its own pid and exec without
-        Python's `preexec_fn`; if the write fails the worker does not start (fail closed).
-        """
-        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs")]
+    def join_argv(self) -> list[str]:
+        """Prefix that moves the process into this group, then execs the rest of the argv."""
+        return join_argv([self.path / "cgroup.procs"])
 
     def add_pid(self, pid: int) -> None:
         """Move a running process in; children it forked before the move stay outside."""
         try:
-            _write(self.path / "cgroup.procs", str(pid))
+            write(self.path / "cgroup.procs", str(pid))
         except OSError as exc:
             raise CgroupError(f"cannot move pid {pid} into {self.path}: {exc}") from exc
 
     def pids(self) -> list[int]:
-        return _read_pids(self.path / "cgroup.procs")
+        return read_pids(self.path / "cgroup.procs")
 
     def report(self) -> CgroupReport:
         return CgroupReport(
-            oom_kills=_read_keyed(self.path / "memory.events").get("oom_kill", 0),
-            pids_limit_hits=_read_keyed(self.path / "pids.events").get("max", 0),
+            oom_kills=read_keyed(self.path / "memory.events").get("oom_kill", 0),
+            pids_limit_hits=read_keyed(self.path / "pids.events").get("max", 0),
         )
 
     def kill(self) -> None:
         """SIGKILL everything in the group (cgroup.kill on 5.14+, else pid by pid)."""
         try:
-            _write(self.path / "cgroup.kill", "1")
+            write(self.path / "cgroup.kill", "1")
             return
         except FileNotFoundError:
             if not self.path.exists():
@@ -168,13 +144,14 @@ class CgroupManager:
         and reports the cgroup unavailable instead.
         """
         for name in (prefix, agent_leaf):
-            _check_name(name)
+            check_name(name)
         self.root = root
         self.prefix = prefix
         self.agent_leaf = agent_leaf
         self.want = want
         self.move_self = move_self
         self.status = CgroupStatus(False, "not set up yet")
+        self.swept = 0  # worker groups of a previous run that setup() removed
 
     def probe(self) -> CgroupStatus:
         """Read-only: where our cgroup is and which wanted controllers it could give us."""
@@ -195,7 +172,7 @@ class CgroupManager:
         # An agent restarted inside the leaf it created earlier manages the parent again.
         if base.name == self.agent_leaf and (base.parent / self.prefix).is_dir():
             base = base.parent
-        offered = set(_read_words(base / "cgroup.controllers"))
+        offered = set(read_words(base / "cgroup.controllers"))
         controllers = frozenset(c for c in self.want if c in offered)
         if self.want and not controllers:
             in_v1 = sorted(set(self.want) & _v1_controllers(self.root))
@@ -238,8 +215,8 @@ class CgroupManager:
         status = self.status
         if not status.available or status.base is None:
             return None
-        _check_name(function)
-        _check_name(worker_id)
+        check_name(function)
+        check_name(worker_id)
         function_dir = status.base / self.prefix / function
         try:
             function_dir.mkdir(exist_ok=True)
@@ -264,7 +241,7 @@ class CgroupManager:
             return
         with contextlib.suppress(FileNotFoundError):
             try:
-                (self.status.base / self.prefix / _check_name(function)).rmdir()
+                (self.status.base / self.prefix / check_name(function)).rmdir()
             except OSError as exc:
                 if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                     raise CgroupError(f"cannot remove function cgroup {function}: {exc}") from exc
@@ -275,10 +252,18 @@ class CgroupManager:
             return 0
         return self._sweep(self.status.base / self.prefix)
 
+    def close(self) -> None:
+        """Remove our (empty) subtree at agent exit; busy groups stay for the next sweep."""
+        if self.status.base is None:
+            return
+        self.sweep()
+        with contextlib.suppress(OSError):
+            (self.status.base / self.prefix).rmdir()
+
     def _prepare(self, base: Path, status: CgroupStatus) -> CgroupStatus:
         is_root = not (base / "cgroup.type").exists()  # the root cgroup has no cgroup.type
-        enabled = set(_read_words(base / "cgroup.subtree_control"))
-        if not is_root and status.controllers - enabled and _read_pids(base / "cgroup.procs"):
+        enabled = set(read_words(base / "cgroup.subtree_control"))
+        if not is_root and status.controllers - enabled and read_pids(base / "cgroup.procs"):
             if not self.move_self:
                 return CgroupStatus(
                     False,
@@ -292,22 +277,22 @@ class CgroupManager:
         top.mkdir(exist_ok=True)
         _enable(top, status.controllers)
         controllers = frozenset(
-            c for c in status.controllers if c in _read_words(top / "cgroup.subtree_control")
+            c for c in status.controllers if c in read_words(top / "cgroup.subtree_control")
         )
         if status.controllers and not controllers:
             return CgroupStatus(False, f"could not enable any controller under {top}", base)
-        self._sweep(top)
+        self.swept = self._sweep(top)
         return CgroupStatus(True, status.reason, base, controllers)
 
     def _move_out(self, base: Path, leaf: Path) -> None:
         leaf.mkdir(exist_ok=True)
         for _ in range(_MOVE_ROUNDS):
-            pids = _read_pids(base / "cgroup.procs")
+            pids = read_pids(base / "cgroup.procs")
             if not pids:
                 return
             for pid in pids:
                 try:
-                    _write(leaf / "cgroup.procs", str(pid))
+                    write(leaf / "cgroup.procs", str(pid))
                 except ProcessLookupError:
                     continue  # exited meanwhile
         raise OSError(errno.EBUSY, f"processes keep appearing in {base}")
@@ -326,34 +311,28 @@ class CgroupManager:
         return swept
 
 
-def _check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
-        raise CgroupError(f"{name!r} is not a safe cgroup name", code="bad_cgroup_name")
-    return name
-
-
 def apply_limits(leaf: Path, controllers: frozenset[str], limits: WorkerLimits) -> None:
     """Write the limits the enabled controllers can enforce into a worker's group."""
     if "memory" in controllers and limits.memory_mb:
-        _write(leaf / "memory.max", str(limits.memory_mb * _MB))
+        write(leaf / "memory.max", str(limits.memory_mb * _MB))
         # Swap would let a worker exceed memory.max silently (and slowly); the group shares
         # one OOM fate so a worker never survives with half its processes killed. Both files
         # are optional (no swap accounting; older kernels).
-        _write_if_present(leaf / "memory.swap.max", "0")
-        _write_if_present(leaf / "memory.oom.group", "1")
+        write_if_present(leaf / "memory.swap.max", "0")
+        write_if_present(leaf / "memory.oom.group", "1")
     if "pids" in controllers and limits.processes:
-        _write(leaf / "pids.max", str(limits.processes))
+        write(leaf / "pids.max", str(limits.processes))
     if "cpu" in controllers and limits.cpu_cores:
         quota = max(_MIN_CPU_QUOTA_US, round(limits.cpu_cores * CPU_PERIOD_US))
-        _write(leaf / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+        write(leaf / "cpu.max", f"{quota} {CPU_PERIOD_US}")
 
 
 def _enable(directory: Path, controllers: frozenset[str]) -> None:
     """Enable controllers for children one at a time, so one refusal does not hide the rest."""
-    enabled = set(_read_words(directory / "cgroup.subtree_control"))
+    enabled = set(read_words(directory / "cgroup.subtree_control"))
     for controller in sorted(controllers - enabled):
         with contextlib.suppress(OSError):
-            _write(directory / "cgroup.subtree_control", f"+{controller}")
+            write(directory / "cgroup.subtree_control", f"+{controller}")
 
 
 def _cgroup2_mount(root: Path) -> tuple[Path, str] | None:
@@ -366,15 +345,15 @@ def _cgroup2_mount(root: Path) -> tuple[Path, str] | None:
         left, sep, right = line.partition(" - ")
         fields = left.split()
         if sep and right.split()[:1] == ["cgroup2"] and len(fields) >= 5:
-            point = _unescape(fields[4])
-            return root / point.lstrip("/"), _unescape(fields[3])
+            point = unescape(fields[4])
+            return root / point.lstrip("/"), unescape(fields[3])
     return None
 
 
 def _v1_controllers(root: Path) -> set[str]:
     """Controllers mounted as cgroup v1 hierarchies (they cannot be used by cgroup v2)."""
     found: set[str] = set()
-    for line in _read_words_lines(root / "proc/self/mountinfo"):
+    for line in read_lines(root / "proc/self/mountinfo"):
         _, sep, right = line.partition(" - ")
         parts = right.split()
         if sep and len(parts) >= 3 and parts[0] == "cgroup":
@@ -391,49 +370,3 @@ def _own_cgroup(root: Path) -> str | None:
         if line.startswith("0::"):
             return line[3:].removesuffix(" (deleted)") or "/"
     return None
-
-
-def _unescape(text: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal (\\040)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def _write(path: Path, value: str) -> None:
-    # One write() per value: cgroupfs parses each write as a whole.
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
-
-
-def _write_if_present(path: Path, value: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        _write(path, value)
-
-
-def _read_words(path: Path) -> list[str]:
-    try:
-        return path.read_text().split()
-    except OSError:
-        return []
-
-
-def _read_pids(path: Path) -> list[int]:
-    return [int(word) for word in _read_words(path) if word.isdigit()]
-
-
-def _read_keyed(path: Path) -> dict[str, int]:
-    values: dict[str, int] = {}
-    for line in _read_words_lines(path):
-        key, _, value = line.partition(" ")
-        if value.strip().isdigit():
-            values[key] = int(value)
-    return values
-
-
-def _read_words_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text().splitlines()
-    except OSError:
-        return []

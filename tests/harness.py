@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -89,7 +90,23 @@ class AgentProcess:
             self._reader.join(5)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+        remove_agent_cgroups(self.data_dir)
         return code
+
+
+def remove_agent_cgroups(data_dir: Path) -> None:
+    """Remove the cgroup subtree of the agent that used `data_dir` (a killed agent cannot):
+    cgroups are machine-global and outlive the test's temporary directory. Moves nothing."""
+    from hardware.cgroup import CgroupManager
+    from hardware.cgroup_v1 import CgroupV1Manager
+    from hardware.errors import HardwareError
+    from hardware.isolation import instance_prefix
+
+    prefix = instance_prefix(data_dir)
+    for manager in (CgroupV1Manager(prefix=prefix), CgroupManager(prefix=prefix, move_self=False)):
+        with contextlib.suppress(HardwareError, OSError):
+            if manager.setup().available:
+                manager.close()
 
 
 def start_agent(
@@ -98,6 +115,11 @@ def start_agent(
     """Start `edge-agent run` on a free loopback port and wait until it listens."""
     env = dict(os.environ)
     env.pop("EDGEFN_DATA_DIR", None)
+    if os.geteuid() == 0 and "--worker-user" not in extra:
+        # Whether the machine has an `edgefn-worker` user (the limit tests create it) must not
+        # change other tests: their functions live in 0700 temporary directories that only
+        # root can read. Tests of the worker user pass --worker-user themselves.
+        extra = ("--worker-user", "root", *extra)
     proc = subprocess.Popen(
         [
             sys.executable,

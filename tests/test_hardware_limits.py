@@ -24,16 +24,19 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from hardware.cgroup import CgroupManager, CgroupReport
+from hardware.cgroupfs import CgroupReport, GroupManager
 from hardware.errors import HardwareError, LimitToolMissing, WorkerUserError
+from hardware.isolation import open_cgroups
 from hardware.limits import (
     WorkerLimits,
     enforcement,
     find_tool,
+    mechanisms,
     preflight,
     resolve_worker_user,
     wrap_command,
 )
+from tests.worker_user import ensure_worker_user
 
 HOSTILE = Path(__file__).parent / "functions" / "hostile"
 # Bounds for things that happen in milliseconds; generous because the machine is shared.
@@ -61,26 +64,23 @@ def hostile_bin() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def cgroups() -> Iterator[CgroupManager | None]:
-    """A manager under a unique prefix when cgroup v2 limits work here, else None."""
-    manager = CgroupManager(prefix=f"edgefn-test-{uuid.uuid4().hex[:8]}", move_self=False)
-    status = manager.setup()
+def cgroups() -> Iterator[GroupManager | None]:
+    """The host's manager (v2, else v1) under a unique prefix when cgroups work, else None."""
+    manager, status = open_cgroups(f"edgefn-test-{uuid.uuid4().hex[:8]}")
     print(status.describe())
-    if not status.available or status.base is None:
+    if manager is None:
         yield None
         return
     try:
         yield manager
     finally:
-        manager.sweep()
-        with contextlib.suppress(OSError):
-            (status.base / manager.prefix).rmdir()
+        manager.close()
 
 
 def _run(
     binary: Path,
     limits: WorkerLimits,
-    cgroups: CgroupManager | None,
+    cgroups: GroupManager | None,
     *,
     run_as: tuple[int, int] | None = None,
     timeout: float = RUN_TIMEOUT_S,
@@ -114,7 +114,7 @@ def _reached_mib(out: str) -> int:
 
 @pytest.mark.slow
 def test_memory_hog_is_stopped_far_below_1gib(
-    hostile_bin: Path, cgroups: CgroupManager | None
+    hostile_bin: Path, cgroups: GroupManager | None
 ) -> None:
     limits = WorkerLimits(memory_mb=64)
     by_cgroup = cgroups is not None and "memory" in cgroups.status.controllers
@@ -134,27 +134,34 @@ def test_memory_hog_is_stopped_far_below_1gib(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mechanism", ["cgroup", "rlimit"])
 def test_fork_bomb_is_capped_by_the_process_limit(
-    hostile_bin: Path, cgroups: CgroupManager | None
+    hostile_bin: Path, cgroups: GroupManager | None, mechanism: str
 ) -> None:
-    by_cgroup = cgroups is not None and "pids" in cgroups.status.controllers
-    run_as = None if by_cgroup else resolve_worker_user()
-    if not by_cgroup and run_as is None:
-        pytest.skip("no cgroup pids controller and not root: a process limit cannot be enforced")
+    """pids.max where a pids cgroup exists; RLIMIT_NPROC of the dedicated worker user (created
+    here if missing: root ignores RLIMIT_NPROC) otherwise. Both are exercised where possible."""
+    if mechanism == "cgroup":
+        if cgroups is None or "pids" not in cgroups.status.controllers:
+            pytest.skip("no cgroup pids controller here")
+        run_as, group_manager = None, cgroups
+    else:
+        run_as, group_manager = ensure_worker_user(), None
+        if run_as is None:
+            pytest.skip("not root: workers cannot be switched to a dedicated user")
     rc, out, report = _run(
-        hostile_bin / "fork_many", WorkerLimits(processes=16), cgroups, run_as=run_as
+        hostile_bin / "fork_many", WorkerLimits(processes=16), group_manager, run_as=run_as
     )
     forked = [int(line.split()[1]) for line in out.splitlines() if line.startswith("forked ")]
     assert forked, out
     assert forked[0] <= 16 + FORK_SLACK
     assert "fork failed" in out
     assert rc == 4
-    if by_cgroup:
+    if mechanism == "cgroup":
         assert report is not None and report.pids_limit_hits >= 1
 
 
 @pytest.mark.slow
-def test_cpu_spinner_is_killed(hostile_bin: Path, cgroups: CgroupManager | None) -> None:
+def test_cpu_spinner_is_killed(hostile_bin: Path, cgroups: GroupManager | None) -> None:
     rc, out, _ = _run(
         hostile_bin / "spin_cpu", WorkerLimits(cpu_seconds=1), cgroups, timeout=CPU_KILL_BOUND_S
     )
@@ -210,11 +217,28 @@ def test_wrapped_command_shape() -> None:
 
 def test_enforcement_names_what_is_only_advisory() -> None:
     how = enforcement(WorkerLimits(memory_mb=64, processes=8, cpu_cores=0.5))
-    assert how["memory_mb"].startswith("not enforced")
+    assert how["memory_mb"].startswith("sampling only")
     assert how["processes"].startswith("not enforced")
     assert how["cpu_cores"].startswith("not enforced")
     how = enforcement(WorkerLimits(processes=8), run_as=(65534, 65534))
     assert how["processes"].startswith("rlimit RLIMIT_NPROC")
+    assert set(enforcement(WorkerLimits(open_files=8))) == {"open_files"}
+
+
+def test_processes_as_root_without_a_worker_user_are_not_enforced() -> None:
+    """RLIMIT_NPROC does not apply to root: with no user and no pids cgroup, say so."""
+    how = mechanisms(as_root=True)
+    assert how["processes"].startswith("not enforced")
+    assert "root" in how["processes"] and "edgefn-worker" in how["processes"]
+    assert mechanisms(as_root=False)["processes"].startswith("not enforced")
+    v1 = mechanisms(as_root=True, controllers=frozenset({"pids", "memory", "cpu"}), version=1)
+    assert v1["processes"] == "cgroup v1 pids.max"
+    assert v1["memory_mb"].startswith("cgroup v1 memory.limit_in_bytes (+ memsw")
+    assert v1["cpu_cores"] == "cgroup v1 cpu.cfs_quota_us"
+    no_swap_accounting = mechanisms(
+        controllers=frozenset({"memory"}), version=1, swap_limited=False
+    )
+    assert "swap not limited" in no_swap_accounting["memory_mb"]
 
 
 def test_missing_tool_is_a_clear_error() -> None:
