@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from runtimes.errors import RuntimeErrorBase
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -61,8 +63,14 @@ _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 
 
-class WalUnavailable(sqlite3.DatabaseError):
-    """The file cannot be switched to WAL (a read-only directory, a network file system)."""
+class WalUnavailable(RuntimeErrorBase, sqlite3.DatabaseError):
+    """The file cannot be switched to WAL (a read-only directory, a network file system).
+
+    Still a `sqlite3.DatabaseError`, so the stores' "this file is unusable" paths catch it.
+    """
+
+    code = "wal_unavailable"
+    category = "storage"
 
 
 def is_transient(exc: BaseException) -> bool:

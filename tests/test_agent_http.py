@@ -120,6 +120,11 @@ NOT_HTTP = {
     "warm_failed": "the same: the installer's warm check",
     "startup_failed": "the agent does not start at all",
     "agent_error": "an abstract base, never raised itself",
+    "protocol_violation": "the worker that broke the protocol is killed; requests: worker_crashed",
+    "wal_unavailable": "a store cannot open its file: set aside, or the agent does not start",
+    "cache_file_unusable": "inside the cache: it retries, invocations run uncached",
+    "cache_schema_incompatible": "inside the cache: the file is set aside and rebuilt",
+    "routing_failed": "an instance carries its last step's code and status, never this one",
 }
 
 

@@ -202,7 +202,7 @@ async def test_without_namespace_the_sandbox_kills_the_process_group(
             if len(tokened(token)) >= 2:
                 break
             await asyncio.sleep(0.02)
-        pid = int(pool.status()["workers"][0]["pid"])
+        pid = int(pool.status().workers[0].pid)
         assert os.getpgid(pid) == pid  # the worker leads its own group
         assert [p.name for p in records.directory.iterdir()] == [str(pid)]
         plain = [p for p in tokened(token) if os.getpgid(p) == pid]
