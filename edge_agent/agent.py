@@ -34,6 +34,7 @@ from edge_agent.functions import FunctionSet, LoadedFunction
 from edge_agent.metrics import BUCKETS, Metrics
 from edge_agent.router import Router
 from edge_agent.routing import check_policy
+from edge_agent.sdnotify import Lifecycle
 from edge_agent.settings import Settings
 from runtimes.fsio import atomic_write
 from runtimes.pool import Pool
@@ -161,6 +162,7 @@ class Agent:
         self._runner: web.AppRunner | None = None
         self._scanner: asyncio.Task[None] | None = None
         self._stopping = False
+        self.lifecycle = Lifecycle()  # systemd READY=1 / WATCHDOG=1 (edge_agent.sdnotify)
 
     async def _version_switched(self, fn: LoadedFunction) -> None:
         if self.router.cache is not None:
@@ -289,6 +291,7 @@ class Agent:
             len(self.functions.loaded),
             s.data_dir,
         )
+        self.lifecycle.ready(f"listening on {self.url}")
 
     async def _start_sync(self, creds: DeviceCredentials) -> None:
         from cloud_sync.sync import AgentHooks, SyncClient, SyncSettings
@@ -335,6 +338,7 @@ class Agent:
 
     async def stop(self) -> None:
         self._stopping = True
+        await self.lifecycle.stopping()
         log.info("shutting down: draining in-flight requests (up to %g s)", self.settings.drain_s)
         if self._scanner is not None:
             self._scanner.cancel()
@@ -353,6 +357,7 @@ class Agent:
             await self.router.cloud.close()
         with contextlib.suppress(FileNotFoundError):
             self.settings.state_file.unlink()
+        self.lifecycle.close()
         log.info("stopped")
 
     async def run(self) -> None:
