@@ -29,6 +29,7 @@ from aiohttp import web
 
 from cloud_sync.cloud_invoke import CloudInvoker
 from edge_agent.api import Api
+from edge_agent.auth import Authenticator
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
 from edge_agent.metrics import BUCKETS, Metrics
@@ -150,12 +151,15 @@ class Agent:
             cloud=CloudInvoker(cloud_url, token=token, ssl=ssl_ctx) if cloud_url else None,
             default_policy=check_policy(settings.default_routing, "--default-routing"),
         )
+        # Local API security (edge_agent.auth); None: no checking, the loopback default.
+        self.auth = Authenticator(settings.tokens_file) if settings.auth == "token" else None
         self.api = Api(
             self.router,
             self.functions,
             self.metrics,
             max_body_bytes=settings.max_body_bytes,
             health=self.health,
+            auth=self.auth,
         )
         self.started_at = time.time()
         self.url = ""
@@ -263,6 +267,8 @@ class Agent:
         await self.functions.sync()
         if self.creds is not None:
             await self._start_sync(self.creds)
+        if self.auth is not None:
+            await self.auth.start()  # tokens loaded before the first request can arrive
         self._runner = web.AppRunner(
             self.api.app(),
             access_log=None,
@@ -348,6 +354,8 @@ class Agent:
             await self._runner.cleanup()
         if self.sync is not None:
             await self.sync.close()
+        if self.auth is not None:
+            await self.auth.close()
         await self.functions.close(drain_s=1.0)
         if self.sandbox is not None:
             await self.sandbox.close()

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_agent import cli_run
 
     cli_run.add_parser(sub)
+    from edge_agent import cli_tokens  # `token create|list|revoke` (issue 14)
+
+    cli_tokens.add_parser(sub, _add_data_dir)
 
     cache = sub.add_parser("cache", help="result cache maintenance")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -371,6 +374,12 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_token(args: argparse.Namespace) -> int:
+    from edge_agent.cli_tokens import cmd_token
+
+    return cmd_token(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "invoke": cmd_invoke,
@@ -379,6 +388,7 @@ COMMANDS = {
     "cache": cmd_cache,
     "fn": cmd_fn,
     "trust": cmd_trust,
+    "token": _cmd_token,
 }
 
 
