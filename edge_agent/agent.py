@@ -30,6 +30,7 @@ from aiohttp import web
 from cloud_sync.cloud_invoke import CloudInvoker
 from edge_agent.api import Api
 from edge_agent.auth import Authenticator
+from edge_agent.discovery import Advertiser, agent_txt
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
 from edge_agent.metrics import BUCKETS, Metrics
@@ -167,6 +168,17 @@ class Agent:
         self._scanner: asyncio.Task[None] | None = None
         self._stopping = False
         self.lifecycle = Lifecycle()  # systemd READY=1 / WATCHDOG=1 (edge_agent.sdnotify)
+        # zeroconf advertising on the LAN (edge_agent.discovery); off unless configured.
+        self.device_id = self.creds.device_id if self.creds else socket.gethostname()
+        self.advertiser = (
+            Advertiser(settings.advertise, self._advert_txt, device_id=self.device_id)
+            if settings.advertise
+            else None
+        )
+
+    def _advert_txt(self) -> dict[str, str]:
+        versions = {n: f.manifest.version for n, f in self.functions.loaded.items()}
+        return agent_txt(self.device_id, self.settings.auth, tls=False, functions=versions)
 
     async def _version_switched(self, fn: LoadedFunction) -> None:
         if self.router.cache is not None:
@@ -269,6 +281,8 @@ class Agent:
             await self._start_sync(self.creds)
         if self.auth is not None:
             await self.auth.start()  # tokens loaded before the first request can arrive
+        if self.advertiser is not None:
+            await self.advertiser.prepare()  # a wrong interface name stops us before listening
         self._runner = web.AppRunner(
             self.api.app(),
             access_log=None,
@@ -297,6 +311,8 @@ class Agent:
             len(self.functions.loaded),
             s.data_dir,
         )
+        if self.advertiser is not None:
+            await self.advertiser.start(port)
         self.lifecycle.ready(f"listening on {self.url}")
 
     async def _start_sync(self, creds: DeviceCredentials) -> None:
@@ -345,6 +361,8 @@ class Agent:
     async def stop(self) -> None:
         self._stopping = True
         await self.lifecycle.stopping()
+        if self.advertiser is not None:
+            await self.advertiser.close()  # first: LAN clients stop picking a leaving agent
         log.info("shutting down: draining in-flight requests (up to %g s)", self.settings.drain_s)
         if self._scanner is not None:
             self._scanner.cancel()

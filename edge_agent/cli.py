@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--url", help="agent URL (default: from the data dir's agent.json)")
     inv.add_argument("--timeout", type=float, default=60.0, help="client timeout in seconds")
     _add_data_dir(inv)
+    from edge_agent import cli_discover  # `discover`, `invoke --discover/--token` (issue 14)
+
+    cli_discover.add_invoke_options(inv)
+    cli_discover.add_parser(sub)
 
     fns = sub.add_parser("functions", help="list functions on a running agent")
     fns.add_argument("--url")
@@ -119,6 +123,10 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         except ValueError:
             pass
     headers = {"Content-Type": ctype or "application/octet-stream"}
+    if args.discover or args.token or args.cafile:  # LAN client (edge_agent.cli_discover)
+        from edge_agent.cli_discover import invoke_lan
+
+        return invoke_lan(args, "" if args.discover else _agent_url(args), data, headers)
     url = f"{_agent_url(args)}/v1/functions/{args.name}/invoke"
     try:
         with _request(url, data, headers, args.timeout) as resp:
@@ -374,6 +382,12 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_discover(args: argparse.Namespace) -> int:
+    from edge_agent.cli_discover import cmd_discover
+
+    return cmd_discover(args)
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     from edge_agent.cli_tokens import cmd_token
 
@@ -389,6 +403,7 @@ COMMANDS = {
     "fn": cmd_fn,
     "trust": cmd_trust,
     "token": _cmd_token,
+    "discover": _cmd_discover,
 }
 
 

@@ -93,6 +93,12 @@ class Settings:
                 "auth = 'mtls' needs the TLS listener, which this version does not have yet: "
                 'use --auth token (or auth = "token" in the config file)'
             )
+        if self.advertise and is_loopback(self.host):
+            raise StartupError(
+                f"advertise = {list(self.advertise)} with host = {self.host!r}: LAN clients "
+                "could find the agent but not reach it. Set --host (host = ...) to an address "
+                "on those interfaces, or 0.0.0.0"
+            )
         if self.auth == "none" and not is_loopback(self.host):
             # Anyone who can reach the address could call every function and purge caches.
             raise StartupError(

@@ -93,13 +93,21 @@ class AgentProcess:
 
 
 def start_agent(
-    data_dir: Path, *extra: str, wait: bool = True, timeout: float = 60
+    data_dir: Path,
+    *extra: str,
+    wait: bool = True,
+    timeout: float = 60,
+    wrap: tuple[str, ...] = (),
 ) -> AgentProcess:
-    """Start `edge-agent run` on a free loopback port and wait until it listens."""
+    """Start `edge-agent run` on a free loopback port and wait until it listens.
+
+    `wrap` prefixes the command, e.g. ("ip", "netns", "exec", NS) to run it in a namespace.
+    """
     env = dict(os.environ)
     env.pop("EDGEFN_DATA_DIR", None)
     proc = subprocess.Popen(
         [
+            *wrap,
             sys.executable,
             "-m",
             "edge_agent",

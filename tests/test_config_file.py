@@ -68,6 +68,7 @@ def test_good_file_sets_settings(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
         'data_dir = "state"\nport = 9001\nlog_level = "debug"\nadvertise = ["eth1"]\n'
+        'host = "0.0.0.0"\nauth = "token"\n'
         'drain_s = 3\n[budget]\nworkers = 3\n[labels]\nsite = "depot-7"\n'
         '[cloud]\nurl = "http://cloud.example:8700"\ndefault_routing = "local-then-cloud"\n'
     )

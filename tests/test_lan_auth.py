@@ -134,6 +134,20 @@ async def test_authenticator_rules(tmp_path: Path) -> None:
         await auth.close()
 
 
+def test_client_refuses_to_guess_between_agents() -> None:
+    from edge_agent.client import ClientError, pick
+    from edge_agent.discovery import Found
+
+    a = Found("edge-a", "edge-a._edgefn._tcp.local.", ("10.0.0.1",), 8680, {"tls": "1"})
+    b = Found("edge-b", "edge-b._edgefn._tcp.local.", ("10.0.0.2",), 8680, {})
+    assert pick([a, b], "edge-b") is b and pick([a], None) is a
+    assert a.url == "https://10.0.0.1:8680" and b.url == "http://10.0.0.2:8680"
+    for found, device, message in (([a, b], None, "pass --device"), ([], None, "no edgefn"),
+                                    ([a], "edge-c", "'edge-c'")):  # fmt: skip
+        with pytest.raises(ClientError, match=message):
+            pick(found, device)
+
+
 # --- a real agent with --auth token ------------------------------------------------------------
 
 
@@ -141,7 +155,8 @@ async def test_authenticator_rules(tmp_path: Path) -> None:
 def secured(tmp_path: Path) -> Iterator[AgentProcess]:
     data = tmp_path / "data"
     install_dev_function(CONFORMANCE_NODE, data, "conformance-node")
-    agent = start_agent(data, "--auth", "token")
+    # --worker-user root: the test's tmp dir is root-only, an edgefn-worker could not read it.
+    agent = start_agent(data, "--auth", "token", "--worker-user", "root")
     try:
         yield agent
     finally:
@@ -176,6 +191,13 @@ def test_invocation_needs_a_token_with_the_function_scope(secured: AgentProcess)
     ok = secured.invoke("conformance-node", b"hi", bearer(right))
     assert ok.status == 200 and ok.body == b"hi"
     assert secured.invoke("conformance-node", b"yo", bearer(wildcard)).body == b"yo"
+
+    # The CLI sends the token (--token or $EDGEFN_TOKEN) through edge_agent.client.
+    url = ["--url", secured.url, "--data", "cli"]
+    by_flag = edge_agent("invoke", "conformance-node", *url, "--token", right)
+    assert by_flag.returncode == 0 and by_flag.stdout == "cli", by_flag.stderr
+    denied = edge_agent("invoke", "conformance-node", *url, "--token", wrong)
+    assert denied.returncode == 1 and "forbidden" in denied.stderr
 
     # Failures are logged with the peer, never with the token.
     secured.wait_log(r"refused a request from 127\.0\.0\.1: no token")
