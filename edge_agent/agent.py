@@ -38,6 +38,7 @@ from edge_agent.router import Router
 from edge_agent.routing import check_policy
 from edge_agent.sdnotify import Lifecycle
 from edge_agent.settings import Settings
+from edge_agent.tls import server_context
 from runtimes.fsio import atomic_write
 from runtimes.pool import Pool
 from runtimes.sandbox import Sandbox
@@ -178,7 +179,9 @@ class Agent:
 
     def _advert_txt(self) -> dict[str, str]:
         versions = {n: f.manifest.version for n, f in self.functions.loaded.items()}
-        return agent_txt(self.device_id, self.settings.auth, tls=False, functions=versions)
+        return agent_txt(
+            self.device_id, self.settings.auth, tls=self.settings.tls, functions=versions
+        )
 
     async def _version_switched(self, fn: LoadedFunction) -> None:
         if self.router.cache is not None:
@@ -290,14 +293,17 @@ class Agent:
             shutdown_timeout=s.drain_s,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True)
+        listen_ssl = None
+        if s.tls_cert_file is not None and s.tls_key_file is not None:  # edge_agent.tls
+            listen_ssl = await asyncio.to_thread(server_context, s.tls_cert_file, s.tls_key_file)
+        site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True, ssl_context=listen_ssl)
         try:
             await site.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {exc.strerror}") from exc
         port = _bound_port(self._runner) or s.port
         host = f"[{s.host}]" if ":" in s.host else s.host
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if listen_ssl else 'http'}://{host}:{port}"
         atomic_write(
             s.state_file,
             json.dumps(

@@ -24,6 +24,8 @@ _FLAG_FIELDS = {
     "credentials": "credentials_file",
     "fallback_after": "fallback_after_s",
     "metrics_interval": "metrics_interval_s",
+    "tls_cert": "tls_cert_file",
+    "tls_key": "tls_key_file",
 }
 _NOT_SETTINGS = frozenset({"command", "config", "label"})
 
@@ -54,6 +56,10 @@ def add_parser(sub: Any) -> None:
         metavar="IFACE[,IFACE]",
         help="advertise the API with zeroconf (_edgefn._tcp) on these interfaces",
     )
+    run.add_argument(
+        "--tls-cert", type=Path, help="serve HTTPS: server certificate (PEM) from the fleet CA"
+    )
+    run.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     run.add_argument("--max-body-bytes", type=int)
     run.add_argument("--log-format", choices=("text", "json"))
     run.add_argument("--log-level", choices=config_file.LOG_LEVELS)
@@ -123,8 +129,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             labels[key] = value
         values["labels"] = tuple(labels.items())
     data_dir = Path(values.pop("data_dir", None) or default_data_dir()).resolve()
-    if values.get("credentials_file") is not None:
-        values["credentials_file"] = Path(values["credentials_file"]).resolve()
+    for name in ("credentials_file", "tls_cert_file", "tls_key_file"):
+        if values.get(name) is not None:
+            values[name] = Path(values[name]).resolve()
     _check_values(values)
     settings = Settings(data_dir=data_dir, config_file=path, **values)
     settings.check()

@@ -54,6 +54,8 @@ KEYS: dict[str, Key] = {
     "auth": Key("auth", "str", ("none", "token", "mtls")),
     "advertise": Key("advertise", "names"),
     "labels": Key("labels", "labels"),
+    "tls.cert_file": Key("tls_cert_file", "path"),
+    "tls.key_file": Key("tls_key_file", "path"),
     "budget.memory_mb": Key("budget_memory_mb", "int"),
     "budget.workers": Key("budget_workers", "int"),
     "cloud.url": Key("cloud_url", "str"),

@@ -67,6 +67,9 @@ class Settings:
     outbox_max_bytes: int = 16 * 1024 * 1024
     # Local API security (docs/lan.md): who may call the API, checked by edge_agent.auth.
     auth: AuthMode = "none"
+    # TLS on the listener (edge_agent.tls): a server certificate from the fleet CA and its key.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     # Interfaces to advertise the API on with zeroconf (edge_agent.discovery); empty: off.
     advertise: tuple[str, ...] = ()
     # The config file these settings were read from, if any (for messages).
@@ -86,8 +89,17 @@ class Settings:
         """The token store (edge_agent.tokens): hashes only, never the tokens."""
         return self.data_dir / "tokens.json"
 
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
     def check(self) -> None:
         """Refuse combinations that must not start, before anything listens."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise StartupError(
+                "tls: give both the certificate and the key (--tls-cert and --tls-key, or "
+                "tls.cert_file and tls.key_file in the config file)"
+            )
         if self.auth == "mtls":
             raise StartupError(
                 "auth = 'mtls' needs the TLS listener, which this version does not have yet: "

@@ -1,0 +1,30 @@
+"""TLS for the local API listener: a server certificate and key, issued by the fleet CA.
+
+LAN clients pin that CA (`edge_agent.client.LanClient(cafile=...)`, `edge-agent invoke
+--cafile`): an impostor found through spoofed mDNS cannot present a certificate for the device,
+and tokens no longer cross the LAN in the clear. The certificate must name what clients dial
+(an IP SAN for the LAN address, or the device's host name).
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from edge_agent.errors import StartupError
+
+
+def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """A TLS 1.2+ server context; unusable files are a StartupError that names them."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # TLS 1.0/1.1 are deprecated (RFC 8996); every client this API serves speaks 1.2.
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+    except FileNotFoundError as exc:
+        raise StartupError(f"tls: cannot read {exc.filename}: {exc.strerror}") from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(
+            f"tls: cannot use certificate {cert_file} with key {key_file}: {exc}"
+        ) from exc
+    return ctx
