@@ -33,6 +33,7 @@ from edge_agent.auth import Authenticator
 from edge_agent.discovery import Advertiser, agent_txt
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
+from edge_agent.listener import LimitedAppRunner, ListenerLimits
 from edge_agent.metrics import BUCKETS, Metrics
 from edge_agent.router import Router
 from edge_agent.routing import check_policy
@@ -154,7 +155,11 @@ class Agent:
             default_policy=check_policy(settings.default_routing, "--default-routing"),
         )
         # Local API security (edge_agent.auth); None: no checking, the loopback default.
-        self.auth = Authenticator(settings.tokens_file) if settings.auth == "token" else None
+        self.auth = (
+            Authenticator(settings.tokens_file, token_concurrency=settings.token_concurrency)
+            if settings.auth == "token"
+            else None
+        )
         self.api = Api(
             self.router,
             self.functions,
@@ -286,8 +291,14 @@ class Agent:
             await self.auth.start()  # tokens loaded before the first request can arrive
         if self.advertiser is not None:
             await self.advertiser.prepare()  # a wrong interface name stops us before listening
-        self._runner = web.AppRunner(
+        self._runner = LimitedAppRunner(  # connection/header limits (edge_agent.listener)
             self.api.app(),
+            limits=ListenerLimits(
+                max_connections=s.max_connections,
+                header_timeout_s=s.header_timeout_s,
+                max_headers=s.max_headers,
+                max_header_bytes=s.max_header_bytes,
+            ),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=s.drain_s,

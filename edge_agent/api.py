@@ -116,18 +116,23 @@ class Api:
             else:
                 scope = None if need in ("token", "optional") else need
             try:
-                request[PRINCIPAL] = auth.check(
+                principal = auth.check(
                     request.headers.get("Authorization"),
                     request.remote,
                     scope,
                     optional=need == "optional",
                 )
+                auth.enter(principal)  # per-token concurrency (429)
             except AuthFailure as exc:
                 resp = error_response(exc.status, exc.code, exc.message)
                 if exc.status == 401:  # RFC 6750: say how to authenticate
                     resp.headers["WWW-Authenticate"] = 'Bearer realm="edgefn"'
                 return resp
-            return await handler(request)
+            request[PRINCIPAL] = principal
+            try:
+                return await handler(request)
+            finally:
+                auth.leave(principal)
 
         return _guarded(checked)
 

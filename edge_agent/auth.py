@@ -6,6 +6,7 @@ path) must call the same method, so there is one rule and one error vocabulary:
 
 - no `Authorization: Bearer ...`, an unknown, revoked or expired token -> 401 `unauthorized`
 - a valid token without the scope the route needs                        -> 403 `forbidden`
+- a token with `token_concurrency` requests already in flight            -> 429 `too_many_requests`
 
 Failures are logged with the peer address and, when known, the token id: never the token.
 
@@ -51,6 +52,13 @@ class Forbidden(AuthFailure):
     status = 403
 
 
+class TooManyRequests(AuthFailure):
+    """The token already has its limit of requests in flight (`token_concurrency`)."""
+
+    code = "too_many_requests"
+    status = 429
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """The caller as the API sees it."""
@@ -76,8 +84,18 @@ ANONYMOUS = Principal(token_id="", record=None)
 class Authenticator:
     """Bearer-token checking against the token file, kept current by a reload task."""
 
-    def __init__(self, tokens_file: Path, *, reload_interval_s: float = RELOAD_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        tokens_file: Path,
+        *,
+        reload_interval_s: float = RELOAD_INTERVAL_S,
+        token_concurrency: int = 0,
+    ) -> None:
         self._store = TokenStore(tokens_file)
+        # Requests in flight per token id; 0 = no limit. One LAN client (or a leaked token)
+        # must not take every worker from the others.
+        self._limit = token_concurrency
+        self._in_flight: dict[str, int] = {}
         self._by_hash: dict[str, TokenRecord] = {}
         self._stamp: object = _UNLOADED
         self._interval = reload_interval_s
@@ -126,6 +144,32 @@ class Authenticator:
             )
             raise Forbidden(f"this token does not have the {scope!r} scope")
         return Principal(token_id=record.id, record=record)
+
+    def enter(self, principal: Principal) -> None:
+        """Count a request of `principal` in flight; TooManyRequests over the token's limit.
+
+        Every enter() that returns is paired with one leave(), in a finally.
+        """
+        token_id = principal.token_id
+        if not token_id or self._limit <= 0:
+            return
+        count = self._in_flight.get(token_id, 0)
+        if count >= self._limit:
+            log.warning("refused a request: token %s has %d requests in flight", token_id, count)
+            raise TooManyRequests(
+                f"this token already has {count} requests in flight (the limit); retry later"
+            )
+        self._in_flight[token_id] = count + 1
+
+    def leave(self, principal: Principal) -> None:
+        token_id = principal.token_id
+        if not token_id or self._limit <= 0:
+            return
+        count = self._in_flight.get(token_id, 0) - 1
+        if count > 0:
+            self._in_flight[token_id] = count
+        else:
+            self._in_flight.pop(token_id, None)
 
     def _lookup(self, authorization: str | None) -> TokenRecord | str:
         """The token's record, or why there is none (a message safe to log and to send)."""

@@ -26,6 +26,7 @@ _FLAG_FIELDS = {
     "metrics_interval": "metrics_interval_s",
     "tls_cert": "tls_cert_file",
     "tls_key": "tls_key_file",
+    "header_timeout": "header_timeout_s",
 }
 _NOT_SETTINGS = frozenset({"command", "config", "label"})
 
@@ -61,6 +62,15 @@ def add_parser(sub: Any) -> None:
     )
     run.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     run.add_argument("--max-body-bytes", type=int)
+    run.add_argument("--max-connections", type=int, help="open connections at most (256)")
+    run.add_argument(
+        "--header-timeout", type=float, help="seconds a client has to send its headers (10)"
+    )
+    run.add_argument("--max-headers", type=int, help="request headers at most (64)")
+    run.add_argument("--max-header-bytes", type=int, help="bytes per header line (8190)")
+    run.add_argument(
+        "--token-concurrency", type=int, help="requests in flight per token (32; 0: no limit)"
+    )
     run.add_argument("--log-format", choices=("text", "json"))
     run.add_argument("--log-level", choices=config_file.LOG_LEVELS)
     run.add_argument(
@@ -147,6 +157,13 @@ def _check_values(values: dict[str, Any]) -> None:
         bad.append("fallback_after_s/metrics_interval_s (--fallback-after/--metrics-interval) > 0")
     if values.get("outbox_max_bytes", 4096) < 4096:
         bad.append("outbox_max_bytes (--outbox-max-bytes) must be >= 4096")
+    for name in ("max_connections", "max_headers", "max_header_bytes"):
+        if values.get(name, 1) <= 0:
+            bad.append(f"{name} (--{name.replace('_', '-')}) must be > 0")
+    if values.get("header_timeout_s", 1) <= 0:
+        bad.append("header_timeout_s (--header-timeout) must be > 0")
+    if values.get("token_concurrency", 0) < 0:
+        bad.append("token_concurrency (--token-concurrency) must be >= 0")
     if not 0 <= values.get("port", 0) <= 65535:
         bad.append("port (--port) must be 0-65535")
     if bad:

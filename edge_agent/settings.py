@@ -70,6 +70,12 @@ class Settings:
     # TLS on the listener (edge_agent.tls): a server certificate from the fleet CA and its key.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # Listener limits (edge_agent.listener) and requests in flight per token (edge_agent.auth).
+    max_connections: int = 256
+    header_timeout_s: float = 10.0  # first request's headers must arrive within this
+    max_headers: int = 64
+    max_header_bytes: int = 8190  # per header line (aiohttp's default)
+    token_concurrency: int = 32  # 0: no limit
     # Interfaces to advertise the API on with zeroconf (edge_agent.discovery); empty: off.
     advertise: tuple[str, ...] = ()
     # The config file these settings were read from, if any (for messages).
