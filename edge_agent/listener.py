@@ -10,7 +10,8 @@ aiohttp parses requests; this module only bounds what a connection may hold:
   header byte now and then (aiohttp's keep-alive timer is reset by every byte).
 - **Connection cap**: at most `max_connections` at once. When full, the oldest connection still
   waiting for its headers is closed to make room: under a slow-loris flood new clients are served
-  and the attacker's connections go first. When every connection is busy with a real request, the
+  and the attacker's connections go first. When none is waiting for its first headers (all
+  serve requests or idle between keep-alive requests, closed by aiohttp after 75 s), the
   newcomer gets 503 and is closed.
 
 The body limit (413) is the API's own (`max_body_bytes`), and the per-token concurrency limit
