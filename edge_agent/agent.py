@@ -156,8 +156,12 @@ class Agent:
         )
         # Local API security (edge_agent.auth); None: no checking, the loopback default.
         self.auth = (
-            Authenticator(settings.tokens_file, token_concurrency=settings.token_concurrency)
-            if settings.auth == "token"
+            Authenticator(
+                settings.tokens_file,
+                token_concurrency=settings.token_concurrency,
+                mode=settings.auth,
+            )
+            if settings.auth in ("token", "mtls")
             else None
         )
         self.api = Api(
@@ -306,7 +310,9 @@ class Agent:
         await self._runner.setup()
         listen_ssl = None
         if s.tls_cert_file is not None and s.tls_key_file is not None:  # edge_agent.tls
-            listen_ssl = await asyncio.to_thread(server_context, s.tls_cert_file, s.tls_key_file)
+            listen_ssl = await asyncio.to_thread(
+                server_context, s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file
+            )
         site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True, ssl_context=listen_ssl)
         try:
             await site.start()

@@ -121,6 +121,7 @@ class Api:
                     request.remote,
                     scope,
                     optional=need == "optional",
+                    transport=request.transport,
                 )
                 auth.enter(principal)  # per-token concurrency (429)
             except AuthFailure as exc:

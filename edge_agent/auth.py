@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_agent.errors import AgentError
 from edge_agent.tokens import ADMIN, TokenError, TokenRecord, TokenStore, hash_token
@@ -90,8 +91,13 @@ class Authenticator:
         *,
         reload_interval_s: float = RELOAD_INTERVAL_S,
         token_concurrency: int = 0,
+        mode: str = "token",
     ) -> None:
         self._store = TokenStore(tokens_file)
+        # "token": bearer tokens; "mtls": client certificates (verified by TLS against the
+        # client CA) whose subject CN has a grant in the same file.
+        self.mtls = mode == "mtls"
+        self._by_cn: dict[str, TokenRecord] = {}
         # Requests in flight per token id; 0 = no limit. One LAN client (or a leaked token)
         # must not take every worker from the others.
         self._limit = token_concurrency
@@ -103,7 +109,7 @@ class Authenticator:
 
     async def start(self) -> None:
         await asyncio.to_thread(self._reload)
-        if not self._by_hash:
+        if not (self._by_cn if self.mtls else self._by_hash):
             log.warning(
                 "token checking is on and no token exists yet: every call is refused until "
                 "one is made with `edge-agent token create --data-dir ... --scope invoke:NAME`"
@@ -123,14 +129,16 @@ class Authenticator:
         scope: str | None,
         *,
         optional: bool = False,
+        transport: Any = None,
     ) -> Principal:
         """The caller for `Authorization` header value `authorization`, allowed `scope`.
 
         `scope` None: any valid token will do. `optional`: a missing or bad token makes the
         caller ANONYMOUS instead of failing (public routes that show more to admins).
-        Raises Unauthorized or Forbidden.
+        `transport`: the connection, whose client certificate identifies the caller in mtls
+        mode. Raises Unauthorized or Forbidden.
         """
-        record = self._lookup(authorization)
+        record = self._lookup_cert(transport) if self.mtls else self._lookup(authorization)
         if isinstance(record, str):
             if optional:
                 return ANONYMOUS
@@ -170,6 +178,19 @@ class Authenticator:
             self._in_flight[token_id] = count
         else:
             self._in_flight.pop(token_id, None)
+
+    def _lookup_cert(self, transport: Any) -> TokenRecord | str:
+        """The grant for the client certificate's subject CN, or why there is none."""
+        cert = transport.get_extra_info("peercert") if transport is not None else None
+        cn = _common_name(cert)
+        if cn is None:
+            return "no client certificate (auth = mtls)"
+        record = self._by_cn.get(cn)
+        if record is None:
+            return f"no grant for client certificate CN={cn!r}"
+        if record.expired(time.time()):
+            return f"the grant {record.id} for CN={cn!r} has expired"
+        return record
 
     def _lookup(self, authorization: str | None) -> TokenRecord | str:
         """The token's record, or why there is none (a message safe to log and to send)."""
@@ -212,7 +233,24 @@ class Authenticator:
             # nothing is accepted until the file is readable again.
             log.error("%s: refusing every token until it is fixed", exc.message)
             self._by_hash = {}
+            self._by_cn = {}
             return
-        self._by_hash = {r.sha256: r for r in records}
+        self._by_hash = {r.sha256: r for r in records if r.client_cn is None}
+        self._by_cn = {r.client_cn: r for r in records if r.client_cn is not None}
         if not first:
-            log.info("tokens reloaded: %d active", len(self._by_hash))
+            log.info(
+                "tokens reloaded: %d tokens, %d certificate grants",
+                len(self._by_hash),
+                len(self._by_cn),
+            )
+
+
+def _common_name(cert: Any) -> str | None:
+    """The subject CN of a certificate as `ssl` returns it from getpeercert()."""
+    if not isinstance(cert, dict):
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None

@@ -33,6 +33,8 @@ def add_invoke_options(inv: argparse.ArgumentParser) -> None:
         help="bearer token for an agent run with --auth token (default: $EDGEFN_TOKEN)",
     )
     inv.add_argument("--cafile", type=Path, help="CA file to pin for an https agent")
+    inv.add_argument("--client-cert", type=Path, help="client certificate (PEM), auth = mtls")
+    inv.add_argument("--client-key", type=Path, help="its private key (PEM)")
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
@@ -54,13 +56,14 @@ def invoke_lan(args: argparse.Namespace, url: str, data: bytes, headers: dict[st
     from cloud_sync.errors import describe_http_error
     from edge_agent.client import ClientError, LanClient
 
+    tls = {"cafile": args.cafile, "client_cert": args.client_cert, "client_key": args.client_key}
     try:
         if args.discover:
             client = LanClient.discover(
-                device_id=args.device, token=args.token, cafile=args.cafile, timeout=args.timeout
+                device_id=args.device, token=args.token, timeout=args.timeout, **tls
             )
         else:
-            client = LanClient(url, token=args.token, cafile=args.cafile, timeout=args.timeout)
+            client = LanClient(url, token=args.token, timeout=args.timeout, **tls)
         reply = client.request("POST", f"/v1/functions/{args.name}/invoke", data, headers)
     except ClientError as exc:
         print(f"edge-agent: {exc.message}", file=sys.stderr)

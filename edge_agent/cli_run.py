@@ -26,6 +26,7 @@ _FLAG_FIELDS = {
     "metrics_interval": "metrics_interval_s",
     "tls_cert": "tls_cert_file",
     "tls_key": "tls_key_file",
+    "tls_client_ca": "tls_client_ca_file",
     "header_timeout": "header_timeout_s",
 }
 _NOT_SETTINGS = frozenset({"command", "config", "label"})
@@ -49,8 +50,8 @@ def add_parser(sub: Any) -> None:
     run.add_argument(
         "--auth",
         choices=("none", "token", "mtls"),
-        help="who may call the API: token = bearer tokens from `edge-agent token create` "
-        "(required for a --host other than loopback)",
+        help="who may call the API: token = bearer tokens from `edge-agent token create`, "
+        "mtls = client certificates (required for a --host other than loopback)",
     )
     run.add_argument(
         "--advertise",
@@ -61,6 +62,9 @@ def add_parser(sub: Any) -> None:
         "--tls-cert", type=Path, help="serve HTTPS: server certificate (PEM) from the fleet CA"
     )
     run.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    run.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates from this CA (mTLS)"
+    )
     run.add_argument("--max-body-bytes", type=int)
     run.add_argument("--max-connections", type=int, help="open connections at most (256)")
     run.add_argument(
@@ -139,7 +143,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             labels[key] = value
         values["labels"] = tuple(labels.items())
     data_dir = Path(values.pop("data_dir", None) or default_data_dir()).resolve()
-    for name in ("credentials_file", "tls_cert_file", "tls_key_file"):
+    for name in ("credentials_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         if values.get(name) is not None:
             values[name] = Path(values[name]).resolve()
     _check_values(values)

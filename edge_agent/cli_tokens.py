@@ -30,6 +30,12 @@ def add_parser(sub: Any, add_data_dir: Callable[[argparse.ArgumentParser], None]
         help="invoke:NAME, invoke:* or admin (repeatable)",
     )
     create.add_argument("--expires", type=float, metavar="SECONDS", help="lifetime (default: none)")
+    create.add_argument(
+        "--client-cn",
+        metavar="CN",
+        help="grant the scopes to client certificates with this subject CN (auth = mtls) "
+        "instead of making a token",
+    )
     add_data_dir(create)
     lst = tok_sub.add_parser("list", help="token ids, scopes and expiry (never the tokens)")
     lst.add_argument("--json", action="store_true")
@@ -53,6 +59,13 @@ def cmd_token(args: argparse.Namespace) -> int:
                 print("edge-agent: --expires must be > 0 seconds", file=sys.stderr)
                 return 2
             expires_at = time.time() + args.expires if args.expires is not None else None
+            if args.client_cn:
+                grant = store.grant_certificate(args.client_cn, args.scope, expires_at=expires_at)
+                print(
+                    f"granted {' '.join(grant.scopes)} to client certificates with "
+                    f"CN={grant.client_cn} (id {grant.id}), expires {_when(grant.expires_at)}"
+                )
+                return 0
             record, token = store.create(args.scope, expires_at=expires_at)
             print(
                 f"created token {record.id}: scopes {' '.join(record.scopes)}, expires "
@@ -74,7 +87,8 @@ def cmd_token(args: argparse.Namespace) -> int:
             now = time.time()
             for r in records:
                 state = " (expired)" if r.expired(now) else ""
-                print(f"{r.id}  expires {_when(r.expires_at)}{state}  {' '.join(r.scopes)}")
+                who = f"  CN={r.client_cn}" if r.client_cn else ""
+                print(f"{r.id}  expires {_when(r.expires_at)}{state}  {' '.join(r.scopes)}{who}")
     except TokenError as exc:
         print(f"edge-agent: token {args.token_command} refused: {exc.message}", file=sys.stderr)
         return 1

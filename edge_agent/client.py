@@ -56,6 +56,8 @@ class LanClient:
         token: str | None = None,
         cafile: Path | str | None = None,
         timeout: float = 30.0,
+        client_cert: Path | str | None = None,
+        client_key: Path | str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self._token = token
@@ -64,6 +66,14 @@ class LanClient:
         if self.url.startswith("https:"):
             # create_default_context(cafile=...) trusts that file only: the pin.
             self._ssl = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+            if client_cert is not None:  # mTLS: an agent run with auth = "mtls"
+                key = str(client_key) if client_key is not None else None
+                try:
+                    self._ssl.load_cert_chain(str(client_cert), key)
+                except (ssl.SSLError, OSError) as exc:
+                    raise ClientError(
+                        f"cannot use client certificate {client_cert}: {exc}"
+                    ) from exc
 
     @classmethod
     def discover(
@@ -74,6 +84,8 @@ class LanClient:
         token: str | None = None,
         cafile: Path | str | None = None,
         timeout: float = 30.0,
+        client_cert: Path | str | None = None,
+        client_key: Path | str | None = None,
     ) -> LanClient:
         """Find an agent with zeroconf: `device_id`, or the only one on the LAN."""
         return cls(
@@ -81,6 +93,8 @@ class LanClient:
             token=token,
             cafile=cafile,
             timeout=timeout,
+            client_cert=client_cert,
+            client_key=client_key,
         )
 
     def invoke(

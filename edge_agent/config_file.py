@@ -61,6 +61,7 @@ KEYS: dict[str, Key] = {
     "limits.token_concurrency": Key("token_concurrency", "int"),
     "tls.cert_file": Key("tls_cert_file", "path"),
     "tls.key_file": Key("tls_key_file", "path"),
+    "tls.client_ca_file": Key("tls_client_ca_file", "path"),
     "budget.memory_mb": Key("budget_memory_mb", "int"),
     "budget.workers": Key("budget_workers", "int"),
     "cloud.url": Key("cloud_url", "str"),

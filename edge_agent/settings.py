@@ -17,7 +17,7 @@ from edge_agent.errors import StartupError
 
 LogFormat = Literal["text", "json"]
 # "none": no checking (the loopback default); "token": bearer tokens (edge_agent.tokens);
-# "mtls": client certificates, which need the TLS listener (not built yet: refused at start).
+# "mtls": client certificates from the client CA, with grants in the token file.
 AuthMode = Literal["none", "token", "mtls"]
 
 # 6 MiB: the same default request limit as AWS Lambda's synchronous invocations, which most
@@ -70,6 +70,8 @@ class Settings:
     # TLS on the listener (edge_agent.tls): a server certificate from the fleet CA and its key.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # With it, clients must present a certificate from this CA (auth = "mtls" needs it).
+    tls_client_ca_file: Path | None = None
     # Listener limits (edge_agent.listener) and requests in flight per token (edge_agent.auth).
     max_connections: int = 256
     header_timeout_s: float = 10.0  # first request's headers must arrive within this
@@ -106,11 +108,14 @@ class Settings:
                 "tls: give both the certificate and the key (--tls-cert and --tls-key, or "
                 "tls.cert_file and tls.key_file in the config file)"
             )
-        if self.auth == "mtls":
+        if self.auth == "mtls" and (self.tls_cert_file is None or self.tls_client_ca_file is None):
             raise StartupError(
-                "auth = 'mtls' needs the TLS listener, which this version does not have yet: "
-                'use --auth token (or auth = "token" in the config file)'
+                "auth = 'mtls' needs TLS with a client CA: pass --tls-cert, --tls-key and "
+                "--tls-client-ca (or tls.cert_file, tls.key_file, tls.client_ca_file in the "
+                "config file)"
             )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise StartupError("tls: --tls-client-ca needs --tls-cert and --tls-key")
         if self.advertise and is_loopback(self.host):
             raise StartupError(
                 f"advertise = {list(self.advertise)} with host = {self.host!r}: LAN clients "

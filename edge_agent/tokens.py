@@ -11,7 +11,8 @@ The file is replaced atomically (`runtimes.fsio.atomic_write`) under an flock, s
 re-reads the file when it changes, `edge_agent.auth`) never sees half of one.
 
 Scopes: `invoke:NAME` (one function), `invoke:*` (every function), `admin` (cache purge,
-function and health details, metrics). Revoking deletes the record.
+function and health details, metrics). Revoking deletes the record. With `auth = "mtls"` the
+same file grants scopes to client certificates by subject CN (`token create --client-cn`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class TokenRecord:
     scopes: tuple[str, ...]
     created_at: float
     expires_at: float | None = None  # unix time; None: never
+    # A grant for a client certificate (auth = "mtls") instead of a token: the certificate's
+    # subject CN, checked by TLS against the client CA. sha256 is then empty.
+    client_cn: str | None = None
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -85,6 +89,7 @@ class TokenRecord:
             "scopes": list(self.scopes),
             "created_at": self.created_at,
             "expires_at": self.expires_at,
+            "client_cn": self.client_cn,
         }
 
     @classmethod
@@ -95,6 +100,7 @@ class TokenRecord:
             scopes=tuple(str(s) for s in item["scopes"]),
             created_at=float(item["created_at"]),
             expires_at=None if item.get("expires_at") is None else float(item["expires_at"]),
+            client_cn=None if item.get("client_cn") is None else str(item["client_cn"]),
         )
 
 
@@ -134,6 +140,24 @@ class TokenStore:
             record = TokenRecord(token_id, hash_token(token), clean, time.time(), expires_at)
             records.append(record)
         return record, token
+
+    def grant_certificate(
+        self, client_cn: str, scopes: list[str], *, expires_at: float | None = None
+    ) -> TokenRecord:
+        """Scopes for client certificates with subject CN `client_cn` (auth = "mtls")."""
+        if not client_cn or not scopes:
+            raise TokenError("a certificate grant needs --client-cn and at least one --scope")
+        clean = tuple(dict.fromkeys(check_scope(s) for s in scopes))
+        with self._locked() as records:
+            if any(r.client_cn == client_cn for r in records):
+                raise TokenError(f"CN {client_cn!r} already has a grant: revoke it first")
+            ids = {r.id for r in records}
+            grant_id = secrets.token_hex(4)
+            while grant_id in ids:
+                grant_id = secrets.token_hex(4)
+            record = TokenRecord(grant_id, "", clean, time.time(), expires_at, client_cn)
+            records.append(record)
+        return record
 
     def revoke(self, token_id: str) -> TokenRecord:
         with self._locked() as records:

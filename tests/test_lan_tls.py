@@ -83,6 +83,64 @@ def test_tls_with_the_pinned_ca_and_with_a_wrong_one(
     assert bad.returncode == 3 and "CERTIFICATE_VERIFY_FAILED" in bad.stderr
 
 
+@pytest.mark.slow
+def test_mtls_client_certificates_instead_of_tokens(tmp_path: Path, pki: dict[str, Path]) -> None:
+    fleet = PlatformCA.load_or_create(tmp_path / "fleet")
+    other = PlatformCA.load_or_create(tmp_path / "other")
+
+    def client_files(ca: PlatformCA, cn: str) -> tuple[Path, Path]:
+        issued = ca.issue_client_cert(cn)
+        cert, key = tmp_path / f"{cn}-{id(ca)}.crt", tmp_path / f"{cn}-{id(ca)}.key"
+        cert.write_text(issued.cert_pem)
+        key.write_text(issued.key_pem)
+        return cert, key
+
+    head_unit = client_files(fleet, "head-unit")
+    depot = client_files(fleet, "depot-ctl")
+    stranger = client_files(fleet, "stranger")
+    forged = client_files(other, "head-unit")  # right CN, wrong CA
+    data = tmp_path / "data"
+    install_dev_function(CONFORMANCE_NODE, data, "conformance-node")
+    for cn, scope in (("head-unit", "invoke:conformance-node"), ("depot-ctl", "invoke:other")):
+        grant = edge_agent(
+            "token", "create", "--data-dir", str(data), "--client-cn", cn, "--scope", scope
+        )
+        assert grant.returncode == 0 and f"CN={cn}" in grant.stdout, grant.stderr
+    agent = start_agent(
+        data,
+        "--auth",
+        "mtls",
+        "--tls-cert",
+        str(pki["cert"]),
+        "--tls-key",
+        str(pki["key"]),
+        "--tls-client-ca",
+        str(fleet.cert_path),
+        "--worker-user",
+        "root",
+    )
+    try:
+
+        def call(files: tuple[Path, Path] | None) -> int:
+            cert, key = files if files else (None, None)
+            client = LanClient(agent.url, cafile=pki["ca"], client_cert=cert, client_key=key)
+            return client.invoke("conformance-node", b"m").status
+
+        assert call(head_unit) == 200
+        assert call(depot) == 403  # a grant, for another function
+        assert call(stranger) == 401  # the CA issued it, but no grant names it
+        for files in (None, forged):  # no certificate, or one from another CA: no handshake
+            with pytest.raises(ClientError):
+                call(files)
+        cli = edge_agent(
+            "invoke", "conformance-node", "--url", agent.url, "--cafile", str(pki["ca"]),
+            "--client-cert", str(head_unit[0]), "--client-key", str(head_unit[1]), "--data", "c",
+        )  # fmt: skip
+        assert cli.returncode == 0 and cli.stdout == "c", cli.stderr
+    finally:
+        agent.stop()
+
+
 @pytest.mark.parametrize("which", ["missing", "half", "mismatch"])
 def test_unusable_tls_files_stop_the_start(
     tmp_path: Path, pki: dict[str, Path], which: str
