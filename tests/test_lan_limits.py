@@ -29,12 +29,23 @@ def make_token(data_dir: Path, scope: str) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+def _in_flight(url: str, token: str) -> float:
+    """The function's requests in flight, from /metrics (read with an admin token)."""
+    resp = http("GET", f"{url}/metrics", headers={"Authorization": f"Bearer {token}"})
+    return sum(
+        float(line.split()[-1])
+        for line in resp.body.decode().splitlines()
+        if line.startswith("edgefn_pool_in_flight")
+    )
+
+
 @pytest.mark.slow
 def test_per_token_concurrency_is_429_for_that_token_only(tmp_path: Path) -> None:
     data = tmp_path / "data"
     install_dev_function(CONFORMANCE_NODE, data, "conformance-node")
     busy = make_token(data, "invoke:conformance-node")
     other = make_token(data, "invoke:conformance-node")
+    admin = make_token(data, "admin")
     agent = start_agent(
         data, "--auth", "token", "--token-concurrency", "2", "--worker-user", "root"
     )
@@ -48,16 +59,20 @@ def test_per_token_concurrency_is_429_for_that_token_only(tmp_path: Path) -> Non
 
     threads = [threading.Thread(target=call, args=(busy,)) for _ in range(2)]
     try:
+        # Warm the worker first, so the slow calls are in flight at once even on a busy machine.
+        warm = agent.invoke("conformance-node", b"w", {"Authorization": f"Bearer {other}"})
+        assert warm.status == 200, warm.body
         for t in threads:
             t.start()
-        # While both are in flight, a third call with the same token is refused. Bounded.
+        # Once both are in flight (seen by an admin token, which has its own count), a third
+        # call with the same token is refused. Bounded wait.
         deadline = time.monotonic() + 10
-        while True:
-            third = agent.invoke("conformance-node", b"x", {"Authorization": f"Bearer {busy}"})
-            if third.status == 429:
-                break
-            assert third.status == 200 and time.monotonic() < deadline, third.body
-            time.sleep(0.05)
+        while _in_flight(agent.url, admin) < 2:
+            assert any(t.is_alive() for t in threads), results
+            assert time.monotonic() < deadline, "the slow calls never ran together"
+            time.sleep(0.02)
+        third = agent.invoke("conformance-node", b"x", {"Authorization": f"Bearer {busy}"})
+        assert third.status == 429, (third.status, third.body)
         assert third.json()["error"]["code"] == "too_many_requests"
         # Another token is not held back by the busy one.
         assert (
