@@ -29,13 +29,18 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from cloud_sync.cloud_invoke import CloudInvoker
-from edge_agent.api import Api, ApiRunner
+from edge_agent.api import Api
+from edge_agent.auth import Authenticator
+from edge_agent.discovery import Advertiser, agent_txt
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
+from edge_agent.listener import LimitedAppRunner, ListenerLimits
 from edge_agent.metrics import BUCKETS, Metrics
 from edge_agent.router import Router
 from edge_agent.routing import check_policy
+from edge_agent.sdnotify import Lifecycle
 from edge_agent.settings import Settings
+from edge_agent.tls import server_context
 from runtimes.fsio import atomic_write
 from runtimes.pool import Pool
 from runtimes.sandbox import Sandbox, host_sandbox
@@ -128,6 +133,7 @@ def assemble(
     sandbox: Sandbox,
     cloud: CloudInvoker | None,
     health: Callable[[], dict[str, Any]],
+    auth: Authenticator | None = None,
 ) -> Parts:
     """The one place the serving parts are wired: nothing is plugged in after construction."""
 
@@ -150,7 +156,14 @@ def assemble(
         cloud=cloud,
         default_policy=check_policy(settings.default_routing, "--default-routing"),
     )
-    api = Api(router, functions, metrics, max_body_bytes=settings.max_body_bytes, health=health)
+    api = Api(
+        router,
+        functions,
+        metrics,
+        max_body_bytes=settings.max_body_bytes,
+        health=health,
+        auth=auth,
+    )
     return Parts(cache, sandbox, functions, router, api)
 
 
@@ -186,11 +199,35 @@ class Agent:
         self._desired: AgentConfig | None = None
         self._profile: dict[str, Any] = {}
         self._parts: Parts | None = None
+        # Local API security (edge_agent.auth); None: no checking, the loopback default.
+        self.auth = (
+            Authenticator(
+                settings.tokens_file,
+                token_concurrency=settings.token_concurrency,
+                mode=settings.auth,
+            )
+            if settings.auth in ("token", "mtls")
+            else None
+        )
         self.started_at = time.time()
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._scanner: asyncio.Task[None] | None = None
         self._stopping = False
+        self.lifecycle = Lifecycle()  # systemd READY=1 / WATCHDOG=1 (edge_agent.sdnotify)
+        # zeroconf advertising on the LAN (edge_agent.discovery); off unless configured.
+        self.device_id = self.creds.device_id if self.creds else socket.gethostname()
+        self.advertiser = (
+            Advertiser(settings.advertise, self._advert_txt, device_id=self.device_id)
+            if settings.advertise
+            else None
+        )
+
+    def _advert_txt(self) -> dict[str, str]:
+        versions = {n: f.manifest.version for n, f in self.functions.loaded.items()}
+        return agent_txt(
+            self.device_id, self.settings.auth, tls=self.settings.tls, functions=versions
+        )
 
     @property
     def parts(self) -> Parts:
@@ -219,7 +256,7 @@ class Agent:
         except BaseException:
             await cache.close()
             raise
-        self._parts = assemble(s, self.metrics, cache, sandbox, self.cloud, self.health)
+        self._parts = assemble(s, self.metrics, cache, sandbox, self.cloud, self.health, self.auth)
         return self._parts
 
     def health(self) -> dict[str, Any]:
@@ -311,21 +348,36 @@ class Agent:
         await parts.functions.sync()
         if self.creds is not None:
             await self._start_sync(self.creds)
-        self._runner = ApiRunner(
+        if self.auth is not None:
+            await self.auth.start()  # tokens loaded before the first request can arrive
+        if self.advertiser is not None:
+            await self.advertiser.prepare()  # a wrong interface name stops us before listening
+        self._runner = LimitedAppRunner(  # connection/header limits (edge_agent.listener)
             parts.api.app(),
+            limits=ListenerLimits(
+                max_connections=s.max_connections,
+                header_timeout_s=s.header_timeout_s,
+                max_headers=s.max_headers,
+                max_header_bytes=s.max_header_bytes,
+            ),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=s.drain_s,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True)
+        listen_ssl = None
+        if s.tls_cert_file is not None and s.tls_key_file is not None:  # edge_agent.tls
+            listen_ssl = await asyncio.to_thread(
+                server_context, s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file
+            )
+        site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True, ssl_context=listen_ssl)
         try:
             await site.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {exc.strerror}") from exc
         port = _bound_port(self._runner) or s.port
         host = f"[{s.host}]" if ":" in s.host else s.host
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if listen_ssl else 'http'}://{host}:{port}"
         atomic_write(
             s.state_file,
             json.dumps(
@@ -339,6 +391,9 @@ class Agent:
             len(self.functions.loaded),
             s.data_dir,
         )
+        if self.advertiser is not None:
+            await self.advertiser.start(port)
+        self.lifecycle.ready(f"listening on {self.url}")
 
     async def _start_sync(self, creds: DeviceCredentials) -> None:
         from cloud_sync.sync import AgentHooks, SyncClient, SyncSettings
@@ -385,6 +440,9 @@ class Agent:
 
     async def stop(self) -> None:
         self._stopping = True
+        await self.lifecycle.stopping()
+        if self.advertiser is not None:
+            await self.advertiser.close()  # first: LAN clients stop picking a leaving agent
         log.info("shutting down: draining in-flight requests (up to %g s)", self.settings.drain_s)
         if self._scanner is not None:
             self._scanner.cancel()
@@ -394,6 +452,8 @@ class Agent:
             await self._runner.cleanup()
         if self.sync is not None:
             await self.sync.close()
+        if self.auth is not None:
+            await self.auth.close()
         parts = self._parts
         if parts is not None:
             await parts.functions.close(drain_s=1.0)
@@ -403,6 +463,7 @@ class Agent:
             await self.cloud.close()
         with contextlib.suppress(FileNotFoundError):
             self.settings.state_file.unlink()
+        self.lifecycle.close()
         log.info("stopped")
 
     async def run(self) -> None:

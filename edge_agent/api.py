@@ -6,8 +6,9 @@ OpenAPI document served at `/v1/openapi.json` is `edge_agent/openapi.json`; keep
 Errors leave as JSON with a stable code without an aiohttp middleware: each handler is wrapped
 by `_guarded`, and a last catch-all route (`_no_route`) answers paths and methods that match no
 route (404/405). What aiohttp refuses before any handler runs (a malformed request line, headers
-over its limits) is answered by its protocol's `handle_error`; `ApiRunner` swaps in a handler
-that writes the same JSON body. Why no middleware: a middleware makes aiohttp add its own
+over its limits) is answered by its protocol's `handle_error`: `JsonErrorHandler` writes the
+same JSON body, and `edge_agent.listener` (the runner the agent serves with) builds on it.
+Why no middleware: a middleware makes aiohttp add its own
 current-app middleware and two more coroutine frames to every request; measured on the 2-core
 dev VM with wrk (c=32), the middleware cost ~20 us of agent CPU per request, about 15 % of a
 cache hit.
@@ -28,10 +29,12 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
+from edge_agent.auth import LOCAL, Authenticator, AuthFailure, Principal
 from edge_agent.errors import PayloadTooLarge
 from edge_agent.functions import FunctionSet
 from edge_agent.metrics import Metrics
 from edge_agent.router import Router
+from edge_agent.tokens import ADMIN
 from runtimes.errors import RuntimeErrorBase
 
 log = logging.getLogger("edgefn.api")
@@ -76,6 +79,7 @@ class Api:
         *,
         max_body_bytes: int,
         health: Callable[[], dict[str, Any]],
+        auth: Authenticator | None = None,
     ) -> None:
         self._router = router
         self._functions = functions
@@ -84,20 +88,60 @@ class Api:
         self._health = health
         self._ids = RequestIds()
         self._openapi: bytes | None = None
+        self._auth = auth  # None: no checking (the loopback default)
 
     def app(self) -> web.Application:
         # client_max_size is our own limit plus slack; the 413 with a JSON body comes from us.
         app = web.Application(client_max_size=self._max_body + 1)
-        app.router.add_post("/v1/functions/{name}/invoke", _guarded(self.invoke))
-        app.router.add_get("/v1/functions", _guarded(self.list_functions))
-        app.router.add_get("/v1/functions/{name}", _guarded(self.get_function))
-        app.router.add_get("/v1/health", _guarded(self.health))
-        app.router.add_get("/v1/openapi.json", _guarded(self.openapi))
-        app.router.add_get("/metrics", _guarded(self.prometheus))
-        app.router.add_delete("/v1/cache/{name}", _guarded(self.purge_cache))
+        # The second argument is what a caller needs when checking is on (see _checked).
+        route = self._route
+        app.router.add_post("/v1/functions/{name}/invoke", route(self.invoke, "invoke"))
+        app.router.add_get("/v1/functions", route(self.list_functions, "token"))
+        app.router.add_get("/v1/functions/{name}", route(self.get_function, "token"))
+        app.router.add_get("/v1/health", route(self.health, "optional"))
+        app.router.add_get("/v1/openapi.json", route(self.openapi, "public"))
+        app.router.add_get("/metrics", route(self.prometheus, ADMIN))
+        app.router.add_delete("/v1/cache/{name}", route(self.purge_cache, ADMIN))
         # Last: aiohttp tries resources in order, so this only sees what nothing else matched.
         app.router.add_route("*", "/{tail:.*}", _no_route)
         return app
+
+    def _route(self, handler: Handler, need: str) -> Handler:
+        """`handler` behind the one auth check (edge_agent.auth); with checking off, bare.
+
+        need: "public" (no check), "optional" (anonymous allowed, admins see more), "token"
+        (any valid token), "invoke" (scope invoke:NAME), or a scope such as "admin".
+        """
+        auth = self._auth
+        if auth is None or need == "public":
+            return _guarded(handler)  # nothing added to the path when checking is off
+
+        async def checked(request: web.Request) -> web.StreamResponse:
+            if need == "invoke":
+                scope: str | None = "invoke:" + request.match_info["name"]
+            else:
+                scope = None if need in ("token", "optional") else need
+            try:
+                principal = auth.check(
+                    request.headers.get("Authorization"),
+                    request.remote,
+                    scope,
+                    optional=need == "optional",
+                    transport=request.transport,
+                )
+                auth.enter(principal)  # per-token concurrency (429)
+            except AuthFailure as exc:
+                resp = error_response(exc.status, exc.code, exc.message)
+                if exc.status == 401:  # RFC 6750: say how to authenticate
+                    resp.headers["WWW-Authenticate"] = 'Bearer realm="edgefn"'
+                return resp
+            request[PRINCIPAL] = principal
+            try:
+                return await handler(request)
+            finally:
+                auth.leave(principal)
+
+        return _guarded(checked)
 
     async def invoke(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -159,12 +203,19 @@ class Api:
         purged = await cache.purge(name)
         return web.json_response({"function": name, "purged": purged})
 
+    def _described(self, request: web.Request) -> list[dict[str, Any]]:
+        items = self._functions.describe()
+        if request.get(PRINCIPAL, LOCAL).is_admin:
+            return items
+        # Without admin: what a caller needs to invoke, not pids, errors or pool state.
+        return [{k: i[k] for k in _PUBLIC_FUNCTION_FIELDS if k in i} for i in items]
+
     async def list_functions(self, request: web.Request) -> web.Response:
-        return web.json_response({"functions": self._functions.describe()})
+        return web.json_response({"functions": self._described(request)})
 
     async def get_function(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        for item in self._functions.describe():
+        for item in self._described(request):
             if item["name"] == name:
                 return web.json_response(item)
         return error_response(404, "unknown_function", f"no function named {name!r} is installed")
@@ -172,6 +223,8 @@ class Api:
     async def health(self, request: web.Request) -> web.Response:
         body = self._health()
         status = 200 if body.get("status") == "ok" else 503
+        if not request.get(PRINCIPAL, LOCAL).is_admin:
+            body = {"status": body.get("status")}  # liveness only: details need admin
         return web.json_response(body, status=status)
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -198,6 +251,8 @@ class Api:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PRINCIPAL = web.RequestKey("edgefn.principal", Principal)
+_PUBLIC_FUNCTION_FIELDS = ("name", "version", "runtime")
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -241,7 +296,7 @@ async def _no_route(request: web.Request) -> web.StreamResponse:
     return error_response(404, _HTTP_CODES[404], "Not Found")
 
 
-class _JsonErrorHandler(RequestHandler):
+class JsonErrorHandler(RequestHandler):
     """aiohttp's connection handler, answering its own refusals as JSON error bodies.
 
     aiohttp answers requests it cannot parse (400 for a header line over 8190 bytes, too many
@@ -265,19 +320,3 @@ class _JsonErrorHandler(RequestHandler):
         resp = error_response(status, _HTTP_CODES.get(status, "http_error"), reason)
         resp.force_close()  # as aiohttp does: the connection's state is unknown after this
         return resp
-
-
-class _JsonErrorServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
-
-
-class ApiRunner(web.AppRunner):
-    """`web.AppRunner` whose connections answer HTTP-level parse errors as JSON."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # Same object, our subclass: only `__call__` (the per-connection handler) differs,
-        # and copying the server's construction would track aiohttp's private arguments.
-        server.__class__ = _JsonErrorServer
-        return server

@@ -44,66 +44,17 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edge_agent.settings import DEFAULT_MAX_BODY_BYTES
 
     parser = argparse.ArgumentParser(prog="edge-agent", description="edgefn edge agent")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the agent: load functions and serve the local API")
-    _add_data_dir(run)
-    run.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    run.add_argument("--port", type=int, default=8680, help="port (0 picks a free one)")
-    run.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    run.add_argument("--log-format", choices=("text", "json"), default="text")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    run.add_argument(
-        "--require-signed",
-        action="store_true",
-        help="refuse unsigned development functions",
-    )
-    run.add_argument(
-        "--worker-user",
-        default="auto",
-        help="user workers run as when the agent is root (default: edgefn-worker if it exists)",
-    )
-    run.add_argument("--budget-memory-mb", type=int, default=0, help="total worker memory")
-    run.add_argument("--budget-workers", type=int, default=0, help="total worker processes")
-    run.add_argument("--label", action="append", default=[], help="device label KEY=VALUE")
-    run.add_argument("--scan-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    # ---- `run` and its config file live in edge_agent/cli_run.py (issue 14) ----
+    from edge_agent import cli_run
 
-    run.add_argument(
-        "--cache-max-bytes", type=int, default=64 * 1024 * 1024, help="result cache bound"
-    )
+    cli_run.add_parser(sub)
+    from edge_agent import cli_tokens  # `token create|list|revoke` (issue 14)
 
-    run.add_argument("--cloud", default="", help="central platform URL (cloud routing, sync)")
-    run.add_argument(
-        "--cloud-token",
-        default=os.environ.get("EDGEFN_CLOUD_TOKEN", ""),
-        help="device token for the platform (default: $EDGEFN_CLOUD_TOKEN)",
-    )
-    run.add_argument(
-        "--credentials",
-        type=Path,
-        help="device credentials file from `edge-cloud device enroll`: joins the platform",
-    )
-    run.add_argument(
-        "--fallback-after",
-        type=float,
-        default=30.0,
-        help="seconds the MQTT broker may be unreachable before syncing over HTTP (default 30)",
-    )
-    run.add_argument(
-        "--metrics-interval", type=float, default=10.0, help="seconds per metrics record"
-    )
-    run.add_argument(
-        "--outbox-max-bytes", type=int, default=16 * 1024 * 1024, help="sync outbox bound"
-    )
-    run.add_argument(
-        "--default-routing",
-        default="local",
-        choices=("local", "cloud", "local-then-cloud", "cloud-then-local"),
-        help="routing for functions not installed on this device",
-    )
+    cli_tokens.add_parser(sub, _add_data_dir)
 
     cache = sub.add_parser("cache", help="result cache maintenance")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -136,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--url", help="agent URL (default: from the data dir's agent.json)")
     inv.add_argument("--timeout", type=float, default=60.0, help="client timeout in seconds")
     _add_data_dir(inv)
+    from edge_agent import cli_discover  # `discover`, `invoke --discover/--token` (issue 14)
+
+    cli_discover.add_invoke_options(inv)
+    cli_discover.add_parser(sub)
 
     fns = sub.add_parser("functions", help="list functions on a running agent")
     fns.add_argument("--url")
@@ -196,6 +151,10 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     else:
         data = args.data.encode()
     headers = {"Content-Type": args.content_type or _guess_content_type(data)}
+    if args.discover or args.token or args.cafile:  # LAN client (edge_agent.cli_discover)
+        from edge_agent.cli_discover import invoke_lan
+
+        return invoke_lan(args, "" if args.discover else _agent_url(args), data, headers)
     try:
         resp = _client(args, args.timeout).request(
             "POST", f"/v1/functions/{args.name}/invoke", data=data, headers=headers
@@ -291,40 +250,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from edge_agent import logs
     from edge_agent.agent import Agent
+    from edge_agent.cli_run import settings_from_args
     from edge_agent.errors import StartupError
-    from edge_agent.settings import Settings
 
-    logs.setup(args.log_format, args.log_level)
-    labels = _labels(args.label)
-    if labels is None:
-        return _fail("--label takes KEY=VALUE", EXIT_USAGE)
-    settings = Settings(
-        data_dir=args.data_dir.resolve(),
-        host=args.host,
-        port=args.port,
-        max_body_bytes=args.max_body_bytes,
-        log_format=args.log_format,
-        log_level=args.log_level,
-        require_signed=args.require_signed,
-        scan_interval_s=args.scan_interval,
-        worker_user=args.worker_user,
-        budget_memory_mb=args.budget_memory_mb,
-        budget_workers=args.budget_workers,
-        labels=labels,
-        cache_max_bytes=args.cache_max_bytes,
-        cloud_url=args.cloud,
-        cloud_token=args.cloud_token,
-        default_routing=args.default_routing,
-        credentials_file=args.credentials.resolve() if args.credentials else None,
-        fallback_after_s=args.fallback_after,
-        metrics_interval_s=args.metrics_interval,
-        outbox_max_bytes=args.outbox_max_bytes,
-    )
-    if min(args.fallback_after, args.metrics_interval) <= 0 or args.outbox_max_bytes < 4096:
-        return _fail(
-            "--fallback-after/--metrics-interval must be > 0, --outbox-max-bytes >= 4096",
-            EXIT_USAGE,
-        )
+    try:  # config file, environment and flags; refused before anything starts (issue 14)
+        settings = settings_from_args(args)
+    except StartupError as exc:
+        return _fail(exc.message, EXIT_STARTUP)
+    logs.setup(settings.log_format, settings.log_level)
     try:
         agent = Agent(settings)
         _run_loop(agent.run())
@@ -469,6 +402,18 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_discover(args: argparse.Namespace) -> int:
+    from edge_agent.cli_discover import cmd_discover
+
+    return cmd_discover(args)
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from edge_agent.cli_tokens import cmd_token
+
+    return cmd_token(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "invoke": cmd_invoke,
@@ -477,6 +422,8 @@ COMMANDS = {
     "cache": cmd_cache,
     "fn": cmd_fn,
     "trust": cmd_trust,
+    "token": _cmd_token,
+    "discover": _cmd_discover,
 }
 
 
@@ -484,8 +431,6 @@ def main(argv: list[str] | None = None) -> int:
     from hardware.errors import EdgefnError
 
     args = build_parser().parse_args(argv)
-    if getattr(args, "max_body_bytes", 1) <= 0:
-        return _fail("--max-body-bytes must be positive", EXIT_USAGE)
     try:
         return COMMANDS[args.command](args)
     except EdgefnError as exc:

@@ -110,9 +110,16 @@ def remove_agent_cgroups(data_dir: Path) -> None:
 
 
 def start_agent(
-    data_dir: Path, *extra: str, wait: bool = True, timeout: float = 60
+    data_dir: Path,
+    *extra: str,
+    wait: bool = True,
+    timeout: float = 60,
+    wrap: tuple[str, ...] = (),
 ) -> AgentProcess:
-    """Start `edge-agent run` on a free loopback port and wait until it listens."""
+    """Start `edge-agent run` on a free loopback port and wait until it listens.
+
+    `wrap` prefixes the command, e.g. ("ip", "netns", "exec", NS) to run it in a namespace.
+    """
     env = dict(os.environ)
     env.pop("EDGEFN_DATA_DIR", None)
     if os.geteuid() == 0 and "--worker-user" not in extra:
@@ -122,6 +129,7 @@ def start_agent(
         extra = ("--worker-user", "root", *extra)
     proc = subprocess.Popen(
         [
+            *wrap,
             sys.executable,
             "-m",
             "edge_agent",

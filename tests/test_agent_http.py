@@ -98,10 +98,11 @@ def test_malformed_json_to_a_json_function_is_400_bad_request(agent: AgentProces
 def test_http_parse_errors_are_json_error_bodies(agent: AgentProcess, headers: bytes) -> None:
     request = b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n"
     status, head, body = _raw_request(agent.url, request)
-    assert status == 400
+    # 431, the status for exactly this (RFC 6585), with the JSON body (edge_agent.listener).
+    assert status == 431
     assert head["content-type"].startswith("application/json")
     err = json.loads(body)["error"]
-    assert err["code"] == "bad_request"
+    assert err["code"] == "headers_too_large"
     assert err["message"]
     # The agent is still serving.
     assert agent.get("/v1/health").status == 200

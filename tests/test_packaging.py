@@ -292,7 +292,8 @@ def _unit_settings() -> dict[str, list[str]]:
 def test_unit_is_hardened_and_valid(tmp_path: Path) -> None:
     unit = _unit_settings()
     expected = {
-        "Type": "simple",
+        "Type": "notify",
+        "NotifyAccess": "main",
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",
         "ProtectHome": "yes",
@@ -305,9 +306,8 @@ def test_unit_is_hardened_and_valid(tmp_path: Path) -> None:
     }
     for key, value in expected.items():
         assert unit.get(key) == [value], key
-    assert unit["ExecStart"][0].startswith(
-        "/usr/bin/edge-agent run --data-dir /var/lib/edgefn --host 127.0.0.1"
-    )
+    assert unit["ExecStart"] == ["/usr/bin/edge-agent run --config /etc/edgefn/agent.toml"]
+    assert int(unit["WatchdogSec"][0]) > 0  # the agent pings from its event loop
     assert "ProtectControlGroups" not in unit  # would make the delegated cgroup read-only
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
