@@ -37,9 +37,10 @@ _UNLOADED = object()  # the file's stamp before the first read
 
 
 class AuthFailure(AgentError):
-    """The request may not proceed; `status` is 401 or 403."""
+    """The request may not proceed; a subclass says why (401, 403 or 429). Never raised itself."""
 
-    code = "unauthorized"
+    code = "auth_failure"
+    category = "auth"
     status = 401
 
 

@@ -48,6 +48,10 @@ class ListenerLimits:
     max_header_bytes: int = 8190  # per header line; aiohttp's default
 
 
+# The error codes this module answers with itself (the OpenAPI test reads them).
+HEADERS_TOO_LARGE = "headers_too_large"
+CODES = frozenset({HEADERS_TOO_LARGE, "unavailable"})
+
 _BUSY_BODY = json.dumps(
     {"error": {"code": "unavailable", "message": "too many connections, retry later"}}
 ).encode()
@@ -114,7 +118,7 @@ class LimitedHandler(JsonErrorHandler):
         if status == 400 and _headers_too_large(exc):
             body = {
                 "error": {
-                    "code": "headers_too_large",
+                    "code": HEADERS_TOO_LARGE,
                     "message": "request headers exceed the limit "
                     f"({self._limited_server.limits.max_headers} headers, "
                     f"{self._limited_server.limits.max_header_bytes} bytes per line)",

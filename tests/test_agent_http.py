@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent import api as api_module
+from edge_agent import listener as listener_module
 from tests.harness import (
     FUNCTIONS,
     AgentProcess,
@@ -125,6 +126,10 @@ NOT_HTTP = {
     "wal_unavailable": "a store cannot open its file: set aside, or the agent does not start",
     "cache_file_unusable": "inside the cache: it retries, invocations run uncached",
     "cache_schema_incompatible": "inside the cache: the file is set aside and rebuilt",
+    "auth_failure": "an abstract base: unauthorized, forbidden or too_many_requests answer",
+    "bad_config": "the agent does not start: edge-agent run exits 4 with the file and key",
+    "token_error": "edge-agent token commands, a CLI",
+    "client_error": "the LAN client (edge_agent.client) could not find or reach an agent",
     "routing_failed": "an instance carries its last step's code and status, never this one",
 }
 
@@ -183,6 +188,7 @@ def test_openapi_error_codes_match_the_errors_that_exist(agent: AgentProcess) ->
         | _literal_codes()
         | _host_codes()
         | set(api_module._HTTP_CODES.values())
+        | listener_module.CODES
         | {"http_error", "internal"}
     )
     assert produced - documented == set(), "errors the API can answer but openapi.json lacks"
