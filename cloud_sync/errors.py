@@ -179,3 +179,30 @@ def describe_http_error(status: int, body: bytes) -> str:
     if err is None:
         return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
     return f"{err[1]} ({err[0]}, HTTP {status})"
+
+
+# Stable codes for the statuses aiohttp answers on its own (no route, wrong method, a body over
+# the limit): the agent's API and the platform answer those in the same JSON error body as their
+# own errors, so a client parses one shape whatever refused it.
+HTTP_STATUS_CODES: dict[int, str] = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    500: "internal",
+}
+
+
+def escaped_error_answer(exc: Exception, server: str) -> tuple[int, str, str]:
+    """(status, code, message) for an error that escaped a handler of `server` ("agent").
+
+    An edgefn error keeps its stable code and message, and its HTTP status where its subtree
+    carries one (`runtimes`, `edge_agent`); without one it is a 500. Anything else is a bug: a
+    500 `internal`, with the detail only in the server's log (it may name paths or keys).
+    """
+    if isinstance(exc, EdgefnError):
+        status = getattr(exc, "status", 500)
+        if not isinstance(status, int) or not 400 <= status <= 599:
+            status = 500
+        return status, exc.code, exc.message
+    return 500, "internal", f"internal error (see the {server} log)"

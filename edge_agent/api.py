@@ -28,6 +28,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
+from cloud_sync.errors import HTTP_STATUS_CODES, escaped_error_answer
 from edge_agent.errors import PayloadTooLarge
 from edge_agent.functions import FunctionSet
 from edge_agent.metrics import Metrics
@@ -199,14 +200,6 @@ class Api:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    500: "internal",
-}
-
 
 def _guarded(handler: Handler) -> Handler:
     """Every error leaves as JSON with a stable code, including aiohttp's own HTTP errors.
@@ -220,10 +213,13 @@ def _guarded(handler: Handler) -> Handler:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason)
-        except Exception:
+            code = HTTP_STATUS_CODES.get(exc.status, "http_error")
+            return error_response(exc.status, code, exc.reason)
+        except Exception as exc:
+            # No handler expected it: log the traceback, but an edgefn error keeps its stable
+            # code (and status) so the client still learns what failed.
             log.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(500, "internal", "internal error (see the agent log)")
+            return error_response(*escaped_error_answer(exc, "agent"))
 
     return guarded
 
@@ -237,8 +233,8 @@ async def _no_route(request: web.Request) -> web.StreamResponse:
         _match, methods = await resource.resolve(request)
         allowed |= methods
     if allowed:
-        return error_response(405, _HTTP_CODES[405], "Method Not Allowed")
-    return error_response(404, _HTTP_CODES[404], "Not Found")
+        return error_response(405, HTTP_STATUS_CODES[405], "Method Not Allowed")
+    return error_response(404, HTTP_STATUS_CODES[404], "Not Found")
 
 
 class _JsonErrorHandler(RequestHandler):
@@ -262,7 +258,7 @@ class _JsonErrorHandler(RequestHandler):
         # plain-text answer is replaced by ours.
         super().handle_error(request, status, exc, message)
         reason = message if status != 500 and message else "internal error (see the agent log)"
-        resp = error_response(status, _HTTP_CODES.get(status, "http_error"), reason)
+        resp = error_response(status, HTTP_STATUS_CODES.get(status, "http_error"), reason)
         resp.force_close()  # as aiohttp does: the connection's state is unknown after this
         return resp
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent import api as api_module
+from cloud_sync.errors import HTTP_STATUS_CODES
 from tests.harness import (
     FUNCTIONS,
     AgentProcess,
@@ -120,6 +120,8 @@ NOT_HTTP = {
     "warm_failed": "the same: the installer's warm check",
     "startup_failed": "the agent does not start at all",
     "agent_error": "an abstract base, never raised itself",
+    "routing_failed": "the class's own name: an instance answers with its last failure's code",
+    "protocol_violation": "the worker is killed: its requests answer worker_crashed",
 }
 
 
@@ -176,7 +178,7 @@ def test_openapi_error_codes_match_the_errors_that_exist(agent: AgentProcess) ->
         (class_codes - set(NOT_HTTP))
         | _literal_codes()
         | _host_codes()
-        | set(api_module._HTTP_CODES.values())
+        | set(HTTP_STATUS_CODES.values())
         | {"http_error", "internal"}
     )
     assert produced - documented == set(), "errors the API can answer but openapi.json lacks"

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from cloud_sync.errors import HTTP_STATUS_CODES, escaped_error_answer
 from cloud_sync.platform.auth import load_or_create_token
 from cloud_sync.platform.cloud_exec import CloudExec
 from cloud_sync.platform.devices import DeviceAuth, DevicesApi
@@ -34,7 +35,7 @@ from cloud_sync.platform.embedded_broker import EmbeddedBroker, free_port, start
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.intake import MqttIntake
 from cloud_sync.platform.pki import PlatformCA
-from cloud_sync.platform.registry import Registry, publishers_verifier
+from cloud_sync.platform.registry import Handler, Registry, error_response, publishers_verifier
 from cloud_sync.platform.settings import PlatformSettings
 from cloud_sync.platform.store import LocalStore, RegistryStore
 from runtimes.fsio import atomic_write
@@ -59,7 +60,7 @@ def create_app(
     verifier = publishers_verifier(settings.publishers_dir)
     registry = Registry(store, token, max_bundle_bytes=settings.max_bundle_bytes, verifier=verifier)
     # aiohttp refuses bodies over client_max_size; the registry enforces its own cap (413).
-    app = web.Application(client_max_size=settings.max_bundle_bytes + 1)
+    app = web.Application(client_max_size=settings.max_bundle_bytes + 1, middlewares=[json_errors])
     app.add_routes(registry.routes())
     devices = _build_devices(settings, token, app)
     app[DEVICES_KEY] = devices
@@ -89,6 +90,27 @@ def create_app(
             settings.publishers_dir,
         )
     return app
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as the JSON error body with a stable code, never aiohttp's plain text.
+
+    Handlers answer the errors they expect themselves; this catches what escapes them (an edgefn
+    error keeps its code and its status where it has one) and aiohttp's own refusals (no route,
+    wrong method). The agent avoids a middleware on its hot path; the platform's requests are few
+    and heavy, so the per-request cost does not matter here.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = HTTP_STATUS_CODES.get(exc.status, "http_error")
+        return error_response(exc.status, code, exc.reason)
+    except Exception as exc:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(*escaped_error_answer(exc, "platform"))
 
 
 def _build_devices(settings: PlatformSettings, token: str, app: web.Application) -> DevicesApi:
