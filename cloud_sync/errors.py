@@ -10,6 +10,7 @@ boundary with `raise ... from exc`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -193,13 +194,25 @@ HTTP_STATUS_CODES: dict[int, str] = {
 }
 
 
-def escaped_error_answer(exc: Exception, server: str) -> tuple[int, str, str]:
+def escaped_error_answer(
+    exc: Exception, *, server: str, log: logging.Logger, where: str
+) -> tuple[int, str, str] | None:
     """(status, code, message) for an error that escaped a handler of `server` ("agent").
 
-    An edgefn error keeps its stable code and message, and its HTTP status where its subtree
-    carries one (`runtimes`, `edge_agent`); without one it is a 500. Anything else is a bug: a
-    500 `internal`, with the detail only in the server's log (it may name paths or keys).
+    aiohttp's own refusals (no route, wrong method) get the code of their status; its 2xx/3xx
+    "exceptions" (redirects) answer None: the caller re-raises them. An edgefn error keeps its
+    stable code and message, and its HTTP status where its subtree carries one (`runtimes`,
+    `edge_agent`); without one it is a 500. Anything else is a bug: a 500 `internal`, with the
+    detail only in the server's log (it may name paths or keys). Both are logged with their
+    traceback, as `where` ("GET /v1/health").
     """
+    from aiohttp import web
+
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            return None
+        return exc.status, HTTP_STATUS_CODES.get(exc.status, "http_error"), exc.reason
+    log.error("unhandled error on %s", where, exc_info=exc)
     if isinstance(exc, EdgefnError):
         status = getattr(exc, "status", 500)
         if not isinstance(status, int) or not 400 <= status <= 599:

@@ -210,16 +210,13 @@ def _guarded(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = HTTP_STATUS_CODES.get(exc.status, "http_error")
-            return error_response(exc.status, code, exc.reason)
         except Exception as exc:
-            # No handler expected it: log the traceback, but an edgefn error keeps its stable
-            # code (and status) so the client still learns what failed.
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(*escaped_error_answer(exc, "agent"))
+            # No handler expected it; an edgefn error keeps its stable code (and status).
+            where = f"{request.method} {request.path}"
+            answer = escaped_error_answer(exc, server="agent", log=log, where=where)
+            if answer is None:
+                raise
+            return error_response(*answer)
 
     return guarded
 

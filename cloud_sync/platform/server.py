@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from cloud_sync.errors import HTTP_STATUS_CODES, escaped_error_answer
+from cloud_sync.errors import escaped_error_answer
 from cloud_sync.platform.auth import load_or_create_token
 from cloud_sync.platform.cloud_exec import CloudExec
 from cloud_sync.platform.devices import DeviceAuth, DevicesApi
@@ -103,14 +103,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     """
     try:
         return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = HTTP_STATUS_CODES.get(exc.status, "http_error")
-        return error_response(exc.status, code, exc.reason)
     except Exception as exc:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(*escaped_error_answer(exc, "platform"))
+        where = f"{request.method} {request.path}"
+        answer = escaped_error_answer(exc, server="platform", log=log, where=where)
+        if answer is None:
+            raise
+        return error_response(*answer)
 
 
 def _build_devices(settings: PlatformSettings, token: str, app: web.Application) -> DevicesApi:
