@@ -10,7 +10,6 @@ boundary with `raise ... from exc`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -180,42 +179,3 @@ def describe_http_error(status: int, body: bytes) -> str:
     if err is None:
         return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
     return f"{err[1]} ({err[0]}, HTTP {status})"
-
-
-# Stable codes for the statuses aiohttp answers on its own (no route, wrong method, a body over
-# the limit): the agent's API and the platform answer those in the same JSON error body as their
-# own errors, so a client parses one shape whatever refused it.
-HTTP_STATUS_CODES: dict[int, str] = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    500: "internal",
-}
-
-
-def escaped_error_answer(
-    exc: Exception, *, server: str, log: logging.Logger, where: str
-) -> tuple[int, str, str] | None:
-    """(status, code, message) for an error that escaped a handler of `server` ("agent").
-
-    aiohttp's own refusals (no route, wrong method) get the code of their status; its 2xx/3xx
-    "exceptions" (redirects) answer None: the caller re-raises them. An edgefn error keeps its
-    stable code and message, and its HTTP status where its subtree carries one (`runtimes`,
-    `edge_agent`); without one it is a 500. Anything else is a bug: a 500 `internal`, with the
-    detail only in the server's log (it may name paths or keys). Both are logged with their
-    traceback, as `where` ("GET /v1/health").
-    """
-    from aiohttp import web
-
-    if isinstance(exc, web.HTTPException):
-        if exc.status < 400:
-            return None
-        return exc.status, HTTP_STATUS_CODES.get(exc.status, "http_error"), exc.reason
-    log.error("unhandled error on %s", where, exc_info=exc)
-    if isinstance(exc, EdgefnError):
-        status = getattr(exc, "status", 500)
-        if not isinstance(status, int) or not 400 <= status <= 599:
-            status = 500
-        return status, exc.code, exc.message
-    return 500, "internal", f"internal error (see the {server} log)"

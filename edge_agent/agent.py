@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from cloud_sync.cloud_invoke import CloudInvoker
+from cloud_sync.http_server import bound_port
 from edge_agent.api import Api, ApiRunner
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
@@ -323,7 +323,7 @@ class Agent:
             await site.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {exc.strerror}") from exc
-        port = _bound_port(self._runner) or s.port
+        port = bound_port(self._runner) or s.port
         host = f"[{s.host}]" if ":" in s.host else s.host
         self.url = f"http://{host}:{port}"
         atomic_write(
@@ -415,12 +415,3 @@ class Agent:
             await stop.wait()
         finally:
             await self.stop()
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for addr in runner.addresses:
-        if isinstance(addr, tuple) and len(addr) >= 2:
-            return int(addr[1])
-    server = getattr(runner, "server", None)
-    sockets: list[socket.socket] = getattr(server, "sockets", []) if server else []
-    return sockets[0].getsockname()[1] if sockets else 0

@@ -28,7 +28,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
-from cloud_sync.errors import HTTP_STATUS_CODES, escaped_error_answer
+from cloud_sync.http_server import HTTP_STATUS_CODES, escaped_error_answer
 from edge_agent.errors import PayloadTooLarge
 from edge_agent.functions import FunctionSet
 from edge_agent.metrics import Metrics

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloud_sync.errors import HTTP_STATUS_CODES
+from cloud_sync.http_server import HTTP_STATUS_CODES
 from tests.harness import (
     FUNCTIONS,
     AgentProcess,

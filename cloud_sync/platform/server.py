@@ -20,14 +20,13 @@ import json
 import logging
 import os
 import signal
-import socket
 import ssl
 import time
 from collections.abc import Callable
 
 from aiohttp import web
 
-from cloud_sync.errors import escaped_error_answer
+from cloud_sync.http_server import bound_port, escaped_error_answer
 from cloud_sync.platform.auth import load_or_create_token
 from cloud_sync.platform.cloud_exec import CloudExec
 from cloud_sync.platform.devices import DeviceAuth, DevicesApi
@@ -172,15 +171,6 @@ def _server_ssl(settings: PlatformSettings) -> ssl.SSLContext:
     return ctx
 
 
-def _bound_port(runner: web.AppRunner) -> int:
-    for addr in runner.addresses:
-        if isinstance(addr, tuple) and len(addr) >= 2:
-            return int(addr[1])
-    server = getattr(runner, "server", None)
-    sockets: list[socket.socket] = getattr(server, "sockets", []) if server else []
-    return sockets[0].getsockname()[1] if sockets else 0
-
-
 async def serve(settings: PlatformSettings) -> None:
     """Run the platform until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
@@ -204,7 +194,7 @@ async def serve(settings: PlatformSettings) -> None:
     except OSError as exc:
         await runner.cleanup()
         raise OSError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from exc
-    port = _bound_port(runner) or settings.port
+    port = bound_port(runner) or settings.port
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
     state = {"url": url, "pid": os.getpid()}
