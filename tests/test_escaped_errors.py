@@ -25,82 +25,69 @@ from edge_agent.router import Router
 from hardware.errors import CgroupError
 from runtimes.errors import Overloaded
 
-FAILURES: list[tuple[Exception, int, str]] = [
+# server -> (the path whose handler fails, the logger that must carry the detail)
+SERVERS = {"agent": ("/v1/health", "edgefn.api"), "platform": ("/v1/test-boom", "edgefn.platform")}
+
+FAILURES = [
     # A runtimes error carries its status: it is kept.
-    (Overloaded("the wait queue is full"), 429, "overloaded"),
-    # A hardware error has no status: 500, but with its own code and message.
-    (CgroupError("the cgroup vanished"), 500, "cgroup_error"),
+    pytest.param(Overloaded("the wait queue is full"), 429, "overloaded", id="with-status"),
+    # A hardware or cloud_sync error has none: 500, but with its own code and message.
+    pytest.param(CgroupError("the cgroup vanished"), 500, "cgroup_error", id="hardware"),
+    pytest.param(StoreError("the registry disk is gone"), 500, "store_error", id="cloud-sync"),
 ]
 
 
-async def _agent(aiohttp_client: Any, tmp_path: Path, exc: Exception) -> Any:
-    def health() -> dict[str, Any]:
-        raise exc
+async def _serve(aiohttp_client: Any, tmp_path: Path, server: str, exc: Exception) -> Any:
+    """A real server of that kind whose one handler raises `exc`."""
+    if server == "agent":
 
-    functions = FunctionSet(tmp_path / "functions", require_signed=False, sandbox=None)
-    metrics = Metrics()
-    api = Api(Router(functions, metrics), functions, metrics, max_body_bytes=1024, health=health)
-    return await aiohttp_client(api.app())
+        def health() -> dict[str, Any]:
+            raise exc
 
+        functions = FunctionSet(tmp_path / "functions", require_signed=False, sandbox=None)
+        metrics = Metrics()
+        router = Router(functions, metrics)
+        app = Api(router, functions, metrics, max_body_bytes=1024, health=health).app()
+    else:
+        app = create_app(PlatformSettings(data_dir=tmp_path / "plat"))
 
-@pytest.mark.parametrize(("exc", "status", "code"), FAILURES, ids=lambda v: str(v))
-async def test_agent_keeps_the_code_of_an_escaping_edgefn_error(
-    aiohttp_client: Any, tmp_path: Path, exc: Exception, status: int, code: str
-) -> None:
-    client = await _agent(aiohttp_client, tmp_path, exc)
-    resp = await client.get("/v1/health")
-    assert resp.status == status
-    err = (await resp.json())["error"]
-    assert err == {"code": code, "message": str(exc)}
+        async def boom(request: web.Request) -> web.Response:
+            raise exc
 
-
-async def test_agent_answers_a_foreign_error_as_internal_without_its_detail(
-    aiohttp_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    client = await _agent(aiohttp_client, tmp_path, ValueError("secret path /etc/x"))
-    with caplog.at_level(logging.ERROR, logger="edgefn.api"):
-        resp = await client.get("/v1/health")
-    assert resp.status == 500
-    err = (await resp.json())["error"]
-    assert err["code"] == "internal" and "secret" not in err["message"]
-    assert "secret path /etc/x" in caplog.text  # the detail is in the log
-
-
-async def _platform(aiohttp_client: Any, tmp_path: Path, exc: Exception) -> Any:
-    app = create_app(PlatformSettings(data_dir=tmp_path / "plat"))
-
-    async def boom(request: web.Request) -> web.Response:
-        raise exc
-
-    app.router.add_get("/v1/test-boom", boom)
+        app.router.add_get(SERVERS["platform"][0], boom)
     return await aiohttp_client(app)
 
 
-@pytest.mark.parametrize(
-    ("exc", "status", "code"),
-    [*FAILURES, (StoreError("the registry disk is gone"), 500, "store_error")],
-    ids=lambda v: str(v),
-)
-async def test_platform_keeps_the_code_of_an_escaping_edgefn_error(
-    aiohttp_client: Any, tmp_path: Path, exc: Exception, status: int, code: str
+@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.parametrize(("exc", "status", "code"), FAILURES)
+async def test_an_escaping_edgefn_error_keeps_its_code(
+    aiohttp_client: Any, tmp_path: Path, server: str, exc: Exception, status: int, code: str
 ) -> None:
-    client = await _platform(aiohttp_client, tmp_path, exc)
-    resp = await client.get("/v1/test-boom")
+    client = await _serve(aiohttp_client, tmp_path, server, exc)
+    resp = await client.get(SERVERS[server][0])
     assert resp.status == status
     assert resp.content_type == "application/json"
     assert (await resp.json())["error"] == {"code": code, "message": str(exc)}
 
 
-async def test_platform_errors_of_its_own_and_of_aiohttp_are_json(
-    aiohttp_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("server", SERVERS)
+async def test_a_foreign_error_is_internal_with_the_detail_only_in_the_log(
+    aiohttp_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, server: str
 ) -> None:
-    client = await _platform(aiohttp_client, tmp_path, KeyError("private detail"))
-    with caplog.at_level(logging.ERROR, logger="edgefn.platform"):
-        resp = await client.get("/v1/test-boom")
+    client = await _serve(aiohttp_client, tmp_path, server, KeyError("private detail"))
+    path, logger = SERVERS[server]
+    with caplog.at_level(logging.ERROR, logger=logger):
+        resp = await client.get(path)
     assert resp.status == 500
     err = (await resp.json())["error"]
     assert err["code"] == "internal" and "private" not in err["message"]
     assert "private detail" in caplog.text
+
+
+async def test_platform_answers_aiohttp_refusals_as_json(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    client = await _serve(aiohttp_client, tmp_path, "platform", KeyError("unused"))
     missing = await client.get("/v1/no-such-route")
     assert missing.status == 404
     assert (await missing.json())["error"]["code"] == "not_found"
