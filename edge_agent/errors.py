@@ -29,12 +29,6 @@ class PayloadTooLarge(AgentError):
     status = 413
 
 
-class BadRequest(AgentError):
-    code = "bad_request"
-    category = "request"
-    status = 400
-
-
 class StartupError(AgentError):
     """The agent cannot start (data dir unwritable, port taken...): exit with a clear message."""
 

@@ -94,4 +94,5 @@ class RequestRejected(RuntimeErrorBase):
     the caller's mistake, so 400 and never retried elsewhere (`bad_request` on the wire)."""
 
     code = "bad_request"
+    category = "request"
     status = 400

@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from runtimes.errors import RuntimeErrorBase
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -61,8 +63,15 @@ _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 
 
-class WalUnavailable(sqlite3.DatabaseError):
-    """The file cannot be switched to WAL (a read-only directory, a network file system)."""
+class WalUnavailable(sqlite3.DatabaseError, RuntimeErrorBase):
+    """The file cannot be switched to WAL (a read-only directory, a network file system).
+
+    A `sqlite3.DatabaseError`, so the stores' `except sqlite3.Error` conversions catch it; also
+    in the one error tree, with its own code, for whoever sees it unconverted.
+    """
+
+    code = "wal_unavailable"
+    category = "storage"
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -122,6 +122,9 @@ NOT_HTTP = {
     "agent_error": "an abstract base, never raised itself",
     "routing_failed": "the class's own name: an instance answers with its last failure's code",
     "protocol_violation": "the worker is killed: its requests answer worker_crashed",
+    "cache_incompatible": "the cache goes degraded (a miss) and rebuilds its file",
+    "cache_unusable": "the same: a degraded cache answers misses, not errors",
+    "wal_unavailable": "a store that cannot open: the agent does not start, or the cache degrades",
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from edge_agent.cache.schema import Incompatible, migrate
 from edge_agent.cache.shared import SELECT_ROW, Shared, State
+from edge_agent.errors import AgentError
 from runtimes.sqlitedb import connect_reader, connect_writer, is_transient
 
 log = logging.getLogger("edge_agent.cache")
@@ -115,8 +116,11 @@ def prune_set_aside(path: Path, keep: int = KEEP_SET_ASIDE) -> None:
                 (path.parent / (old + suffix)).unlink()
 
 
-class Unusable(Exception):
-    """The file cannot be opened or created now; retried with backoff."""
+class Unusable(AgentError):
+    """The file cannot be opened or created now; retried with backoff (the cache is degraded)."""
+
+    code = "cache_unusable"
+    category = "storage"
 
 
 class FileKeeper:

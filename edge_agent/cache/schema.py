@@ -13,11 +13,18 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+from edge_agent.errors import AgentError
 from runtimes.sqlitedb import transaction
 
 
-class Incompatible(Exception):
-    """The file is a SQLite database, but not one we can use (newer schema, missing table)."""
+class Incompatible(AgentError):
+    """The file is a SQLite database, but not one we can use (newer schema, missing table).
+
+    It never reaches a client: the cache goes degraded (every lookup a miss) and rebuilds.
+    """
+
+    code = "cache_incompatible"
+    category = "storage"
 
 
 def _m1_entries(conn: sqlite3.Connection) -> None:
