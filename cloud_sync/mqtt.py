@@ -29,6 +29,11 @@ Outbound: `await publish(...)` resolves on PUBACK, raises `PublishTimeout` after
 outbox records to the broker is the sync client's sender (`cloud_sync.sync`), which acknowledges
 them in the outbox only after PUBACK. `state` exposes connected / last_connected /
 since_disconnected / last_error for that MQTT-or-HTTP decision.
+
+Beside this module, one concern each: `mqtt_paho.py` (how paho is configured: protocol,
+persistent session, bounded queues, TLS, will; PUBACK reason codes), `mqtt_inbound.py` (the
+delivered message, decoded against the topic tree) and `mqtt_link.py` (the link's state and the
+stable codes for why it is down). This module keeps the loop/thread choreography between them.
 """
 
 from __future__ import annotations
@@ -36,35 +41,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import random
 import ssl
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, cast
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from cloud_sync import topics
+from cloud_sync import mqtt_paho, topics
 from cloud_sync.credentials import DeviceCredentials
 from cloud_sync.errors import (
     MqttError,
     NotConnected,
     PublishBackpressure,
-    PublishRefused,
     PublishTimeout,
     SessionClosed,
     TopicError,
 )
+from cloud_sync.mqtt_inbound import USER_PROPERTY_KEY as USER_PROPERTY_KEY
+from cloud_sync.mqtt_inbound import USER_PROPERTY_KIND as USER_PROPERTY_KIND
+from cloud_sync.mqtt_inbound import InboundMessage as InboundMessage
+from cloud_sync.mqtt_inbound import inbound_message
+from cloud_sync.mqtt_link import LinkStatus
+from cloud_sync.mqtt_link import SessionState as SessionState
+from cloud_sync.mqtt_link import classify_error as classify_error
+from cloud_sync.mqtt_paho import CONNECT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -73,43 +81,20 @@ R = TypeVar("R")
 
 # ---- tuning (module level so tests and the agent's settings can change them) ------------------
 
-# Keepalive: the broker declares us dead (and publishes the will) after 1.5x this without traffic.
-# 30 s keeps NAT/firewall state alive on cellular links without costing much battery or data.
-KEEPALIVE_S = 30
-# How long the broker keeps our session (subscriptions + queued QoS 1 messages) while we are away.
-# A week covers a long weekend outage; the broker's own cap may be lower.
-SESSION_EXPIRY_S = 7 * 24 * 3600
+# Connection, session and queue settings of paho itself are in `mqtt_paho.py`.
 # Reconnect backoff: first retry after ~RECONNECT_MIN_S, doubling to RECONNECT_MAX_S; each wait is
 # uniform in [d/2, d] ("equal jitter") so a fleet spreads out after a broker restart while one
 # device still retries quickly after a blip.
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 60.0
-# TCP connect + TLS handshake timeout on paho's thread; also bounds how long close() can wait for
-# that thread to notice it should stop.
-CONNECT_TIMEOUT_S = 10.0
 # A PUBACK normally takes well under a millisecond on a LAN; 10 s tolerates a slow cellular link.
 # A timed-out record stays in the outbox and is sent again (the platform dedupes by key).
 PUBLISH_TIMEOUT_S = 10.0
-# QoS 1 messages on the wire at once, and paho's whole outgoing queue (wire + waiting). paho's
-# queue is unbounded by default; ours is bounded because the outbox, not paho, holds the backlog.
-MAX_INFLIGHT = 32
-MAX_QUEUED = 256
-# Unacknowledged QoS 1 deliveries the broker may send us (MQTT 5 Receive Maximum). With manual
-# acks this is what bounds `messages`; QoS 0 traffic is bounded by MESSAGE_QUEUE_MAX instead.
-RECEIVE_MAXIMUM = 32
+# Inbound messages waiting for the consumer. QoS 1 deliveries are bounded before this by the
+# MQTT 5 Receive Maximum (`mqtt_paho.RECEIVE_MAXIMUM`, with manual acks); this bounds QoS 0.
 MESSAGE_QUEUE_MAX = 1024
 # close(): how long to wait for the goodbye publish and for paho's thread to stop.
 CLOSE_TIMEOUT_S = 5.0
-
-# PUBACK reason codes that will not change on retry: the record is discarded (and counted).
-PERMANENT_REFUSALS = {
-    0x87: "not authorized",
-    0x90: "topic name invalid",
-    0x95: "packet too large",
-    0x99: "payload format invalid",
-}
-USER_PROPERTY_KEY = "edgefn-key"
-USER_PROPERTY_KIND = "edgefn-kind"
 
 
 def _guarded(fn: Callable[P, None]) -> Callable[P, None]:
@@ -123,89 +108,6 @@ def _guarded(fn: Callable[P, None]) -> Callable[P, None]:
             log.exception("MQTT callback %s failed", fn.__name__)
 
     return wrapper
-
-
-def classify_error(text: str) -> str:
-    """A stable code for why a connection failed, from an exception or paho log text."""
-    t = text.lower()
-    if "revoked" in t:
-        return "certificate_revoked"
-    if "certificate verify failed" in t or "hostname" in t:
-        return "server_certificate_rejected"
-    if any(
-        s in t
-        for s in (
-            "unknown ca",
-            "bad certificate",
-            "certificate unknown",
-            "certificate required",
-            "certificate expired",
-            "handshake failure",
-            "access denied",
-        )
-    ):
-        return "certificate_rejected"
-    if "refused" in t or "unreachable" in t or "timed out" in t or "name or service" in t:
-        return "broker_unreachable"
-    return "connection_failed"
-
-
-@dataclass(frozen=True, slots=True)
-class SessionState:
-    connected: bool
-    last_connected: float | None  # wall clock (time.time()) of the last successful CONNACK
-    since_disconnected: float | None  # seconds offline (since start if never up); None if up
-    connects: int  # successful CONNACKs since start
-    session_present: bool  # the broker still had our session at the last connect
-    last_error: str | None  # the latest reason we were not connected, human readable
-    last_error_code: str | None  # stable code: certificate_revoked, broker_unreachable, ...
-
-
-@dataclass(slots=True)
-class InboundMessage:
-    """A message delivered to us, decoded. Call `await msg.ack()` once it is safely handled."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    dup: bool
-    scope: str | None  # "device" / "group" when the topic is in our tree
-    target: str | None  # the device id or group name in the topic
-    kind: str | None  # desired, reported, ...
-    value: Any  # JSON value (presence: str); None for an empty payload or a decode error
-    error: str | None
-    user_properties: tuple[tuple[str, str], ...] = ()
-    _acker: Callable[[], None] | None = field(default=None, repr=False)
-
-    async def ack(self) -> None:
-        """Acknowledge to the broker (QoS 1 PUBACK). Idempotent; a no-op for QoS 0."""
-        acker, self._acker = self._acker, None
-        if acker is not None:
-            acker()
-
-    @property
-    def key(self) -> str | None:
-        """The sender's idempotency key (user property `edgefn-key`), if any."""
-        for k, v in self.user_properties:
-            if k == USER_PROPERTY_KEY:
-                return v
-        return None
-
-
-def _properties(packet_type: int) -> Properties:
-    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves it untyped
-
-
-def _decode(kind: str | None, payload: bytes) -> tuple[Any, str | None]:
-    if not payload:
-        return None, None
-    if kind == "presence":
-        return payload.decode("utf-8", "replace"), None
-    try:
-        return json.loads(payload), None
-    except (UnicodeDecodeError, ValueError) as exc:
-        return None, f"payload is not JSON: {exc}"
 
 
 class MqttSession:
@@ -242,16 +144,7 @@ class MqttSession:
         self._closing = False  # set once the goodbye is sent: no more publishes
         self._close_started = False
         # Loop-owned state.
-        self._connected = False
-        self._connected_evt = asyncio.Event()
-        self._ready_evt = asyncio.Event()
-        self._last_connected: float | None = None
-        self._down_since: float | None = time.monotonic()
-        self._connects = 0
-        self._session_present = False
-        self._last_error: str | None = None
-        self._last_error_code: str | None = None
-        self._error_is_specific = False
+        self._link = LinkStatus()
         self._pending: dict[int, asyncio.Future[None]] = {}
         # paho-thread-owned state.
         self._attempt = 0
@@ -291,28 +184,9 @@ class MqttSession:
         if self._client is not None:
             raise MqttError("session already started")
         self._loop = asyncio.get_running_loop()
-        if self.mqtt311:
-            client = mqtt.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=self.client_id,
-                protocol=mqtt.MQTTv311,
-                clean_session=False,
-                manual_ack=True,
-            )
-        else:
-            client = mqtt.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=self.client_id,
-                protocol=mqtt.MQTTv5,
-                manual_ack=True,
-            )
-        client.connect_timeout = CONNECT_TIMEOUT_S
-        client.max_inflight_messages_set(MAX_INFLIGHT)
-        client.max_queued_messages_set(MAX_QUEUED)
-        if self._ssl is not None:
-            client.tls_set_context(self._ssl)
-        if self._will is not None:
-            client.will_set(self._will[0], self._will[1], qos=topics.QOS, retain=True)
+        client = mqtt_paho.new_client(
+            self.client_id, mqtt311=self.mqtt311, ssl_context=self._ssl, will=self._will
+        )
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -320,15 +194,7 @@ class MqttSession:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_log = self._on_log
-        if self.mqtt311:
-            client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S)
-        else:
-            props = _properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
-            props.ReceiveMaximum = RECEIVE_MAXIMUM
-            client.connect_async(
-                self.host, self.port, keepalive=KEEPALIVE_S, clean_start=False, properties=props
-            )
+        mqtt_paho.connect_async(client, self.host, self.port, mqtt311=self.mqtt311)
         self._client = client
         client.loop_start()
 
@@ -338,7 +204,7 @@ class MqttSession:
             return
         self._close_started = True
         client = self._client
-        if client is not None and self._connected and self._will is not None:
+        if client is not None and self._link.connected and self._will is not None:
             with contextlib.suppress(MqttError):
                 await self.publish(
                     self._will[0], self._will[1], retain=True, ack_timeout_s=CLOSE_TIMEOUT_S / 2
@@ -366,7 +232,7 @@ class MqttSession:
             reset = getattr(client, "_reset_sockets", None)
             if reset is not None:
                 reset(sockpair_only=True)
-        self._set_connected(False)
+        self._link.set_connected(False)
         self._client = None
 
     def _stop_thread(self, client: mqtt.Client, stopped: asyncio.Event) -> None:
@@ -380,28 +246,19 @@ class MqttSession:
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        return self._link.connected
 
     @property
     def state(self) -> SessionState:
-        down = self._down_since
-        return SessionState(
-            connected=self._connected,
-            last_connected=self._last_connected,
-            since_disconnected=None if down is None else time.monotonic() - down,
-            connects=self._connects,
-            session_present=self._session_present,
-            last_error=self._last_error,
-            last_error_code=self._last_error_code,
-        )
+        return self._link.snapshot()
 
     async def wait_connected(self, within_s: float | None = None) -> None:
         """Wait for a connection; raises NotConnected (with the last error) after `within_s`."""
-        await self._wait(self._connected_evt, within_s)
+        await self._wait(self._link.connected_evt, within_s)
 
     async def wait_ready(self, within_s: float | None = None) -> None:
         """Wait until connected *and* subscribed (SUBACK seen or session kept by the broker)."""
-        await self._wait(self._ready_evt, within_s)
+        await self._wait(self._link.ready_evt, within_s)
 
     async def _wait(self, evt: asyncio.Event, within_s: float | None) -> None:
         if self._closing:
@@ -433,22 +290,23 @@ class MqttSession:
         client = self._client
         if client is None or self._closing:
             raise SessionClosed("session is not running")
-        if not self._connected:
+        if not self._link.connected:
+            last_error = self._link.last_error
             raise NotConnected(
-                "not connected" + (f": {self._last_error}" if self._last_error else ""),
+                "not connected" + (f": {last_error}" if last_error else ""),
                 code=NotConnected.code,
             )
         props = None
         user_props = list(user_properties)
         if user_props and not self.mqtt311:
-            props = _properties(PacketTypes.PUBLISH)
+            props = mqtt_paho.properties(PacketTypes.PUBLISH)
             props.UserProperty = user_props
         try:
             info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         except ValueError as exc:  # bad topic / qos / payload size
             raise TopicError(f"cannot publish to {topic!r}: {exc}") from exc
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            raise PublishBackpressure(f"paho queue full ({MAX_QUEUED} messages)")
+            raise PublishBackpressure(f"paho queue full ({mqtt_paho.MAX_QUEUED} messages)")
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise MqttError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
         if qos == 0:
@@ -587,37 +445,16 @@ class MqttSession:
 
     # ---- loop side -------------------------------------------------------------------------
 
-    def _set_connected(self, up: bool) -> None:
-        self._connected = up
-        if up:
-            self._connected_evt.set()
-            self._down_since = None
-        else:
-            self._connected_evt.clear()
-            self._ready_evt.clear()
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-
     def _record_error(self, code: str, text: str, specific: bool) -> None:
-        # A specific reason (certificate revoked) is not overwritten by the generic "connection
-        # lost" that paho reports right after it, until a connection succeeds again.
-        if self._closing or (not specific and self._error_is_specific):
-            return
-        self._last_error, self._last_error_code = text, code
-        self._error_is_specific = specific
-        if specific:
+        if not self._closing and self._link.record_error(code, text, specific) and specific:
             log.info("MQTT %s: %s (%s)", self.client_id, text, code)
 
     def _on_connected_loop(self, session_present: bool, ready_now: bool) -> None:
         if self._closing:
             return
-        self._connects += 1
-        self._last_connected = time.time()
-        self._session_present = session_present
-        self._error_is_specific = False
-        self._set_connected(True)
+        self._link.came_up(session_present)
         if ready_now:
-            self._ready_evt.set()
+            self._link.ready_evt.set()
         log.info(
             "MQTT %s connected to %s:%s (session present: %s)",
             self.client_id,
@@ -627,8 +464,8 @@ class MqttSession:
         )
 
     def _on_disconnected_loop(self, reason: str) -> None:
-        was_up = self._connected
-        self._set_connected(False)
+        was_up = self._link.connected
+        self._link.set_connected(False)
         if was_up:
             self._record_error("connection_lost", f"connection lost: {reason}", False)
             log.info("MQTT %s disconnected: %s", self.client_id, reason)
@@ -639,14 +476,9 @@ class MqttSession:
         fut = self._pending.get(mid)
         if fut is None or fut.done():
             return
-        if code >= 0x80:
-            fut.set_exception(
-                PublishRefused(
-                    f"broker refused the publish: {text} (0x{code:02x})",
-                    reason_code=code,
-                    permanent=code in PERMANENT_REFUSALS,
-                )
-            )
+        err = mqtt_paho.puback_error(code, text)
+        if err is not None:
+            fut.set_exception(err)
         else:
             fut.set_result(None)
 
@@ -655,8 +487,8 @@ class MqttSession:
             self._record_error(
                 "subscription_refused", "subscription refused: " + "; ".join(bad), True
             )
-        if self._connected:
-            self._ready_evt.set()
+        if self._link.connected:
+            self._link.ready_evt.set()
 
     def _on_message_loop(
         self,
@@ -669,28 +501,11 @@ class MqttSession:
         user_props: tuple[tuple[str, str], ...],
         generation: int,
     ) -> None:
-        try:
-            parsed: topics.Topic | None = topics.parse(topic)
-        except TopicError:
-            parsed = None
-        kind = parsed.kind if parsed else None
-        value, error = _decode(kind, payload)
         acker = None
         if qos > 0:
             acker = functools.partial(self._ack, mid, qos, generation)
-        msg = InboundMessage(
-            topic=topic,
-            payload=payload,
-            qos=qos,
-            retain=retain,
-            dup=dup,
-            scope=parsed.scope if parsed else None,
-            target=parsed.id if parsed else None,
-            kind=kind,
-            value=value,
-            error=error,
-            user_properties=user_props,
-            _acker=acker,
+        msg = inbound_message(
+            topic, payload, qos=qos, retain=retain, dup=dup, user_properties=user_props, acker=acker
         )
         try:
             self.messages.put_nowait(msg)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from cloud_sync.cloud_invoke import CloudInvoker
+from cloud_sync.http_server import bound_port
 from edge_agent.api import Api
 from edge_agent.auth import Authenticator
 from edge_agent.discovery import Advertiser, agent_txt
@@ -375,7 +376,7 @@ class Agent:
             await site.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {exc.strerror}") from exc
-        port = _bound_port(self._runner) or s.port
+        port = bound_port(self._runner) or s.port
         host = f"[{s.host}]" if ":" in s.host else s.host
         self.url = f"{'https' if listen_ssl else 'http'}://{host}:{port}"
         atomic_write(
@@ -476,12 +477,3 @@ class Agent:
             await stop.wait()
         finally:
             await self.stop()
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for addr in runner.addresses:
-        if isinstance(addr, tuple) and len(addr) >= 2:
-            return int(addr[1])
-    server = getattr(runner, "server", None)
-    sockets: list[socket.socket] = getattr(server, "sockets", []) if server else []
-    return sockets[0].getsockname()[1] if sockets else 0

@@ -29,6 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
+from cloud_sync.http_server import HTTP_STATUS_CODES, escaped_error_answer
 from edge_agent.auth import LOCAL, Authenticator, AuthFailure, Principal
 from edge_agent.errors import PayloadTooLarge
 from edge_agent.functions import FunctionSet
@@ -254,14 +255,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PRINCIPAL = web.RequestKey("edgefn.principal", Principal)
 _PUBLIC_FUNCTION_FIELDS = ("name", "version", "runtime")
 
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    500: "internal",
-}
-
 
 def _guarded(handler: Handler) -> Handler:
     """Every error leaves as JSON with a stable code, including aiohttp's own HTTP errors.
@@ -272,13 +265,13 @@ def _guarded(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
+        except Exception as exc:
+            # No handler expected it; an edgefn error keeps its stable code (and status).
+            where = f"{request.method} {request.path}"
+            answer = escaped_error_answer(exc, server="agent", log=log, where=where)
+            if answer is None:
                 raise
-            return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason)
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(500, "internal", "internal error (see the agent log)")
+            return error_response(*answer)
 
     return guarded
 
@@ -292,8 +285,8 @@ async def _no_route(request: web.Request) -> web.StreamResponse:
         _match, methods = await resource.resolve(request)
         allowed |= methods
     if allowed:
-        return error_response(405, _HTTP_CODES[405], "Method Not Allowed")
-    return error_response(404, _HTTP_CODES[404], "Not Found")
+        return error_response(405, HTTP_STATUS_CODES[405], "Method Not Allowed")
+    return error_response(404, HTTP_STATUS_CODES[404], "Not Found")
 
 
 class JsonErrorHandler(RequestHandler):
@@ -317,6 +310,6 @@ class JsonErrorHandler(RequestHandler):
         # plain-text answer is replaced by ours.
         super().handle_error(request, status, exc, message)
         reason = message if status != 500 and message else "internal error (see the agent log)"
-        resp = error_response(status, _HTTP_CODES.get(status, "http_error"), reason)
+        resp = error_response(status, HTTP_STATUS_CODES.get(status, "http_error"), reason)
         resp.force_close()  # as aiohttp does: the connection's state is unknown after this
         return resp

@@ -32,9 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hardware.cgroupfs import (
+    CPU_PERIOD_US,
+    MB,
+    POLL_S,
+    REMOVE_TIMEOUT_S,
     CgroupReport,
     CgroupStatus,
     check_name,
+    cpu_quota_us,
     join_argv,
     read_keyed,
     read_lines,
@@ -48,17 +53,8 @@ from hardware.errors import CgroupError
 from hardware.limits import WorkerLimits
 
 CONTROLLERS: tuple[str, ...] = ("memory", "pids", "cpu")
-# cpu.max period: the kernel's default; quota = cores * period.
-CPU_PERIOD_US = 100_000
-# The kernel refuses a cpu.max quota below 1 ms.
-_MIN_CPU_QUOTA_US = 1_000
 # Processes can be forked into our cgroup while we move them out of it; a few passes settle it.
 _MOVE_ROUNDS = 5
-# How long remove() waits for killed processes to leave the group (they exit within
-# milliseconds unless stuck in uninterruptible I/O), and how often it looks.
-REMOVE_TIMEOUT_S = 5.0
-_POLL_S = 0.01
-_MB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +119,7 @@ class WorkerCgroup:
                     raise CgroupError(
                         f"cannot remove {self.path}: {exc} (pids left: {self.pids()})"
                     ) from exc
-            time.sleep(_POLL_S)
+            time.sleep(POLL_S)
 
 
 class CgroupManager:
@@ -314,7 +310,7 @@ class CgroupManager:
 def apply_limits(leaf: Path, controllers: frozenset[str], limits: WorkerLimits) -> None:
     """Write the limits the enabled controllers can enforce into a worker's group."""
     if "memory" in controllers and limits.memory_mb:
-        write(leaf / "memory.max", str(limits.memory_mb * _MB))
+        write(leaf / "memory.max", str(limits.memory_mb * MB))
         # Swap would let a worker exceed memory.max silently (and slowly); the group shares
         # one OOM fate so a worker never survives with half its processes killed. Both files
         # are optional (no swap accounting; older kernels).
@@ -323,8 +319,7 @@ def apply_limits(leaf: Path, controllers: frozenset[str], limits: WorkerLimits) 
     if "pids" in controllers and limits.processes:
         write(leaf / "pids.max", str(limits.processes))
     if "cpu" in controllers and limits.cpu_cores:
-        quota = max(_MIN_CPU_QUOTA_US, round(limits.cpu_cores * CPU_PERIOD_US))
-        write(leaf / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+        write(leaf / "cpu.max", f"{cpu_quota_us(limits.cpu_cores)} {CPU_PERIOD_US}")
 
 
 def _enable(directory: Path, controllers: frozenset[str]) -> None:

@@ -31,9 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hardware.cgroupfs import (
+    CPU_PERIOD_US,
+    MB,
+    POLL_S,
+    REMOVE_TIMEOUT_S,
     CgroupReport,
     CgroupStatus,
     check_name,
+    cpu_quota_us,
     join_argv,
     read_keyed,
     read_lines,
@@ -46,14 +51,6 @@ from hardware.errors import CgroupError
 from hardware.limits import WorkerLimits
 
 CONTROLLERS: tuple[str, ...] = ("memory", "pids", "cpu")
-# cfs period: the kernel's default; quota = cores * period. The kernel refuses quotas < 1 ms.
-CPU_PERIOD_US = 100_000
-_MIN_CPU_QUOTA_US = 1_000
-# How long remove() waits for killed processes to leave the group (milliseconds unless stuck
-# in uninterruptible I/O), and how often it looks and kills again (a fork loop's children).
-REMOVE_TIMEOUT_S = 5.0
-_POLL_S = 0.01
-_MB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +113,7 @@ class WorkerCgroupV1:
                         raise CgroupError(
                             f"cannot remove {directory}: {exc} (pids left: {self.pids()})"
                         ) from exc
-                    time.sleep(_POLL_S)
+                    time.sleep(POLL_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +269,7 @@ class CgroupV1Manager:
 def apply_limits_v1(leaf: Path, controllers: frozenset[str], limits: WorkerLimits) -> None:
     """Write the limits the controllers of this hierarchy can enforce into a worker's group."""
     if "memory" in controllers and limits.memory_mb:
-        size = str(limits.memory_mb * _MB)
+        size = str(limits.memory_mb * MB)
         # memsw (memory + swap) must be >= the memory limit, so the memory limit goes first;
         # equal values mean "no swap": a worker cannot dodge its limit by being swapped out.
         write(leaf / "memory.limit_in_bytes", size)
@@ -280,9 +277,8 @@ def apply_limits_v1(leaf: Path, controllers: frozenset[str], limits: WorkerLimit
     if "pids" in controllers and limits.processes:
         write(leaf / "pids.max", str(limits.processes))
     if "cpu" in controllers and limits.cpu_cores:
-        quota = max(_MIN_CPU_QUOTA_US, round(limits.cpu_cores * CPU_PERIOD_US))
         write(leaf / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-        write(leaf / "cpu.cfs_quota_us", str(quota))
+        write(leaf / "cpu.cfs_quota_us", str(cpu_quota_us(limits.cpu_cores)))
 
 
 def _v1_mounts(root: Path) -> dict[frozenset[str], tuple[Path, str]]:

@@ -23,6 +23,22 @@ from hardware.limits import WorkerLimits
 # Names we create directories with (function names, worker ids, our prefix): no path tricks.
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
+# The kernel's default CPU period (v2 `cpu.max`, v1 `cpu.cfs_period_us`); quota = cores * period.
+CPU_PERIOD_US = 100_000
+# The kernel refuses a CPU quota below 1 ms.
+MIN_CPU_QUOTA_US = 1_000
+# How long a group's remove() waits for killed processes to leave it (they exit within
+# milliseconds unless stuck in uninterruptible I/O), and how often it looks (and kills again: a
+# fork loop's children).
+REMOVE_TIMEOUT_S = 5.0
+POLL_S = 0.01
+MB = 1024 * 1024
+
+
+def cpu_quota_us(cores: float) -> int:
+    """The quota per `CPU_PERIOD_US` that gives `cores` cores, never below the kernel's floor."""
+    return max(MIN_CPU_QUOTA_US, round(cores * CPU_PERIOD_US))
+
 
 @dataclass(frozen=True, slots=True)
 class CgroupStatus:

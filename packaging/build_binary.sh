@@ -115,6 +115,25 @@ args=(
   # cloud_sync.platform is the cloud side; import-linter forbids the agent to import it, and this
   # makes the binary fail loudly (ImportError) instead of silently carrying it if one appears.
   --nofollow-import-to=cloud_sync.platform
+  # The author's toolchain (edge-cloud fn/keys) is forbidden to the agent the same way.
+  --nofollow-import-to=cloud_sync.author
+  # The platform's own libraries: sqlite-utils (and what it brings: click, dateutil, pluggy,
+  # tabulate, sqlite-fts4) and the embedded amqtt broker (transitions, websockets, typer, ...).
+  # The agent uses plain sqlite3 and paho; none of its dependencies import these.
+  --nofollow-import-to=sqlite_utils
+  --nofollow-import-to=sqlite_fts4
+  --nofollow-import-to=click
+  --nofollow-import-to=click_default_group
+  --nofollow-import-to=dateutil
+  --nofollow-import-to=pluggy
+  --nofollow-import-to=tabulate
+  --nofollow-import-to=amqtt
+  --nofollow-import-to=transitions
+  --nofollow-import-to=websockets
+  --nofollow-import-to=typer
+  --nofollow-import-to=dacite
+  --nofollow-import-to=pwdlib
+  --nofollow-import-to=yaml
   --nofollow-import-to='*.tests'
   --nofollow-import-to='*.test'
   --nofollow-import-to=test
@@ -148,7 +167,6 @@ args=(
   # raise Nuitka's "actively excluded" ImportError, which breaks such probes.
   --no-deployment-flag=excluded-module-usage
   --nofollow-import-to=aiohttp.worker
-  --nofollow-import-to=dateutil.tz.win
   --nofollow-import-to=psutil._psaix
   --nofollow-import-to=psutil._psbsd
   --nofollow-import-to=psutil._psosx
@@ -162,10 +180,10 @@ args=(
 # Build time: C-compiling a module costs seconds of CPU, so only the code on the invocation path
 # (edge_agent, runtimes, hardware, aiohttp's server side, the stdlib's C parts) is compiled.
 # Packages used at start-up, by the CLI or not at all (pure-Python fallbacks of C extensions,
-# aiohttp's client side, sqlite-utils' schema helpers and their dependencies) go in as bytecode
-# and run exactly as under CPython. This halves the C compile (report.xml has the per-module
-# CPU times). aiohttp's client stays importable: cloud sync may use it.
-for mod in click dateutil pluggy sqlite_fts4 tabulate sqlite_utils attr attrs typing_extensions \
+# aiohttp's client side) go in as bytecode and run exactly as under CPython. This halves the C
+# compile (report.xml has the per-module CPU times). aiohttp's client stays: the agent's HTTP
+# client (cloud sync, cloud invoke) uses it.
+for mod in attr attrs typing_extensions \
   idna psutil tzdata multidict._multidict_py yarl._quoting_py propcache._helpers_py \
   aiohttp._websocket.reader_py aiohappyeyeballs aiohttp.client aiohttp.client_exceptions \
   aiohttp.client_middleware_digest_auth aiohttp.client_middlewares aiohttp.client_proto \

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -88,6 +89,11 @@ class Pool:
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_error = ""
+        # Why the sandbox says a worker was stopped (the kernel's memory limit...), next to
+        # what the worker itself saw (a signal): see `_crash_error`. Weak: gone with the worker.
+        self._stops: weakref.WeakKeyDictionary[Worker, tuple[str, str]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.restarts = 0
         self.timeouts = 0
         self.peak_instances = 0
@@ -171,11 +177,31 @@ class Pool:
         try:
             frame = await fut
         except WorkerCrashed as exc:
-            self.last_error = exc.message  # now, not when the exit is reaped a moment later
-            raise
+            err = self._crash_error(worker, exc)
+            self.last_error = err.message  # now, not when the exit is reaped a moment later
+            if err is exc:
+                raise
+            raise err from exc
         finally:
             self._release(worker)
         return result_from_frame(frame, queued, time.perf_counter() - started - queued)
+
+    def _crash_error(self, worker: Worker, exc: WorkerCrashed) -> WorkerCrashed:
+        """The request's crash, with the sandbox's reason for it when there is one.
+
+        The worker fails its requests with what it saw ("was killed by SIGKILL") and then calls
+        `_on_exit`, which asks the sandbox why; both happen before this request resumes, so the
+        richer reason ("exceeded its memory limit (stopped by the kernel...)") is known here
+        and must not be overwritten by the bare one.
+        """
+        stop = self._stops.get(worker)
+        if stop is None:
+            return exc
+        seen, why = stop
+        head = f"worker {worker.pid} {seen}"
+        if exc.message.startswith(head):  # keep the stderr tail that follows
+            return WorkerCrashed(f"worker {worker.pid} {why} ({seen}){exc.message[len(head) :]}")
+        return WorkerCrashed(f"{exc.message}; {why}")
 
     def _pick(self) -> Worker | None:
         if self._closing:
@@ -357,6 +383,7 @@ class Pool:
         if prepared is not None and self._sandbox is not None:
             reason = self._sandbox.finished(prepared, worker)
             if reason:
+                self._stops[worker] = (worker.exit_reason, reason)
                 worker.exit_reason = f"{reason} ({worker.exit_reason})"
         if self._closing or worker.closing:
             return

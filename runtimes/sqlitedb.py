@@ -63,10 +63,11 @@ _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 
 
-class WalUnavailable(RuntimeErrorBase, sqlite3.DatabaseError):
+class WalUnavailable(sqlite3.DatabaseError, RuntimeErrorBase):
     """The file cannot be switched to WAL (a read-only directory, a network file system).
 
-    Still a `sqlite3.DatabaseError`, so the stores' "this file is unusable" paths catch it.
+    A `sqlite3.DatabaseError`, so the stores' `except sqlite3.Error` conversions catch it; also
+    in the one error tree, with its own code, for whoever sees it unconverted.
     """
 
     code = "wal_unavailable"
@@ -79,8 +80,31 @@ def is_transient(exc: BaseException) -> bool:
     return code is not None and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
-def _uri(path: Path, mode: str) -> str:
-    return f"{Path(path).absolute().as_uri()}?mode={mode}"
+def _connect(
+    path: str | os.PathLike[str],
+    mode: str,
+    *,
+    busy_timeout_s: float,
+    check_same_thread: bool,
+    pragmas: Callable[[sqlite3.Connection], None],
+) -> sqlite3.Connection:
+    """Open `path` in URI `mode` (rwc, rw) and run `pragmas`; closed again if they fail.
+
+    `isolation_level=None`: transactions are ours (`transaction`), nothing implicit.
+    """
+    conn = sqlite3.connect(
+        f"{Path(path).absolute().as_uri()}?mode={mode}",
+        uri=True,
+        isolation_level=None,
+        timeout=busy_timeout_s,
+        check_same_thread=check_same_thread,
+    )
+    try:
+        pragmas(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def connect_writer(
@@ -92,26 +116,23 @@ def connect_writer(
 ) -> sqlite3.Connection:
     """Open (creating if needed) the write connection: WAL, `synchronous`, a bounded WAL file.
 
-    `isolation_level=None`: transactions are ours (`transaction`), nothing implicit. Raises
-    sqlite3.Error (WalUnavailable when WAL cannot be had); the caller converts it.
+    Raises sqlite3.Error (WalUnavailable when WAL cannot be had); the caller converts it.
     """
-    conn = sqlite3.connect(
-        _uri(Path(path), "rwc"),
-        uri=True,
-        isolation_level=None,
-        timeout=busy_timeout_s,
-        check_same_thread=check_same_thread,
-    )
-    try:
+
+    def pragmas(conn: sqlite3.Connection) -> None:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise WalUnavailable(f"cannot switch {path} to WAL mode (journal_mode is {mode})")
         conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+
+    return _connect(
+        path,
+        "rwc",
+        busy_timeout_s=busy_timeout_s,
+        check_same_thread=check_same_thread,
+        pragmas=pragmas,
+    )
 
 
 def connect_reader(
@@ -122,19 +143,17 @@ def connect_reader(
     Busy timeout 0 by default: WAL readers never wait on the writer, so "busy" only happens
     while the file is being recovered, and then an answer now beats an answer later.
     """
-    conn = sqlite3.connect(
-        _uri(Path(path), "rw"),
-        uri=True,
-        isolation_level=None,
-        timeout=busy_timeout_s,
+    return _connect(
+        path,
+        "rw",
+        busy_timeout_s=busy_timeout_s,
         check_same_thread=check_same_thread,
+        pragmas=_query_only,
     )
-    try:
-        conn.execute("PRAGMA query_only=1")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+
+
+def _query_only(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA query_only=1")
 
 
 @contextlib.contextmanager

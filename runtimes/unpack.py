@@ -1,12 +1,12 @@
-"""Safe extraction of gzip-compressed tar payloads, and the strict ustar header parser under it.
+"""Safe extraction of gzip-compressed tar payloads; the strict header parser is `runtimes.ustar`.
 
 Flow of `unpack_archives`:
   1. create a private staging dir next to `dest` (same filesystem, so the final rename is atomic);
   2. for each archive, stream it: read compressed bytes in chunks (hashing them), inflate with a
      cap on output per call, and abort as soon as the inflated/consumed ratio or the absolute size
      passes its bound - a bomb is never inflated in full;
-  3. parse each 512-byte ustar header with our own code (`parse_header`) and refuse anything but
-     plain files and directories with safe relative names;
+  3. parse each 512-byte ustar header with our own code (`runtimes.ustar.parse_header`) and
+     refuse anything but plain files and directories with safe relative names;
   4. create every file relative to directory fds with O_CREAT|O_EXCL|O_NOFOLLOW, modes 0o644/0o755;
   5. check the archive's sha256 (guards against the file changing between verify and unpack);
   6. fsync files and directories, rename staging -> dest, fsync the parent.
@@ -32,12 +32,17 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
-from runtimes.errors import BundleError
 from runtimes.fsio import fsync_dir
+from runtimes.ustar import BLOCK as BLOCK
+from runtimes.ustar import DEFAULT_MAX_DEPTH
+from runtimes.ustar import TarHeader as TarHeader
+from runtimes.ustar import check_name as check_name
+from runtimes.ustar import padded as padded
+from runtimes.ustar import parse_header as parse_header
+from runtimes.ustar import refusal as _fail
 
-BLOCK = 512
 MiB = 1 << 20
 
 # Read size for compressed input and the cap on inflated output per zlib call. The cap is what
@@ -47,18 +52,6 @@ _CHUNK = 64 * 1024
 _FILE_MODE = 0o644
 _EXEC_MODE = 0o755
 _DIR_MODE = 0o755
-
-# Refused typeflags and why; anything not listed here nor b"0"/b"\0"/b"5" is "unknown".
-_LINK_TYPES = {b"1": "hard link", b"2": "symbolic link"}
-_SPECIAL_TYPES = {b"3": "character device", b"4": "block device", b"6": "fifo"}
-_EXTENSION_TYPES = {
-    b"x": "pax extended header",
-    b"g": "pax global header",
-    b"L": "GNU long name",
-    b"K": "GNU long link name",
-    b"S": "GNU sparse file",
-    b"7": "contiguous file",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,18 +67,10 @@ class UnpackLimits:
     # The ratio is only judged after this many inflated bytes: tiny archives of a few small text
     # files legitimately inflate far more than `max_ratio` (mostly zero header padding).
     ratio_grace_bytes: int = 1 * MiB
-    max_depth: int = 32  # path components; bounds the directory fds we open per entry
+    max_depth: int = DEFAULT_MAX_DEPTH  # path components; bounds the directory fds per entry
 
 
 DEFAULT_LIMITS = UnpackLimits()
-
-
-@dataclass(frozen=True, slots=True)
-class TarHeader:
-    name: str  # normalised: relative, "/"-separated, no trailing slash
-    kind: Literal["file", "dir"]
-    mode: int  # permission bits only
-    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,137 +90,6 @@ class UnpackResult:
     files: int
     dirs: int
     bytes: int
-
-
-# ---------------------------------------------------------------------------------------------
-# Header parsing (pure)
-
-
-def _fail(code: str, message: str) -> BundleError:
-    return BundleError(message, code=code)
-
-
-def _number(field: bytes, what: str, where: str) -> int:
-    if field and field[0] & 0x80:
-        # GNU base-256: only needed past 8 GiB, which no payload of ours reaches.
-        raise _fail("malformed_bundle", f"{where}: base-256 number in {what} is not supported")
-    text = field.lstrip(b" ")
-    end = len(text)
-    for i, ch in enumerate(text):
-        if ch in (0, 0x20):
-            end = i
-            break
-    digits, rest = text[:end], text[end:]
-    if rest.strip(b"\0 "):
-        raise _fail("malformed_bundle", f"{where}: bad {what} field {field!r}")
-    if not digits:
-        return 0
-    if any(ch not in b"01234567" for ch in digits):
-        raise _fail("malformed_bundle", f"{where}: bad {what} field {field!r}")
-    return int(digits, 8)
-
-
-def _text_field(field: bytes, what: str, where: str) -> bytes:
-    """The bytes before the first NUL; refuses a NUL followed by more bytes (a smuggled name)."""
-    head, _, tail = field.partition(b"\0")
-    if tail.strip(b"\0"):
-        shown = field.rstrip(b"\0")
-        raise _fail("unsafe_path", f"{where}: {what} has bytes after a NUL: {shown!r}")
-    return head
-
-
-def check_name(name: str, where: str, *, max_depth: int = DEFAULT_LIMITS.max_depth) -> str:
-    """Validate a member name and return it normalised (no trailing slash).
-
-    Refuses absolute paths, empty, "." and ".." components, backslashes (a Windows separator some
-    tools honour), control characters and NUL. Nothing is "cleaned up": a name either is plainly a
-    relative path inside the tree or the archive is refused.
-    """
-    if name.endswith("/"):
-        name = name[:-1]
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _fail("unsafe_path", f"{where}: name is not valid UTF-8: {name!r}") from None
-    if not name:
-        raise _fail("unsafe_path", f"{where}: empty name")
-    if name.startswith("/"):
-        raise _fail("unsafe_path", f"{where}: absolute path {name!r}")
-    for ch in name:
-        if ch == "\\" or ord(ch) < 0x20 or ord(ch) == 0x7F:
-            raise _fail("unsafe_path", f"{where}: control character or backslash in {name!r}")
-    parts = name.split("/")
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise _fail("unsafe_path", f"{where}: path component {part!r} in {name!r}")
-        if len(part.encode("utf-8")) > 255:
-            raise _fail("unsafe_path", f"{where}: path component too long in {name!r}")
-    if len(parts) > max_depth:
-        raise _fail("unsafe_path", f"{where}: {name!r} is nested deeper than {max_depth}")
-    return name
-
-
-def parse_header(
-    block: bytes, where: str, *, max_depth: int = DEFAULT_LIMITS.max_depth
-) -> TarHeader | None:
-    """Parse one 512-byte POSIX ustar header; None for an all-zero (end-of-archive) block.
-
-    Only regular files and directories pass. The checks run in an order that gives the most
-    useful code: links and special files are named as such even if their names are also bad.
-    """
-    if len(block) != BLOCK:
-        raise _fail("truncated", f"{where}: header cut short ({len(block)} of {BLOCK} bytes)")
-    if block == bytes(BLOCK):
-        return None
-    stored = _number(block[148:156], "checksum", where)
-    unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
-    # Some old tars summed signed chars; accept either, as tar(1) does.
-    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b >= 0x80)
-    if stored not in (unsigned, signed):
-        raise _fail("malformed_bundle", f"{where}: not a tar header (checksum mismatch)")
-    if block[257:265] != b"ustar\x0000":
-        raise _fail("malformed_bundle", f"{where}: not a POSIX ustar header (GNU/v7 tar?)")
-    raw_name = _text_field(block[0:100], "name", where)
-    raw_prefix = _text_field(block[345:500], "prefix", where)
-    joined = raw_prefix + b"/" + raw_name if raw_prefix else raw_name
-    try:
-        name = joined.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _fail("unsafe_path", f"{where}: name is not UTF-8: {joined!r}") from None
-    where = f"{where} {name!r}"
-    typeflag = block[156:157]
-    if typeflag in _LINK_TYPES:
-        target = block[157:257].rstrip(b"\0").decode("utf-8", "replace")
-        raise _fail(
-            "link_in_archive", f"{where}: {_LINK_TYPES[typeflag]} to {target!r} is not allowed"
-        )
-    if typeflag in _SPECIAL_TYPES:
-        raise _fail("special_file", f"{where}: {_SPECIAL_TYPES[typeflag]} is not allowed")
-    if typeflag in _EXTENSION_TYPES:
-        raise _fail(
-            "malformed_bundle",
-            f"{where}: {_EXTENSION_TYPES[typeflag]} is not supported (write plain ustar)",
-        )
-    if typeflag not in (b"0", b"\0", b"5"):
-        raise _fail("special_file", f"{where}: unknown tar entry type {typeflag!r}")
-    kind: Literal["file", "dir"] = "dir" if typeflag == b"5" else "file"
-    if kind == "file" and name.endswith("/"):
-        raise _fail("unsafe_path", f"{where}: file name ends with '/'")
-    name = check_name(name, where, max_depth=max_depth)
-    mode = _number(block[100:108], "mode", where) & 0o7777
-    if mode & 0o7000:
-        raise _fail(
-            "unsafe_mode", f"{where}: setuid/setgid/sticky bits (mode {mode:04o}) are not allowed"
-        )
-    size = _number(block[124:136], "size", where)
-    if kind == "dir" and size:
-        raise _fail("malformed_bundle", f"{where}: directory entry with data")
-    return TarHeader(name=name, kind=kind, mode=mode, size=size)
-
-
-def padded(size: int) -> int:
-    """Bytes a member's data occupies in the archive (rounded up to whole blocks)."""
-    return (size + BLOCK - 1) // BLOCK * BLOCK
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent import api as api_module
+from cloud_sync.http_server import HTTP_STATUS_CODES
 from edge_agent import listener as listener_module
 from tests.harness import (
     FUNCTIONS,
@@ -122,15 +122,15 @@ NOT_HTTP = {
     "warm_failed": "the same: the installer's warm check",
     "startup_failed": "the agent does not start at all",
     "agent_error": "an abstract base, never raised itself",
-    "protocol_violation": "the worker that broke the protocol is killed; requests: worker_crashed",
-    "wal_unavailable": "a store cannot open its file: set aside, or the agent does not start",
-    "cache_file_unusable": "inside the cache: it retries, invocations run uncached",
-    "cache_schema_incompatible": "inside the cache: the file is set aside and rebuilt",
+    "routing_failed": "the class's own name: an instance answers with its last failure's code",
+    "protocol_violation": "the worker is killed: its requests answer worker_crashed",
+    "cache_incompatible": "the cache goes degraded (a miss) and rebuilds its file",
+    "cache_unusable": "the same: a degraded cache answers misses, not errors",
+    "wal_unavailable": "a store that cannot open: the agent does not start, or the cache degrades",
     "auth_failure": "an abstract base: unauthorized, forbidden or too_many_requests answer",
     "bad_config": "the agent does not start: edge-agent run exits 4 with the file and key",
     "token_error": "edge-agent token commands, a CLI",
     "client_error": "the LAN client (edge_agent.client) could not find or reach an agent",
-    "routing_failed": "an instance carries its last step's code and status, never this one",
 }
 
 
@@ -187,7 +187,7 @@ def test_openapi_error_codes_match_the_errors_that_exist(agent: AgentProcess) ->
         (class_codes - set(NOT_HTTP))
         | _literal_codes()
         | _host_codes()
-        | set(api_module._HTTP_CODES.values())
+        | set(HTTP_STATUS_CODES.values())
         | listener_module.CODES
         | {"http_error", "internal"}
     )

@@ -267,6 +267,10 @@ def test_binary_leaves_out_platform_code_and_keeps_extensions(onefile: Path) -> 
     ]
     for test_only in ("pytest", "_pytest", "unittest", "setuptools", "pip", "mypy", "tkinter"):
         assert test_only not in modules, test_only
+    # The platform's libraries and the author toolchain stay out too (the agent uses sqlite3).
+    for platform_only in ("sqlite_utils", "click", "dateutil", "pluggy", "amqtt", "transitions"):
+        assert platform_only not in modules, platform_only
+    assert not [m for m in modules if m.startswith("cloud_sync.author")]
     assert modules.get("uvloop.loop") == "PythonExtensionModule"
     assert modules.get("aiohttp._http_parser") == "PythonExtensionModule"
     text = report.read_text()

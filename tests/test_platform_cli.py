@@ -12,7 +12,7 @@ import pytest
 from cloud_sync.errors import PkiError
 from cloud_sync.platform import cli as platform_cli
 from tests.mosquitto import free_port
-from tests.registry_helpers import Platform, cli, start_platform
+from tests.registry_helpers import Platform, build, cli, ok, start_platform
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,26 @@ def test_an_unexpected_edgefn_error_is_one_line_with_its_code(
     monkeypatch.setitem(platform_cli.COMMANDS, "devices", explode)
     assert platform_cli.main(["devices"]) == platform_cli.EXIT_ERROR
     assert capsys.readouterr().err == "edge-cloud: the CA key is unreadable (pki_error)\n"
+
+
+@pytest.mark.slow
+def test_fn_publish_checks_https_against_the_platform_ca(
+    tls_platform: Platform, tmp_path: Path
+) -> None:
+    ok(cli("keys", "create", "--out", tmp_path / "k.key"))
+    ok(cli("fn", "new", "pubtls", "--runtime", "node", "--dir", tmp_path / "pubtls"))
+    bundle = build(tmp_path / "pubtls", tmp_path / "k.key", tmp_path / "pubtls.efb")
+    base = ["fn", "publish", bundle, "--platform", tls_platform.url]
+    # Without the data dir there is no platform CA to trust: unreachable, never downgraded.
+    blind = cli(*base, "--token", tls_platform.token)
+    assert blind.returncode == platform_cli.EXIT_UNREACHABLE
+    line = one_line(blind.stderr)
+    assert "CERTIFICATE_VERIFY_FAILED" in line and line.endswith("(http_unreachable)")
+    data = ["--data-dir", tls_platform.data_dir]
+    denied = cli(*base, "--token", "wrong", *data)
+    assert denied.returncode == platform_cli.EXIT_ERROR
+    assert one_line(denied.stderr) == (
+        "edge-cloud: publish refused: the operator token is wrong (forbidden, HTTP 403)"
+    )
+    assert "published: pubtls@" in ok(cli(*base, *data))
+    assert "already published (same digest)" in ok(cli(*base, *data))

@@ -4,16 +4,14 @@ The registry answers 201 for a new bundle and 200 when the same bytes (same dige
 published: publishing a reproducible build again is a no-op, not an error. A different bundle
 for a published version is refused (versions are immutable).
 
-The operator token and the error-body wording come from the operator CLI for now
-(`cloud_sync.platform.cli`); they move to the shared HTTP client with it.
+The platform is reached like every operator command reaches it (`operator_client`): the same
+token lookup and, with `--data-dir` and an https URL, HTTPS checked against the platform's CA.
+The file is streamed, not read into memory.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import urllib.error
-import urllib.request
 
 from cloud_sync.author.output import EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE, fail, say
 
@@ -23,42 +21,32 @@ PUBLISH_TIMEOUT_S = 300.0
 
 def cmd_fn_publish(args: argparse.Namespace) -> int:
     from cloud_sync.errors import CloudSyncError
-    from cloud_sync.platform.cli import _http_error, _operator_token
+    from cloud_sync.http_client import BadAnswer, RemoteError, Unreachable
+    from cloud_sync.platform.operator_client import operator_client
     from cloud_sync.platform.registry import BUNDLE_MEDIA_TYPE
 
     try:
-        token = _operator_token(args)
-    except CloudSyncError as exc:
+        client = operator_client(args, timeout_s=PUBLISH_TIMEOUT_S)
+    except CloudSyncError as exc:  # no token, unreadable token file
         return fail(exc.message, EXIT_USAGE)
-    if token is None:
-        return fail(
-            "no operator token: pass --token, set EDGEFN_TOKEN, or --data-dir of the platform",
-            EXIT_USAGE,
-        )
-    url = f"{args.platform.rstrip('/')}/v1/registry/bundles"
     try:
         size = args.bundle.stat().st_size
         f = open(args.bundle, "rb")  # noqa: SIM115 - closed below, after the request
     except OSError as exc:
         return fail(f"cannot read {args.bundle}: {exc.strerror}", EXIT_USAGE)
-    headers = {
-        "Authorization": f"Bearer {token}",
-        "Content-Type": BUNDLE_MEDIA_TYPE,
-        "Content-Length": str(size),
-    }
-    req = urllib.request.Request(url, data=f, headers=headers, method="POST")
-    say(f"publishing {args.bundle} ({size} bytes) to {args.platform}")
+    headers = {"Content-Type": BUNDLE_MEDIA_TYPE, "Content-Length": str(size)}
+    say(f"publishing {args.bundle} ({size} bytes) to {client.endpoint.base_url}")
     try:
-        with f, urllib.request.urlopen(req, timeout=PUBLISH_TIMEOUT_S) as resp:
-            doc = json.loads(resp.read())
-            status = resp.status
-    except urllib.error.HTTPError as exc:
-        return fail(f"publish refused: {_http_error(exc)}", EXIT_ERROR)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return fail(f"cannot reach the platform at {url}: {reason}", EXIT_UNREACHABLE)
-    except ValueError:
-        return fail(f"the platform at {url} answered garbage", EXIT_ERROR)
+        with f:
+            status, doc = client.call("POST", "/v1/registry/bundles", data=f, headers=headers)
+    except RemoteError as exc:
+        return fail(f"publish refused: {exc.message}", EXIT_ERROR)
+    except Unreachable as exc:  # refused, DNS, TLS (an untrusted certificate), timeout
+        return fail(exc.one_line(), EXIT_UNREACHABLE)
+    except BadAnswer as exc:
+        return fail(exc.one_line(), EXIT_ERROR)
+    except CloudSyncError as exc:  # a CA file that cannot be used, and the like
+        return fail(exc.one_line(), EXIT_USAGE)
     from cloud_sync.author.build import arch_label
 
     what = "published" if status == 201 else "already published (same digest)"

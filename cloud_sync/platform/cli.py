@@ -26,12 +26,9 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.errors import describe_http_error
 from cloud_sync.platform import simulator_cli
 
 EXIT_ERROR = 1
@@ -171,20 +168,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(str(exc), EXIT_ERROR)
     return 0
-
-
-# ---- operator token (also read by cloud_sync.author.publish) ---------------------------------
-
-
-def _operator_token(args: argparse.Namespace) -> str | None:
-    from cloud_sync.platform.operator_client import operator_token
-
-    return operator_token(args)
-
-
-def _http_error(exc: urllib.error.HTTPError) -> str:
-    """Kept for `fn publish` until it moves to `operator_client` (RemoteError.message)."""
-    return describe_http_error(exc.code, exc.read())
 
 
 # ---- fleet: broker config, device, group, devices, metrics -------------------------------------
@@ -360,7 +343,9 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    return simulator_cli.run(args, _operator_token(args))
+    from cloud_sync.platform.operator_client import operator_token
+
+    return simulator_cli.run(args, operator_token(args))
 
 
 COMMANDS = {

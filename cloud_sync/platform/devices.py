@@ -240,6 +240,10 @@ class DevicesApi:
         return web.json_response(found[0])
 
     async def _assignments(self, request: web.Request) -> dict[str, Any] | web.Response:
+        """The operator's `{"set": {"dotted.key": value}}`, or the refusal (auth, body) to send."""
+        who = self._need(request)
+        if isinstance(who, web.Response):
+            return who
         try:
             body = await request.json()
         except ValueError:
@@ -251,9 +255,6 @@ class DevicesApi:
 
     async def set_config(self, request: web.Request) -> web.Response:
         device_id = request.match_info["id"]
-        who = self._need(request)
-        if isinstance(who, web.Response):
-            return who
         sets = await self._assignments(request)
         if isinstance(sets, web.Response):
             return sets
@@ -271,9 +272,6 @@ class DevicesApi:
 
     async def set_group_config(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        who = self._need(request)
-        if isinstance(who, web.Response):
-            return who
         sets = await self._assignments(request)
         if isinstance(sets, web.Response):
             return sets

@@ -20,13 +20,13 @@ import json
 import logging
 import os
 import signal
-import socket
 import ssl
 import time
 from collections.abc import Callable
 
 from aiohttp import web
 
+from cloud_sync.http_server import bound_port, escaped_error_answer
 from cloud_sync.platform.auth import load_or_create_token
 from cloud_sync.platform.cloud_exec import CloudExec
 from cloud_sync.platform.devices import DeviceAuth, DevicesApi
@@ -34,7 +34,7 @@ from cloud_sync.platform.embedded_broker import EmbeddedBroker, free_port, start
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.intake import MqttIntake
 from cloud_sync.platform.pki import PlatformCA
-from cloud_sync.platform.registry import Registry, publishers_verifier
+from cloud_sync.platform.registry import Handler, Registry, error_response, publishers_verifier
 from cloud_sync.platform.settings import PlatformSettings
 from cloud_sync.platform.store import LocalStore, RegistryStore
 from runtimes.fsio import atomic_write
@@ -59,7 +59,7 @@ def create_app(
     verifier = publishers_verifier(settings.publishers_dir)
     registry = Registry(store, token, max_bundle_bytes=settings.max_bundle_bytes, verifier=verifier)
     # aiohttp refuses bodies over client_max_size; the registry enforces its own cap (413).
-    app = web.Application(client_max_size=settings.max_bundle_bytes + 1)
+    app = web.Application(client_max_size=settings.max_bundle_bytes + 1, middlewares=[json_errors])
     app.add_routes(registry.routes())
     devices = _build_devices(settings, token, app)
     app[DEVICES_KEY] = devices
@@ -89,6 +89,25 @@ def create_app(
             settings.publishers_dir,
         )
     return app
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as the JSON error body with a stable code, never aiohttp's plain text.
+
+    Handlers answer the errors they expect themselves; this catches what escapes them (an edgefn
+    error keeps its code and its status where it has one) and aiohttp's own refusals (no route,
+    wrong method). The agent avoids a middleware on its hot path; the platform's requests are few
+    and heavy, so the per-request cost does not matter here.
+    """
+    try:
+        return await handler(request)
+    except Exception as exc:
+        where = f"{request.method} {request.path}"
+        answer = escaped_error_answer(exc, server="platform", log=log, where=where)
+        if answer is None:
+            raise
+        return error_response(*answer)
 
 
 def _build_devices(settings: PlatformSettings, token: str, app: web.Application) -> DevicesApi:
@@ -152,15 +171,6 @@ def _server_ssl(settings: PlatformSettings) -> ssl.SSLContext:
     return ctx
 
 
-def _bound_port(runner: web.AppRunner) -> int:
-    for addr in runner.addresses:
-        if isinstance(addr, tuple) and len(addr) >= 2:
-            return int(addr[1])
-    server = getattr(runner, "server", None)
-    sockets: list[socket.socket] = getattr(server, "sockets", []) if server else []
-    return sockets[0].getsockname()[1] if sockets else 0
-
-
 async def serve(settings: PlatformSettings) -> None:
     """Run the platform until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
@@ -184,7 +194,7 @@ async def serve(settings: PlatformSettings) -> None:
     except OSError as exc:
         await runner.cleanup()
         raise OSError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from exc
-    port = _bound_port(runner) or settings.port
+    port = bound_port(runner) or settings.port
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
     state = {"url": url, "pid": os.getpid()}

@@ -117,9 +117,9 @@ def prune_set_aside(path: Path, keep: int = KEEP_SET_ASIDE) -> None:
 
 
 class Unusable(AgentError):
-    """The file cannot be opened or created now; retried with backoff (never leaves the cache)."""
+    """The file cannot be opened or created now; retried with backoff (the cache is degraded)."""
 
-    code = "cache_file_unusable"
+    code = "cache_unusable"
     category = "storage"
 
 

@@ -20,10 +20,10 @@ from runtimes.sqlitedb import transaction
 class Incompatible(AgentError):
     """The file is a SQLite database, but not one we can use (newer schema, missing table).
 
-    Never leaves the cache: the file is set aside and rebuilt.
+    It never reaches a client: the cache goes degraded (every lookup a miss) and rebuilds.
     """
 
-    code = "cache_schema_incompatible"
+    code = "cache_incompatible"
     category = "storage"
 
 
