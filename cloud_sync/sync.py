@@ -46,6 +46,7 @@ from cloud_sync.device_figures import counter_delta, system_figures
 from cloud_sync.errors import CloudSyncError, ConfigError
 from cloud_sync.mqtt import MqttSession
 from cloud_sync.outbox import METRICS_SCHEMA, Outbox, OutboxStats, gauge
+from cloud_sync.rollout.messages import StatusReport
 from cloud_sync.state import (
     AgentConfig,
     ConfigTracker,
@@ -91,6 +92,9 @@ class AgentHooks:
     pool_sizes: Callable[[], Mapping[str, int]]
     apply_config: Callable[[AgentConfig], Awaitable[None]]
     describe: Callable[[], Mapping[str, Any]]  # extra reported keys: functions, profile, ...
+    # function -> the version running now: the metrics record's `versions` map, so the
+    # platform's gates compare versions (cloud_sync.rollout.metrics.by_version).
+    versions: Callable[[], Mapping[str, str]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +360,19 @@ class SyncClient:
         )
         await asyncio.to_thread(self._save_state)
 
+    async def report_rollout(self, report: StatusReport) -> None:
+        """One deployer status report: into the outbox (durable, resent until acknowledged,
+        de-duplicated by its key), then the reported document, which repeats the latest
+        report per function (the deployer's part of `describe`)."""
+        assert self.outbox is not None
+        await self.outbox.append(
+            "rollout",
+            topics.rollout_report_topic(self.device_id),
+            report.to_json(),
+            key=report.key,
+        )
+        await self._report()
+
     async def _event(self, event: Mapping[str, Any]) -> None:
         assert self.outbox is not None
         body = {"at": time.time(), **event}
@@ -391,6 +408,8 @@ class SyncClient:
             c = counters.get(name)
             if c is not None:
                 d = counter_delta(c, self._last_counters.get(name))
+                if d.restarts:
+                    entry["restarts"] = d.restarts
                 if d.invocations:
                     entry.update(
                         invocations=d.invocations,
@@ -414,6 +433,7 @@ class SyncClient:
             "interval_end": now,
             "samples": 1,
             "functions": functions,
+            **({"versions": dict(self.hooks.versions())} if self.hooks.versions else {}),
             "system": {k: gauge(v) for k, v in system.items()},
         }
         await self.outbox.append(
