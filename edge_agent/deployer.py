@@ -42,7 +42,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,9 @@ log = logging.getLogger("edgefn.deployer")
 
 # Install-path steps as the platform names them (InstallFaults steps -> device states).
 STEP_STATES = {"verify": DeviceState.INSTALLING, "warm": DeviceState.WARMING}
+# How long the installer waits at the switch for the metrics interval to close (an outbox
+# append: milliseconds; the bound only keeps a stuck disk from holding the install).
+FLUSH_WAIT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +78,7 @@ class DeployerHooks:
     report: Callable[[StatusReport], Awaitable[None]]  # durable: into the outbox
     reload: Callable[[], Awaitable[None]]  # load what is active on disk now
     sample: Callable[[str], HealthSample]
-    flush_metrics: Callable[[], Awaitable[None]] | None = None  # close the metrics interval
+    flush_metrics: Callable[[], Coroutine[Any, Any, None]] | None = None  # close the interval
 
 
 class Deployer:
@@ -274,6 +277,16 @@ class Deployer:
             if state is not None:
                 coro = self._report(want, state, None, previous, started)
                 pending.append(asyncio.run_coroutine_threadsafe(coro, loop))
+            if step == "switch" and self.hooks.flush_metrics is not None:
+                # Close the metrics interval right before `active` changes: what ran so far
+                # was the old version (the record names the version running at its end).
+                flushed: concurrent.futures.Future[None] = asyncio.run_coroutine_threadsafe(
+                    self.hooks.flush_metrics(), loop
+                )
+                try:
+                    flushed.result(FLUSH_WAIT_S)
+                except Exception as exc:  # a lost split only blurs attribution; go on
+                    log.warning("deployer: metrics interval not closed at the switch: %s", exc)
 
         await self._report(want, DeviceState.DOWNLOADING, None, previous, started)
         outcome = await asyncio.to_thread(
@@ -293,8 +306,6 @@ class Deployer:
     ) -> None:
         version = want.version
         assert version is not None and self.state.step is not None
-        if self.hooks.flush_metrics is not None:
-            await self.hooks.flush_metrics()  # the old version's interval ends here
         await self.hooks.reload()
         self.state.step["state"] = "active"
         await self._report(want, DeviceState.ACTIVE, None, previous, started)

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from cloud_sync.errors import ConfigError
+from cloud_sync.errors import ConfigError, MetricsFormatError
+from cloud_sync.metrics_record import METRICS_SCHEMA, merge_metrics
 from cloud_sync.registry_client import RegistryUnreachable
 from cloud_sync.rollout.messages import StatusReport, decode_status
 from cloud_sync.rollout.states import DeviceState
@@ -111,6 +112,20 @@ def test_desired_deployment_keys_are_checked_not_ignored() -> None:
             {"functions": {FN: {"version": "1.2.0"}}, "deployment": {"rollouts": {FN: entry}}}
         )
     assert "disagrees" in str(exc.value.to_dict())
+
+
+def test_metrics_of_two_versions_never_merge() -> None:
+    def record(start: float, version: str) -> dict[str, Any]:
+        return {
+            "schema": METRICS_SCHEMA, "device": "edge-1", "interval_start": start,
+            "interval_end": start + 1, "functions": {FN: {"invocations": 3, "errors": 1}},
+            "versions": {FN: version},
+        }  # fmt: skip
+
+    same = merge_metrics(record(0, "1.0.0"), record(1, "1.0.0"))
+    assert same["versions"] == {FN: "1.0.0"} and same["functions"][FN]["invocations"] == 6
+    with pytest.raises(MetricsFormatError, match="different versions"):
+        merge_metrics(record(0, "1.0.0"), record(1, "1.1.0"))
 
 
 # ---- against the real platform, broker and agent -------------------------------------------
@@ -436,5 +451,19 @@ def test_http_fallback_carries_desired_reports_and_metrics(
         None,
     )
     assert wait_for(lambda: served_version(agent) == "0.1.0", "0.1.0 served")
+    # An operator's pin, no rollout: the CLI form; reported with rollout null.
+    ok(
+        cli(
+            "device", "config", "edge-h1", "--set", f"functions.{FN}.version=0.2.0",
+            "--set", f"deployment.rollouts.{FN}=null", "--data-dir", platform.data_dir,
+        )
+    )  # fmt: skip
+
+    def pinned() -> bool:
+        mine = [r for r in reports(platform, "edge-h1") if r.rollout is None]
+        return bool(mine) and (mine[-1].state, mine[-1].version) == (S.HEALTHY, "0.2.0")
+
+    assert wait_for(pinned, "the operator's pin over HTTP")
+    assert wait_for(lambda: served_version(agent) == "0.2.0", "0.2.0 served")
     doc = api(platform, "GET", "/v1/devices/edge-h1/records?kind=rollout&limit=50")
     assert {r["via"] for r in doc["records"]} == {"http"}
