@@ -287,7 +287,7 @@ class Agent:
             restarts=self._restarts(name),
             invocations=st.invocations if st else 0,
             errors=sum(st.errors.values()) if st else 0,
-            problem=str(problem) if problem is not None else None,
+            problem=problem.message if problem is not None else None,
         )
 
     async def _reload_functions(self) -> None:
