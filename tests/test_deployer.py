@@ -29,7 +29,7 @@ from cloud_sync.rollout.states import DeviceState
 from cloud_sync.state import validate_config
 from edge_agent.deployer_health import CRASH_LIMIT, ERROR_MIN_CALLS, HealthSample, judge
 from edge_agent.deployer_install import classify
-from edge_agent.deployer_state import STATE_FILE, DeployerState
+from edge_agent.deployer_state import MAX_ATTEMPTS, STATE_FILE, DeployerState
 from edge_agent.staging import InstallError
 from runtimes.errors import BundleError
 from tests.harness import AgentProcess, children_of, pid_alive, start_agent
@@ -467,3 +467,48 @@ def test_http_fallback_carries_desired_reports_and_metrics(
     assert wait_for(lambda: served_version(agent) == "0.2.0", "0.2.0 served")
     doc = api(platform, "GET", "/v1/devices/edge-h1/records?kind=rollout&limit=50")
     assert {r["via"] for r in doc["records"]} == {"http"}
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_health_window_then_restart_watches_again_and_finishes(
+    platform: Platform, bundles: Bundles, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    env = {"EDGEFN_DEPLOY_HEALTH_WINDOW_S": "600"}  # still watching when it is killed
+    data, creds, agent = device(platform, bundles, tmp_path, agents, "edge-kw", env)
+    desire(platform, "edge-kw", "0.1.0", "r-window")
+    wait_for(lambda: (S.ACTIVE, None) in states(platform, "edge-kw", "r-window"), "active")
+    os.kill(agent.proc.pid, signal.SIGKILL)
+    agent.proc.wait(10)
+    agent = run(agents, data, creds)  # the default test window: short
+    assert wait_for(lambda: final(platform, "edge-kw", "r-window"), "the window to end") == (
+        S.HEALTHY,
+        None,
+    )
+    assert active(data) == "0.1.0"
+    assert wait_for(lambda: served_version(agent) == "0.1.0", "0.1.0 served")
+
+
+@pytest.mark.slow
+def test_a_step_that_keeps_killing_the_agent_ends_as_interrupted(
+    platform: Platform, bundles: Bundles, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    data, creds, agent = device(platform, bundles, tmp_path, agents, "edge-ki")
+    desire(platform, "edge-ki", "0.1.0", "r-base")
+    wait_for(lambda: final(platform, "edge-ki", "r-base"), "the base version")
+    agent.stop()
+    desire(platform, "edge-ki", "0.2.0", "r-loop")
+    for attempt in range(MAX_ATTEMPTS):
+        marker = tmp_path / f"paused-{attempt}"
+        pause = {"EDGEFN_INSTALL_PAUSE_AT": "unpack", "EDGEFN_INSTALL_PAUSE_MARKER": str(marker)}
+        agent = run(agents, data, creds, pause)
+        wait_for(marker.exists, f"attempt {attempt + 1} to reach unpack")
+        os.kill(agent.proc.pid, signal.SIGKILL)
+        agent.proc.wait(10)
+    agent = run(agents, data, creds)
+    assert wait_for(lambda: final(platform, "edge-ki", "r-loop"), "the step to give up") == (
+        S.FAILED,
+        "interrupted",
+    )
+    assert active(data) == "0.1.0"
+    assert wait_for(lambda: served_version(agent) == "0.1.0", "0.1.0 still served")
+    assert agent.get("/v1/health").json()["deployer"]["refused"] == {FN: "0.2.0"}
