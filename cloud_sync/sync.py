@@ -92,8 +92,7 @@ class AgentHooks:
     pool_sizes: Callable[[], Mapping[str, int]]
     apply_config: Callable[[AgentConfig], Awaitable[None]]
     describe: Callable[[], Mapping[str, Any]]  # extra reported keys: functions, profile, ...
-    # function -> the version running now: the metrics record's `versions` map, so the
-    # platform's gates compare versions (cloud_sync.rollout.metrics.by_version).
+    # function -> version running: the metrics record's `versions` (rollout gates compare them)
     versions: Callable[[], Mapping[str, str]] | None = None
 
 
@@ -147,6 +146,8 @@ class SyncClient:
         self._last_described: str = ""
         self._state_file = settings.data_dir / "sync-state.json"
         self._stats: OutboxStats | None = None
+        # The metrics loop and the deployer (at a switch) close intervals: one at a time.
+        self._metrics_lock = asyncio.Lock()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -361,9 +362,8 @@ class SyncClient:
         await asyncio.to_thread(self._save_state)
 
     async def report_rollout(self, report: StatusReport) -> None:
-        """One deployer status report: into the outbox (durable, resent until acknowledged,
-        de-duplicated by its key), then the reported document, which repeats the latest
-        report per function (the deployer's part of `describe`)."""
+        """A deployer status report into the outbox (durable, resent, de-duplicated by its
+        key); the reported document that follows repeats it (`describe`)."""
         assert self.outbox is not None
         await self.outbox.append(
             "rollout",
@@ -397,6 +397,10 @@ class SyncClient:
 
     async def collect_metrics(self) -> None:
         """Close the current interval: deltas since the last one, gauges, system figures."""
+        async with self._metrics_lock:
+            await self._collect_metrics()
+
+    async def _collect_metrics(self) -> None:
         assert self.outbox is not None
         now = time.time()
         counters = dict(self.hooks.metrics_snapshot())

@@ -213,8 +213,21 @@ class Deployer:
         if refused == version and not want.rollback:
             await self._finish(name, want, refuse=version)  # no install loop
             return
-        previous = resumed["previous"] if resumed else active
-        if active == version and (resumed is None or resumed["state"] == "done"):
+        # A health window cut short by a newer entry for the same version: not verified yet.
+        unverified = (
+            resumed is None
+            and step is not None
+            and step["function"] == name
+            and step["want"]["version"] == version
+            and step.get("state") == "active"
+            and not want.rollback
+        )
+        previous = active
+        if resumed is not None:
+            previous = resumed["previous"]
+        elif unverified and step is not None:
+            previous = step["previous"]
+        if active == version and not unverified and (resumed is None or resumed["state"] == "done"):
             # Already running it (a first desired naming what the device runs): say so once.
             state = DeviceState.ROLLED_BACK if want.rollback else DeviceState.HEALTHY
             await self._report(want, state, None, previous, time.time())
