@@ -350,6 +350,9 @@ class Deployer:
 
     async def _restore(self, name: str, previous: str | None, bad: str) -> bool:
         """Back to `previous` (or nothing, after a first install), with no network."""
+        if self.hooks.flush_metrics is not None:
+            with contextlib.suppress(Exception):  # the bad version's counts end here
+                await self.hooks.flush_metrics()
         try:
             await asyncio.to_thread(local_rollback, self.data_dir, name, previous, bad)
         except Exception:

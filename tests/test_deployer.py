@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from cloud_sync.metrics_record import METRICS_SCHEMA, merge_metrics
 from cloud_sync.registry_client import RegistryUnreachable
 from cloud_sync.rollout.messages import StatusReport, decode_status
 from cloud_sync.rollout.states import DeviceState
-from cloud_sync.state import validate_config
+from cloud_sync.state import ConfigTracker, DesiredDoc, reported_document, validate_config
 from edge_agent.deployer_health import CRASH_LIMIT, ERROR_MIN_CALLS, HealthSample, judge
 from edge_agent.deployer_install import classify
 from edge_agent.deployer_state import MAX_ATTEMPTS, STATE_FILE, DeployerState
@@ -112,6 +113,15 @@ def test_desired_deployment_keys_are_checked_not_ignored() -> None:
             {"functions": {FN: {"version": "1.2.0"}}, "deployment": {"rollouts": {FN: entry}}}
         )
     assert "disagrees" in str(exc.value.to_dict())
+
+
+def test_a_refused_deployment_key_reaches_the_reported_document() -> None:
+    tracker = ConfigTracker()
+    outcome = tracker.offer(None, DesiredDoc(3, {"deployment": {"strategy": "fast"}}))
+    assert outcome.status == "rejected"
+    doc = reported_document("edge-1", 1, tracker)
+    assert doc["status"] == "rejected"
+    assert "device:deployment.strategy" in json.dumps(doc["error"])
 
 
 def test_metrics_of_two_versions_never_merge() -> None:
@@ -321,6 +331,17 @@ def test_install_report_every_step_healthy_then_crash_rolls_back_and_is_not_retr
     assert wait_for(crash_some, "the crash loop to be caught") == (S.FAILED, "crash_loop")
     assert active(data) == "0.2.0"
     assert wait_for(lambda: served_version(agent) == "0.2.0", "0.2.0 served again")
+
+    # The bad version's crashes reach the platform under its own name (the crash_count gate).
+    def crashes_of_the_bad_version() -> bool:
+        doc = api(platform, "GET", "/v1/devices/edge-d1/records?kind=metrics&limit=500")
+        return any(
+            (r["value"].get("versions") or {}).get(FN) == CRASHING
+            and r["value"]["functions"].get(FN, {}).get("restarts", 0) >= 1
+            for r in doc["records"]
+        )
+
+    assert wait_for(crashes_of_the_bad_version, "restarts of the crashing version in metrics")
     # Not retried while the desired document keeps naming it (another change re-applies it).
     count = len(reports(platform, "edge-d1"))
     api(platform, "POST", "/v1/devices/edge-d1/config", {"set": {"log_level": "debug"}})
@@ -398,6 +419,14 @@ def test_newest_desired_wins_and_a_health_window_is_interrupted(
     assert active(data) == "0.2.0"
     # r-a never finished its window: the newer entry took over (no healthy for it).
     assert [s for s, _ in states(platform, "edge-d3", "r-a")][-1] is S.ACTIVE
+
+    # A deployment key the agent would not act on is refused with the reason: the platform
+    # checks with the agent's own rules (cloud_sync.state), so the operator hears it at once.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api(platform, "POST", "/v1/devices/edge-d3/config", {"set": {"deployment.strategy": "x"}})
+    assert refused.value.code == 422
+    assert "deployment.strategy" in refused.value.read().decode()
+    assert active(data) == "0.2.0"
 
 
 @pytest.mark.slow
