@@ -132,6 +132,10 @@ class Deployer:
         for name, want in wanted.items():
             if self._wanted.get(name) != want and name in self._interrupt:
                 self._interrupt[name].set()  # newest wins: a health window stops watching
+        for name in set(self.state.done) - set(wanted):
+            # No longer named: naming it again later is a change (acted on, retried).
+            self.state.done.pop(name, None)
+            self.state.refused.pop(name, None)
         self._wanted = wanted
         self.idle.clear()
         self._wake.set()
@@ -143,6 +147,10 @@ class Deployer:
             await self._wake.wait()
             self._wake.clear()
             while True:
+                step = self.state.step
+                if step is not None and step["function"] not in self._wanted:
+                    await self._supersede(step)  # its function is no longer desired at all
+                    step = None
                 todo = [
                     (n, w)
                     for n, w in sorted(self._wanted.items())
@@ -150,6 +158,8 @@ class Deployer:
                 ]
                 if not todo:
                     break
+                # A step left by the last run (kill -9) goes first: finish it, or supersede it.
+                todo.sort(key=lambda item: step is None or item[0] != step["function"])
                 name, want = todo[0]
                 try:
                     await self._deploy(name, want)
@@ -157,8 +167,12 @@ class Deployer:
                     raise
                 except Exception:
                     log.exception("deployer: %s %s failed unexpectedly", name, want.version)
-                    await self._report(want, DeviceState.FAILED, "install_failed", None, None)
-                    await self._finish(name, want, refuse=want.version)
+                    try:  # reported and not retried, like any failed step: no loop
+                        await self._report(want, DeviceState.FAILED, "install_failed", None, None)
+                        await self._finish(name, want, refuse=want.version)
+                    except Exception:
+                        log.exception("deployer: could not record the failure of %s", name)
+                        self.state.done[name] = want_key(want)  # at least no loop in this run
             if not self._wake.is_set():
                 self.idle.set()
 
@@ -184,11 +198,12 @@ class Deployer:
         await self.hooks.report(report)
 
     async def _finish(self, name: str, want: DesiredDeployment, *, refuse: str | None) -> None:
-        self.state.done[name] = want_key(want)
-        self.state.step = None
-        if refuse is not None:
-            self.state.refused[name] = refuse
-        await asyncio.to_thread(self.state.save)
+        async with self._save_lock:
+            self.state.done[name] = want_key(want)
+            self.state.step = None
+            if refuse is not None:
+                self.state.refused[name] = refuse
+            await asyncio.to_thread(self.state.save)
 
     async def _deploy(self, name: str, want: DesiredDeployment) -> None:
         active = await asyncio.to_thread(read_active_version, self.data_dir, name)
@@ -196,7 +211,7 @@ class Deployer:
         resumed = (
             step if step and step["function"] == name and step["want"] == want_key(want) else None
         )
-        if step is not None and resumed is None:
+        if step is not None and step["function"] == name and resumed is None:
             await self._supersede(step)
         refused = self.state.refused.get(name)
         if refused is not None and refused != want.version:
@@ -268,14 +283,19 @@ class Deployer:
     async def _supersede(self, step: dict[str, Any]) -> None:
         """A step recorded but replaced by a newer desired entry before it finished."""
         old = step["want"]
-        if old.get("rollout") and step.get("state") == "installing":
+        running = await asyncio.to_thread(read_active_version, self.data_dir, step["function"])
+        # Switched already (killed before it said so): that is an update, rolled back by the
+        # platform if need be, never a canceled step.
+        if old.get("rollout") and step.get("state") == "installing" and running != old["version"]:
             want = DesiredDeployment(
                 step["function"], old["version"], old["rollout"], old["rollback"], old["remove"]
             )
             await self._report(
                 want, DeviceState.CANCELED, "superseded", step.get("previous"), step["started_at"]
             )
-        self.state.step = None
+        async with self._save_lock:
+            self.state.step = None
+            await asyncio.to_thread(self.state.save)
 
     async def _install(
         self, name: str, want: DesiredDeployment, previous: str | None, started: float

@@ -541,3 +541,31 @@ def test_a_step_that_keeps_killing_the_agent_ends_as_interrupted(
     assert active(data) == "0.1.0"
     assert wait_for(lambda: served_version(agent) == "0.1.0", "0.1.0 still served")
     assert agent.get("/v1/health").json()["deployer"]["refused"] == {FN: "0.2.0"}
+
+
+@pytest.mark.slow
+def test_a_desired_change_while_the_agent_was_down_wins_after_the_restart(
+    platform: Platform, bundles: Bundles, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    data, creds, agent = device(platform, bundles, tmp_path, agents, "edge-ks")
+    desire(platform, "edge-ks", "0.1.0", "r-base")
+    wait_for(lambda: final(platform, "edge-ks", "r-base"), "the base version")
+    agent.stop()
+    marker = tmp_path / "paused-download"
+    pause = {"EDGEFN_INSTALL_PAUSE_AT": "download", "EDGEFN_INSTALL_PAUSE_MARKER": str(marker)}
+    agent = run(agents, data, creds, pause)
+    desire(platform, "edge-ks", "0.2.0", "r-old")
+    wait_for(marker.exists, "the install to reach download")
+    os.kill(agent.proc.pid, signal.SIGKILL)
+    agent.proc.wait(10)
+    desire(platform, "edge-ks", CRASHING, "r-new")  # while the device is down
+    agent = run(agents, data, creds)
+    assert wait_for(lambda: final(platform, "edge-ks", "r-new"), "the newest entry") == (
+        S.HEALTHY,  # nobody calls it: its crashes never show
+        None,
+    )
+    # The saved desired config is applied at start, before the broker redelivers the newer
+    # one: the old step is either finished first or canceled, never left open.
+    assert final(platform, "edge-ks", "r-old") in {(S.HEALTHY, None), (S.CANCELED, "superseded")}
+    assert active(data) == CRASHING
+    assert wait_for(lambda: served_version(agent) is None, "the crashing version serving")
