@@ -23,6 +23,7 @@ class FunctionCounters:
     latency_bounds_ms: tuple[float, ...]
     latency_counts: tuple[int, ...]  # per bucket, len(bounds) + 1
     latency_sum_ms: float
+    restarts: int = 0  # worker restarts of the running version's pool (a new pool starts at 0)
 
 
 def counter_delta(now: FunctionCounters, before: FunctionCounters | None) -> FunctionCounters:
@@ -43,6 +44,10 @@ def counter_delta(now: FunctionCounters, before: FunctionCounters | None) -> Fun
             a - b for a, b in zip(now.latency_counts, before.latency_counts, strict=True)
         ),
         latency_sum_ms=now.latency_sum_ms - before.latency_sum_ms,
+        # A version switch brings a new pool whose count starts again at 0.
+        restarts=now.restarts - before.restarts
+        if now.restarts >= before.restarts
+        else now.restarts,
     )
 
 

@@ -83,6 +83,11 @@ def validate_metrics(rec: Any) -> dict[str, Any]:
             elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 bad.append(f"{path}.{key}: counters must be integers >= 0")
     bad.extend(_gauges_problems("system", rec.get("system", {})))
+    versions = rec.get("versions", {})
+    if not isinstance(versions, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in versions.items()
+    ):
+        bad.append("versions: must map function names to version strings")
     if bad:
         raise MetricsFormatError("bad metrics record: " + "; ".join(bad))
     return rec
@@ -163,7 +168,23 @@ def merge_metrics(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     system = _merge_gauges(first.get("system", {}), second.get("system", {}), w1, w2)
     if system:
         out["system"] = system
+    versions = _merge_versions(first.get("versions"), second.get("versions"))
+    if versions:
+        out["versions"] = versions
     return out
+
+
+def _merge_versions(v1: Any, v2: Any) -> dict[str, str]:
+    """The `versions` maps (function -> version that ran) of two records. Counts of two
+    versions of one function must never add up (the rollout gates compare versions), so such a
+    pair does not merge: the outbox then merges another pair or drops the oldest."""
+    a, b = dict(v1 or {}), dict(v2 or {})
+    clash = sorted(n for n in set(a) & set(b) if a[n] != b[n])
+    if clash:
+        raise MetricsFormatError(
+            f"metrics of different versions of {', '.join(clash)} cannot merge"
+        )
+    return {**a, **b}
 
 
 def _weight(rec: Mapping[str, Any]) -> float:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from cloud_sync.errors import ConfigError, FieldProblem
+from cloud_sync.rollout.errors import MessageError
+from cloud_sync.rollout.messages import parse_deployments
 from cloud_sync.topics import validate_id
 from runtimes.manifest import NAME_RE, SEMVER_RE
 
@@ -44,6 +46,7 @@ METRICS_INTERVAL_BOUNDS = (1.0, 86_400.0)  # under 1 s floods the outbox; over a
 
 _TOP_KEYS = ("functions", "cache", "log_level", "metrics", "deployment")
 _FUNCTION_KEYS = ("pool", "routing", "version")
+_DEPLOYMENT_KEYS = ("rollouts",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +126,7 @@ class AgentConfig:
     cache_max_bytes: int | None = None
     log_level: str | None = None
     metrics_interval_s: float | None = None
-    deployment: Mapping[str, Any] | None = None  # opaque here: the deployer validates it
+    deployment: Mapping[str, Any] | None = None  # checked here; the deployer acts on it
     raw: Mapping[str, Any] = field(default_factory=dict)  # the merged document, for reporting
 
 
@@ -188,7 +191,11 @@ def _kind(value: Any) -> str:
     )
 
 
-def _check(config: Mapping[str, Any], prefix: str = "") -> tuple[AgentConfig, list[FieldProblem]]:
+def _check(
+    config: Mapping[str, Any], prefix: str = "", *, whole: bool = True
+) -> tuple[AgentConfig, list[FieldProblem]]:
+    """`whole`: `config` is the merged document, so entries that span keys (a rollout entry
+    and the version it names) can be checked against each other."""
     c = _Checker(prefix)
     c.unknown("", config, _TOP_KEYS)
     functions: dict[str, FunctionConfig] = {}
@@ -233,6 +240,15 @@ def _check(config: Mapping[str, Any], prefix: str = "") -> tuple[AgentConfig, li
         "metrics.interval_s", metrics.get("interval_s"), *METRICS_INTERVAL_BOUNDS
     )
     deployment = c.table("deployment", config.get("deployment"))
+    # The deployer acts on `deployment.rollouts` only: anything else would be accepted and
+    # silently ignored, so it is refused with the reason instead.
+    c.unknown("deployment", deployment or {}, _DEPLOYMENT_KEYS)
+    if whole and not c.problems:
+        try:
+            parse_deployments(config)
+        except MessageError as exc:
+            for f in exc.fields:
+                c.bad(f.path, f.problem)
     cfg = AgentConfig(
         functions=functions,
         cache_max_bytes=cache_max,
@@ -356,7 +372,7 @@ class ConfigTracker:
         problems: list[FieldProblem] = []
         for label, doc in (("group", group_doc), ("device", device_doc)):
             if doc is not None:
-                problems.extend(_check(doc.config, prefix=f"{label}:")[1])
+                problems.extend(_check(doc.config, prefix=f"{label}:", whole=False)[1])
         if not problems:
             merged = merge_config(
                 group_doc.config if group_doc else {}, device_doc.config if device_doc else {}

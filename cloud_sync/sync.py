@@ -46,6 +46,7 @@ from cloud_sync.device_figures import counter_delta, system_figures
 from cloud_sync.errors import CloudSyncError, ConfigError
 from cloud_sync.mqtt import MqttSession
 from cloud_sync.outbox import METRICS_SCHEMA, Outbox, OutboxStats, gauge
+from cloud_sync.rollout.messages import StatusReport
 from cloud_sync.state import (
     AgentConfig,
     ConfigTracker,
@@ -91,6 +92,8 @@ class AgentHooks:
     pool_sizes: Callable[[], Mapping[str, int]]
     apply_config: Callable[[AgentConfig], Awaitable[None]]
     describe: Callable[[], Mapping[str, Any]]  # extra reported keys: functions, profile, ...
+    # function -> version running: the metrics record's `versions` (rollout gates compare them)
+    versions: Callable[[], Mapping[str, str]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,8 @@ class SyncClient:
         self._last_described: str = ""
         self._state_file = settings.data_dir / "sync-state.json"
         self._stats: OutboxStats | None = None
+        # The metrics loop and the deployer (at a switch) close intervals: one at a time.
+        self._metrics_lock = asyncio.Lock()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -356,6 +361,18 @@ class SyncClient:
         )
         await asyncio.to_thread(self._save_state)
 
+    async def report_rollout(self, report: StatusReport) -> None:
+        """A deployer status report into the outbox (durable, resent, de-duplicated by its
+        key); the reported document that follows repeats it (`describe`)."""
+        assert self.outbox is not None
+        await self.outbox.append(
+            "rollout",
+            topics.rollout_report_topic(self.device_id),
+            report.to_json(),
+            key=report.key,
+        )
+        await self._report()
+
     async def _event(self, event: Mapping[str, Any]) -> None:
         assert self.outbox is not None
         body = {"at": time.time(), **event}
@@ -380,6 +397,10 @@ class SyncClient:
 
     async def collect_metrics(self) -> None:
         """Close the current interval: deltas since the last one, gauges, system figures."""
+        async with self._metrics_lock:
+            await self._collect_metrics()
+
+    async def _collect_metrics(self) -> None:
         assert self.outbox is not None
         now = time.time()
         counters = dict(self.hooks.metrics_snapshot())
@@ -391,6 +412,8 @@ class SyncClient:
             c = counters.get(name)
             if c is not None:
                 d = counter_delta(c, self._last_counters.get(name))
+                if d.restarts:
+                    entry["restarts"] = d.restarts
                 if d.invocations:
                     entry.update(
                         invocations=d.invocations,
@@ -414,6 +437,7 @@ class SyncClient:
             "interval_end": now,
             "samples": 1,
             "functions": functions,
+            **({"versions": dict(self.hooks.versions())} if self.hooks.versions else {}),
             "system": {k: gauge(v) for k, v in system.items()},
         }
         await self.outbox.append(

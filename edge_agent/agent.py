@@ -51,6 +51,8 @@ if TYPE_CHECKING:  # imported when a device joins a platform: paho and cryptogra
     from cloud_sync.state import AgentConfig
     from cloud_sync.sync import FunctionCounters, SyncClient
     from edge_agent.cache import ResultCache
+    from edge_agent.deployer import Deployer
+    from edge_agent.deployer_health import HealthSample
 
 log = logging.getLogger("edgefn.agent")
 
@@ -197,6 +199,7 @@ class Agent:
         self.cloud_url = cloud_url
         self.cloud = CloudInvoker(cloud_url, token=token, ssl=ssl_ctx) if cloud_url else None
         self.sync: SyncClient | None = None
+        self.deployer: Deployer | None = None  # with --credentials: desired versions
         self._desired: AgentConfig | None = None
         self._profile: dict[str, Any] = {}
         self._parts: Parts | None = None
@@ -277,6 +280,7 @@ class Agent:
             "sandbox": parts.sandbox.status(),
             "cloud": self.cloud.status() if self.cloud else {"state": "off"},
             "sync": self.sync.status() if self.sync else {"state": "off"},
+            "deployer": self.deployer.status() if self.deployer else {"state": "off"},
         }
 
     # ---- sync callbacks (cloud_sync never imports the agent) ---------------------------
@@ -294,22 +298,55 @@ class Agent:
                 latency_bounds_ms=bounds,
                 latency_counts=tuple(st.bucket_counts),
                 latency_sum_ms=st.duration_sum * 1000.0,
+                restarts=self._restarts(name),
             )
             for name, st in self.metrics.functions.items()
         }
+
+    def _restarts(self, name: str) -> int:
+        from runtimes.invocation import PoolStatus
+
+        fn = self.functions.loaded.get(name)
+        status = fn.executor.status() if fn is not None else None
+        return status.restarts if isinstance(status, PoolStatus) else 0
+
+    def _versions(self) -> dict[str, str]:
+        return {n: f.manifest.version for n, f in sorted(self.functions.loaded.items())}
+
+    def _health_sample(self, name: str) -> HealthSample:
+        """What the deployer's health window watches (cumulative, cheap, on the loop)."""
+        from edge_agent.deployer_health import HealthSample
+
+        fn = self.functions.loaded.get(name)
+        st = self.metrics.functions.get(name)
+        problem = self.functions.problems.get(name)
+        return HealthSample(
+            loaded_version=fn.manifest.version if fn is not None else None,
+            restarts=self._restarts(name),
+            invocations=st.invocations if st else 0,
+            errors=sum(st.errors.values()) if st else 0,
+            problem=problem.message if problem is not None else None,
+        )
+
+    async def _reload_functions(self) -> None:
+        await self.functions.sync()
+        self._apply_pools()
 
     def _pool_sizes(self) -> dict[str, int]:
         return {name: fn.executor.status().instances for name, fn in self.functions.loaded.items()}
 
     def _describe(self) -> dict[str, Any]:
         return {
-            "functions": {n: f.manifest.version for n, f in sorted(self.functions.loaded.items())},
+            "functions": self._versions(),
             "profile": self._profile,
+            **(self.deployer.reported_extra() if self.deployer else {}),
         }
 
     async def _apply_config(self, config: AgentConfig) -> None:
         """Desired config from the platform, applied live; None fields = the local default."""
         self._desired = config
+        if self.deployer is not None:
+            self.deployer.desired(config)  # functions.<f>.version and deployment.rollouts
         self.router.overrides.clear()
         self.router.overrides.update(
             {n: fc.routing for n, fc in config.functions.items() if fc.routing is not None}
@@ -398,6 +435,7 @@ class Agent:
 
     async def _start_sync(self, creds: DeviceCredentials) -> None:
         from cloud_sync.sync import AgentHooks, SyncClient, SyncSettings
+        from edge_agent.deployer import Deployer, DeployerHooks
         from hardware.errors import HardwareError
         from hardware.profile import detect
 
@@ -422,13 +460,29 @@ class Agent:
                 pool_sizes=self._pool_sizes,
                 apply_config=self._apply_config,
                 describe=self._describe,
+                versions=self._versions,
             ),
             platform_url=self.cloud_url,
             token=str(self._extras.get("token") or ""),
             groups=tuple(self._extras.get("groups") or ()),
             mqtt311=bool(self._extras.get("mqtt311")),
         )
-        await self.sync.start()
+        sync = self.sync
+        # The deployer reports through the sync client (its outbox), and the registry is the
+        # platform's; it starts first, so the config sync applies at start reaches it.
+        self.deployer = Deployer(
+            s.data_dir,
+            creds.device_id,
+            self.cloud_url,
+            DeployerHooks(
+                report=sync.report_rollout,
+                reload=self._reload_functions,
+                sample=self._health_sample,
+                flush_metrics=sync.collect_metrics,
+            ),
+        )
+        await self.deployer.start()
+        await sync.start()
 
     async def _scan_loop(self) -> None:
         while True:
@@ -451,6 +505,8 @@ class Agent:
             # Stops listening, then waits up to shutdown_timeout for in-flight requests, which
             # are still being served by the pools; only then are the pools stopped.
             await self._runner.cleanup()
+        if self.deployer is not None:
+            await self.deployer.close()
         if self.sync is not None:
             await self.sync.close()
         if self.auth is not None:

@@ -129,7 +129,7 @@ def by_version(record: Mapping[str, Any]) -> dict[tuple[str, str | None], Versio
     """Split one `edgefn.metrics/1` record into (function, version) -> metrics.
 
     The record's optional `versions` map (function -> the version that ran during the interval,
-    sent by the simulator; the agent does not send it yet) says which version the counts belong
+    sent by the agent and the simulator) says which version the counts belong
     to; without it the version is None and the caller attributes it (e.g. to the version the
     device reported running). A malformed entry raises `MessageError`.
     """
