@@ -27,12 +27,12 @@ MAX_PAGE_SIZE = 500
 
 # Online as in FleetStore.describe: an MQTT presence, or an HTTP fallback contact lately.
 _ONLINE = (
-    "(revoked = 0 AND (presence = 'online'"
+    "(revoked = 0 AND (COALESCE(presence, '') = 'online'"
     " OR (http_seen IS NOT NULL AND :now - http_seen < :http_s)))"
 )
 # Unhealthy: the device refused its config, or a function's latest rollout step failed.
 _UNHEALTHY = (
-    "(json_extract(reported, '$.status') = 'rejected' OR EXISTS (SELECT 1 FROM"
+    "(COALESCE(json_extract(reported, '$.status'), '') = 'rejected' OR EXISTS (SELECT 1 FROM"
     " json_each(devices.reported, '$.rollouts') r"
     " WHERE json_extract(r.value, '$.state') = 'failed'))"
 )
@@ -103,7 +103,8 @@ class FleetView:
         sql = (
             f"SELECT id, labels, {_ONLINE} AS online, {_UNHEALTHY} AS unhealthy, last_seen,"
             " json_extract(reported, '$.profile.arch'), json_extract(reported, '$.agent_version'),"
-            " json_extract(reported, '$.functions'), revoked"
+            " json_extract(reported, '$.functions'), revoked,"
+            " json_extract(reported, '$.profile.labels')"
             f" FROM devices WHERE {cond} ORDER BY {order} {direction}, id {direction}"
             " LIMIT :limit OFFSET :offset"
         )
@@ -120,7 +121,8 @@ class FleetView:
         finally:
             conn.execute("COMMIT")
         rows = []
-        for ident, labels, is_online, is_unhealthy, last_seen, arch, agent, fns, revoked in raw:
+        for (ident, labels, is_online, is_unhealthy, last_seen, arch, agent, fns, revoked,
+             reported_labels) in raw:  # fmt: skip
             rows.append(
                 {
                     "id": ident,
@@ -132,6 +134,8 @@ class FleetView:
                     "agent_version": agent,
                     "functions": _obj(fns),
                     "revoked": bool(revoked),
+                    # What the device says about itself (its profile), beside what enrolment set.
+                    "reported_labels": _obj(reported_labels),
                 }
             )
         counts = {"online": int(online), "offline": int(all_) - int(online),

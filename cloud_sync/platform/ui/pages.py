@@ -24,8 +24,10 @@ def ago(ts: float | None, now: float | None = None) -> str:
     return f"{s / 3600:.1f} h ago"
 
 
-def _labels(labels: dict[str, Any]) -> Html:
-    return join(h('<span class="label">$k=$v</span>', k=k, v=v) for k, v in sorted(labels.items()))
+def _labels(labels: dict[str, Any], cls: str = "label") -> Html:
+    return join(
+        h('<span class="$c">$k=$v</span>', c=cls, k=k, v=v) for k, v in sorted(labels.items())
+    )
 
 
 def fleet_body(q: FleetQuery, page: FleetPage) -> Html:
@@ -70,7 +72,7 @@ def fleet_body(q: FleetQuery, page: FleetPage) -> Html:
             state=("online" if r["online"] else "offline")
             + (" · unhealthy" if r["unhealthy"] else ""),
             seen=ago(r["last_seen"]),
-            labels=_labels(r["labels"]),
+            labels=join([_labels(r["labels"]), _labels(r["reported_labels"], "label reported")]),
             arch=r["arch"] or "",
             agent=r["agent_version"] or "",
             fns=", ".join(f"{k}@{v}" for k, v in sorted(r["functions"].items())),
