@@ -30,6 +30,12 @@ def _labels(labels: dict[str, Any], cls: str = "label") -> Html:
     )
 
 
+def _extra(row: dict[str, Any]) -> dict[str, Any]:
+    """Labels the device reports that enrolment did not set (the same ones shown once)."""
+    enrolled = row["labels"]
+    return {k: v for k, v in row["reported_labels"].items() if enrolled.get(k) != v}
+
+
 def fleet_body(q: FleetQuery, page: FleetPage) -> Html:
     c = page.counts
     counts = h(
@@ -72,7 +78,7 @@ def fleet_body(q: FleetQuery, page: FleetPage) -> Html:
             state=("online" if r["online"] else "offline")
             + (" · unhealthy" if r["unhealthy"] else ""),
             seen=ago(r["last_seen"]),
-            labels=join([_labels(r["labels"]), _labels(r["reported_labels"], "label reported")]),
+            labels=join([_labels(r["labels"]), _labels(_extra(r), "label reported")]),
             arch=r["arch"] or "",
             agent=r["agent_version"] or "",
             fns=", ".join(f"{k}@{v}" for k, v in sorted(r["functions"].items())),
@@ -99,7 +105,13 @@ def fleet_body(q: FleetQuery, page: FleetPage) -> Html:
 
 
 def _kv_table(doc: dict[str, Any]) -> Html:
-    return join(h("<tr><th>$k</th><td>$v</td></tr>", k=k, v=v) for k, v in sorted(doc.items()))
+    return join(
+        h("<tr><th>$k</th><td>$v</td></tr>", k=k, v=_plain(v)) for k, v in sorted(doc.items())
+    )
+
+
+def _plain(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def device_body(
