@@ -10,6 +10,7 @@ background traffic) and its profile in the test's temp dir.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import socket
@@ -111,11 +112,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("chromium and chromium-driver are not installed (make install)")
-    profile = tmp_path_factory.mktemp("chromium-profile")
+@contextlib.contextmanager
+def chromium(profile: Path) -> Iterator[Browser]:
+    """One chromedriver + headless Chromium session (used by the fixture and bench/)."""
     port = _free_port()
     driver = subprocess.Popen(
         [CHROMEDRIVER, f"--port={port}", "--allowed-ips=127.0.0.1"],
@@ -157,9 +156,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
         )  # fmt: skip
         with urllib.request.urlopen(req, timeout=START_TIMEOUT_S) as resp:
             session = json.loads(resp.read())["value"]["sessionId"]
-        browser = Browser(base, session)
         try:
-            yield browser
+            yield Browser(base, session)
         finally:
             urllib.request.urlopen(
                 urllib.request.Request(f"{base}/session/{session}", method="DELETE"), timeout=20
@@ -171,3 +169,16 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
         except subprocess.TimeoutExpired:
             driver.kill()
             driver.wait(5)
+
+
+def available() -> bool:
+    return Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    """One Chromium for the whole test session; tests call `reset()` first."""
+    if not available():
+        pytest.skip("chromium and chromium-driver are not installed (make install)")
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as b:
+        yield b
