@@ -15,11 +15,14 @@ from typing import Any, Literal, Protocol
 
 from cloud_sync.platform.ui.charts import progress_bar
 from cloud_sync.platform.ui.html import Html, h, join
+from cloud_sync.rollout.states import DeviceState as D
 
 Action = Literal["pause", "resume", "abort"]
 ACTIONS: tuple[Action, ...] = ("pause", "resume", "abort")
-# Device states that count as done for a wave's progress bar (cloud_sync/rollout/states.py).
-DONE_STATES = frozenset({"healthy", "failed", "rejected", "rolled_back", "timed_out", "skipped"})
+# Device states that count as done for a wave's progress bar: a device there waits for nothing.
+DONE_STATES = frozenset(
+    s.value for s in (D.HEALTHY, D.FAILED, D.TIMED_OUT, D.REJECTED, D.ROLLED_BACK, D.CANCELED)
+)
 
 
 class RolloutSource(Protocol):
