@@ -172,3 +172,20 @@ def test_rollout_pages_without_a_source_say_so(platform: Platform) -> None:
     status, _, body = c.request("POST", "/ui/rollouts/r-1/abort", {"csrf": token})
     assert status == 200 and "not available" in body
     assert c.request("POST", "/ui/rollouts/r-1/abort", {})[0] == 403  # CSRF before anything
+
+
+def test_escaping_sessions_and_csrf_values() -> None:
+    from cloud_sync.platform.ui.html import Html, h
+    from cloud_sync.platform.ui.session import Sessions, csrf_ok
+
+    out = h('<a title="$t">$x</a>', t='" onmouseover="alert(1)', x=Html("<b>ok</b>"))
+    assert out == '<a title="&quot; onmouseover=&quot;alert(1)"><b>ok</b></a>'
+    expired = Sessions(ttl_s=-1.0)
+    sid, _ = expired.create("op")
+    assert expired.get(sid) is None  # past its expiry: gone
+    few = Sessions(limit=2)
+    first, _ = few.create("a")
+    few.create("b")
+    _, third = few.create("c")
+    assert few.get(first) is None  # the oldest is dropped at the bound
+    assert csrf_ok(third, third.csrf) and not csrf_ok(third, "") and not csrf_ok(third, None)
