@@ -116,6 +116,7 @@ def test_start_with_dry_run_watch_live_abort(
     b.type("input[name=version]", "1.4.0")
     b.type("input[name=target]", "group=west")
     b.type("input[name=waves]", "10,50,100")
+    b.type("textarea[name=gates]", "error_rate<=0.05")
     b.click("button[value=preview]")
     preview = b.text(b.find(".preview"))
     assert "20 devices in 3 waves; 0 ineligible" in preview and not source.rollouts
@@ -123,6 +124,8 @@ def test_start_with_dry_run_watch_live_abort(
     b.click("button[value=start]")  # the form kept its values
     assert b.url.endswith("/ui/rollouts/r-1")
     assert "resize 1.4.0 running" in b.text(b.find("main h2"))
+    gates = b.text(b.find("main table:nth-of-type(2) tbody"))
+    assert "error_rate<=0.05" in gates and "not evaluated yet" in gates
     waves = b.find_all("main .progress")
     assert len(waves) == 3
     rows = b.find_all("main table:last-of-type tbody tr")
@@ -169,3 +172,19 @@ def test_rollout_action_without_csrf_is_refused(console: tuple[str, CoreSource])
         opener.open(url + "/ui/rollouts/r-1/abort", b"action=abort", timeout=10)
     assert refused.value.code == 403
     assert source.rollouts["r-1"].state.value == "running"
+
+
+def test_gate_rows_show_value_bound_and_outcome_of_a_real_verdict() -> None:
+    from cloud_sync.platform.ui.rollouts import detail_body
+    from cloud_sync.rollout.gates import evaluate_gates, parse_gates
+    from cloud_sync.rollout.metrics import VersionMetrics
+
+    verdict = evaluate_gates(
+        parse_gates(["error_rate<=0.05"]), VersionMetrics(invocations=200, errors=20), None, 10
+    )
+    source = CoreSource(_facts(4))
+    view = source.start({"function": "resize", "version": "1.4.0", "target": "group=west",
+                         "waves": "100", "gates": ["error_rate<=0.05"]})  # fmt: skip
+    page = detail_body({**view, "gates": verdict.to_dict()}, "csrf", "")
+    row = page[page.index("<td>error_rate&lt;=0.05</td>") :].split("</tr>")[0]
+    assert "<td>0.1</td><td>0.05</td><td>200</td>" in row and ">fail<" in row

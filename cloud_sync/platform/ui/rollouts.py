@@ -78,7 +78,7 @@ def detail_body(view: dict[str, Any], csrf: str, state_filter: str) -> Html:
         )
         for w in view.get("waves") or []
     )
-    gates = join(_gate_row(g) for g in _gates(view.get("gates")))
+    gates = join(_gate_row(g) for g in _gates(view.get("gates"), view.get("spec")))
     devices = [
         d for d in view.get("devices") or [] if not state_filter or d.get("state") == state_filter
     ]
@@ -121,7 +121,7 @@ def detail_body(view: dict[str, Any], csrf: str, state_filter: str) -> Html:
         "<h3>Waves</h3><table><thead><tr><th>wave</th><th>share</th><th>progress</th>"
         "<th>states</th></tr></thead><tbody>$waves</tbody></table>"
         "<h3>Gates</h3><table><thead><tr><th>gate</th><th>value</th><th>bound</th>"
-        "<th>result</th></tr></thead><tbody>$gates</tbody></table>"
+        "<th>samples</th><th>result</th><th>why</th></tr></thead><tbody>$gates</tbody></table>"
         '<h3>Devices</h3><form method="get"><select name="state"><option value="">all states'
         '</option>$options</select> <button type="submit">filter</button></form>'
         "<table><thead><tr><th>device</th><th>wave</th><th>state</th><th>version</th>"
@@ -132,24 +132,27 @@ def detail_body(view: dict[str, Any], csrf: str, state_filter: str) -> Html:
     )  # fmt: skip
 
 
-def _gates(raw: Any) -> list[dict[str, Any]]:
-    if isinstance(raw, dict):
-        inner = raw.get("gates", raw.get("results"))
-        if isinstance(inner, list):
-            return [g for g in inner if isinstance(g, dict)]
-        return [{"name": k, **v} if isinstance(v, dict) else {"name": k, "value": v}
-                for k, v in raw.items()]  # fmt: skip
-    if isinstance(raw, list):
-        return [g for g in raw if isinstance(g, dict)]
-    return []
+def _gates(verdict: Any, spec: Any) -> list[dict[str, Any]]:
+    """The last verdict's gates (`gates.Verdict.to_dict()`), else the spec's, not yet judged."""
+    if isinstance(verdict, dict) and isinstance(verdict.get("gates"), list):
+        return [g for g in verdict["gates"] if isinstance(g, dict)]
+    texts = spec.get("gates") if isinstance(spec, dict) else None
+    return [{"gate": t, "outcome": "not evaluated yet"} for t in texts or []]
 
 
 def _gate_row(g: dict[str, Any]) -> Html:
     return h(
-        "<tr><td>$n</td><td>$v</td><td>$b</td><td>$r</td></tr>",
-        n=g.get("name") or g.get("metric") or "", v=g.get("value"),
-        b=g.get("bound") or g.get("threshold") or "", r=g.get("result") or g.get("verdict") or "",
+        '<tr><td>$n</td><td>$v</td><td>$b</td><td>$samples</td><td class="gate-$r">$r</td>'
+        "<td>$why</td></tr>",
+        n=g.get("gate"), v=_num(g.get("value")), b=_num(g.get("bound")),
+        samples=g.get("samples", ""), r=g.get("outcome") or "", why=g.get("reason") or "",
     )  # fmt: skip
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def new_form(csrf: str, preview: dict[str, Any] | None, values: Mapping[str, str]) -> Html:
