@@ -172,6 +172,14 @@ def test_rollout_action_without_csrf_is_refused(console: tuple[str, CoreSource])
         opener.open(url + "/ui/rollouts/r-1/abort", b"action=abort", timeout=10)
     assert refused.value.code == 403
     assert source.rollouts["r-1"].state.value == "running"
+    # With the token: a spec the core refuses comes back on the form, nothing starts.
+    page = opener.open(url + "/ui/rollouts/new", timeout=10).read().decode()
+    csrf = page.split('name="csrf" value="')[1].split('"')[0]
+    bad = {"csrf": csrf, "function": "resize", "version": "1.4.0", "target": "group=east",
+           "waves": "100", "mode": "start"}  # fmt: skip
+    body = opener.open(url + "/ui/rollouts/new", urllib.parse.urlencode(bad).encode(),
+                       timeout=10).read().decode()  # fmt: skip
+    assert 'class="error"' in body and "group=east" in body and set(source.rollouts) == {"r-1"}
 
 
 def test_gate_rows_show_value_bound_and_outcome_of_a_real_verdict() -> None:

@@ -24,8 +24,9 @@ from cloud_sync.platform.operators import OperatorAccounts
 from cloud_sync.platform.store import RegistryStore, VersionRecord
 from cloud_sync.platform.ui import pages, rollouts
 from cloud_sync.platform.ui.fleet_view import PAGE_SIZE, FleetQuery, FleetView
-from cloud_sync.platform.ui.html import Html, render
+from cloud_sync.platform.ui.html import Html, h, render
 from cloud_sync.platform.ui.session import COOKIE, SESSION_TTL_S, Session, Sessions, csrf_ok
+from hardware.errors import EdgefnError
 
 log = logging.getLogger("edgefn.console")
 
@@ -248,10 +249,13 @@ class Console:
             return rollouts.NOT_AVAILABLE
         form = {k: str(v) for k, v in (await request.post()).items() if k != "csrf"}
         spec = rollouts.spec_from_form(form)
-        if form.get("mode") == "start":
-            started = await asyncio.to_thread(src.start, spec)
-            raise web.HTTPSeeOther(f"/ui/rollouts/{started.get('id')}")
-        preview = await asyncio.to_thread(src.preview, spec)
+        try:
+            if form.get("mode") == "start":
+                started = await asyncio.to_thread(src.start, spec)
+                raise web.HTTPSeeOther(f"/ui/rollouts/{started.get('id')}")
+            preview = await asyncio.to_thread(src.preview, spec)
+        except EdgefnError as exc:  # a bad spec or an empty target: say so on the form
+            return rollouts.new_form(session.csrf, None, form, error=exc.one_line())
         return rollouts.new_form(session.csrf, preview, form)
 
     async def rollout_act(
@@ -264,7 +268,10 @@ class Console:
         if action not in rollouts.ACTIONS:
             raise web.HTTPNotFound(text="no such action")
         ident = request.match_info["id"]
-        await asyncio.to_thread(src.act, ident, action)  # type: ignore[arg-type]
+        try:
+            await asyncio.to_thread(src.act, ident, action)  # type: ignore[arg-type]
+        except EdgefnError as exc:  # e.g. resume of a finished rollout
+            return h('<p class="error">$e</p>', e=exc.one_line())
         raise web.HTTPSeeOther(f"/ui/rollouts/{ident}")
 
 

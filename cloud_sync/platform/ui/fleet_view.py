@@ -67,12 +67,17 @@ class FleetView:
     def __init__(self, fleet_db: Path) -> None:
         self.path = Path(fleet_db)
         self._local = threading.local()
+        # Every thread's connection, so close() can close them all (executor threads included).
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = connect_reader(self.path)
             self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
         return conn
 
     def page(self, q: FleetQuery, now: float | None = None) -> FleetPage:
@@ -159,10 +164,12 @@ class FleetView:
         return out
 
     def close(self) -> None:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
+        """At app cleanup, when no request runs any more (a connection is used by one thread)."""
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
             conn.close()
-            self._local.conn = None
+        self._local = threading.local()
 
 
 def _obj(raw: Any) -> dict[str, Any]:

@@ -155,8 +155,10 @@ def _num(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def new_form(csrf: str, preview: dict[str, Any] | None, values: Mapping[str, str]) -> Html:
-    shown = Html("")
+def new_form(
+    csrf: str, preview: dict[str, Any] | None, values: Mapping[str, str], error: str = ""
+) -> Html:
+    shown = h('<p class="error">$e</p>', e=error) if error else Html("")
     if preview is not None:
         waves = preview.get("waves") or []
         shown = h(
