@@ -50,7 +50,8 @@ class Browser:
             with urllib.request.urlopen(req, timeout=STEP_TIMEOUT_S) as resp:
                 return json.loads(resp.read())["value"]
         except urllib.error.HTTPError as exc:
-            raise WebDriverError(f"{method} {path}: {exc.read()[:500]!r}") from exc
+            with exc:  # closes its socket
+                raise WebDriverError(f"{method} {path}: {exc.read()[:500]!r}") from exc
 
     def get(self, url: str) -> None:
         self._call("POST", "/url", {"url": url})
@@ -62,6 +63,12 @@ class Browser:
     def find(self, css: str) -> str:
         found = self._call("POST", "/element", {"using": "css selector", "value": css})
         return str(found[ELEMENT])
+
+    def wait_find(self, css: str, timeout: float = 10.0) -> str:
+        """The element once it exists: after a click that submits a form, the next page may
+        still be loading when the click returns."""
+        self.wait_for(f"document.querySelector({json.dumps(css)}) !== null", timeout, css)
+        return self.find(css)
 
     def find_all(self, css: str) -> list[str]:
         found = self._call("POST", "/elements", {"using": "css selector", "value": css})

@@ -54,10 +54,11 @@ def fleet(mosquitto: Broker) -> Iterator[Platform]:
         plat.stop()
 
 
-def _login(b: Browser, url: str, secret: str) -> None:
+def _login(b: Browser, url: str, secret: str, loaded_js: str) -> None:
     b.get(url + "/ui/login")
     b.type("#secret", secret)
     b.click("#login button")
+    b.wait_for(loaded_js, 10, "the page after the login form")
 
 
 @pytest.mark.slow
@@ -69,13 +70,13 @@ def test_console_in_chromium(browser: Browser, fleet: Platform, tmp_path: Path) 
     # Not logged in: every page sends the browser to the login form.
     b.get(url + "/ui/fleet")
     assert b.url.endswith("/ui/login")
-    _login(b, url, "wrong-token")
+    _login(b, url, "wrong-token", "document.querySelector('.error')?.textContent.includes('wrong')")
     assert b.url.endswith("/ui/login")
     assert "wrong name, token or password" in b.text(b.find(".error"))
     assert not b.cookies()
     b.screenshot(tmp_path / "login-refused.png")
 
-    _login(b, url, fleet.token)
+    _login(b, url, fleet.token, "document.querySelector('#fleet') !== null")
     assert b.url.endswith("/ui/fleet")
     (cookie,) = b.cookies()
     assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
@@ -95,6 +96,7 @@ def test_console_in_chromium(browser: Browser, fleet: Platform, tmp_path: Path) 
     # Filter by label, then by state and search, through the form.
     b.type("#fleet-filter input[name=label]", "site=lab")
     b.click("#fleet-filter button")
+    b.wait_for("location.search.includes('label=site')", 10, "the filtered page")
     ids = [b.text(e) for e in b.find_all("#fleet tr.device td:first-child")]
     assert ids == ["sim-00000", "sim-00001", "sim-00002"]
     b.get(url + "/ui/fleet?q=evil&state=online")
@@ -102,6 +104,7 @@ def test_console_in_chromium(browser: Browser, fleet: Platform, tmp_path: Path) 
 
     # Open the device: profile, functions and three charts per function.
     b.click("#fleet tr.device td:first-child a")
+    b.wait_find("figure.chart")
     assert b.url.endswith("/ui/devices/evil-1")
     charts = b.script("return document.querySelectorAll('figure.chart svg polyline').length")
     assert charts == 6  # two functions x (invocations, error rate, p95)
@@ -127,6 +130,7 @@ def test_console_in_chromium(browser: Browser, fleet: Platform, tmp_path: Path) 
 
     # Log out: the session ends, pages go back to the login form.
     b.click("#logout")
+    b.wait_find("#login")
     assert b.url.endswith("/ui/login")
     b.get(url + "/ui/devices/evil-1")
     assert b.url.endswith("/ui/login")

@@ -54,7 +54,8 @@ class Client:
             with self.opener.open(req, timeout=10) as resp:
                 return resp.status, dict(resp.headers), resp.read().decode()
         except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read().decode()
+            with exc:  # closes its socket
+                return exc.code, dict(exc.headers), exc.read().decode()
 
     def login(self, secret: str, user: str = "") -> int:
         status, _, _ = self.request("POST", "/ui/login", {"user": user, "secret": secret})

@@ -109,6 +109,7 @@ def test_start_with_dry_run_watch_live_abort(
     b.get(url + "/ui/login")
     b.type("#secret", TOKEN)
     b.click("#login button")
+    b.wait_find("#fleet")
     b.get(url + "/ui/rollouts")
     assert "no rollouts yet" in b.text(b.find("main"))
     b.click("a.button")
@@ -118,10 +119,11 @@ def test_start_with_dry_run_watch_live_abort(
     b.type("input[name=waves]", "10,50,100")
     b.type("textarea[name=gates]", "error_rate<=0.05")
     b.click("button[value=preview]")
-    preview = b.text(b.find(".preview"))
+    preview = b.text(b.wait_find(".preview"))
     assert "20 devices in 3 waves; 0 ineligible" in preview and not source.rollouts
     b.screenshot(tmp_path / "rollout-dry-run.png")
     b.click("button[value=start]")  # the form kept its values
+    b.wait_find("main .progress")
     assert b.url.endswith("/ui/rollouts/r-1")
     assert "resize 1.4.0 running" in b.text(b.find("main h2"))
     gates = b.text(b.find("main table:nth-of-type(2) tbody"))
@@ -140,7 +142,7 @@ def test_start_with_dry_run_watch_live_abort(
     assert counts[wave0_state] < 20
     b.script(f"document.querySelector('select[name=state]').value = {wave0_state!r};")
     b.click("main form[method=get] button")
-    assert f"state={wave0_state}" in b.url
+    b.wait_for(f"location.search.includes('state={wave0_state}')", 10, "the filtered page")
     filtered = b.find_all("main table:last-of-type tbody tr")
     assert len(filtered) == counts[wave0_state]
     # Abort with the confirmation: dismissing it does nothing, accepting it aborts.
@@ -171,6 +173,7 @@ def test_rollout_action_without_csrf_is_refused(console: tuple[str, CoreSource])
     with pytest.raises(urllib.error.HTTPError) as refused:
         opener.open(url + "/ui/rollouts/r-1/abort", b"action=abort", timeout=10)
     assert refused.value.code == 403
+    refused.value.close()
     assert source.rollouts["r-1"].state.value == "running"
     # With the token: a spec the core refuses comes back on the form, nothing starts.
     page = opener.open(url + "/ui/rollouts/new", timeout=10).read().decode()
