@@ -11,7 +11,7 @@ PYTHON ?= python3
 # test; zlib1g-dev: the C++ test that links a library the manifest names; openssl: the bundle
 # signature interop test; wrk: benchmarks only. Under CI=true a test that skips fails the run
 # (tests/ci_skips.py), so what the suite needs is listed here.
-APT_PACKAGES := mosquitto util-linux patchelf ccache debootstrap zlib1g-dev openssl
+APT_PACKAGES := mosquitto util-linux patchelf ccache debootstrap zlib1g-dev openssl chromium chromium-driver
 
 .PHONY: all install system-deps run test lint fmt bench binary deb clean
 

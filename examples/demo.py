@@ -189,6 +189,7 @@ def run_agent(platform: subprocess.Popen[bytes], names: list[str]) -> int:
     print(f"      --data '{SAMPLES['eta-node']}'")
     print("  .venv/bin/edge-cloud devices --data-dir .demo/cloud    # the device, online")
     print("  .venv/bin/edge-cloud metrics demo-gateway --data-dir .demo/cloud")
+    print(f"\n  console: http://127.0.0.1:{CLOUD_PORT}/ui/  (token: .demo/cloud/admin.token)")
     print("\nStop with Ctrl-C.\n", flush=True)
     agent = subprocess.Popen(
         [

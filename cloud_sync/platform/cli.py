@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.platform import simulator_cli
+from cloud_sync.platform import operator_cli, simulator_cli
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register(sub)  # keys, fn: the author's toolchain (cloud_sync/author), handler in args
     simulator_cli.add_parser(sub)
+    operator_cli.add_parser(sub)  # operator create/list: console accounts
     return parser
 
 

@@ -33,10 +33,12 @@ from cloud_sync.platform.devices import DeviceAuth, DevicesApi
 from cloud_sync.platform.embedded_broker import EmbeddedBroker, free_port, start_embedded_broker
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.intake import MqttIntake
+from cloud_sync.platform.operators import OperatorAccounts
 from cloud_sync.platform.pki import PlatformCA
 from cloud_sync.platform.registry import Handler, Registry, error_response, publishers_verifier
 from cloud_sync.platform.settings import PlatformSettings
 from cloud_sync.platform.store import LocalStore, RegistryStore
+from cloud_sync.platform.ui import mount as mount_console
 from runtimes.fsio import atomic_write
 
 log = logging.getLogger("edgefn.platform")
@@ -77,6 +79,10 @@ def create_app(
         )
 
     app.add_routes([web.get("/v1/health", health)])
+    # The console (/ui/, docs/dashboard.md): pages over the same stores. Its rollout pages get
+    # their data from the rollout controller's `RolloutSource` once that is passed here.
+    accounts = OperatorAccounts(settings.db_path)
+    mount_console(app, token=token, fleet=devices.store, registry=store, accounts=accounts)
 
     async def close_store(app: web.Application) -> None:
         await cloud_exec.close()
