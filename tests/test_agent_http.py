@@ -120,6 +120,14 @@ NOT_HTTP = {
     "warm_failed": "the same: the installer's warm check",
     "startup_failed": "the agent does not start at all",
     "agent_error": "an abstract base, never raised itself",
+    # Building blocks: answered to the calling function in a CALL_ERROR frame (with the short
+    # sdk_code), never to an HTTP client.
+    "capability_error": "an abstract base of the building-block errors",
+    "capability_not_permitted": "a CALL_ERROR to the function (not_permitted)",
+    "capability_not_found": "a CALL_ERROR to the function (not_found)",
+    "capability_timeout": "a CALL_ERROR to the function (timeout)",
+    "capability_quota_exceeded": "a CALL_ERROR to the function (quota_exceeded)",
+    "capability_unavailable": "a CALL_ERROR to the function (unavailable)",
 }
 
 
