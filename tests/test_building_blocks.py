@@ -8,6 +8,7 @@ permission for each block, an invocation cycle, and state surviving restarts and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -22,6 +23,17 @@ from edge_agent.settings import Settings
 from runtimes.sandbox import Sandbox
 
 NODE_FN = Path(__file__).parent / "functions" / "conformance" / "node" / "handler.js"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _install_examples(data: Path) -> None:
+    from runtimes.gobuild import build_go
+
+    (data / "functions").mkdir(parents=True)
+    shutil.copytree(EXAMPLES / "eta-node", data / "functions" / "eta-node")
+    route = data / "functions" / "route-go"
+    shutil.copytree(EXAMPLES / "route-go", route)
+    build_go(route, route / "route-go")
 
 
 def make_fn(
@@ -201,3 +213,36 @@ async def test_publish_without_a_platform_is_unavailable_and_config_is_empty(
     )
     assert results[0]["code"] == "unavailable"
     assert json.loads(results[1]["value"]) == {}
+
+
+@pytest.mark.slow
+async def test_the_examples_use_invoke_state_and_publish(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    await asyncio.to_thread(_install_examples, data)
+    a = Agent(Settings(data_dir=data, port=0))
+    await a.open(sandbox=Sandbox())
+    try:
+        await a.functions.sync()
+        assert {"eta-node", "route-go"} <= set(a.functions.loaded), a.functions.problems
+        body = {"points": [[52.52, 13.405], [52.53, 13.41]], "speed_kmh": 40}
+
+        async def route(**extra: Any) -> dict[str, Any]:
+            routed = await a.router.invoke(
+                "route-go",
+                json.dumps({**body, **extra}).encode(),
+                request_id="ex-1",
+                content_type="application/json",
+            )
+            return dict(json.loads(routed.result.payload))
+
+        plain = await route()
+        assert set(plain) == {"distance_km", "eta_min", "legs"}  # no traffic: no calls
+        first = await route(traffic="heavy")
+        second = await route(traffic="heavy")
+        assert first["traffic_eta_min"] > plain["eta_min"]  # eta-node's heavy-traffic factor
+        assert first["tip"]
+        # State counts across invocations (publish is `unavailable` without a platform and
+        # tolerated by the example).
+        assert (first["routes_served"], second["routes_served"]) == (1, 2)
+    finally:
+        await a.stop()
