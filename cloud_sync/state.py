@@ -45,7 +45,7 @@ CACHE_MAX_BYTES_LIMIT = 1 << 50  # 1 PiB: catches unit mistakes (bits, KiB) more
 METRICS_INTERVAL_BOUNDS = (1.0, 86_400.0)  # under 1 s floods the outbox; over a day is useless
 
 _TOP_KEYS = ("functions", "cache", "log_level", "metrics", "deployment")
-_FUNCTION_KEYS = ("pool", "routing", "version")
+_FUNCTION_KEYS = ("pool", "routing", "version", "config")
 _DEPLOYMENT_KEYS = ("rollouts",)
 
 
@@ -116,6 +116,8 @@ class FunctionConfig:
     concurrency: int | None = None
     routing: Routing | None = None
     version: str | None = None  # the version a rollout wants active; the deployer acts on it
+    # The function's own settings, handed to it by `config()` (docs/building-blocks.md).
+    config: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,7 @@ def _check(
             concurrency=sizes["concurrency"],
             routing=routing,  # type: ignore[arg-type]  # checked against ROUTINGS above
             version=version,
+            config=dict(c.table(f"{path}.config", fn.get("config")) or {}),
         )
     cache = c.table("cache", config.get("cache")) or {}
     c.unknown("cache", cache, ("max_bytes",))

@@ -14,6 +14,7 @@ function scan, so a newly loaded version gets them too).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from cloud_sync.cloud_invoke import CloudInvoker
 from cloud_sync.http_server import bound_port
 from edge_agent.api import Api
 from edge_agent.auth import Authenticator
+from edge_agent.capabilities import Broker, ConfigLookup, Event, Publish
 from edge_agent.discovery import Advertiser, agent_txt
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
@@ -41,7 +43,9 @@ from edge_agent.router import Router
 from edge_agent.routing import check_policy
 from edge_agent.sdnotify import Lifecycle
 from edge_agent.settings import Settings
+from edge_agent.state_store import StateStore
 from edge_agent.tls import server_context
+from runtimes.capabilities import CapabilityUnavailable
 from runtimes.fsio import atomic_write
 from runtimes.pool import Pool
 from runtimes.sandbox import Sandbox, host_sandbox
@@ -127,6 +131,12 @@ class Parts:
     functions: FunctionSet
     router: Router
     api: Api
+    broker: Broker
+    state: StateStore | None
+
+
+async def _no_platform(event: Event) -> None:
+    raise CapabilityUnavailable("this agent is not joined to a platform: nothing to publish to")
 
 
 def assemble(
@@ -137,8 +147,40 @@ def assemble(
     cloud: CloudInvoker | None,
     health: Callable[[], dict[str, Any]],
     auth: Authenticator | None = None,
+    *,
+    state: StateStore | None = None,
+    publish: Publish = _no_platform,
+    config: ConfigLookup = lambda name: {},
 ) -> Parts:
-    """The one place the serving parts are wired: nothing is plugged in after construction."""
+    """The one place the serving parts are wired: nothing is plugged in after construction.
+
+    The capability broker and the router need each other (a function's nested `invoke` goes
+    through the router, whose executors hand calls to the broker): the broker gets a closure
+    that reads `router` when it is called, after this function has returned.
+    """
+
+    async def nested_invoke(
+        name: str,
+        payload: bytes,
+        *,
+        request_id: str,
+        trace_id: str,
+        deadline_s: float,
+        chain: tuple[str, ...],
+        content_type: str,
+    ) -> bytes:
+        routed = await router.invoke(
+            name,
+            payload,
+            request_id=request_id,
+            trace_id=trace_id,
+            content_type=content_type,
+            deadline_s=deadline_s,
+            chain=chain,
+        )
+        return routed.result.payload
+
+    broker = Broker(invoke=nested_invoke, publish=publish, state=state, config=config)
 
     async def version_switched(fn: LoadedFunction) -> None:
         # A new version must not answer from the old one's cached results.
@@ -151,6 +193,7 @@ def assemble(
         require_signed=settings.require_signed,
         sandbox=sandbox,
         on_switch=version_switched,
+        capabilities=broker,
     )
     router = Router(
         functions,
@@ -167,7 +210,7 @@ def assemble(
         health=health,
         auth=auth,
     )
-    return Parts(cache, sandbox, functions, router, api)
+    return Parts(cache, sandbox, functions, router, api, broker, state)
 
 
 class Agent:
@@ -260,7 +303,19 @@ class Agent:
         except BaseException:
             await cache.close()
             raise
-        self._parts = assemble(s, self.metrics, cache, sandbox, self.cloud, self.health, self.auth)
+        state = StateStore(s.data_dir / "state.db")
+        self._parts = assemble(
+            s,
+            self.metrics,
+            cache,
+            sandbox,
+            self.cloud,
+            self.health,
+            self.auth,
+            state=state,
+            publish=self._publish,
+            config=self._function_config,
+        )
         return self._parts
 
     def health(self) -> dict[str, Any]:
@@ -282,6 +337,37 @@ class Agent:
             "sync": self.sync.status() if self.sync else {"state": "off"},
             "deployer": self.deployer.status() if self.deployer else {"state": "off"},
         }
+
+    # ---- building blocks: publish and config (edge_agent.capabilities) ----------------
+
+    async def _publish(self, event: Event) -> None:
+        """A function's event, durable in the outbox before the function hears back; the
+        sender delivers it over MQTT or the HTTP fallback, the platform dedupes on its key."""
+        sync = self.sync
+        if sync is None or sync.outbox is None:
+            raise CapabilityUnavailable(
+                "this agent is not joined to a platform: nothing to publish to"
+            )
+        from cloud_sync import topics
+
+        body = {
+            "at": time.time(),
+            "type": "function_event",
+            "function": event.function,
+            "version": event.version,
+            "topic": event.topic,
+            "request_id": event.request_id,
+            "size": len(event.payload),
+            "payload_b64": base64.b64encode(event.payload).decode(),
+        }
+        await sync.outbox.append(
+            "events", topics.device_topic(sync.device_id, "events"), json.dumps(body).encode()
+        )
+
+    def _function_config(self, name: str) -> Mapping[str, Any]:
+        desired = self._desired
+        fc = desired.functions.get(name) if desired is not None else None
+        return fc.config if fc is not None else {}
 
     # ---- sync callbacks (cloud_sync never imports the agent) ---------------------------
 
@@ -516,6 +602,8 @@ class Agent:
             await parts.functions.close(drain_s=1.0)
             await parts.sandbox.close()
             await parts.cache.close()
+            if parts.state is not None:
+                await parts.state.aclose()
         if self.cloud is not None:
             await self.cloud.close()
         with contextlib.suppress(FileNotFoundError):

@@ -19,6 +19,7 @@ from typing import Any
 from edge_agent.cache_policy import CachePolicy, parse_cache_policy
 from edge_agent.routing import RoutingPolicy, parse_routing
 from edge_agent.store import FunctionSource, LoadProblem, scan
+from runtimes.capabilities import CapabilityHandler
 from runtimes.errors import RuntimeErrorBase
 from runtimes.invocation import Executor
 from runtimes.launchers import make_executor
@@ -52,8 +53,11 @@ class FunctionSet:
         require_signed: bool,
         sandbox: Sandbox | None,
         on_switch: Callable[[LoadedFunction], Awaitable[None]] | None = None,
+        capabilities: CapabilityHandler | None = None,
     ) -> None:
         self._on_switch = on_switch
+        # Answers the building-block calls of every worker this set starts (the broker).
+        self._capabilities = capabilities
         self._dir = functions_dir
         self._require_signed = require_signed
         self._sandbox = sandbox
@@ -121,7 +125,9 @@ class FunctionSet:
             where = str(source.directory / "edgefn.toml")
             policy = parse_cache_policy(manifest.extra.get("cache"), where)
             routing = parse_routing(manifest.extra.get("routing"), where)
-            executor = make_executor(manifest, source.directory, sandbox=self._sandbox)
+            executor = make_executor(
+                manifest, source.directory, sandbox=self._sandbox, capabilities=self._capabilities
+            )
             await executor.start()
         except RuntimeErrorBase as exc:
             log.error("%s@%s not loaded: %s", manifest.name, manifest.version, exc.message)

@@ -85,7 +85,12 @@ class Router:
         headers: Pairs = (),
         query: Pairs = (),
         no_cache: bool = False,
+        deadline_s: float | None = None,
+        chain: tuple[str, ...] = (),
     ) -> Routed:
+        """Route one invocation. `deadline_s` and `chain` come from a nested call (a function
+        invoking another through the capability broker): the callee gets no more time than its
+        caller has left, and learns who is already on the path."""
         fn = self._functions.get(name)
         routing = self.policy_for(name, fn)
         if fn is None and "cloud" not in routing.steps:
@@ -95,7 +100,9 @@ class Router:
         async def run() -> Result:
             # The Invocation is built here, not before the cache lookup: a hit never needs it.
             timeout_s = fn.manifest.timeout_ms / 1000 if fn else DEFAULT_CLOUD_TIMEOUT_S
-            inv = Invocation(payload, request_id, timeout_s, trace_id, content_type)
+            if deadline_s is not None:
+                timeout_s = min(timeout_s, deadline_s)
+            inv = Invocation(payload, request_id, timeout_s, trace_id, content_type, chain)
             return await self._run_chain(name, fn, inv, routing, where)
 
         started = time.perf_counter()

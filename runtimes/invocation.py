@@ -20,6 +20,9 @@ class Invocation:
     timeout_s: float
     trace_id: str = ""
     content_type: str = ""
+    # Functions already on this invocation's path (a nested `invoke` from a function), so the
+    # capability broker can refuse a cycle A -> B -> A before it deadlocks the pools.
+    chain: tuple[str, ...] = ()
 
     @property
     def is_json(self) -> bool:

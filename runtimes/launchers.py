@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from runtimes.capabilities import CapabilityHandler
 from runtimes.errors import ManifestError, ToolchainError
 from runtimes.invocation import Executor
 from runtimes.manifest import Manifest
@@ -71,6 +72,7 @@ def make_executor(
     *,
     sandbox: Sandbox | None = None,
     base_env: dict[str, str] | None = None,
+    capabilities: CapabilityHandler | None = None,
 ) -> Executor:
     """Build (not start) the executor that runs this function."""
     if manifest.runtime == "cpp" and manifest.isolation == "in-process":
@@ -88,4 +90,6 @@ def make_executor(
             **manifest.env,
         },
     )
-    return Pool(manifest, function_dir, lambda: argv, env=env, sandbox=sandbox)
+    return Pool(
+        manifest, function_dir, lambda: argv, env=env, sandbox=sandbox, capabilities=capabilities
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 from runtimes.errors import ManifestError
+from runtimes.permissions import Permissions, parse_permissions
 
 MANIFEST_NAME = "edgefn.toml"
 
@@ -66,6 +67,7 @@ class Manifest:
     pool: PoolSettings = field(default_factory=PoolSettings)
     limits: Limits = field(default_factory=Limits)
     env: Mapping[str, str] = field(default_factory=dict)
+    permissions: Permissions = field(default_factory=Permissions)
     # Tables other parts own ([cache], [routing], [build], [artifacts] ...), kept verbatim.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -100,6 +102,7 @@ _TOP_KEYS = {
     "pool",
     "limits",
     "env",
+    "permissions",
     "description",
 }
 
@@ -204,6 +207,7 @@ def parse_manifest(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manif
         pool=pool,
         limits=limits,
         env=dict(env_t),
+        permissions=parse_permissions(data.get("permissions"), where),
         extra=extra,
     )
 

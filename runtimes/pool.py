@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes import protocol
+from runtimes.capabilities import CapabilityHandler
 from runtimes.errors import (
     Overloaded,
     RuntimeErrorBase,
@@ -71,8 +72,10 @@ class Pool:
         *,
         env: dict[str, str],
         sandbox: Sandbox | None = None,
+        capabilities: CapabilityHandler | None = None,
     ) -> None:
         self.manifest = manifest
+        self._capabilities = capabilities
         self.function_dir = function_dir
         self.settings = manifest.pool
         self._command = command
@@ -302,6 +305,8 @@ class Pool:
                 cwd=str(self.function_dir),
                 label=self.manifest.name,
                 on_exit=self._on_exit,
+                capabilities=self._capabilities,
+                manifest=self.manifest,
             )
         except RuntimeErrorBase as exc:
             if prepared is not None and self._sandbox is not None:

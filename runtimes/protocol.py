@@ -47,6 +47,13 @@ class Kind(IntEnum):
     PONG = 6
     SHUTDOWN = 7  # agent -> worker: finish in-flight work, then exit 0
     READY = 8  # worker -> agent, once, when it can take invocations
+    # Building blocks (docs/building-blocks.md): a function's outgoing call to the agent. The
+    # frame's request_id is the worker's own call id (its counter, unique among its calls in
+    # flight); PARENT_ID names the INVOKE it is made for, so the agent knows the caller's
+    # request id and deadline.
+    CALL = 9  # worker -> agent: OP + TARGET headers, payload = the call's argument
+    CALL_RESULT = 10  # agent -> worker: the call's answer, same request_id as the CALL
+    CALL_ERROR = 11  # agent -> worker: the call failed; ERROR_CODE header, payload = message
 
 
 class Flag(IntFlag):
@@ -65,9 +72,16 @@ class Key(IntEnum):
     LOG_LEVEL = 6  # utf-8, on LOG frames: debug|info|warn|error
     CONTENT_TYPE = 7  # utf-8, on INVOKE and RESULT frames
     RUNTIME = 8  # utf-8, on READY frames: host name and version, e.g. "node/20.20.2"
+    OP = (
+        9  # utf-8, on CALL frames: invoke | publish | state.get | state.set | state.delete | config
+    )
+    TARGET = 10  # utf-8, on CALL frames: function name, topic or state key (config: empty)
+    PARENT_ID = 11  # u32, on CALL frames: the wire request id of the INVOKE making the call
 
 
-_U32_KEYS = frozenset({Key.DEADLINE_MS})
+# PARENT_ID is a u32 although wire request ids are u64: the agent's per-worker counter never
+# reaches 2**32 in a worker's life, and a fixed 4-byte value keeps every host's decoder simple.
+_U32_KEYS = frozenset({Key.DEADLINE_MS, Key.PARENT_ID})
 _KINDS = {int(k): k for k in Kind}  # a dict lookup is cheaper than Kind(value) per frame
 
 

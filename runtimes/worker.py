@@ -24,6 +24,16 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from runtimes import protocol
+from runtimes.capabilities import (
+    OPS,
+    CapabilityCall,
+    CapabilityError,
+    CapabilityHandler,
+    CapabilityNotFound,
+    CapabilityTimeout,
+    CapabilityUnavailable,
+    Op,
+)
 from runtimes.errors import (
     FunctionError,
     InvocationTimeout,
@@ -32,6 +42,7 @@ from runtimes.errors import (
     WorkerCrashed,
 )
 from runtimes.invocation import Invocation, Result
+from runtimes.manifest import Manifest
 from runtimes.protocol import Frame, Key, Kind
 
 log = logging.getLogger("edgefn.worker")
@@ -48,6 +59,11 @@ EXIT_PIPE_WAIT_S = 0.2
 EXIT_REAP_S = 5.0
 # After SHUTDOWN, how long a worker may take to exit before it is killed.
 EXIT_GRACE_S = 2.0
+# A building-block call ends this share of its parent's remaining time (at least the minimum)
+# before the parent's deadline: the parent must still have time to hear `timeout` and answer,
+# or the nested call's overrun would become the parent's overrun.
+CALL_RESERVE_SHARE = 0.2
+CALL_RESERVE_MIN_S = 0.05
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -69,6 +85,10 @@ class _Pending:
     # The caller's request id (X-Request-Id): the wire's request id is the worker's own counter,
     # so LOG frames are matched back to the request through this.
     request_id: str = ""
+    # Loop time by which the request must be answered, and the invocation itself: a CALL the
+    # function makes for it inherits both (a nested call never outlives its parent).
+    deadline: float = 0.0
+    inv: Invocation | None = None
 
 
 class _Pipes(asyncio.SubprocessProtocol):
@@ -103,6 +123,8 @@ class Worker:
         cwd: str,
         label: str,
         on_exit: Callable[[Worker], None] | None = None,
+        capabilities: CapabilityHandler | None = None,
+        manifest: Manifest | None = None,
     ) -> None:
         self.id = next(_worker_ids)
         self.argv = list(argv)
@@ -124,6 +146,10 @@ class Worker:
         self._env = dict(env)
         self._cwd = cwd
         self._on_exit_cb = on_exit
+        self._capabilities = capabilities
+        self._manifest = manifest
+        # Building-block calls being answered, so a dying worker cancels them.
+        self._calls: set[asyncio.Task[None]] = set()
         self._decoder = protocol.FrameDecoder()
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
@@ -150,8 +176,18 @@ class Worker:
         label: str,
         on_exit: Callable[[Worker], None] | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
+        capabilities: CapabilityHandler | None = None,
+        manifest: Manifest | None = None,
     ) -> Worker:
-        worker = cls(argv, env=env, cwd=cwd, label=label, on_exit=on_exit)
+        worker = cls(
+            argv,
+            env=env,
+            cwd=cwd,
+            label=label,
+            on_exit=on_exit,
+            capabilities=capabilities,
+            manifest=manifest,
+        )
         await worker._start(start_timeout_s)
         return worker
 
@@ -268,7 +304,8 @@ class Worker:
             static=static,
         )
         timer = loop.call_later(inv.timeout_s, self._on_deadline, rid, inv, on_timeout)
-        self._pending[rid] = _Pending(fut, timer, loop.time(), inv.request_id)
+        now = loop.time()
+        self._pending[rid] = _Pending(fut, timer, now, inv.request_id, now + inv.timeout_s, inv)
         self.in_flight += 1
         self._write(frame)
         return fut
@@ -347,12 +384,90 @@ class Worker:
                 pending.future.set_result(frame)
         elif kind is Kind.LOG:
             self._forward_log(frame)
+        elif kind is Kind.CALL:
+            self._on_call(frame)
         elif kind is Kind.READY:
             self.runtime = frame.text(Key.RUNTIME)
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         else:
             raise protocol.ProtocolError(f"unexpected {kind.name} frame from worker")
+
+    # ---- building-block calls (worker -> agent) ----------------------------------------
+
+    def _on_call(self, frame: Frame) -> None:
+        """Answer a CALL in a task: many may be in flight, answered in any order."""
+        try:
+            call = self._call_from_frame(frame)
+        except CapabilityError as exc:
+            self._answer_call(frame.request_id, exc)
+            return
+        task = asyncio.get_running_loop().create_task(self._run_call(frame.request_id, call))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    def _call_from_frame(self, frame: Frame) -> CapabilityCall:
+        op = frame.text(Key.OP)
+        if op not in OPS:
+            raise CapabilityNotFound(f"unknown building-block operation {op!r}")
+        if self._capabilities is None or self._manifest is None:
+            raise CapabilityUnavailable("this agent offers no building blocks")
+        parent = self._pending.get(frame.number(Key.PARENT_ID))
+        if parent is None or parent.inv is None:
+            # Its invocation was answered or timed out already: nothing may run on its behalf.
+            raise CapabilityTimeout("the invocation that made this call is no longer running")
+        assert self._loop is not None
+        left = parent.deadline - self._loop.time()
+        left -= max(CALL_RESERVE_MIN_S, left * CALL_RESERVE_SHARE)
+        if left <= 0:
+            raise CapabilityTimeout("the calling invocation's deadline has passed")
+        inv = parent.inv
+        return CapabilityCall(
+            op=cast(Op, op),
+            target=frame.text(Key.TARGET),
+            payload=frame.payload,
+            request_id=inv.request_id,
+            deadline_s=left,
+            chain=(*inv.chain, self._manifest.name),
+            trace_id=inv.trace_id,
+            content_type=frame.text(Key.CONTENT_TYPE),
+        )
+
+    async def _run_call(self, call_id: int, call: CapabilityCall) -> None:
+        assert self._capabilities is not None and self._manifest is not None
+        try:
+            # The handler bounds nested work by call.deadline_s itself; this outer bound makes
+            # sure the function hears back before its own deadline whatever the handler does.
+            answer = await asyncio.wait_for(
+                self._capabilities.call(self._manifest, call), call.deadline_s
+            )
+        except TimeoutError:
+            self._answer_call(call_id, CapabilityTimeout("the call ran past the deadline"))
+        except CapabilityError as exc:
+            self._answer_call(call_id, exc)
+        except RuntimeErrorBase as exc:
+            # A nested invoke's own failure (function error, crash, overload): the callee's
+            # message and code reach the caller, which decides what to do with it.
+            self._answer_call(call_id, exc)
+        else:
+            self._answer_call(call_id, answer)
+
+    def _answer_call(self, call_id: int, answer: bytes | RuntimeErrorBase) -> None:
+        if not self.alive or self.killed:
+            return
+        if isinstance(answer, bytes):
+            self._write(protocol.encode(Frame(Kind.CALL_RESULT, call_id, answer)))
+            return
+        code = answer.sdk_code if isinstance(answer, CapabilityError) else answer.code
+        if isinstance(answer, InvocationTimeout):
+            code = CapabilityTimeout.sdk_code
+        frame = Frame(
+            Kind.CALL_ERROR,
+            call_id,
+            answer.message.encode("utf-8"),
+            {Key.ERROR_CODE: code},
+        )
+        self._write(protocol.encode(frame))
 
     def _forward_log(self, frame: Frame) -> None:
         level = _LEVELS.get(frame.text(Key.LOG_LEVEL, "info").lower(), logging.INFO)
@@ -406,6 +521,8 @@ class Worker:
             self._ready.set_exception(WorkerCrashed(f"worker {how} before it was ready"))
             self._ready.exception()  # mark retrieved: the spawner may already have given up
         self._fail_all(err)
+        for task in list(self._calls):
+            task.cancel()  # their answers have nobody to go to
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(None)
         if self._transport is not None:

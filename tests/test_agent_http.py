@@ -131,6 +131,14 @@ NOT_HTTP = {
     "bad_config": "the agent does not start: edge-agent run exits 4 with the file and key",
     "token_error": "edge-agent token commands, a CLI",
     "client_error": "the LAN client (edge_agent.client) could not find or reach an agent",
+    # Building blocks: answered to the calling function in a CALL_ERROR frame (with the short
+    # sdk_code), never to an HTTP client.
+    "capability_error": "an abstract base of the building-block errors",
+    "capability_not_permitted": "a CALL_ERROR to the function (not_permitted)",
+    "capability_not_found": "a CALL_ERROR to the function (not_found)",
+    "capability_timeout": "a CALL_ERROR to the function (timeout)",
+    "capability_quota_exceeded": "a CALL_ERROR to the function (quota_exceeded)",
+    "capability_unavailable": "a CALL_ERROR to the function (unavailable)",
 }
 
 

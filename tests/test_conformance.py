@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
+from runtimes.capabilities import CapabilityCall, CapabilityNotFound, NotPermitted
 from runtimes.errors import FunctionError, InvocationTimeout, WorkerCrashed
 from runtimes.invocation import Invocation
 from runtimes.launchers import make_executor
-from runtimes.manifest import load_manifest
+from runtimes.manifest import Manifest, load_manifest
 from runtimes.pool import Pool
 
 pytestmark = pytest.mark.slow  # builds Go and C++ functions once per session
@@ -158,3 +159,111 @@ async def test_shutdown_drains_in_flight_requests(pool: Pool) -> None:
     await pool.close(drain_s=5)
     assert await busy == {"slept": 300}
     assert pool.worker_pids() == []
+
+
+# ---- building blocks: CALL / CALL_RESULT / CALL_ERROR (docs/protocol.md) --------------------
+
+
+class _Recorder:
+    """A real CapabilityHandler (the agent's broker is tested end to end in
+    tests/test_building_blocks.py): it answers from a table and records what it was asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[CapabilityCall] = []
+
+    async def call(self, manifest: Manifest, call: CapabilityCall) -> bytes:
+        self.calls.append(call)
+        if call.target == "forbidden":
+            raise NotPermitted("not granted")
+        if call.target == "slow":
+            await asyncio.sleep(0.4)
+        if call.target == "sleepy":
+            await asyncio.sleep(30)
+        if call.op == "state.get" and call.target == "missing":
+            raise CapabilityNotFound("no such key")
+        if call.op == "config":
+            return b'{"zone":"north"}'
+        if call.op in ("publish", "state.set", "state.delete"):
+            return b""
+        return f"{call.op}:{call.target}:".encode() + call.payload
+
+
+# C++ worker SDK for building blocks: not built yet (see docs/building-blocks.md).
+@pytest.fixture(params=["node", "go"])
+async def blocks_pool(
+    request: pytest.FixtureRequest, built_conformance: dict[str, Path]
+) -> AsyncIterator[tuple[Pool, _Recorder]]:
+    directory = built_conformance[request.param]
+    recorder = _Recorder()
+    executor = make_executor(
+        load_manifest(directory / "edgefn.toml"), directory, capabilities=recorder
+    )
+    assert isinstance(executor, Pool)
+    await executor.start()
+    yield executor, recorder
+    await executor.close()
+
+
+async def test_building_block_calls_reach_the_handler_and_answer(
+    blocks_pool: tuple[Pool, _Recorder],
+) -> None:
+    pool, recorder = blocks_pool
+    calls = [
+        {"op": "invoke", "target": "slow", "payload": "p1"},  # answered last, sent first
+        {"op": "invoke", "target": "eta", "payload": "p2"},
+        {"op": "publish", "target": "traffic/jam", "payload": "e"},
+        {"op": "state.set", "target": "k", "payload": "v"},
+        {"op": "state.get", "target": "k"},
+        {"op": "state.get", "target": "missing"},
+        {"op": "state.delete", "target": "k"},
+        {"op": "config", "target": ""},
+        {"op": "invoke", "target": "forbidden", "payload": ""},
+    ]
+    inv = Invocation(
+        json.dumps({"op": "blocks", "calls": calls}).encode(),
+        "caller-req-1",
+        3.0,
+        trace_id="t-1",
+        content_type="application/json",
+    )
+    answer = json.loads((await pool.invoke(inv)).payload)["results"]
+    assert answer[0] == {"value": "invoke:slow:p1"}
+    assert answer[1] == {"value": "invoke:eta:p2"}
+    assert answer[2] == {"value": ""}
+    assert answer[3] == {"value": ""}
+    assert answer[4] == {"value": "state.get:k:"}
+    assert answer[5] == {"missing": True}
+    assert answer[6] == {"value": ""}
+    assert json.loads(answer[7]["value"]) == {"zone": "north"}
+    assert answer[8]["code"] == "not_permitted"
+    assert "not granted" in answer[8]["message"]
+    # Every call carried the caller's request id, its remaining deadline and the chain.
+    assert len(recorder.calls) == len(calls)
+    for seen in recorder.calls:
+        assert seen.request_id == "caller-req-1"
+        assert seen.trace_id == "t-1"
+        assert 0 < seen.deadline_s <= 3.0
+        assert seen.chain == (pool.manifest.name,)
+    assert {(c.op, c.target, c.payload) for c in recorder.calls} >= {
+        ("invoke", "slow", b"p1"),
+        ("publish", "traffic/jam", b"e"),
+        ("state.set", "k", b"v"),
+    }
+    # The worker is the same one and still serves plain requests.
+    assert (await pool.invoke(Invocation(b"after", "r", 5.0))).payload == b"after"
+
+
+async def test_building_block_call_past_the_deadline_is_a_timeout(
+    blocks_pool: tuple[Pool, _Recorder],
+) -> None:
+    pool, _ = blocks_pool
+    calls = [{"op": "invoke", "target": "sleepy", "payload": ""}]
+    inv = Invocation(
+        json.dumps({"op": "blocks", "calls": calls}).encode(),
+        "short",
+        1.0,  # far less than the handler's 30 s: the call is cut before the parent's deadline
+        content_type="application/json",
+    )
+    # The function hears `timeout` before its own deadline and still answers.
+    result = json.loads((await pool.invoke(inv)).payload)["results"][0]
+    assert result["code"] == "timeout"

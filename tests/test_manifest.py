@@ -9,6 +9,7 @@ import pytest
 
 from runtimes.errors import ManifestError
 from runtimes.manifest import load_manifest, parse_manifest, semver_key
+from runtimes.permissions import Permissions, topic_matches, valid_topic
 
 BASE: dict[str, Any] = {"name": "eta", "version": "1.2.3", "runtime": "node", "entry": "index.js"}
 
@@ -78,3 +79,52 @@ def test_semver_ordering() -> None:
     assert sorted(order, key=semver_key) == order
     with pytest.raises(ValueError):
         semver_key("01.0.0")
+
+
+# ---- [permissions] (building blocks, runtimes/permissions.py) ---------------------------------
+
+
+def test_permissions_default_to_nothing_and_parse_when_granted() -> None:
+    assert parse_manifest(BASE).permissions == Permissions()
+    m = parse_manifest(
+        {
+            **BASE,
+            "permissions": {
+                "invoke": ["eta-node"],
+                "publish": ["traffic/#", "alerts/+/high"],
+                "state": {"max_bytes": 1048576},
+                "secrets": ["maps-api-key"],
+            },
+        }
+    )
+    p = m.permissions
+    assert p.may_invoke("eta-node") and not p.may_invoke("other")
+    assert p.may_publish("traffic/jam") and p.may_publish("traffic/a/b")
+    assert p.may_publish("alerts/x/high") and not p.may_publish("alerts/x/y/high")
+    assert not p.may_publish("weather/rain")
+    assert p.state_max_bytes == 1048576 and p.state_keep_on_switch
+    assert "permissions" not in m.extra
+
+
+@pytest.mark.parametrize(
+    "perms",
+    [
+        {"invoke": "eta-node"},  # not a list
+        {"invoke": ["Bad Name"]},
+        {"publish": ["a/#/b"]},  # '#' only last
+        {"state": {"max_bytes": -1}},
+        {"state": {"max_bytes": 1 << 40}},
+        {"state": {"size": 10}},
+        {"network": ["*"]},  # unknown field
+    ],
+)
+def test_bad_permissions_are_refused(perms: dict[str, Any]) -> None:
+    with pytest.raises(ManifestError, match=r"permissions"):
+        parse_manifest({**BASE, "permissions": perms})
+
+
+def test_topic_rules() -> None:
+    assert topic_matches("#", "a/b")
+    assert topic_matches("a/+", "a/b") and not topic_matches("a/+", "a/b/c")
+    assert valid_topic("traffic/jam") and not valid_topic("traffic/#")
+    assert not valid_topic("a//b") and not valid_topic("")

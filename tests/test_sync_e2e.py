@@ -398,3 +398,55 @@ def test_malformed_desired_documents_are_rejected_and_reported(
         return sum(1 for r in items if r["value"].get("type") == "desired_rejected")
 
     wait_for(lambda: rejections() >= 2, "both rejections stored as events")
+
+
+# ---- building blocks: publish (docs/building-blocks.md) -------------------------------------
+
+
+def _function_events(plat: Platform, device: str) -> list[dict[str, Any]]:
+    out = plat.cli("events", device, "--function", "route", "--json").stdout
+    return list(json.loads(out)["events"])
+
+
+def test_publish_during_an_outage_and_a_kill_9_arrives_exactly_once(
+    broker: Broker, tmp_path: Path, platforms: list[Platform], agents: list[AgentProcess]
+) -> None:
+    plat = mosquitto_platform(broker, platforms)
+    creds = enrol(plat, "edge-01", tmp_path)
+    data = tmp_path / "agent"
+    route = data / "functions" / "route"
+    install_dev_function(FUNCTIONS / "conformance" / "node", data, "route")
+    (route / "edgefn.toml").write_text(
+        'name = "route"\nversion = "1.0.0"\nruntime = "node"\nentry = "handler.js"\n'
+        '[permissions]\npublish = ["traffic/#"]\n'
+    )
+    agent = run_agent(agents, data, creds)
+    wait_for(lambda: sync_status(agent)["transport"] == "mqtt", "MQTT up")
+
+    def publish(first: int, n: int) -> None:
+        calls = [
+            {"op": "publish", "target": f"traffic/seg{i}", "payload": f"jam-{i}"}
+            for i in range(first, first + n)
+        ]
+        body = json.dumps({"op": "blocks", "calls": calls}).encode()
+        resp = agent.invoke("route", body, headers={"Content-Type": "application/json"})
+        assert resp.status == 200, resp.body
+        # The call returned once durable: each publish answered without an error.
+        assert json.loads(resp.body)["results"] == [{"value": ""}] * n
+
+    publish(0, 2)
+    wait_for(lambda: len(_function_events(plat, "edge-01")) == 2, "first events stored")
+    # Broker and platform down: nothing can leave the device.
+    broker.stop()
+    plat.stop()
+    publish(2, 5)
+    agent.stop(signal.SIGKILL)  # with the 5 still in the outbox
+    broker.start()
+    plat = mosquitto_platform(broker, platforms)
+    agent = run_agent(agents, data, creds)
+    wait_for(lambda: drained(agent), "outbox drained after restart")
+    wait_for(lambda: len(_function_events(plat, "edge-01")) >= 7, "all 7 events stored")
+    events = _function_events(plat, "edge-01")
+    assert sorted(e["topic"] for e in events) == sorted(f"traffic/seg{i}" for i in range(7))
+    assert all(e["function"] == "route" and e["version"] == "1.0.0" for e in events)
+    assert {e["size"] for e in events} == {5}

@@ -9,6 +9,7 @@
     edge-cloud group config NAME --set KEY=VALUE ...            a group's desired config
     edge-cloud devices [--json]                                 the fleet: online, versions
     edge-cloud metrics ID [--function F] [--json]               stored metrics of a device
+    edge-cloud events ID [--function F] [--json]                what its functions published
     edge-cloud keys ... / fn new|test|build|sign|publish ...    the author's toolchain:
                                                                 see cloud_sync/author/cli.py
     edge-cloud simulate --devices N --platform URL [--fault F]  simulated fleet (loopback)
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.platform import operator_cli, simulator_cli
+from cloud_sync.platform import events_cli, operator_cli, simulator_cli
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--function")
     met.add_argument("--json", action="store_true")
     operator_args(met)
+    events_cli.add_parser(sub, operator_args)
 
     from cloud_sync.author.cli import register
 
@@ -343,6 +345,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    return events_cli.run(args, _api)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from cloud_sync.platform.operator_client import operator_token
 
@@ -356,6 +362,7 @@ COMMANDS = {
     "group": cmd_group,
     "devices": cmd_devices,
     "metrics": cmd_metrics,
+    "events": cmd_events,
     "simulate": cmd_simulate,
 }
 

@@ -2,13 +2,20 @@
 //
 // Request:  {"points": [[52.52, 13.405], [48.137, 11.575]], "speed_kmh": 40}
 // Response: {"distance_km": 504.2, "eta_min": 756.3, "legs": 1}
+//
+// With "traffic": "light"|"moderate"|"heavy" it also uses the building blocks
+// (docs/building-blocks.md): it asks eta-node for the ETA in that traffic (invoke), counts the
+// routes it served in its state, and publishes a traffic/route event. Its manifest grants exactly
+// those three; without "traffic" it calls nothing.
 package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
+	"strconv"
 
 	edgefn "edgefn.dev/sdk"
 )
@@ -18,12 +25,17 @@ const earthRadiusKm = 6371.0088 // mean Earth radius (IUGG)
 type routeRequest struct {
 	Points   [][]float64 `json:"points"`
 	SpeedKmh *float64    `json:"speed_kmh"`
+	Traffic  string      `json:"traffic"`
 }
 
 type routeResponse struct {
 	DistanceKm float64 `json:"distance_km"`
 	EtaMin     float64 `json:"eta_min"`
 	Legs       int     `json:"legs"`
+	// Only with "traffic" in the request:
+	TrafficEtaMin *float64 `json:"traffic_eta_min,omitempty"`
+	Tip           string   `json:"tip,omitempty"`
+	RoutesServed  int      `json:"routes_served,omitempty"`
 }
 
 func main() { edgefn.Start(handle) }
@@ -46,7 +58,42 @@ func handle(ctx context.Context, req *edgefn.Request) ([]byte, error) {
 		Legs:       len(in.Points) - 1,
 	}
 	edgefn.Logf(ctx, edgefn.LevelDebug, "route of %d points: %.3f km", len(in.Points), km)
+	if in.Traffic != "" {
+		if err := withTraffic(ctx, km, *in.SpeedKmh, in.Traffic, &out); err != nil {
+			return nil, err
+		}
+	}
 	return req.ReplyJSON(out)
+}
+
+// withTraffic asks eta-node (invoke), counts routes (state) and reports the route (publish).
+func withTraffic(ctx context.Context, km, speed float64, traffic string, out *routeResponse) error {
+	var eta struct {
+		EtaMin float64 `json:"eta_min"`
+		Tip    string  `json:"tip"`
+	}
+	leg := map[string]any{"distance_km": km, "speed_kmh": speed, "traffic": traffic}
+	if err := edgefn.InvokeJSON(ctx, "eta-node", leg, &eta); err != nil {
+		return fmt.Errorf("eta-node: %w", err)
+	}
+	out.TrafficEtaMin, out.Tip = &eta.EtaMin, eta.Tip
+	served := 0
+	if v, err := edgefn.State(ctx).Get("routes_served"); err == nil {
+		served, _ = strconv.Atoi(string(v))
+	} else if !errors.Is(err, edgefn.ErrNotFound) {
+		return fmt.Errorf("state: %w", err)
+	}
+	served++
+	if err := edgefn.State(ctx).Set("routes_served", []byte(strconv.Itoa(served))); err != nil {
+		return fmt.Errorf("state: %w", err)
+	}
+	out.RoutesServed = served
+	event, _ := json.Marshal(map[string]any{"distance_km": out.DistanceKm, "traffic": traffic})
+	// An agent that is not joined to a platform has nowhere to publish: the route still counts.
+	if err := edgefn.Publish(ctx, "traffic/route", event); err != nil && !errors.Is(err, edgefn.ErrUnavailable) {
+		return fmt.Errorf("publish: %w", err)
+	}
+	return nil
 }
 
 func validate(in routeRequest) error {

@@ -27,6 +27,7 @@ from runtimes.bundle.strict_json import canonical_json, loads_strict
 from runtimes.bundle.toml_writer import toml_dumps
 from runtimes.errors import ManifestError
 from runtimes.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from runtimes.permissions import Permissions
 
 
 def manifest_to_table(m: Manifest) -> dict[str, Any]:
@@ -58,6 +59,16 @@ def manifest_to_table(m: Manifest) -> dict[str, Any]:
         },
         "env": dict(m.env),
     }
+    if m.permissions != Permissions():
+        # Signed with the function: a registry cannot widen what a function may do. Absent
+        # when empty, so bundles of functions without building blocks keep their bytes.
+        p = m.permissions
+        table["permissions"] = {
+            "invoke": list(p.invoke),
+            "publish": list(p.publish),
+            "state": {"max_bytes": p.state_max_bytes, "keep_on_switch": p.state_keep_on_switch},
+            "secrets": list(p.secrets),
+        }
     for k, v in m.extra.items():
         if k not in BUILD_ONLY_TABLES:
             table[k] = v

@@ -27,6 +27,9 @@ const (
 	kindPong
 	kindShutdown
 	kindReady
+	kindCall       // worker -> agent: a building-block call (blocks.go)
+	kindCallResult // agent -> worker
+	kindCallError  // agent -> worker
 )
 
 const flagJSON uint16 = 1
@@ -41,6 +44,9 @@ const (
 	keyLogLevel    byte = 6
 	keyContentType byte = 7
 	keyRuntime     byte = 8
+	keyOp          byte = 9
+	keyTarget      byte = 10
+	keyParentID    byte = 11
 )
 
 type frame struct {
@@ -84,7 +90,7 @@ func readFrame(r io.Reader) (frame, error) {
 		return frame{}, protoErrorf("unsupported protocol version %d", body[0])
 	}
 	k := kind(body[1])
-	if k < kindInvoke || k > kindReady {
+	if k < kindInvoke || k > kindCallError {
 		return frame{}, protoErrorf("unknown frame kind %d", k)
 	}
 	hl := binary.BigEndian.Uint32(body[12:16])

@@ -52,6 +52,7 @@ type host struct {
 	handler  Handler
 	out      chan outgoing
 	inflight sync.WaitGroup
+	calls    callTable
 }
 
 // outgoing is a frame for the writer, or (flushed != nil) a request to flush and report back.
@@ -84,6 +85,8 @@ func (h *host) serve(in io.Reader) int {
 			}
 			h.inflight.Add(1)
 			go h.invoke(newRequest(f, hdr, time.Now()))
+		case kindCallResult, kindCallError:
+			h.calls.deliver(f)
 		case kindPing:
 			h.send(frame{kind: kindPong, id: f.id})
 		case kindShutdown:

@@ -30,6 +30,9 @@ const PING = 5;
 const PONG = 6;
 const SHUTDOWN = 7;
 const READY = 8;
+const CALL = 9; // building blocks: function -> agent (docs/building-blocks.md)
+const CALL_RESULT = 10;
+const CALL_ERROR = 11;
 const FLAG_JSON = 1;
 const H_DEADLINE_MS = 1;
 const H_TRACE_ID = 2;
@@ -39,6 +42,9 @@ const H_ERROR_CODE = 5;
 const H_LOG_LEVEL = 6;
 const H_CONTENT_TYPE = 7;
 const H_RUNTIME = 8;
+const H_OP = 9;
+const H_TARGET = 10;
+const H_PARENT_ID = 11;
 const FIXED_LEN = 16;
 const MAX_FRAME = 64 * 1024 * 1024; // same bound as the agent: larger frames kill the worker
 // A log line is for humans; cap it so one runaway console.log cannot approach MAX_FRAME.
@@ -334,6 +340,36 @@ class Context {
     return this.#logger;
   }
 
+  // ---- building blocks: each a CALL frame to the agent, answered by CALL_RESULT/CALL_ERROR ----
+  // Errors reject with an EdgefnError whose `code` is one of not_permitted, not_found, timeout,
+  // quota_exceeded, unavailable (or the callee's own code for a failed invoke).
+
+  invoke(fn, payload) {
+    return call(this.#inv, 'invoke', fn, payload);
+  }
+
+  publish(topic, payload) {
+    return call(this.#inv, 'publish', topic, payload).then(() => undefined);
+  }
+
+  get state() {
+    const inv = this.#inv;
+    return {
+      // A key that was never set (or was deleted) resolves to null.
+      get: (key) =>
+        call(inv, 'state.get', key, null).catch((err) => {
+          if (err instanceof EdgefnError && err.code === 'not_found') return null;
+          throw err;
+        }),
+      set: (key, value) => call(inv, 'state.set', key, value).then(() => undefined),
+      delete: (key) => call(inv, 'state.delete', key, null).then(() => undefined),
+    };
+  }
+
+  config() {
+    return call(this.#inv, 'config', '', null).then((buf) => JSON.parse(buf.toString('utf8')));
+  }
+
   // Legacy Lambda completion methods.
   succeed(value) {
     this.#inv.succeed(value);
@@ -347,6 +383,63 @@ class Context {
     if (err !== null && err !== undefined) this.#inv.fail(err);
     else this.#inv.succeed(value);
   }
+}
+
+// ---- building-block calls in flight: call id -> {resolve, reject} ----
+class EdgefnError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.name = 'EdgefnError';
+    this.code = code;
+  }
+}
+globalThis.EdgefnError = EdgefnError; // for `err instanceof EdgefnError` in functions
+
+const calls = new Map();
+let nextCallId = 1;
+
+function toBuffer(value) {
+  if (value === null || value === undefined) return { buf: null, json: false };
+  if (Buffer.isBuffer(value)) return { buf: value, json: false };
+  if (typeof value === 'string') return { buf: Buffer.from(value, 'utf8'), json: false };
+  if (value instanceof Uint8Array) {
+    return { buf: Buffer.from(value.buffer, value.byteOffset, value.byteLength), json: false };
+  }
+  return { buf: Buffer.from(JSON.stringify(value), 'utf8'), json: true };
+}
+
+function call(inv, op, target, payload) {
+  if (inv.done) {
+    return Promise.reject(new EdgefnError('timeout', 'the invocation was already answered'));
+  }
+  if (typeof target !== 'string') {
+    return Promise.reject(new TypeError(`${op}: the name must be a string`));
+  }
+  const id = nextCallId++;
+  if (nextCallId > 0xffffffff) nextCallId = 1;
+  const { buf, json } = toBuffer(payload);
+  const parent = Buffer.allocUnsafe(7);
+  parent[0] = H_PARENT_ID;
+  parent.writeUInt16BE(4, 1);
+  parent.writeUInt32BE(inv.lo, 3);
+  const parts = [tlv(H_OP, op), parent];
+  if (target) parts.push(tlv(H_TARGET, target));
+  if (json) parts.push(CT_JSON);
+  return new Promise((resolve, reject) => {
+    if (!sendFrame(CALL, json ? FLAG_JSON : 0, 0, id, Buffer.concat(parts), buf)) {
+      reject(new RangeError(`the ${op} payload does not fit in one ${MAX_FRAME}-byte frame`));
+      return;
+    }
+    calls.set(id, { resolve, reject });
+  });
+}
+
+function answerCall(kind, id, code, payload) {
+  const pending = calls.get(id);
+  if (pending === undefined) protocolError(`answer for unknown call id ${id}`);
+  calls.delete(id);
+  if (kind === CALL_RESULT) pending.resolve(Buffer.from(payload));
+  else pending.reject(new EdgefnError(code || 'unavailable', payload.toString('utf8')));
 }
 
 let handler = null;
@@ -448,6 +541,7 @@ function handleFrame(buf, start, end) {
   let fn = '';
   let fnVersion = '';
   let ct = '';
+  let code = '';
   let p = hstart;
   while (p < pstart) {
     if (p + 3 > pstart) protocolError('truncated header entry');
@@ -472,6 +566,9 @@ function handleFrame(buf, start, end) {
         break;
       case H_CONTENT_TYPE:
         ct = buf.toString('utf8', v, p);
+        break;
+      case H_ERROR_CODE:
+        code = buf.toString('utf8', v, p);
         break;
       default:
         break; // unknown keys are skipped (protocol rule)
@@ -502,6 +599,10 @@ function handleFrame(buf, start, end) {
       als.run(inv, runHandler, inv, event);
       return;
     }
+    case CALL_RESULT:
+    case CALL_ERROR:
+      answerCall(kind, lo, code, buf.subarray(pstart, end));
+      return;
     case PING:
       sendFrame(PONG, 0, hi, lo, null, null);
       return;

@@ -4,11 +4,13 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"runtime"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 	"unsafe"
@@ -17,9 +19,55 @@ import (
 )
 
 type op struct {
+	Op      string  `json:"op"`
+	MS      *int    `json:"ms"`
+	Message string  `json:"message"`
+	Calls   []block `json:"calls"`
+}
+
+// block is one building-block call of the "blocks" op (docs/protocol.md, "Conformance").
+type block struct {
 	Op      string `json:"op"`
-	MS      *int   `json:"ms"`
-	Message string `json:"message"`
+	Target  string `json:"target"`
+	Payload string `json:"payload"`
+}
+
+// runBlock makes one call through the SDK and reports its outcome the way every runtime does.
+func runBlock(ctx context.Context, b block) map[string]any {
+	var out []byte
+	var err error
+	switch b.Op {
+	case "invoke":
+		out, err = edgefn.Invoke(ctx, b.Target, []byte(b.Payload))
+	case "publish":
+		err = edgefn.Publish(ctx, b.Target, []byte(b.Payload))
+	case "state.get":
+		out, err = edgefn.State(ctx).Get(b.Target)
+		if errors.Is(err, edgefn.ErrNotFound) {
+			return map[string]any{"missing": true}
+		}
+	case "state.set":
+		err = edgefn.State(ctx).Set(b.Target, []byte(b.Payload))
+	case "state.delete":
+		err = edgefn.State(ctx).Delete(b.Target)
+	case "config":
+		var cfg map[string]any
+		if err = edgefn.Config(ctx, &cfg); err == nil {
+			var raw []byte
+			raw, err = json.Marshal(cfg)
+			out = raw
+		}
+	default:
+		err = fmt.Errorf("unknown block %q", b.Op)
+	}
+	var ce *edgefn.CallError
+	if errors.As(err, &ce) {
+		return map[string]any{"code": ce.Code, "message": ce.Message}
+	}
+	if err != nil {
+		return map[string]any{"code": "exception", "message": err.Error()}
+	}
+	return map[string]any{"value": string(out)}
 }
 
 func main() { edgefn.Start(handle) }
@@ -60,6 +108,19 @@ func handle(ctx context.Context, req *edgefn.Request) ([]byte, error) {
 			"trace_id":         req.TraceID,
 			"deadline_ms_left": left,
 		})
+	case "blocks":
+		// All calls at once, each in its own goroutine: many in flight on one worker.
+		results := make([]map[string]any, len(o.Calls))
+		var wg sync.WaitGroup
+		for i, b := range o.Calls {
+			wg.Add(1)
+			go func(i int, b block) {
+				defer wg.Done()
+				results[i] = runBlock(ctx, b)
+			}(i, b)
+		}
+		wg.Wait()
+		return req.ReplyJSON(map[string]any{"results": results})
 	case "crash":
 		os.Exit(3)
 	case "hang":

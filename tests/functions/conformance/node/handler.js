@@ -19,6 +19,37 @@ function asOp(event) {
   return event !== null && typeof event === 'object' && typeof event.op === 'string' ? event : null;
 }
 
+async function block(context, c) {
+  try {
+    let value;
+    switch (c.op) {
+      case 'invoke':
+        value = await context.invoke(c.target, c.payload ?? '');
+        break;
+      case 'publish':
+        value = await context.publish(c.target, c.payload ?? '');
+        break;
+      case 'state.get':
+        value = await context.state.get(c.target);
+        if (value === null) return { missing: true };
+        break;
+      case 'state.set':
+        value = await context.state.set(c.target, c.payload ?? '');
+        break;
+      case 'state.delete':
+        value = await context.state.delete(c.target);
+        break;
+      case 'config':
+        return { value: JSON.stringify(await context.config()) };
+      default:
+        throw new Error(`unknown block ${c.op}`);
+    }
+    return { value: value === undefined ? '' : value.toString('utf8') };
+  } catch (err) {
+    return { code: err.code ?? 'exception', message: String(err.message) };
+  }
+}
+
 exports.handler = async (event, context) => {
   const req = asOp(event);
   if (req === null) return event; // bytes echoed byte for byte (a parsed JSON value as JSON)
@@ -52,6 +83,9 @@ exports.handler = async (event, context) => {
         trace_id: context.traceId,
         deadline_ms_left: context.getRemainingTimeInMillis(),
       };
+    case 'blocks':
+      // Building blocks (docs/building-blocks.md): run every call at once, report each outcome.
+      return { results: await Promise.all(req.calls.map((c) => block(context, c))) };
     case 'crash':
       process.exit(3);
       break;
