@@ -357,6 +357,7 @@ class Agent:
             limits=ListenerLimits(
                 max_connections=s.max_connections,
                 header_timeout_s=s.header_timeout_s,
+                idle_timeout_s=s.idle_timeout_s,
                 max_headers=s.max_headers,
                 max_header_bytes=s.max_header_bytes,
             ),

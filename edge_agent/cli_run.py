@@ -28,6 +28,7 @@ _FLAG_FIELDS = {
     "tls_key": "tls_key_file",
     "tls_client_ca": "tls_client_ca_file",
     "header_timeout": "header_timeout_s",
+    "idle_timeout": "idle_timeout_s",
 }
 _NOT_SETTINGS = frozenset({"command", "config", "label"})
 
@@ -69,6 +70,9 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--max-connections", type=int, help="open connections at most (256)")
     run.add_argument(
         "--header-timeout", type=float, help="seconds a client has to send its headers (10)"
+    )
+    run.add_argument(
+        "--idle-timeout", type=float, help="seconds an idle keep-alive connection is kept (15)"
     )
     run.add_argument("--max-headers", type=int, help="request headers at most (64)")
     run.add_argument("--max-header-bytes", type=int, help="bytes per header line (8190)")
@@ -166,6 +170,8 @@ def _check_values(values: dict[str, Any]) -> None:
             bad.append(f"{name} (--{name.replace('_', '-')}) must be > 0")
     if values.get("header_timeout_s", 1) <= 0:
         bad.append("header_timeout_s (--header-timeout) must be > 0")
+    if values.get("idle_timeout_s", 1) <= 0:
+        bad.append("idle_timeout_s (--idle-timeout) must be > 0")
     if values.get("token_concurrency", 0) < 0:
         bad.append("token_concurrency (--token-concurrency) must be >= 0")
     if not 0 <= values.get("port", 0) <= 65535:

@@ -56,6 +56,7 @@ KEYS: dict[str, Key] = {
     "labels": Key("labels", "labels"),
     "limits.max_connections": Key("max_connections", "int"),
     "limits.header_timeout_s": Key("header_timeout_s", "float"),
+    "limits.idle_timeout_s": Key("idle_timeout_s", "float"),
     "limits.max_headers": Key("max_headers", "int"),
     "limits.max_header_bytes": Key("max_header_bytes", "int"),
     "limits.token_concurrency": Key("token_concurrency", "int"),
