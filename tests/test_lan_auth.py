@@ -271,6 +271,25 @@ def test_admin_scope_guards_purge_metrics_and_details(secured: AgentProcess) -> 
 
 
 @pytest.mark.slow
+def test_functions_and_cache_purge_cli_send_the_token(secured: AgentProcess) -> None:
+    data, url = secured.data_dir, secured.url
+    user = create_token(data, "invoke:conformance-node")
+    admin = create_token(data, "admin")
+    anonymous = edge_agent("functions", "--url", url, "--data-dir", str(data))
+    assert anonymous.returncode != 0 and "unauthorized" in anonymous.stderr, anonymous.stderr
+    listed = edge_agent("functions", "--url", url, "--json", "--token", user)
+    assert listed.returncode == 0, listed.stderr
+    assert [f["name"] for f in json.loads(listed.stdout)] == ["conformance-node"]
+
+    purge = ["cache", "purge", "conformance-node", "--url", url, "--data-dir", str(data)]
+    assert edge_agent(*purge).returncode != 0  # 401, not purged offline behind the agent's back
+    denied = edge_agent(*purge, "--token", user)
+    assert denied.returncode != 0 and "forbidden" in denied.stderr, denied.stderr
+    done = edge_agent(*purge, "--token", admin)
+    assert done.returncode == 0 and "purged 0 cached results" in done.stdout, done.stderr
+
+
+@pytest.mark.slow
 def test_without_auth_loopback_behaves_as_before(tmp_path: Path) -> None:
     agent = start_agent(tmp_path / "data")
     try:

@@ -81,6 +81,11 @@ def test_tls_with_the_pinned_ca_and_with_a_wrong_one(
     assert ok.returncode == 0 and ok.stdout == "cli", ok.stderr
     bad = edge_agent("invoke", "conformance-node", *url, "--cafile", str(pki["wrong_ca"]))
     assert bad.returncode == 3 and "CERTIFICATE_VERIFY_FAILED" in bad.stderr
+    pin = ["--url", agent.url, "--token", token, "--cafile"]
+    listed = edge_agent("functions", *pin, str(pki["ca"]))
+    assert listed.returncode == 0 and "conformance-node" in listed.stdout, listed.stderr
+    refused = edge_agent("functions", *pin, str(pki["wrong_ca"]))
+    assert refused.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr
 
 
 @pytest.mark.slow
