@@ -30,7 +30,7 @@ _FLAG_FIELDS = {
     "header_timeout": "header_timeout_s",
     "idle_timeout": "idle_timeout_s",
 }
-_NOT_SETTINGS = frozenset({"command", "config", "label"})
+_NOT_SETTINGS = frozenset({"command", "config", "label", "tls"})
 
 
 def add_parser(sub: Any) -> None:
@@ -58,6 +58,12 @@ def add_parser(sub: Any) -> None:
         "--advertise",
         metavar="IFACE[,IFACE]",
         help="advertise the API with zeroconf (_edgefn._tcp) on these interfaces",
+    )
+    run.add_argument(
+        "--tls",
+        choices=["auto"],
+        help="auto: serve HTTPS with the server certificate issued at enrolment (beside the "
+        "--credentials file)",
     )
     run.add_argument(
         "--tls-cert", type=Path, help="serve HTTPS: server certificate (PEM) from the fleet CA"
@@ -150,10 +156,34 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for name in ("credentials_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         if values.get(name) is not None:
             values[name] = Path(values[name]).resolve()
+    if values.pop("tls_auto", False) or args.tls == "auto":
+        _enrolled_tls(values)
     _check_values(values)
     settings = Settings(data_dir=data_dir, config_file=path, **values)
     settings.check()
     return settings
+
+
+def _enrolled_tls(values: dict[str, Any]) -> None:
+    """`--tls auto`: use the server certificate that enrolment wrote beside the credentials."""
+    from cloud_sync.credentials import server_cert_paths
+
+    creds = values.get("credentials_file")
+    if creds is None:
+        raise StartupError(
+            "tls auto (--tls auto / [tls] auto) needs the enrolment credentials file "
+            "(--credentials / [cloud] credentials_file): the certificate is found beside it"
+        )
+    cert, key = server_cert_paths(creds)
+    missing = [str(p) for p in (cert, key) if not p.is_file()]
+    if missing:
+        raise StartupError(
+            f"tls auto: no server certificate from enrolment ({', '.join(missing)} missing); "
+            "enrol with `edge-cloud device enroll ID --out ... --san ADDRESS`, or give "
+            "--tls-cert/--tls-key"
+        )
+    values.setdefault("tls_cert_file", cert)
+    values.setdefault("tls_key_file", key)
 
 
 def _check_values(values: dict[str, Any]) -> None:
