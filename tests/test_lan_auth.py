@@ -89,7 +89,8 @@ def test_token_cli_create_list_revoke(tmp_path: Path) -> None:
     items = json.loads(listing.stdout)
     assert [i["scopes"] for i in items] == [["invoke:eta-node", "admin"], ["invoke:*"]]
     assert items[0]["expires_at"] is not None and items[1]["expires_at"] is None
-    assert all(set(i) == {"id", "scopes", "created_at", "expires_at", "client_cn"} for i in items)
+    keys = {"id", "scopes", "created_at", "expires_at", "client_cn", "source"}
+    assert all(set(i) == keys and i["source"] == "local" for i in items)
     text = edge_agent("token", "list", "--data-dir", str(data)).stdout
     assert items[0]["id"] in text and token not in text and "sha" not in text
 
