@@ -103,14 +103,18 @@ class CloudInvoker:
         self.base_url = self._http.endpoint.base_url
         self.breaker = Breaker()
 
-    async def invoke(self, name: str, inv: Invocation, version: str = "") -> tuple[Result, str]:
+    async def invoke(
+        self, name: str, inv: Invocation, version: str = "", *, caller: str = ""
+    ) -> tuple[Result, str]:
         """Run `name` in the cloud; returns the result and the version that answered.
 
         `version` pins the version the device runs, so both places run the same code.
+        `caller`: the id (never the secret) of the local API token the call came with, sent as
+        `X-Edgefn-Caller` so the platform can tell which LAN client used the device's rights.
         """
         probe = self.breaker.before_call()
         try:
-            return await self._invoke(name, inv, version)
+            return await self._invoke(name, inv, version, caller)
         finally:
             # A probe that ended without a verdict (cancelled: the client went away, the agent
             # shuts down) must not keep the half-open slot, or every later call would see "a
@@ -118,8 +122,12 @@ class CloudInvoker:
             if probe:
                 self.breaker.probing = False
 
-    async def _invoke(self, name: str, inv: Invocation, version: str) -> tuple[Result, str]:
+    async def _invoke(
+        self, name: str, inv: Invocation, version: str, caller: str = ""
+    ) -> tuple[Result, str]:
         headers = {"X-Request-Id": inv.request_id}
+        if caller:
+            headers["X-Edgefn-Caller"] = caller
         if inv.content_type:
             headers["Content-Type"] = inv.content_type
         if inv.trace_id:

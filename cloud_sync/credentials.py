@@ -45,6 +45,17 @@ FILE_NAME = "credentials.json"
 MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 
+def server_cert_paths(credentials_file: Path) -> tuple[Path, Path]:
+    """Where enrolment puts the device's LAN server certificate and key: beside the credentials.
+
+    `credentials.json` -> `credentials.server.crt`, `credentials.server.key`. Derived from the
+    credentials file's name so that an operator enrolling several devices into one directory
+    gets one pair per device; `edge-agent run --tls auto` finds them the same way.
+    """
+    stem = credentials_file.with_suffix("")
+    return stem.with_name(stem.name + ".server.crt"), stem.with_name(stem.name + ".server.key")
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:
     host: str

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -187,6 +188,56 @@ class _Checker:
         return value.lower()
 
 
+# ---- lan: tokens pushed to the agent's local API (issue 14) -----------------------------------
+# Kept in a block of its own so it merges apart from the other keys. Hashes only: the platform
+# never holds a usable local token, the operator makes it and sends its SHA-256.
+_LAN_KEYS = ("tokens",)
+_LAN_TOKEN_KEYS = ("id", "sha256", "scopes", "expires")
+_LAN_TOKEN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_LAN_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# The agent's scopes (edge_agent.tokens); repeated here because cloud_sync never imports the agent.
+_LAN_SCOPE = re.compile(r"^(admin|invoke:(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127}))$")
+MAX_LAN_TOKENS = 1000
+
+
+def _check_lan(c: _Checker, config: Mapping[str, Any]) -> None:
+    """`lan.tokens`: [{id, sha256, scopes, expires}], applied by the agent to its token store."""
+    lan = c.table("lan", config.get("lan")) or {}
+    c.unknown("lan", lan, _LAN_KEYS)
+    tokens = lan.get("tokens")
+    if tokens is None:
+        return
+    if not isinstance(tokens, list) or len(tokens) > MAX_LAN_TOKENS:
+        c.bad("lan.tokens", f"must be an array of at most {MAX_LAN_TOKENS} tables")
+        return
+    seen: set[str] = set()
+    for i, item in enumerate(tokens):
+        path = f"lan.tokens[{i}]"
+        tok = c.table(path, item)
+        if tok is None:
+            continue
+        c.unknown(path, tok, _LAN_TOKEN_KEYS)
+        tid = tok.get("id")
+        if not isinstance(tid, str) or not _LAN_TOKEN_ID.match(tid) or tid in seen:
+            c.bad(f"{path}.id", "must be a unique id of 1-64 letters, digits, '-' or '_'")
+        else:
+            seen.add(tid)
+        if not isinstance(tok.get("sha256"), str) or not _LAN_SHA256.match(tok["sha256"]):
+            c.bad(f"{path}.sha256", "must be the token's SHA-256, 64 lowercase hex digits")
+        scopes = tok.get("scopes")
+        if (
+            not isinstance(scopes, list)
+            or not scopes
+            or not all(isinstance(s, str) and _LAN_SCOPE.match(s) for s in scopes)
+        ):
+            c.bad(f"{path}.scopes", "must be a non-empty array of invoke:NAME, invoke:* or admin")
+        expires = tok.get("expires")
+        if expires is not None and (
+            isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= 0
+        ):
+            c.bad(f"{path}.expires", "must be a unix time in seconds (or absent: never)")
+
+
 def _kind(value: Any) -> str:
     return {dict: "table", list: "array", str: "string", bool: "boolean"}.get(
         type(value), type(value).__name__
@@ -199,7 +250,8 @@ def _check(
     """`whole`: `config` is the merged document, so entries that span keys (a rollout entry
     and the version it names) can be checked against each other."""
     c = _Checker(prefix)
-    c.unknown("", config, _TOP_KEYS)
+    c.unknown("", config, (*_TOP_KEYS, "lan"))
+    _check_lan(c, config)
     functions: dict[str, FunctionConfig] = {}
     fns = c.table("functions", config.get("functions"))
     for name, spec in (fns or {}).items():

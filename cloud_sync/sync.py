@@ -185,6 +185,13 @@ class SyncClient:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.outbox is not None:
+            # Close the last metrics interval into the outbox: a graceful stop (an agent
+            # restart while offline) must not lose the invocations since the last round.
+            try:
+                await self.collect_metrics()
+            except CloudSyncError as exc:
+                log.warning("sync: last metrics interval lost at shutdown: %s", exc.message)
         await self.session.close()
         await self.http.close()
         if self.outbox is not None:

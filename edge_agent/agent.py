@@ -445,6 +445,22 @@ class Agent:
             log.info("result cache bound %d -> %d bytes", cache.max_bytes, bound)
             await cache.set_max_bytes(bound)
         self._apply_pools()
+        await self._apply_lan_tokens(config.raw.get("lan", {}).get("tokens", []))
+
+    async def _apply_lan_tokens(self, entries: list[dict[str, Any]]) -> None:
+        """Desired `lan.tokens` (validated by cloud_sync.state) into the token store, beside the
+        local tokens; the running Authenticator picks the change up like any other (issue 14)."""
+        from edge_agent.tokens import TokenError, TokenStore
+
+        store = TokenStore(self.settings.tokens_file)
+        try:
+            count, skipped = await asyncio.to_thread(store.set_pushed, list(entries))
+        except TokenError as exc:
+            log.error("cannot apply the platform's LAN tokens: %s", exc.message)
+            return
+        if skipped:
+            log.warning("platform LAN tokens %s skipped: a local token has that id", skipped)
+        log.info("platform LAN tokens applied: %d", count)
 
     def _apply_pools(self) -> None:
         for name, fn in self.functions.loaded.items():
@@ -481,6 +497,7 @@ class Agent:
             limits=ListenerLimits(
                 max_connections=s.max_connections,
                 header_timeout_s=s.header_timeout_s,
+                idle_timeout_s=s.idle_timeout_s,
                 max_headers=s.max_headers,
                 max_header_bytes=s.max_header_bytes,
             ),

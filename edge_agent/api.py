@@ -178,6 +178,7 @@ class Api:
                 # No query string: skip parsing one into a MultiDict (the key treats both alike).
                 query=request.query if request.query_string else (),
                 no_cache="no-cache" in headers.get("Cache-Control", ""),
+                caller=request.get(PRINCIPAL),  # None when checking is off (edge_agent.router)
             )
         except RuntimeErrorBase as exc:
             log.info("%s failed: %s (%s)", name, exc.message, exc.code, extra={"request_id": rid})

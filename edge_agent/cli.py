@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge = cache_sub.add_parser("purge", help="delete a function's cached results")
     purge.add_argument("name")
     purge.add_argument("--url", help="agent URL (default: from the data dir's agent.json)")
+    _add_client_auth(purge)
     _add_data_dir(purge)
 
     prof = sub.add_parser("profile", help="print this device's hardware profile")
@@ -95,9 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     fns = sub.add_parser("functions", help="list functions on a running agent")
     fns.add_argument("--url")
     fns.add_argument("--json", action="store_true")
+    _add_client_auth(fns)
     _add_data_dir(fns)
     _add_bundle_commands(sub)
     return parser
+
+
+def _add_client_auth(p: argparse.ArgumentParser) -> None:
+    """`--token`/`--cafile` for commands that call an agent run with --auth token or TLS."""
+    p.add_argument(
+        "--token",
+        default=os.environ.get("EDGEFN_TOKEN"),
+        help="bearer token (admin scope for cache purge; default: $EDGEFN_TOKEN)",
+    )
+    p.add_argument("--cafile", type=Path, help="CA file to pin for an https agent (fleet CA)")
 
 
 def _agent_url(args: argparse.Namespace) -> str:
@@ -113,7 +125,14 @@ def _agent_url(args: argparse.Namespace) -> str:
 def _client(args: argparse.Namespace, timeout_s: float) -> SyncHttpClient:
     from cloud_sync.http_client import Endpoint, SyncHttpClient
 
-    return SyncHttpClient(Endpoint(_agent_url(args), timeout_s=timeout_s, name="the agent"))
+    endpoint = Endpoint(
+        _agent_url(args),
+        token=getattr(args, "token", None) or "",
+        cafile=getattr(args, "cafile", None),
+        timeout_s=timeout_s,
+        name="the agent",
+    )
+    return SyncHttpClient(endpoint)
 
 
 def _guess_content_type(data: bytes) -> str:

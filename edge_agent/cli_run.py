@@ -28,8 +28,9 @@ _FLAG_FIELDS = {
     "tls_key": "tls_key_file",
     "tls_client_ca": "tls_client_ca_file",
     "header_timeout": "header_timeout_s",
+    "idle_timeout": "idle_timeout_s",
 }
-_NOT_SETTINGS = frozenset({"command", "config", "label"})
+_NOT_SETTINGS = frozenset({"command", "config", "label", "tls"})
 
 
 def add_parser(sub: Any) -> None:
@@ -59,6 +60,12 @@ def add_parser(sub: Any) -> None:
         help="advertise the API with zeroconf (_edgefn._tcp) on these interfaces",
     )
     run.add_argument(
+        "--tls",
+        choices=["auto"],
+        help="auto: serve HTTPS with the server certificate issued at enrolment (beside the "
+        "--credentials file)",
+    )
+    run.add_argument(
         "--tls-cert", type=Path, help="serve HTTPS: server certificate (PEM) from the fleet CA"
     )
     run.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
@@ -69,6 +76,9 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--max-connections", type=int, help="open connections at most (256)")
     run.add_argument(
         "--header-timeout", type=float, help="seconds a client has to send its headers (10)"
+    )
+    run.add_argument(
+        "--idle-timeout", type=float, help="seconds an idle keep-alive connection is kept (15)"
     )
     run.add_argument("--max-headers", type=int, help="request headers at most (64)")
     run.add_argument("--max-header-bytes", type=int, help="bytes per header line (8190)")
@@ -146,10 +156,34 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for name in ("credentials_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         if values.get(name) is not None:
             values[name] = Path(values[name]).resolve()
+    if values.pop("tls_auto", False) or args.tls == "auto":
+        _enrolled_tls(values)
     _check_values(values)
     settings = Settings(data_dir=data_dir, config_file=path, **values)
     settings.check()
     return settings
+
+
+def _enrolled_tls(values: dict[str, Any]) -> None:
+    """`--tls auto`: use the server certificate that enrolment wrote beside the credentials."""
+    from cloud_sync.credentials import server_cert_paths
+
+    creds = values.get("credentials_file")
+    if creds is None:
+        raise StartupError(
+            "tls auto (--tls auto / [tls] auto) needs the enrolment credentials file "
+            "(--credentials / [cloud] credentials_file): the certificate is found beside it"
+        )
+    cert, key = server_cert_paths(creds)
+    missing = [str(p) for p in (cert, key) if not p.is_file()]
+    if missing:
+        raise StartupError(
+            f"tls auto: no server certificate from enrolment ({', '.join(missing)} missing); "
+            "enrol with `edge-cloud device enroll ID --out ... --san ADDRESS`, or give "
+            "--tls-cert/--tls-key"
+        )
+    values.setdefault("tls_cert_file", cert)
+    values.setdefault("tls_key_file", key)
 
 
 def _check_values(values: dict[str, Any]) -> None:
@@ -166,6 +200,8 @@ def _check_values(values: dict[str, Any]) -> None:
             bad.append(f"{name} (--{name.replace('_', '-')}) must be > 0")
     if values.get("header_timeout_s", 1) <= 0:
         bad.append("header_timeout_s (--header-timeout) must be > 0")
+    if values.get("idle_timeout_s", 1) <= 0:
+        bad.append("idle_timeout_s (--idle-timeout) must be > 0")
     if values.get("token_concurrency", 0) < 0:
         bad.append("token_concurrency (--token-concurrency) must be >= 0")
     if not 0 <= values.get("port", 0) <= 65535:

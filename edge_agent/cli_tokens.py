@@ -88,6 +88,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             for r in records:
                 state = " (expired)" if r.expired(now) else ""
                 who = f"  CN={r.client_cn}" if r.client_cn else ""
+                who += "  (from the platform)" if r.source == "platform" else ""
                 print(f"{r.id}  expires {_when(r.expires_at)}{state}  {' '.join(r.scopes)}{who}")
     except TokenError as exc:
         print(f"edge-agent: token {args.token_command} refused: {exc.message}", file=sys.stderr)

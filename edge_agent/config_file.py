@@ -56,9 +56,11 @@ KEYS: dict[str, Key] = {
     "labels": Key("labels", "labels"),
     "limits.max_connections": Key("max_connections", "int"),
     "limits.header_timeout_s": Key("header_timeout_s", "float"),
+    "limits.idle_timeout_s": Key("idle_timeout_s", "float"),
     "limits.max_headers": Key("max_headers", "int"),
     "limits.max_header_bytes": Key("max_header_bytes", "int"),
     "limits.token_concurrency": Key("token_concurrency", "int"),
+    "tls.auto": Key("tls_auto", "bool"),  # resolved by cli_run, not a Settings field
     "tls.cert_file": Key("tls_cert_file", "path"),
     "tls.key_file": Key("tls_key_file", "path"),
     "tls.client_ca_file": Key("tls_client_ca_file", "path"),

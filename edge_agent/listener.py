@@ -6,14 +6,18 @@ aiohttp parses requests; this module only bounds what a connection may hold:
   over them is answered 431 `headers_too_large` as JSON, like every other API error, instead of
   aiohttp's plain-text 400. Every other refusal of aiohttp's parser is answered as JSON too
   (`edge_agent.api.JsonErrorHandler`, the base of `LimitedHandler`).
-- **Header read timeout**: a connection must deliver its first request's headers within
-  `header_timeout_s` or it is closed. This is what cuts off slow-loris clients that trickle a
-  header byte now and then (aiohttp's keep-alive timer is reset by every byte).
+- **Header read timeout**: every request's headers must arrive within `header_timeout_s` of
+  its first byte (of the connection opening, for the first request) or the connection is
+  closed. This is what cuts off slow-loris clients that trickle a header byte now and then, on
+  the first request and on every later one of a keep-alive connection.
+- **Idle timeout**: a keep-alive connection that sends nothing for `idle_timeout_s` after a
+  response is closed. aiohttp's own keep-alive timer (75 s by default) would let an idle client
+  hold a connection slot far longer than a LAN client needs between requests.
 - **Connection cap**: at most `max_connections` at once. When full, the oldest connection still
-  waiting for its headers is closed to make room: under a slow-loris flood new clients are served
-  and the attacker's connections go first. When none is waiting for its first headers (all
-  serve requests or idle between keep-alive requests, closed by aiohttp after 75 s), the
-  newcomer gets 503 and is closed.
+  waiting for headers is closed to make room: under a slow-loris flood new clients are served
+  and the attacker's connections go first. When none is waiting for headers (all serve requests
+  or idle between keep-alive requests, closed after `idle_timeout_s`), the newcomer gets 503 and
+  is closed.
 
 The body limit (413) is the API's own (`max_body_bytes`), and the per-token concurrency limit
 (429) sits with the token check in `edge_agent.auth`.
@@ -44,6 +48,9 @@ log = logging.getLogger("edgefn.listener")
 class ListenerLimits:
     max_connections: int = 256
     header_timeout_s: float = 10.0
+    # Long enough for a client calling every few seconds to reuse its connection, short enough
+    # that idle clients give their slots back soon (aiohttp's default is 75 s).
+    idle_timeout_s: float = 15.0
     max_headers: int = 64
     max_header_bytes: int = 8190  # per header line; aiohttp's default
 
@@ -62,12 +69,18 @@ _BUSY = (
 
 
 class LimitedHandler(JsonErrorHandler):
-    """One connection: a header deadline until its first request, and JSON 431s."""
+    """One connection: a header deadline for every request, an idle deadline between them.
+
+    States: `waiting_for_headers` (deadline header_timeout_s), serving (no deadline: the API's
+    own timeouts bound a request), idle after a keep-alive response (deadline idle_timeout_s;
+    the first byte of the next request starts its header deadline).
+    """
 
     _limited_server: LimitedServer
     _deadline: asyncio.TimerHandle | None = None
     opened_at: float = 0.0
     waiting_for_headers = True
+    idle = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -78,14 +91,46 @@ class LimitedHandler(JsonErrorHandler):
             transport.write(_BUSY)  # type: ignore[attr-defined]
             transport.close()
             return
-        self._deadline = self._loop.call_later(server.limits.header_timeout_s, self._too_slow)
+        self._arm(server.limits.header_timeout_s, self._too_slow)
+
+    def _arm(self, delay: float, callback: Any) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self._loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle and data:
+            # The next request on a keep-alive connection: its headers get the same deadline
+            # as the first request's.
+            self.idle = False
+            self.waiting_for_headers = True
+            self._arm(self._limited_server.limits.header_timeout_s, self._too_slow)
+        super().data_received(data)
 
     def headers_complete(self) -> None:
-        if self.waiting_for_headers:
-            self.waiting_for_headers = False
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+        self.waiting_for_headers = False
+        self.idle = False
+        self._disarm()
+
+    async def _handle_request(self, request: Any, start_time: Any, request_handler: Any) -> Any:
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            self._request_done()
+
+    def _request_done(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._messages:
+            # A pipelined request already parsed: it is served next, no idle time.
+            return
+        self.idle = True
+        self._arm(self._limited_server.limits.idle_timeout_s, self._idle_too_long)
 
     def _too_slow(self) -> None:
         self._deadline = None
@@ -97,14 +142,22 @@ class LimitedHandler(JsonErrorHandler):
             )
             self.transport.close()
 
+    def _idle_too_long(self) -> None:
+        self._deadline = None
+        if self.idle and self.transport is not None:
+            log.debug(
+                "closing a keep-alive connection from %s: idle for %g s",
+                _peer(self),
+                self._limited_server.limits.idle_timeout_s,
+            )
+            self.transport.close()
+
     def evict(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._disarm()
         self._limited_server.release(self)
         super().connection_lost(exc)
 
@@ -162,6 +215,8 @@ class LimitedServer(web.Server):
         kwargs.setdefault("max_headers", self.limits.max_headers)
         kwargs.setdefault("max_field_size", self.limits.max_header_bytes)
         kwargs.setdefault("max_line_size", self.limits.max_header_bytes)
+        # aiohttp's own timer as a backstop; ours (idle_timeout_s) closes idle connections first.
+        kwargs.setdefault("keepalive_timeout", self.limits.idle_timeout_s + 1.0)
         handler = LimitedHandler(self, loop=self._loop, **kwargs)
         handler._limited_server = self
         return handler

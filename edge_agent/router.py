@@ -8,6 +8,10 @@ Order for one request:
      was the function's own error;
   4. a stale cache entry within `stale_if_error_s` when every place failed.
 An error after all that names each step that failed (`RoutingFailed`).
+
+No confused deputy: the platform runs a forwarded call with the *device's* credentials, so a
+call reaches the cloud step only for a caller allowed to invoke that function (`caller`, the
+API's Principal), and the platform is told which local token it was (`X-Edgefn-Caller`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from cloud_sync.cloud_invoke import CloudInvoker, CloudUnavailable
+from edge_agent.auth import LOCAL, Principal
 from edge_agent.cache import ResultCache
 from edge_agent.cache_policy import CachePolicy
 from edge_agent.errors import UnknownFunction
@@ -87,10 +92,12 @@ class Router:
         no_cache: bool = False,
         deadline_s: float | None = None,
         chain: tuple[str, ...] = (),
+        caller: Principal | None = None,
     ) -> Routed:
         """Route one invocation. `deadline_s` and `chain` come from a nested call (a function
         invoking another through the capability broker): the callee gets no more time than its
-        caller has left, and learns who is already on the path."""
+        caller has left, and learns who is already on the path. `caller`: who asked through the
+        API (None: the agent itself, e.g. a nested call), checked again before a cloud step."""
         fn = self._functions.get(name)
         routing = self.policy_for(name, fn)
         if fn is None and "cloud" not in routing.steps:
@@ -103,7 +110,7 @@ class Router:
             if deadline_s is not None:
                 timeout_s = min(timeout_s, deadline_s)
             inv = Invocation(payload, request_id, timeout_s, trace_id, content_type, chain)
-            return await self._run_chain(name, fn, inv, routing, where)
+            return await self._run_chain(name, fn, inv, routing, where, caller)
 
         started = time.perf_counter()
         policy = fn.cache_policy if fn is not None else CachePolicy()
@@ -129,6 +136,7 @@ class Router:
         inv: Invocation,
         routing: RoutingPolicy,
         where: dict[str, str],
+        caller: Principal | None = None,
     ) -> Result:
         failures: list[tuple[str, RuntimeErrorBase]] = []
         for i, step in enumerate(routing.steps):
@@ -140,7 +148,7 @@ class Router:
                     where.update(served_by="local", version=fn.manifest.version)
                     return result
                 pinned = fn.manifest.version if fn is not None else ""
-                result, version = await self._cloud(name, inv, routing, pinned)
+                result, version = await self._cloud(name, inv, routing, pinned, caller)
                 where.update(served_by="cloud", version=version)
                 return result
             except RuntimeErrorBase as exc:
@@ -153,13 +161,28 @@ class Router:
         raise AssertionError("a routing policy has at least one step")
 
     async def _cloud(
-        self, name: str, inv: Invocation, routing: RoutingPolicy, version: str
+        self,
+        name: str,
+        inv: Invocation,
+        routing: RoutingPolicy,
+        version: str,
+        caller: Principal | None = None,
     ) -> tuple[Result, str]:
         if self._invoker is None:
             raise CloudUnavailable("no platform is configured (edge-agent run --cloud URL)")
+        if caller is not None and not caller.allows(f"invoke:{name}"):
+            # The API's route check already refuses such callers; this keeps every other path
+            # to the cloud step (and future ones) from lending them the device's credentials.
+            refused = CloudUnavailable(
+                f"this caller may not invoke {name!r}, so it is not forwarded to the cloud",
+                code="cloud_forbidden",
+            )
+            refused.status = 403
+            raise refused
         if routing.cloud_timeout_ms is not None:
             inv = replace(inv, timeout_s=routing.cloud_timeout_ms / 1000)
-        return await self._invoker.invoke(name, inv, version)
+        token_id = "" if caller is None or caller is LOCAL else caller.token_id or ""
+        return await self._invoker.invoke(name, inv, version, caller=token_id)
 
     def _unknown(self, name: str) -> UnknownFunction:
         problem = self._functions.problems.get(name)

@@ -74,7 +74,8 @@ class Settings:
     tls_client_ca_file: Path | None = None
     # Listener limits (edge_agent.listener) and requests in flight per token (edge_agent.auth).
     max_connections: int = 256
-    header_timeout_s: float = 10.0  # first request's headers must arrive within this
+    header_timeout_s: float = 10.0  # every request's headers must arrive within this
+    idle_timeout_s: float = 15.0  # keep-alive connections idle this long are closed
     max_headers: int = 64
     max_header_bytes: int = 8190  # per header line (aiohttp's default)
     token_concurrency: int = 32  # 0: no limit

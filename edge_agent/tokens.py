@@ -11,8 +11,10 @@ The file is replaced atomically (`runtimes.fsio.atomic_write`) under an flock, s
 re-reads the file when it changes, `edge_agent.auth`) never sees half of one.
 
 Scopes: `invoke:NAME` (one function), `invoke:*` (every function), `admin` (cache purge,
-function and health details, metrics). Revoking deletes the record. With `auth = "mtls"` the
-same file grants scopes to client certificates by subject CN (`token create --client-cn`).
+function and health details, metrics). Revoking deletes the record. Tokens pushed by the
+platform (desired `lan.tokens`, hashes only) sit beside local ones, marked `source =
+"platform"`; `set_pushed` replaces that set. With `auth = "mtls"` the same file grants scopes
+to client certificates by subject CN (`token create --client-cn`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class TokenRecord:
     # A grant for a client certificate (auth = "mtls") instead of a token: the certificate's
     # subject CN, checked by TLS against the client CA. sha256 is then empty.
     client_cn: str | None = None
+    # "local" (made with `edge-agent token create`) or "platform" (pushed through desired state
+    # `lan.tokens`; replaced as a whole set whenever the desired config changes).
+    source: str = "local"
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -90,6 +95,7 @@ class TokenRecord:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "client_cn": self.client_cn,
+            "source": self.source,
         }
 
     @classmethod
@@ -101,6 +107,7 @@ class TokenRecord:
             created_at=float(item["created_at"]),
             expires_at=None if item.get("expires_at") is None else float(item["expires_at"]),
             client_cn=None if item.get("client_cn") is None else str(item["client_cn"]),
+            source=str(item.get("source", "local")),
         )
 
 
@@ -166,6 +173,33 @@ class TokenStore:
                     del records[i]
                     return record
         raise TokenError(f"no token with id {token_id!r} (see `edge-agent token list`)")
+
+    def set_pushed(self, entries: list[dict[str, Any]]) -> tuple[int, list[str]]:
+        """Make the platform-pushed tokens exactly `entries` (desired `lan.tokens`, validated by
+        cloud_sync.state); local ones are kept. Returns (how many pushed now, ids skipped
+        because a local token has that id)."""
+        with self._locked() as records:
+            local = [r for r in records if r.source != "platform"]
+            taken = {r.id for r in local}
+            pushed, skipped = [], []
+            for item in entries:
+                if item["id"] in taken:
+                    skipped.append(item["id"])
+                    continue
+                pushed.append(
+                    TokenRecord(
+                        id=item["id"],
+                        sha256=item["sha256"],
+                        scopes=tuple(dict.fromkeys(check_scope(s) for s in item["scopes"])),
+                        created_at=0.0,
+                        expires_at=None if item.get("expires") is None else float(item["expires"]),
+                        source="platform",
+                    )
+                )
+            # created_at 0 for pushed ones: re-applying the same desired state then leaves the
+            # records equal and the file untouched (the running agent reloads only on change).
+            records[:] = local + pushed
+        return len(pushed), skipped
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[list[TokenRecord]]:

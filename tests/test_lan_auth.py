@@ -89,7 +89,8 @@ def test_token_cli_create_list_revoke(tmp_path: Path) -> None:
     items = json.loads(listing.stdout)
     assert [i["scopes"] for i in items] == [["invoke:eta-node", "admin"], ["invoke:*"]]
     assert items[0]["expires_at"] is not None and items[1]["expires_at"] is None
-    assert all(set(i) == {"id", "scopes", "created_at", "expires_at", "client_cn"} for i in items)
+    keys = {"id", "scopes", "created_at", "expires_at", "client_cn", "source"}
+    assert all(set(i) == keys and i["source"] == "local" for i in items)
     text = edge_agent("token", "list", "--data-dir", str(data)).stdout
     assert items[0]["id"] in text and token not in text and "sha" not in text
 
@@ -268,6 +269,25 @@ def test_admin_scope_guards_purge_metrics_and_details(secured: AgentProcess) -> 
     assert {"unauthorized", "forbidden"} <= set(codes["enum"])
     invoke = spec["paths"]["/v1/functions/{name}/invoke"]["post"]["responses"]
     assert {"401", "403"} <= set(invoke)
+
+
+@pytest.mark.slow
+def test_functions_and_cache_purge_cli_send_the_token(secured: AgentProcess) -> None:
+    data, url = secured.data_dir, secured.url
+    user = create_token(data, "invoke:conformance-node")
+    admin = create_token(data, "admin")
+    anonymous = edge_agent("functions", "--url", url, "--data-dir", str(data))
+    assert anonymous.returncode != 0 and "unauthorized" in anonymous.stderr, anonymous.stderr
+    listed = edge_agent("functions", "--url", url, "--json", "--token", user)
+    assert listed.returncode == 0, listed.stderr
+    assert [f["name"] for f in json.loads(listed.stdout)] == ["conformance-node"]
+
+    purge = ["cache", "purge", "conformance-node", "--url", url, "--data-dir", str(data)]
+    assert edge_agent(*purge).returncode != 0  # 401, not purged offline behind the agent's back
+    denied = edge_agent(*purge, "--token", user)
+    assert denied.returncode != 0 and "forbidden" in denied.stderr, denied.stderr
+    done = edge_agent(*purge, "--token", admin)
+    assert done.returncode == 0 and "purged 0 cached results" in done.stdout, done.stderr
 
 
 @pytest.mark.slow

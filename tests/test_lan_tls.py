@@ -81,6 +81,11 @@ def test_tls_with_the_pinned_ca_and_with_a_wrong_one(
     assert ok.returncode == 0 and ok.stdout == "cli", ok.stderr
     bad = edge_agent("invoke", "conformance-node", *url, "--cafile", str(pki["wrong_ca"]))
     assert bad.returncode == 3 and "CERTIFICATE_VERIFY_FAILED" in bad.stderr
+    pin = ["--url", agent.url, "--token", token, "--cafile"]
+    listed = edge_agent("functions", *pin, str(pki["ca"]))
+    assert listed.returncode == 0 and "conformance-node" in listed.stdout, listed.stderr
+    refused = edge_agent("functions", *pin, str(pki["wrong_ca"]))
+    assert refused.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr
 
 
 @pytest.mark.slow
@@ -159,3 +164,64 @@ def test_unusable_tls_files_stop_the_start(
     assert proc.returncode == 4 and needle in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data" / "agent.json").exists()
+
+
+@pytest.mark.slow
+def test_enrolment_issues_the_lan_certificate_and_tls_auto_serves_it(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from tests.registry_helpers import cli, start_platform
+
+    platform = start_platform(tmp_path / "platform")
+    try:
+        creds = tmp_path / "enrol" / "credentials.json"
+        creds.parent.mkdir()
+        made = cli(
+            "device", "enroll", "van-7", "--out", creds, "--san", "127.0.0.1", "--san",
+            "van-7.depot.lan", "--platform", platform.url, "--token", platform.token,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        cert_file, key_file = (
+            creds.with_name("credentials.server.crt"),
+            creds.with_name("credentials.server.key"),
+        )
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        fleet_ca = creds.with_name("fleet-ca.pem")
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert {"van-7", "van-7.depot.lan"} <= set(san.get_values_for_type(x509.DNSName))
+        assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+        assert "server_key_pem" not in creds.read_text()  # the credentials file stays as it was
+
+        data = tmp_path / "data"
+        install_dev_function(CONFORMANCE_NODE, data, "conformance-node")
+        token = edge_agent("token", "create", "--data-dir", str(data), "--scope", "invoke:*")
+        secret = token.stdout.strip().splitlines()[-1]
+        agent = start_agent(
+            data, "--auth", "token", "--credentials", str(creds), "--tls", "auto",
+            "--worker-user", "root",
+        )  # fmt: skip
+        try:
+            assert agent.url.startswith("https://127.0.0.1:")
+            reply = LanClient(agent.url, token=secret, cafile=fleet_ca).invoke(
+                "conformance-node", b"pinned"
+            )
+            assert reply.status == 200 and reply.body == b"pinned"
+            other = PlatformCA.load_or_create(tmp_path / "other", common_name="not the fleet")
+            with pytest.raises(ClientError, match="CERTIFICATE_VERIFY_FAILED"):
+                LanClient(agent.url, token=secret, cafile=other.cert_path).invoke("x")
+        finally:
+            agent.stop()
+    finally:
+        platform.stop()
+
+
+def test_tls_auto_without_an_enrolment_certificate_is_refused(tmp_path: Path) -> None:
+    no_creds = edge_agent("run", "--data-dir", str(tmp_path / "d"), "--tls", "auto")
+    assert no_creds.returncode != 0 and "--credentials" in no_creds.stderr
+    creds = tmp_path / "credentials.json"
+    creds.write_text("{}")
+    missing = edge_agent(
+        "run", "--data-dir", str(tmp_path / "d"), "--tls", "auto", "--credentials", str(creds)
+    )
+    assert missing.returncode != 0 and "credentials.server.crt" in missing.stderr, missing.stderr

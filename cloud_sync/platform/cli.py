@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("id")
     de.add_argument("--out", type=Path, required=True, help="credentials file to write (0600)")
     de.add_argument("--labels", default="", help="k=v,k=v (group=NAME joins a group)")
+    de.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
+        help="also name this in the device's LAN server certificate (repeatable; the device id "
+        "is always named): the addresses LAN clients dial",
+    )
     operator_args(de)
     dc = device_sub.add_parser("config", help="set desired config keys (dotted paths)")
     dc.add_argument("id")
@@ -250,7 +258,7 @@ def _parse_labels(text: str) -> dict[str, str]:
 def cmd_device(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    from cloud_sync.credentials import from_dict
+    from cloud_sync.credentials import from_dict, server_cert_paths
     from cloud_sync.errors import CloudSyncError
     from runtimes.fsio import atomic_write
 
@@ -259,16 +267,31 @@ def cmd_device(args: argparse.Namespace) -> int:
             labels = _parse_labels(args.labels)
         except ValueError as exc:
             return _fail(str(exc), EXIT_USAGE)
-        got = _api(args, "POST", "/v1/devices", {"id": args.id, "labels": labels})
+        body = {"id": args.id, "labels": labels, "san": args.san}
+        got = _api(args, "POST", "/v1/devices", body)
         if isinstance(got, int):
             return got
         doc = got[1]
+        # The LAN server certificate goes in files of its own beside the credentials: the
+        # listener loads PEM files, and the credentials file stays what sync reads.
+        server = (doc.pop("server_cert_pem", None), doc.pop("server_key_pem", None))
+        cert_path, key_path = server_cert_paths(args.out)
         try:
             from_dict(doc, "credentials from the platform")
             atomic_write(args.out, json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
+            if server[0] and server[1]:
+                atomic_write(key_path, server[1].encode(), mode=0o600)
+                atomic_write(cert_path, server[0].encode(), mode=0o644)
+                atomic_write(args.out.with_name("fleet-ca.pem"), doc["ca_pem"].encode(), mode=0o644)
         except (CloudSyncError, OSError) as exc:
             return _fail(_reason(exc), EXIT_ERROR)
         _say(f"enrolled {args.id}: credentials in {args.out} (mode 0600; it holds the key)")
+        if server[0]:
+            _say(
+                f"LAN server certificate in {cert_path} (key {key_path}; `edge-agent run --tls "
+                "auto` serves it); LAN clients pin "
+                f"{args.out.with_name('fleet-ca.pem')} (--cafile)"
+            )
         _say(f"run: edge-agent run --cloud {doc['platform_url']} --credentials {args.out}")
         return 0
     path = f"/v1/devices/{quote(args.id, safe='')}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -44,6 +45,10 @@ from runtimes.sandbox import Sandbox
 from runtimes.verify import VerifiedBundle, Verifier
 
 log = logging.getLogger("edgefn.cloud_exec")
+
+# A device's local API token id (edge_agent.tokens: 8 hex digits) as sent in X-Edgefn-Caller;
+# anything else is logged as "invalid" so a device cannot write arbitrary text into our log.
+_CALLER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Invocations carry at most this much payload, like the agent's default limit.
 MAX_BODY_BYTES = 6 * 1024 * 1024
@@ -107,6 +112,7 @@ class CloudExec:
                 request.headers.get("Content-Type", ""),
             )
             answer = await executor.invoke(inv)
+            self._record(name, record.version, who, request, rid)
         except RuntimeErrorBase as exc:
             log.info("%s for %s failed: %s (%s)", name, who, exc.message, exc.code)
             return _error(exc.status, exc.code, exc.message, rid)
@@ -119,6 +125,24 @@ class CloudExec:
                 "X-Edgefn-Served-By": "cloud",
                 "X-Edgefn-Duration-Ms": f"{(time.perf_counter() - started) * 1000:.3f}",
             },
+        )
+
+    def _record(self, name: str, version: str, who: str, request: web.Request, rid: str) -> None:
+        """Audit one cloud call: the device whose rights were used, the local token behind it.
+
+        A call forwarded by an agent with its LAN auth on carries `X-Edgefn-Caller` (the local
+        token's id); without it the call came from the device itself or an agent with auth off.
+        """
+        caller = request.headers.get("X-Edgefn-Caller", "")
+        if caller and not _CALLER_ID.fullmatch(caller):
+            caller = "invalid"
+        log.info(
+            "cloud call %s@%s for %s, local caller %s (request %s)",
+            name,
+            version,
+            who,
+            caller or "-",
+            rid,
         )
 
     def _new_id(self) -> str:

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -54,7 +56,7 @@ from cloud_sync.platform.fleet_store import (
     token_hash,
 )
 from cloud_sync.platform.intake import MqttIntake
-from cloud_sync.platform.pki import PlatformCA
+from cloud_sync.platform.pki import IssuedCert, PlatformCA
 from cloud_sync.platform.registry import error_response
 from cloud_sync.state import validate_config
 
@@ -183,9 +185,12 @@ class DevicesApi:
         if not isinstance(device_id, str) or not isinstance(labels, dict):
             return error_response(400, "bad_request", 'expected {"id": str, "labels": {k: v}}')
         labels = {str(k): str(v) for k, v in labels.items()}
+        san = body.get("san", [])
+        if not isinstance(san, list) or not all(isinstance(n, str) and n for n in san):
+            return error_response(400, "bad_request", '"san" must be a list of names or IPs')
         try:
             doc = await asyncio.to_thread(
-                self._enroll, device_id, labels, self._platform_url(request)
+                self._enroll, device_id, labels, self._platform_url(request), san
             )
         except DeviceExists as exc:
             return _json_error(exc, 409)
@@ -198,7 +203,9 @@ class DevicesApi:
     def _platform_url(self, request: web.Request) -> str:
         return self.public_url or str(request.url.origin())
 
-    def _enroll(self, device_id: str, labels: dict[str, str], platform_url: str) -> dict[str, Any]:
+    def _enroll(
+        self, device_id: str, labels: dict[str, str], platform_url: str, san: Sequence[str] = ()
+    ) -> dict[str, Any]:
         topics.validate_id(device_id)
         group = labels.get("group")
         if group is not None:
@@ -206,6 +213,7 @@ class DevicesApi:
         if self.store.exists(device_id):
             raise DeviceExists(f"device {device_id!r} is already enrolled")
         issued = self.ca.issue_device_cert(device_id, labels)
+        server = self._server_cert(device_id, san)
         token = secrets.token_urlsafe(32)
         creds = DeviceCredentials(
             device_id=device_id,
@@ -221,7 +229,24 @@ class DevicesApi:
         doc["token"] = token
         doc["groups"] = [group] if group else []
         doc["mqtt_protocol"] = "3.1.1" if self.intake and self.intake.mqtt311 else "5"
+        doc["server_cert_pem"] = server.cert_pem
+        doc["server_key_pem"] = server.key_pem
         return doc
+
+    def _server_cert(self, device_id: str, san: Sequence[str]) -> IssuedCert:
+        """The certificate the agent's LAN listener serves (`edge-agent run --tls auto`).
+
+        From the fleet CA, so LAN clients pin that CA and an impostor found through spoofed mDNS
+        cannot pass for the device. It names the device id (what discovery reports) plus the
+        names and IPs the operator gives (what clients dial).
+        """
+        ips, names = [], [device_id]
+        for item in san:
+            try:
+                ips.append(str(ipaddress.ip_address(item)))
+            except ValueError:
+                names.append(item)
+        return self.ca.issue_server_cert(hostnames=tuple(names), ips=tuple(ips))
 
     async def list_devices(self, request: web.Request) -> web.Response:
         who = self._need(request)
