@@ -7,6 +7,10 @@ resolves the future of the request with the same id. Deadlines are loop timers, 
 
 Anything the worker does wrong -- undecodable bytes, an answer to a request it was never sent,
 exiting -- fails every request it holds with `WorkerCrashed`, and the pool replaces it.
+
+Its parts with a job of their own live beside it: `worker_process` (environment allow-list,
+pipes, start and exit bounds), `worker_calls` (building-block CALL frames) and `worker_output`
+(answers into Results, LOG frames and stderr into log records).
 """
 
 from __future__ import annotations
@@ -15,66 +19,54 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import signal
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from runtimes import protocol
-from runtimes.capabilities import (
-    OPS,
-    CapabilityCall,
-    CapabilityError,
-    CapabilityHandler,
-    CapabilityNotFound,
-    CapabilityTimeout,
-    CapabilityUnavailable,
-    Op,
-)
-from runtimes.errors import (
-    FunctionError,
-    InvocationTimeout,
-    RequestRejected,
-    RuntimeErrorBase,
-    WorkerCrashed,
-)
-from runtimes.invocation import Invocation, Result
+from runtimes.capabilities import CapabilityHandler
+from runtimes.errors import InvocationTimeout, RuntimeErrorBase, WorkerCrashed
+from runtimes.invocation import Invocation
 from runtimes.manifest import Manifest
 from runtimes.protocol import Frame, Key, Kind
+from runtimes.worker_calls import CALL_RESERVE_MIN_S, CALL_RESERVE_SHARE, WorkerCalls
+from runtimes.worker_output import (
+    STDERR_TAIL_LINES,
+    forward_log,
+    result_from_frame,
+    stderr_lines,
+    tail_suffix,
+)
+from runtimes.worker_process import (
+    EXIT_GRACE_S,
+    EXIT_PIPE_WAIT_S,
+    EXIT_REAP_S,
+    START_TIMEOUT_S,
+    Pipes,
+    describe_exit,
+    worker_env,
+)
+
+# What other modules import from here: `Worker`, and the helpers and bounds that moved to
+# `worker_calls`, `worker_output` and `worker_process` (re-exported so imports keep working).
+__all__ = [
+    "CALL_RESERVE_MIN_S",
+    "CALL_RESERVE_SHARE",
+    "EXIT_GRACE_S",
+    "EXIT_PIPE_WAIT_S",
+    "EXIT_REAP_S",
+    "START_TIMEOUT_S",
+    "STDERR_TAIL_LINES",
+    "Worker",
+    "result_from_frame",
+    "worker_env",
+]
 
 log = logging.getLogger("edgefn.worker")
 
-# Lines of stderr kept per worker to explain why it died (shown in status and errors).
-STDERR_TAIL_LINES = 20
-# A worker that does not send READY within this time is killed: loading a function is local
-# file I/O plus module init, seconds at most even on a slow gateway.
-START_TIMEOUT_S = 20.0
-# After the process exited, how long to wait for its pipes to drain before declaring it gone.
-EXIT_PIPE_WAIT_S = 0.2
-# A worker killed at start is reaped within this time (SIGKILL cannot be ignored; this only
-# bounds a stuck kernel or a grandchild holding the pipes).
-EXIT_REAP_S = 5.0
-# After SHUTDOWN, how long a worker may take to exit before it is killed.
-EXIT_GRACE_S = 2.0
-# A building-block call ends this share of its parent's remaining time (at least the minimum)
-# before the parent's deadline: the parent must still have time to hear `timeout` and answer,
-# or the nested call's overrun would become the parent's overrun.
-CALL_RESERVE_SHARE = 0.2
-CALL_RESERVE_MIN_S = 0.05
-
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warn": logging.WARNING,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
-
 _worker_ids = itertools.count(1)
-_JSON_FLAG = int(protocol.Flag.JSON)
 
 
 @dataclass(slots=True)
@@ -89,27 +81,6 @@ class _Pending:
     # function makes for it inherits both (a nested call never outlives its parent).
     deadline: float = 0.0
     inv: Invocation | None = None
-
-
-class _Pipes(asyncio.SubprocessProtocol):
-    """Routes pipe events into the owning Worker; holds no state of its own."""
-
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd == 1:
-            self._worker._on_stdout(data)
-        else:
-            self._worker._on_stderr(data)
-
-    def process_exited(self) -> None:
-        # stderr may still hold the lines that explain the exit: finish when the pipes close
-        # (connection_lost), or shortly after if a grandchild keeps them open.
-        asyncio.get_running_loop().call_later(EXIT_PIPE_WAIT_S, self._worker._on_exit)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._worker._on_exit()
 
 
 class Worker:
@@ -146,10 +117,12 @@ class Worker:
         self._env = dict(env)
         self._cwd = cwd
         self._on_exit_cb = on_exit
-        self._capabilities = capabilities
-        self._manifest = manifest
-        # Building-block calls being answered, so a dying worker cancels them.
-        self._calls: set[asyncio.Task[None]] = set()
+        self._calls = WorkerCalls(
+            capabilities,
+            manifest,
+            send=self._write,
+            may_answer=lambda: self.alive and not self.killed,
+        )
         self._decoder = protocol.FrameDecoder()
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
@@ -199,7 +172,7 @@ class Worker:
         self.started_at = time.monotonic()
         try:
             transport, _ = await loop.subprocess_exec(
-                lambda: _Pipes(self),
+                lambda: Pipes(self),
                 *self.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
@@ -396,114 +369,23 @@ class Worker:
     # ---- building-block calls (worker -> agent) ----------------------------------------
 
     def _on_call(self, frame: Frame) -> None:
-        """Answer a CALL in a task: many may be in flight, answered in any order."""
-        try:
-            call = self._call_from_frame(frame)
-        except CapabilityError as exc:
-            self._answer_call(frame.request_id, exc)
-            return
-        task = asyncio.get_running_loop().create_task(self._run_call(frame.request_id, call))
-        self._calls.add(task)
-        task.add_done_callback(self._calls.discard)
-
-    def _call_from_frame(self, frame: Frame) -> CapabilityCall:
-        op = frame.text(Key.OP)
-        if op not in OPS:
-            raise CapabilityNotFound(f"unknown building-block operation {op!r}")
-        if self._capabilities is None or self._manifest is None:
-            raise CapabilityUnavailable("this agent offers no building blocks")
+        """Hand a CALL to `WorkerCalls` with the invocation it was made for, if still pending."""
         parent = self._pending.get(frame.number(Key.PARENT_ID))
-        if parent is None or parent.inv is None:
-            # Its invocation was answered or timed out already: nothing may run on its behalf.
-            raise CapabilityTimeout("the invocation that made this call is no longer running")
         assert self._loop is not None
-        left = parent.deadline - self._loop.time()
-        left -= max(CALL_RESERVE_MIN_S, left * CALL_RESERVE_SHARE)
-        if left <= 0:
-            raise CapabilityTimeout("the calling invocation's deadline has passed")
-        inv = parent.inv
-        return CapabilityCall(
-            op=cast(Op, op),
-            target=frame.text(Key.TARGET),
-            payload=frame.payload,
-            request_id=inv.request_id,
-            deadline_s=left,
-            chain=(*inv.chain, self._manifest.name),
-            trace_id=inv.trace_id,
-            content_type=frame.text(Key.CONTENT_TYPE),
-        )
-
-    async def _run_call(self, call_id: int, call: CapabilityCall) -> None:
-        assert self._capabilities is not None and self._manifest is not None
-        try:
-            # The handler bounds nested work by call.deadline_s itself; this outer bound makes
-            # sure the function hears back before its own deadline whatever the handler does.
-            answer = await asyncio.wait_for(
-                self._capabilities.call(self._manifest, call), call.deadline_s
-            )
-        except TimeoutError:
-            self._answer_call(call_id, CapabilityTimeout("the call ran past the deadline"))
-        except CapabilityError as exc:
-            self._answer_call(call_id, exc)
-        except RuntimeErrorBase as exc:
-            # A nested invoke's own failure (function error, crash, overload): the callee's
-            # message and code reach the caller, which decides what to do with it.
-            self._answer_call(call_id, exc)
+        if parent is None:
+            self._calls.on_call(frame, None, 0.0, self._loop.time())
         else:
-            self._answer_call(call_id, answer)
-
-    def _answer_call(self, call_id: int, answer: bytes | RuntimeErrorBase) -> None:
-        if not self.alive or self.killed:
-            return
-        if isinstance(answer, bytes):
-            self._write(protocol.encode(Frame(Kind.CALL_RESULT, call_id, answer)))
-            return
-        code = answer.sdk_code if isinstance(answer, CapabilityError) else answer.code
-        if isinstance(answer, InvocationTimeout):
-            code = CapabilityTimeout.sdk_code
-        frame = Frame(
-            Kind.CALL_ERROR,
-            call_id,
-            answer.message.encode("utf-8"),
-            {Key.ERROR_CODE: code},
-        )
-        self._write(protocol.encode(frame))
+            self._calls.on_call(frame, parent.inv, parent.deadline, self._loop.time())
 
     def _forward_log(self, frame: Frame) -> None:
-        level = _LEVELS.get(frame.text(Key.LOG_LEVEL, "info").lower(), logging.INFO)
-        if not self._log.isEnabledFor(level):
-            return
-        message = frame.payload.decode("utf-8", "replace").rstrip("\n")
-        extra: dict[str, Any] = {"worker_pid": self.pid}
-        if frame.request_id:
-            # The client's id while the request is in flight (log lines written during the
-            # handler always are: frames arrive in order, before its RESULT); a line a detached
-            # callback writes after the answer keeps the wire id, the only one left.
-            pending = self._pending.get(frame.request_id)
-            if pending is not None and pending.request_id:
-                extra["request_id"] = pending.request_id
-            else:
-                extra["request_id"] = str(frame.request_id)
-        trace = frame.text(Key.TRACE_ID)
-        if trace:
-            extra["trace_id"] = trace
-        self._log.log(level, "%s", message, extra=extra)
+        pending = self._pending.get(frame.request_id) if frame.request_id else None
+        client_id = pending.request_id if pending is not None else ""
+        forward_log(self._log, frame, self.pid, client_id)
 
     def _on_stderr(self, data: bytes) -> None:
-        buf = self._stderr_buf
-        buf += data
-        # Bound the partial line: a worker printing megabytes without a newline must not grow it.
-        if len(buf) > 64 * 1024 and b"\n" not in buf:
-            buf += b"\n"
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                break
-            line = bytes(buf[:nl]).decode("utf-8", "replace").rstrip("\r")
-            del buf[: nl + 1]
-            if line:
-                self.stderr_tail.append(line)
-                self._log.warning("%s", line, extra={"worker_pid": self.pid, "stream": "stderr"})
+        for line in stderr_lines(self._stderr_buf, data):
+            self.stderr_tail.append(line)
+            self._log.warning("%s", line, extra={"worker_pid": self.pid, "stream": "stderr"})
 
     def _on_exit(self) -> None:
         if self._finished:
@@ -513,7 +395,7 @@ class Worker:
         if self._stderr_buf:
             self._on_stderr(b"\n")
         code = self._transport.get_returncode() if self._transport else None
-        how = _describe_exit(code)
+        how = describe_exit(code)
         if not self.exit_reason:
             self.exit_reason = how
         err = WorkerCrashed(f"worker {self.pid} {how}{self._tail_suffix()}")
@@ -521,8 +403,7 @@ class Worker:
             self._ready.set_exception(WorkerCrashed(f"worker {how} before it was ready"))
             self._ready.exception()  # mark retrieved: the spawner may already have given up
         self._fail_all(err)
-        for task in list(self._calls):
-            task.cancel()  # their answers have nobody to go to
+        self._calls.cancel_all()  # their answers have nobody to go to
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(None)
         if self._transport is not None:
@@ -540,47 +421,4 @@ class Worker:
                 item.future.set_exception(err)
 
     def _tail_suffix(self) -> str:
-        # Stack frames are indented in Node, Go and C++ traces; the lines that say what went
-        # wrong are not.
-        lines = [line for line in self.stderr_tail if not line[:1].isspace()]
-        if not lines:
-            return ""
-        return ": " + " | ".join(lines[-3:])
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "exited"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name}"
-    return f"exited with status {code}"
-
-
-def result_from_frame(frame: Frame, queued_s: float, run_s: float) -> Result:
-    """Turn a worker's answer into a Result, or raise the function's error."""
-    if frame.kind is Kind.ERROR:
-        code = frame.text(Key.ERROR_CODE, "function_error") or "function_error"
-        message = frame.payload.decode("utf-8", "replace") or "function failed"
-        if code == RequestRejected.code:
-            raise RequestRejected(message)
-        raise FunctionError(message, code=code)
-    ctype = frame.text(Key.CONTENT_TYPE)
-    if not ctype:
-        ctype = "application/json" if frame.flags & _JSON_FLAG else "application/octet-stream"
-    return Result(frame.payload, ctype, queued_s, run_s)
-
-
-def worker_env(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    """Environment of a worker: a small allow-list of the agent's plus the function's own.
-
-    Secrets in the agent's environment (tokens, credentials) must not leak into functions.
-    """
-    keep = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR")
-    env = {k: base[k] for k in keep if k in base}
-    env.setdefault("PATH", os.defpath)
-    env.update(extra)
-    return env
+        return tail_suffix(self.stderr_tail)
