@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pkgutil
 import re
 import socket
 from collections.abc import Iterator
@@ -143,10 +144,16 @@ NOT_HTTP = {
 
 
 def _error_classes() -> list[type]:
-    """Every error class of the one runtimes tree, once the modules on the HTTP path are loaded."""
-    # Loaded for their error classes: the router, cache, cloud invoker and installer.
-    for module in ("edge_agent.agent", "edge_agent.install"):
-        importlib.import_module(module)
+    """Every error class of the one runtimes tree, once every agent and runtimes module is loaded.
+
+    All of them, not only those on the HTTP path: which classes exist must not depend on which
+    other tests ran first in the same process.
+    """
+    for pkg in ("runtimes", "edge_agent"):
+        root = importlib.import_module(pkg)
+        for info in pkgutil.walk_packages(root.__path__, prefix=f"{pkg}."):
+            if not info.name.endswith("__main__"):
+                importlib.import_module(info.name)
     from runtimes.errors import RuntimeErrorBase
 
     seen: list[type] = []
