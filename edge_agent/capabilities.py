@@ -12,7 +12,7 @@ Flow of one call (docs/building-blocks.md)::
         state.*       -> the per-function SQLite store (edge_agent.state_store), bounded in bytes
         config        -> the function's `config` table from the desired state
 
-The broker is built once in `edge_agent.agent.assemble` with what it serves through passed in
+The broker is built once in `edge_agent.assembly.assemble` with what it serves through passed in
 as callables, so it imports neither the router nor cloud_sync.
 """
 
