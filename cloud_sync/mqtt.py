@@ -614,7 +614,8 @@ class MqttSession:
         self._connects += 1
         self._last_connected = time.time()
         self._session_present = session_present
-        self._error_is_specific = False
+        self._error_is_specific = False  # connected: the last failure is history (issue 11)
+        self._last_error = self._last_error_code = None
         self._set_connected(True)
         if ready_now:
             self._ready_evt.set()

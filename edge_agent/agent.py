@@ -211,6 +211,9 @@ class Agent:
         s = self.settings
         prepare_data_dir(s.data_dir)
         from edge_agent.cache import ResultCache
+        from edge_agent.trust import set_aside_damaged
+
+        await asyncio.to_thread(set_aside_damaged, s.data_dir)  # logs what it set aside
 
         cache = await ResultCache.open(s.data_dir / "cache.db", s.cache_max_bytes)
         try:

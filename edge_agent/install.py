@@ -235,7 +235,7 @@ def _precheck(opts: InstallOptions, target: _Target) -> InstallResult | None:
             "installing signed bundles of it",
             code="dev_function",
         )
-    active = read_active(root)
+    active = read_active(root, damaged_as_none=True)
     if active == version:
         meta = read_meta(root, version)
         if meta.get("digest") != target.digest:
@@ -259,7 +259,7 @@ def _install(
     name, version, digest = target.name, target.version, target.digest
     opts.functions_dir.mkdir(parents=True, exist_ok=True)
     root = opts.functions_dir / name
-    previous = read_active(root)
+    previous = read_active(root, damaged_as_none=True)
     kept = unpacked_copy(root, version, digest)
     fill: Callable[[Path], None] | None = None
     if kept is not None:
