@@ -269,6 +269,8 @@ class Agent:
     def _describe(self) -> dict[str, Any]:
         return {
             "functions": {n: f.manifest.version for n, f in sorted(self.functions.loaded.items())},
+            # Installed but not serving (budget full, broken): the platform must not count them.
+            "not_running": self.functions.not_running(),
             "profile": self._profile,
         }
 
