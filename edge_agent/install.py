@@ -55,7 +55,8 @@ from edge_agent.staging import (
     InstallError,
     function_lock,
     remove_parts,
-    stage_local_file,
+    staged_copy,
+    sweep,
 )
 from edge_agent.versions import (
     ARCH_ANY,
@@ -155,17 +156,16 @@ class _Target:
 def install_file(src: Path, opts: InstallOptions) -> InstallResult:
     """Install the bundle file `src`."""
     verifier = _load_verifier(opts)  # no trusted key: refuse before copying anything
-    staged, digest = stage_local_file(
+    for left in sweep(opts.staging_dir):  # copies of interrupted installs: nobody holds them
+        opts.tell(f"removed {left}, left in staging by an interrupted install")
+    with staged_copy(
         Path(src), opts.staging_dir, opts.max_bundle_bytes, lambda: opts.reached("download")
-    )
-    try:
+    ) as (staged, digest):
         # A file names itself only in its signed manifest: verify first, then check.
         vb = _verify(verifier, staged, opts, expect_name=None, expect_version=None)
         target = _Target(vb.name, vb.version, digest)
         with function_lock(opts.staging_dir, target.name, opts.tell):
             return _precheck(opts, target) or _install(opts, target, lambda: vb)
-    finally:
-        staged.unlink(missing_ok=True)
 
 
 def install_from_registry(
