@@ -15,6 +15,7 @@ cache hit.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -39,6 +40,18 @@ log = logging.getLogger("edgefn.api")
 _SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 # Client-supplied request ids longer than this are replaced: they end up in logs and headers.
 MAX_CLIENT_ID = 128
+
+# Hostile or broken LAN clients must not hold connections (each costs a file descriptor and a
+# task). A client gets this long from connecting to send a complete request head: a real
+# client sends it in one packet, a slow-loris one byte at a time never finishes.
+HEADER_TIMEOUT_S = 10.0
+# An idle keep-alive connection (no request in flight) is closed after this long. Short
+# beside aiohttp's default (3630 s in the handler): a LAN client that comes back reconnects
+# in a millisecond. It also bounds a slow head on a kept-alive connection (aiohttp re-arms
+# this timer after every response).
+KEEPALIVE_TIMEOUT_S = 15.0
+# A client that goes away mid-request is the client's business: one debug line, no traceback.
+CLIENT_GONE = (ConnectionResetError, BrokenPipeError)
 
 
 class RequestIds:
@@ -221,6 +234,9 @@ def _guarded(handler: Handler) -> Handler:
             if exc.status < 400:
                 raise
             return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason)
+        except CLIENT_GONE as exc:
+            log.debug("client went away during %s %s: %s", request.method, request.path, exc)
+            return error_response(400, "bad_request", "client disconnected")  # never delivered
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
             return error_response(500, "internal", "internal error (see the agent log)")
@@ -249,7 +265,26 @@ class _JsonErrorHandler(RequestHandler):
     `_guarded` wrapper runs. The documented contract is a JSON body with a stable code.
     """
 
-    __slots__ = ()
+    __slots__ = ("_header_timer",)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = self._loop.call_later(
+            HEADER_TIMEOUT_S, self._header_deadline
+        )
+
+    def _header_deadline(self) -> None:
+        self._header_timer = None
+        # `_request_count` counts request heads parsed on this connection (aiohttp's own).
+        if self.transport is not None and self._request_count == 0:
+            log.debug("closing a connection that sent no request head in %g s", HEADER_TIMEOUT_S)
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -273,7 +308,13 @@ class _JsonErrorServer(web.Server):
 
 
 class ApiRunner(web.AppRunner):
-    """`web.AppRunner` whose connections answer HTTP-level parse errors as JSON."""
+    """`web.AppRunner` whose connections answer HTTP-level parse errors as JSON, close a
+    connection that sends no request head within `HEADER_TIMEOUT_S` and an idle keep-alive one
+    after `KEEPALIVE_TIMEOUT_S`."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT_S)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
