@@ -279,6 +279,10 @@ def _install(
         def fill(staging: Path) -> None:
             opts.tell(f"unpacking {name} {version} ({arch})")
             vb.unpack(key, staging, limits=opts.limits)
+            if manifest.artifacts:  # an arch's artifact: its binaries must be for that arch
+                from runtimes.elfcheck import check_tree
+
+                check_tree(staging, key)
 
     first = not root.exists()
     work = opts.functions_dir / f".staging.{name}.{secrets.token_hex(4)}" if first else root
