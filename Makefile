@@ -10,8 +10,11 @@ PYTHON ?= python3
 # patchelf and ccache: the Nuitka build of the agent binary; debootstrap: its clean-root install
 # test; zlib1g-dev: the C++ test that links a library the manifest names; openssl: the bundle
 # signature interop test; wrk: benchmarks only. Under CI=true a test that skips fails the run
-# (tests/ci_skips.py), so what the suite needs is listed here.
-APT_PACKAGES := mosquitto util-linux patchelf ccache debootstrap zlib1g-dev openssl chromium chromium-driver
+# (tests/ci_skips.py), so what the suite needs is listed here. g++-aarch64-linux-gnu and
+# qemu-user-static: arm64 C++ builds and the conformance suite against arm64 workers, run by
+# invoking qemu-aarch64-static directly (binfmt handlers are never registered).
+APT_PACKAGES := mosquitto util-linux patchelf ccache debootstrap zlib1g-dev openssl \
+	g++-aarch64-linux-gnu qemu-user-static chromium chromium-driver
 
 .PHONY: all install system-deps run test lint fmt bench binary deb clean
 

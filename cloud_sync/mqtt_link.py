@@ -93,6 +93,8 @@ class LinkStatus:
         self.last_connected = time.time()
         self.session_present = session_present
         self._error_is_specific = False
+        # Connected: the last failure is history, not the current state (issue 11).
+        self.last_error = self.last_error_code = None
         self.set_connected(True)
 
     def snapshot(self) -> SessionState:

@@ -67,7 +67,7 @@ from cloud_sync.outbox_records import (
     OutboxStats,
     Records,
 )
-from runtimes.sqlitedb import Database, transaction
+from runtimes.sqlitedb import Database, is_transient, transaction
 
 __all__ = [
     "DEFAULT_LATENCY_BOUNDS_MS",
@@ -93,6 +93,14 @@ T = TypeVar("T")
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024  # ~a day of 10 s metrics for 50 functions before merging
 
 
+class _Damaged(Exception):
+    """The outbox file exists and SQLite says it is not a usable database."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
 class Outbox:
     """The async face of the outbox; create with `await Outbox.open(path, ...)`."""
 
@@ -107,6 +115,9 @@ class Outbox:
         self._db: Database | None = None
         self._closed = False
         self._appended = asyncio.Event()
+        # Set by `open` when a damaged file had to be set aside: what was wrong, where it went.
+        self.recovered = ""
+        self.recoveries = 0
 
     @property
     def max_bytes(self) -> int:
@@ -120,8 +131,48 @@ class Outbox:
         max_bytes: int = DEFAULT_MAX_BYTES,
         events_topic: str | None = None,
     ) -> Outbox:
-        """Open (creating if needed) the outbox file; `events_topic` receives drop reports."""
-        self = cls(Path(path), max_bytes=max_bytes, events_topic=events_topic)
+        """Open (creating if needed) the outbox file; `events_topic` receives drop reports.
+
+        A damaged file (garbage, truncated, failing `quick_check`) must not keep the agent from
+        serving: telemetry is not worth every local function. It is set aside
+        (`runtimes.setaside`: `outbox.db.corrupt-<stamp>`, the newest few kept), a fresh file is
+        made, and an `outbox_recovered` event saying what was set aside waits in it for the link
+        (`recovered` says the same to the caller). A busy file (another process holds the lock)
+        and a schema from a newer agent are not damage: they raise `OutboxError`.
+        """
+        try:
+            return await cls._open_once(Path(path), max_bytes, events_topic)
+        except _Damaged as exc:
+            problem = exc.problem
+        from runtimes.setaside import set_aside
+
+        try:
+            aside = await asyncio.to_thread(set_aside, Path(path))
+        except OSError as err:
+            raise OutboxError(
+                f"outbox {path} is damaged ({problem}) and cannot be set aside: {err}"
+            ) from err
+        log.warning(
+            "outbox %s was damaged (%s): set aside as %s, starting empty", path, problem, aside
+        )
+        self = await cls._open_once(Path(path), max_bytes, events_topic)
+        self.recovered = f"{problem}; set aside as {aside}"
+        self.recoveries = 1
+        if events_topic:
+            payload = {
+                "type": "outbox_recovered",
+                "at": time.time(),
+                "problem": problem,
+                "set_aside": aside,
+            }
+            await self.append(
+                "events", events_topic, json.dumps(payload, separators=(",", ":")).encode()
+            )
+        return self
+
+    @classmethod
+    async def _open_once(cls, path: Path, max_bytes: int, events_topic: str | None) -> Outbox:
+        self = cls(path, max_bytes=max_bytes, events_topic=events_topic)
         # FULL: see the module docstring (power loss is the common failure of an edge box).
         self._db = Database(
             self.path, synchronous="FULL", setup=self._records.setup, name="edgefn-outbox"
@@ -130,6 +181,8 @@ class Outbox:
             await asyncio.wrap_future(self._db.opened)
         except sqlite3.Error as exc:
             await self.close()
+            if not is_transient(exc) and await asyncio.to_thread(path.is_file):
+                raise _Damaged(f"{type(exc).__name__}: {exc}") from exc
             raise OutboxError(f"cannot open outbox {self.path}: {exc}") from exc
         except BaseException:
             await self.close()

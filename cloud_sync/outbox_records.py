@@ -127,6 +127,11 @@ class Records:
 
     def setup(self, conn: sqlite3.Connection) -> None:
         """The Database's setup step: schema check and creation, the byte total."""
+        # Reads every page once: a truncated or scribbled file fails here, at open, where it
+        # can be set aside, instead of on some later append.
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"quick_check: {'; '.join(map(str, problems))}")
         with transaction(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:

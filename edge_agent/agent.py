@@ -142,6 +142,12 @@ class Agent:
         s = self.settings
         prepare_data_dir(s.data_dir)
         from edge_agent.cache import ResultCache
+        from edge_agent.staging import STAGING_DIR, sweep
+        from edge_agent.trust import set_aside_damaged
+
+        await asyncio.to_thread(set_aside_damaged, s.data_dir)  # logs what it set aside
+        for left in await asyncio.to_thread(sweep, s.data_dir / STAGING_DIR):
+            log.info("removed %s, left in staging by an interrupted install", left)
 
         cache = await ResultCache.open(s.data_dir / "cache.db", s.cache_max_bytes)
         try:
@@ -271,6 +277,8 @@ class Agent:
     def _describe(self) -> dict[str, Any]:
         return {
             "functions": self._versions(),
+            # Installed but not serving (budget full, broken): the platform must not count them.
+            "not_running": self.functions.not_running(),
             "profile": self._profile,
             **(self.deployer.reported_extra() if self.deployer else {}),
         }

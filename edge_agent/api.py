@@ -44,6 +44,9 @@ _SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345
 # Client-supplied request ids longer than this are replaced: they end up in logs and headers.
 MAX_CLIENT_ID = 128
 
+# A client that goes away mid-request is the client's business: one debug line, no traceback.
+CLIENT_GONE = (ConnectionResetError, BrokenPipeError)
+
 
 class RequestIds:
     """Cheap unique ids: a per-boot random prefix and a counter (uuid4 costs more per call)."""
@@ -266,6 +269,9 @@ def _guarded(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
+        except CLIENT_GONE as exc:
+            log.debug("client went away during %s %s: %s", request.method, request.path, exc)
+            return error_response(400, "bad_request", "client disconnected")  # never delivered
         except Exception as exc:
             # No handler expected it; an edgefn error keeps its stable code (and status).
             where = f"{request.method} {request.path}"

@@ -122,6 +122,27 @@ def _agent_url(args: argparse.Namespace) -> str:
         return "http://127.0.0.1:8680"
 
 
+def _not_running(data_dir: Path) -> dict[str, str]:
+    """What the agent running on `data_dir` does not run, with why ({} when none runs).
+
+    Installed is not serving: a full worker budget or a load failure must show in `fn list`.
+    Only the agent of this data dir (its agent.json) is asked, briefly; a stale file is no agent.
+    """
+    from cloud_sync.http_client import Endpoint, HttpClientError, SyncHttpClient
+
+    try:
+        url = str(json.loads((data_dir / "agent.json").read_text())["url"])
+        client = SyncHttpClient(Endpoint(url, timeout_s=2.0, name="the agent"))
+        items = client.call("GET", "/v1/functions")[1]["functions"]
+        return {
+            str(f["name"]): f"{f['status'].get('state') or f['status']['health']}: {f['error']}"
+            for f in items
+            if f.get("error") and f.get("status", {}).get("health") in ("waiting", "failed")
+        }
+    except (OSError, ValueError, KeyError, TypeError, HttpClientError):
+        return {}
+
+
 def _client(args: argparse.Namespace, timeout_s: float) -> SyncHttpClient:
     from cloud_sync.http_client import Endpoint, SyncHttpClient
 
@@ -356,10 +377,14 @@ def cmd_fn(args: argparse.Namespace) -> int:
 
     if args.fn_command == "list":
         items = install.list_installed(args.data_dir)
+        idle = _not_running(args.data_dir)
         if args.json:
-            print(json.dumps([dataclasses.asdict(i) for i in items], indent=2))
+            rows = [{**dataclasses.asdict(i), "not_running": idle.get(i.name)} for i in items]
+            print(json.dumps(rows, indent=2))
             return 0
         for item in items:
+            if item.name in idle:
+                print(f"{item.name:<24} (installed, not running: {idle[item.name]})")
             if item.development:
                 print(f"{item.name:<24} (development copy, unsigned)")
                 continue

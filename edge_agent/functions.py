@@ -4,6 +4,10 @@
 executors for new or changed functions (warm before they take traffic), swaps them in with one
 dict assignment, and drains the executor they replaced in the background. A function whose new
 version fails to start keeps serving its previous version; the failure shows in `problems`.
+
+A function that cannot start because the device's worker budget is full is not broken: it is
+"installed, not running" (`WaitingForBudget`, `status.state == "waiting_for_budget"` in
+`describe()`), retried at every scan, and starts as soon as another function frees its share.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from edge_agent.cache_policy import CachePolicy, parse_cache_policy
 from edge_agent.routing import RoutingPolicy, parse_routing
 from edge_agent.store import FunctionSource, LoadProblem, scan
 from runtimes.capabilities import CapabilityHandler
-from runtimes.errors import RuntimeErrorBase
+from runtimes.errors import Overloaded, RuntimeErrorBase
 from runtimes.invocation import Executor
 from runtimes.launchers import make_executor
 from runtimes.manifest import Manifest
@@ -129,6 +133,18 @@ class FunctionSet:
                 manifest, source.directory, sandbox=self._sandbox, capabilities=self._capabilities
             )
             await executor.start()
+        except Overloaded as exc:
+            # Only the worker budget refuses a start (no request is queued yet): installed,
+            # not running, and retried at every scan (not pinned by fingerprint like a fault).
+            prev = self.problems.get(manifest.name)
+            if not isinstance(prev, WaitingForBudget):
+                log.warning(
+                    "%s@%s installed but not running: %s (starts when budget frees up)",
+                    manifest.name,
+                    manifest.version,
+                    exc.message,
+                )
+            return WaitingForBudget(manifest.name, source.directory, exc.message)
         except RuntimeErrorBase as exc:
             log.error("%s@%s not loaded: %s", manifest.name, manifest.version, exc.message)
             return _CandidateProblem(
@@ -146,6 +162,10 @@ class FunctionSet:
         await asyncio.gather(*(f.executor.close(drain_s) for f in loaded), return_exceptions=True)
         for task in list(self._retiring):
             task.cancel()
+
+    def not_running(self) -> dict[str, str]:
+        """Functions installed on disk that do not run now, with the reason (for reports)."""
+        return {n: p.message for n, p in sorted(self.problems.items()) if n not in self.loaded}
 
     def describe(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -165,7 +185,9 @@ class FunctionSet:
                 )
             if prob is not None:
                 item["error"] = prob.message
-                if fn is None:
+                if fn is None and isinstance(prob, WaitingForBudget):
+                    item["status"] = {"health": "waiting", "state": "waiting_for_budget"}
+                elif fn is None:
                     item["status"] = {"health": "failed"}
             out.append(item)
         return out
@@ -174,3 +196,8 @@ class FunctionSet:
 @dataclass(frozen=True, slots=True)
 class _CandidateProblem(LoadProblem):
     fingerprint: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingForBudget(LoadProblem):
+    """Installed, but the worker budget is full: retried at every scan until it fits."""

@@ -55,7 +55,8 @@ from edge_agent.staging import (
     InstallError,
     function_lock,
     remove_parts,
-    stage_local_file,
+    staged_copy,
+    sweep,
 )
 from edge_agent.versions import (
     ARCH_ANY,
@@ -155,17 +156,16 @@ class _Target:
 def install_file(src: Path, opts: InstallOptions) -> InstallResult:
     """Install the bundle file `src`."""
     verifier = _load_verifier(opts)  # no trusted key: refuse before copying anything
-    staged, digest = stage_local_file(
+    for left in sweep(opts.staging_dir):  # copies of interrupted installs: nobody holds them
+        opts.tell(f"removed {left}, left in staging by an interrupted install")
+    with staged_copy(
         Path(src), opts.staging_dir, opts.max_bundle_bytes, lambda: opts.reached("download")
-    )
-    try:
+    ) as (staged, digest):
         # A file names itself only in its signed manifest: verify first, then check.
         vb = _verify(verifier, staged, opts, expect_name=None, expect_version=None)
         target = _Target(vb.name, vb.version, digest)
         with function_lock(opts.staging_dir, target.name, opts.tell):
             return _precheck(opts, target) or _install(opts, target, lambda: vb)
-    finally:
-        staged.unlink(missing_ok=True)
 
 
 def install_from_registry(
@@ -235,7 +235,7 @@ def _precheck(opts: InstallOptions, target: _Target) -> InstallResult | None:
             "installing signed bundles of it",
             code="dev_function",
         )
-    active = read_active(root)
+    active = read_active(root, damaged_as_none=True)
     if active == version:
         meta = read_meta(root, version)
         if meta.get("digest") != target.digest:
@@ -259,7 +259,7 @@ def _install(
     name, version, digest = target.name, target.version, target.digest
     opts.functions_dir.mkdir(parents=True, exist_ok=True)
     root = opts.functions_dir / name
-    previous = read_active(root)
+    previous = read_active(root, damaged_as_none=True)
     kept = unpacked_copy(root, version, digest)
     fill: Callable[[Path], None] | None = None
     if kept is not None:
@@ -279,6 +279,10 @@ def _install(
         def fill(staging: Path) -> None:
             opts.tell(f"unpacking {name} {version} ({arch})")
             vb.unpack(key, staging, limits=opts.limits)
+            if manifest.artifacts:  # an arch's artifact: its binaries must be for that arch
+                from runtimes.elfcheck import check_tree
+
+                check_tree(staging, key)
 
     first = not root.exists()
     work = opts.functions_dir / f".staging.{name}.{secrets.token_hex(4)}" if first else root

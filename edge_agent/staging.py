@@ -2,9 +2,12 @@
 
 * `<name>.lock`: the per-function `flock` that serialises installs and rollbacks of a function;
 * `<name>@<digest>.part`: a registry download, resumed by the next attempt if it was cut;
-* `file-<rand>.efb`: the private copy of a bundle file being installed.
+* `file-<rand>.efb`: the private copy of a bundle file being installed, `flock`ed by its
+  installer for as long as it lives.
 
 None of it is ever read by the agent; every entry can be deleted while no installer runs.
+An interrupted install (kill -9, power cut) leaves its full copy behind: `sweep()`, run at every
+install from a file and at agent start, deletes each copy whose lock nobody holds.
 """
 
 from __future__ import annotations
@@ -73,12 +76,54 @@ def remove_parts(staging_dir: Path, name: str) -> None:
         part.unlink(missing_ok=True)
 
 
-def stage_local_file(
-    src: Path, staging_dir: Path, max_bytes: int, copied_hook: Callable[[], None]
-) -> tuple[Path, str]:
-    """Copy a bundle file into staging (size-capped) and hash it; returns (copy, sha256).
+def _create_locked(staging_dir: Path) -> tuple[int, Path]:
+    """A new, empty `file-<rand>.efb` that this process holds an exclusive flock on."""
+    while True:
+        dest = staging_dir / f"file-{secrets.token_hex(6)}.efb"
+        fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # A sweep may have taken the lock first (between our create and our flock) and
+        # unlinked the file: then it is no longer in the directory; make another.
+        if os.fstat(fd).st_nlink > 0:
+            return fd, dest
+        os.close(fd)
 
-    What is verified is this copy, so the file cannot change between verify and unpack.
+
+def sweep(staging_dir: Path) -> list[str]:
+    """Delete bundle copies no install holds (left by interrupted installs); return their names."""
+    removed: list[str] = []
+    try:
+        candidates = sorted(staging_dir.glob("file-*.efb"))
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its installer lives
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            path.unlink(missing_ok=True)  # under the lock: see `_create_locked`
+            removed.append(path.name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def staged_copy(
+    src: Path, staging_dir: Path, max_bytes: int, copied_hook: Callable[[], None]
+) -> Iterator[tuple[Path, str]]:
+    """Copy a bundle file into staging (size-capped) and hash it; yields (copy, sha256).
+
+    What is verified is this copy, so the file cannot change between verify and unpack. The
+    copy is locked while the `with` block runs (so `sweep` leaves it alone) and deleted after.
     `copied_hook` runs once the copy is complete (the fault seam's "download" step).
     """
     try:
@@ -95,11 +140,11 @@ def stage_local_file(
                 code="too_large",
             )
         staging_dir.mkdir(parents=True, exist_ok=True)
-        dest = staging_dir / f"file-{secrets.token_hex(6)}.efb"
+        out_fd, dest = _create_locked(staging_dir)
         h = hashlib.sha256()
         copied = 0
         try:
-            with open(dest, "xb") as out:
+            with os.fdopen(out_fd, "wb", closefd=False) as out:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     copied += len(chunk)
                     if copied > max_bytes:
@@ -113,7 +158,7 @@ def stage_local_file(
                 out.flush()
                 os.fsync(out.fileno())
             copied_hook()
-        except BaseException:
+            yield dest, h.hexdigest()
+        finally:
             dest.unlink(missing_ok=True)
-            raise
-    return dest, h.hexdigest()
+            os.close(out_fd)  # releases the flock, after the unlink

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtimes.errors import ManifestError
-from runtimes.manifest import MANIFEST_NAME, NAME_RE, Manifest, load_manifest
+from runtimes.manifest import MANIFEST_NAME, NAME_RE, SEMVER_RE, Manifest, load_manifest
 
 ACTIVE_FILE = "active"
 
@@ -48,11 +48,36 @@ def _stat_key(path: Path) -> tuple[int, int]:
     return (st.st_mtime_ns, st.st_size)
 
 
-def read_active(function_root: Path) -> str | None:
+def read_active(function_root: Path, *, damaged_as_none: bool = False) -> str | None:
+    """The active version named by `<root>/active`, None when there is none.
+
+    Raises ManifestError when the pointer is damaged (bytes that are not a version, a path):
+    the function is then reported as not loadable with that reason, the others load, and
+    `fn install` of any version writes a good pointer again. Never followed as a path.
+    `damaged_as_none`: for the installer and listings, which treat a damaged pointer as none
+    (an install then writes a good one).
+    """
+    path = function_root / ACTIVE_FILE
     try:
-        return (function_root / ACTIVE_FILE).read_text(encoding="utf-8").strip() or None
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if damaged_as_none:
+            return None
+        raise ManifestError(f"{path}: cannot read the active-version pointer: {exc}") from exc
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        text = None
+    if text is None or (text and not SEMVER_RE.fullmatch(text)):
+        if damaged_as_none:
+            return None
+        raise ManifestError(
+            f"{path}: damaged active-version pointer ({len(raw)} bytes, not a version); "
+            "reinstall a version to repair it"
+        )
+    return text or None
 
 
 def _load_one(root: Path, require_signed: bool) -> FunctionSource:

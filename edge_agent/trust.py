@@ -65,8 +65,37 @@ def remove_key(data_dir: Path, kid: str) -> Path:
     raise BundleError(f"no trusted key {kid} in {trust_dir(data_dir)}", code="unknown_signer")
 
 
+def set_aside_damaged(data_dir: Path) -> list[str]:
+    """Move key files that are not valid keys out of the way; return what was set aside.
+
+    A damaged file must not stop every install (one unreadable key would otherwise refuse all
+    bundles). Setting it aside never widens trust: a key nobody can read verified nothing.
+    The copy (`<id>.pub.corrupt-<stamp>`, `runtimes.setaside`) stays for the operator, and
+    its name no longer ends in `.pub`, so it is not read again.
+    """
+    import logging
+
+    from runtimes.setaside import set_aside
+
+    directory = trust_dir(data_dir)
+    if not directory.is_dir():
+        return []
+    moved = []
+    for path in sorted(directory.glob(f"*{KEY_SUFFIX}")):
+        try:
+            load_public_key(path)
+        except BundleError as exc:
+            aside = set_aside(path)
+            logging.getLogger("edgefn.trust").warning(
+                "trust store: %s is not a valid key (%s): set aside as %s", path, exc.message, aside
+            )
+            moved.append(f"{path.name} -> {aside}")
+    return moved
+
+
 def load_verifier(data_dir: Path) -> Verifier:
     """The verifier every install goes through; refuses when no key is trusted yet."""
+    set_aside_damaged(data_dir)
     paths = [k.path for k in list_keys(data_dir)]
     if not paths:
         raise BundleError(

@@ -162,7 +162,7 @@ def list_installed(data_dir: Path) -> list[InstalledFunction]:
         if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
             continue
         root = Path(entry.path)
-        active = read_active(root)
+        active = read_active(root, damaged_as_none=True)
         versions = []
         for v in reversed(version_dirs(root)):
             meta = read_meta(root, v)

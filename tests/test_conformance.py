@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,23 +18,74 @@ from typing import Any
 
 import pytest
 
+from hardware.arch import lookup
+from runtimes.build import build_function
 from runtimes.capabilities import CapabilityCall, CapabilityNotFound, NotPermitted
+from runtimes.elfcheck import elf_identity
 from runtimes.errors import FunctionError, InvocationTimeout, WorkerCrashed
 from runtimes.invocation import Invocation
 from runtimes.launchers import make_executor
 from runtimes.manifest import Manifest, load_manifest
 from runtimes.pool import Pool
+from runtimes.worker import worker_env
+from tests.harness import FUNCTIONS
 
 pytestmark = pytest.mark.slow  # builds Go and C++ functions once per session
 
 
-@pytest.fixture(params=["node", "go", "cpp"])
+# The arm64 workers run under user-mode emulation, invoked directly: qemu-aarch64-static is the
+# worker process (binfmt handlers are never registered on the machine). `-L` gives it the arm64
+# C++ runtime (libstdc++, the loader) that Debian's cross toolchain installs; Go is static.
+QEMU = "/usr/bin/qemu-aarch64-static"
+ARM64_SYSROOT = "/usr/aarch64-linux-gnu"
+ARM64_RUNTIMES = ("go", "cpp")
+
+
+@pytest.fixture(scope="session")
+def built_arm64(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """runtime -> the conformance function cross-built for aarch64 (Go, C++)."""
+    if not os.path.exists(QEMU) or shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("qemu-user-static and g++-aarch64-linux-gnu are needed (make system-deps)")
+    root = tmp_path_factory.mktemp("conformance-arm64")
+    out = {}
+    for runtime in ARM64_RUNTIMES:
+        dest = root / runtime
+        shutil.copytree(FUNCTIONS / "conformance" / runtime, dest)
+        build_function(dest, arch="aarch64")
+        out[runtime] = dest
+    return out
+
+
+def arm64_pool(directory: Path) -> Pool:
+    """The same pool the agent builds, with the worker command run through qemu."""
+    manifest = load_manifest(directory / "edgefn.toml")
+    entry = directory / manifest.entry
+    assert elf_identity(entry) == (lookup("aarch64").elf_class, lookup("aarch64").elf_machine)
+    argv = [QEMU, *(["-L", ARM64_SYSROOT] if manifest.runtime == "cpp" else []), str(entry)]
+    env = worker_env(
+        os.environ,
+        {
+            "EDGEFN_FUNCTION": manifest.name,
+            "EDGEFN_VERSION": manifest.version,
+            "EDGEFN_FUNCTION_DIR": str(directory),
+            "EDGEFN_CONCURRENCY": str(manifest.pool.concurrency),
+        },
+    )
+    return Pool(manifest, directory, lambda: argv, env=env)
+
+
+@pytest.fixture(params=["node", "go", "cpp", "go-arm64", "cpp-arm64"])
 async def pool(
     request: pytest.FixtureRequest, built_conformance: dict[str, Path]
 ) -> AsyncIterator[Pool]:
-    directory = built_conformance[request.param]
-    executor = make_executor(load_manifest(directory / "edgefn.toml"), directory)
-    assert isinstance(executor, Pool)
+    runtime, _, arch = str(request.param).partition("-")
+    if arch:
+        executor = arm64_pool(request.getfixturevalue("built_arm64")[runtime])
+    else:
+        directory = built_conformance[runtime]
+        made = make_executor(load_manifest(directory / "edgefn.toml"), directory)
+        assert isinstance(made, Pool)
+        executor = made
     await executor.start()
     yield executor
     await executor.close()

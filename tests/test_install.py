@@ -291,6 +291,17 @@ def _wrong_arch(env: Env, tmp_path: Path) -> Path:
     )
 
 
+def _mislabelled_elf(env: Env, tmp_path: Path) -> Path:
+    """An artifact for this device's arch whose binary is built for another (ELF header)."""
+    from hardware.arch import host_arch, lookup
+
+    host = host_arch()
+    other = lookup("x86_64" if host.name != "x86_64" else "aarch64")
+    elf = b"\x7fELF" + bytes([other.elf_class, 1, 1]) + bytes(11)
+    elf += other.elf_machine.to_bytes(2, "little") + bytes(64)
+    return crafted(env, tmp_path, Entry("helper", elf, mode=0o755), arch=host.bundle_key)
+
+
 def _does_not_start(env: Env, tmp_path: Path) -> Path:
     payload = tar_gz([Entry("handler.js", b"throw new Error('cannot load');\n")])
     return craft_bundle(tmp_path / "broken.efb", env.key, ECHO_V3, payload)
@@ -304,6 +315,7 @@ REFUSALS = {
     "missing_signature": (_no_signature, "missing_signature"),
     "older_version": (lambda env, tmp: env.bundles["0.1.0"], "downgrade"),
     "wrong_arch": (_wrong_arch, "wrong_arch"),
+    "mislabelled_elf": (_mislabelled_elf, "wrong_arch"),
     "tar_slip": (lambda env, tmp: crafted(env, tmp, Entry("../../escape.js", b"x")), "unsafe_path"),
     "absolute_path": (
         lambda env, tmp: crafted(env, tmp, Entry("/tmp/evil.js", b"x")),

@@ -33,14 +33,21 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         yield e
 
 
-def install_and_kill(env: Env, data: Path, version: str, step: str, tmp_path: Path) -> None:
+def install_and_kill(
+    env: Env, data: Path, version: str, step: str, tmp_path: Path, *, from_file: bool = False
+) -> None:
     marker = tmp_path / f"paused-{step}"
     extra = {"EDGEFN_INSTALL_PAUSE_AT": step, "EDGEFN_INSTALL_PAUSE_MARKER": str(marker)}
     environ = {k: v for k, v in os.environ.items() if k != "EDGEFN_DATA_DIR"}
+    source = (
+        [str(env.bundles[version])]
+        if from_file
+        else [f"echo@{version}", "--cloud", env.platform.url]
+    )
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "edge_agent", "fn", "install", f"echo@{version}"),
-            *("--cloud", env.platform.url, "--data-dir", str(data)),
+            *(sys.executable, "-m", "edge_agent", "fn", "install", *source),
+            *("--data-dir", str(data)),
         ],
         env={**environ, **extra},
         stdout=subprocess.PIPE,
@@ -132,3 +139,26 @@ def test_kill_9_during_a_first_install_leaves_nothing(
     finally:
         agent.stop()
     assert [p.name for p in (data / "functions").iterdir()] == ["echo"]
+
+
+def staged_copies(data: Path) -> list[str]:
+    return sorted(p.name for p in (data / "staging").glob("file-*.efb"))
+
+
+@pytest.mark.parametrize("cleaner", ["install", "agent start"])
+def test_copies_left_by_interrupted_file_installs_are_removed(
+    env: Env, tmp_path: Path, cleaner: str
+) -> None:
+    """Each install from a file killed after its copy leaves that full copy in staging/; the
+    next install (or the agent's start) removes every copy no running install holds."""
+    data = trusting_data_dir(env, tmp_path / "device")
+    install_and_kill(env, data, "0.1.0", "verify", tmp_path, from_file=True)
+    left = staged_copies(data)
+    assert len(left) == 1 and (data / "staging" / left[0]).stat().st_size > 0  # a full copy
+    if cleaner == "install":
+        out = ok(agent_cli("fn", "install", str(env.bundles["0.1.0"]), "--data-dir", data))
+        assert all(f"removed {name}" in out for name in left), out
+    else:
+        agent = start_agent(data, "--require-signed")
+        agent.stop()
+    assert staged_copies(data) == []

@@ -97,6 +97,8 @@ async def test_boots_without_broker_then_connects_when_it_appears(
         await asyncio.to_thread(broker.start)
         await device.wait_ready(30)
         assert device.state.connected and device.state.last_connected is not None
+        # Connected: the outage is over, so the state must stop naming its cause.
+        assert device.state.last_error_code is None and device.state.last_error is None
 
 
 async def test_revoked_certificate_is_refused_and_state_says_why(mosquitto: Broker) -> None:

@@ -4,6 +4,7 @@ drop, counted). The pure metrics record merge it relies on: tests/test_metrics_r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -86,6 +87,43 @@ async def test_closed_outbox_refuses_work(tmp_path: Path) -> None:
 async def test_unusable_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(OutboxError):
         await Outbox.open(tmp_path / "missing-dir" / "o.db")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+async def test_damaged_file_is_set_aside_reported_and_recreated(
+    tmp_path: Path, damage: str
+) -> None:
+    path = tmp_path / "outbox.db"
+    async with await Outbox.open(path) as ob:
+        for i in range(300):
+            await ob.append("events", EVENTS, os.urandom(200) + b"%d" % i)
+    if damage == "garbage":
+        path.write_bytes(os.urandom(64 * 1024))
+    else:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    for side in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}{side}")
+    async with await Outbox.open(path, events_topic=EVENTS) as ob:
+        assert "set aside as outbox.db.corrupt-" in ob.recovered and ob.recoveries == 1
+        [aside] = [n for n in os.listdir(tmp_path) if n.startswith("outbox.db.corrupt-")]
+        assert aside in ob.recovered
+        # The only record: the report of what was set aside, waiting for the link.
+        [rec] = await ob.lease(10)
+        event = json.loads(rec.payload)
+        assert (rec.kind, rec.topic, event["type"]) == ("events", EVENTS, "outbox_recovered")
+        assert event["set_aside"] == aside and event["problem"]
+        await ob.append("events", EVENTS, b"after")  # and it works
+    async with await Outbox.open(path, events_topic=EVENTS) as ob:  # a good file: no recovery
+        assert ob.recovered == "" and (await ob.stats()).records == 2
+
+
+async def test_a_directory_in_the_way_is_not_set_aside(tmp_path: Path) -> None:
+    (tmp_path / "o.db").mkdir()
+    with pytest.raises(OutboxError):
+        await Outbox.open(tmp_path / "o.db")
+    assert os.listdir(tmp_path) == ["o.db"]
 
 
 CHILD = r"""

@@ -285,3 +285,34 @@ def test_start_platform_helper_reports_a_bad_data_dir(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(AssertionError, match="platform exited"):
         start_platform(blocker / "sub")
+
+
+@pytest.mark.parametrize(
+    ("entries", "code"),
+    [
+        ([Entry("handler.js", b"x"), Entry("../evil", b"x")], "unsafe_path"),
+        (
+            [Entry("handler.js", b"x"), Entry("l", type=b"2", linkname="/etc/passwd")],
+            "link_in_archive",
+        ),
+        ([Entry("other.js", b"x")], "malformed_bundle"),  # no entry file
+    ],
+    ids=["dotdot", "link-out", "no-entry"],
+)
+def test_publish_refuses_what_no_device_would_install(
+    tmp_path: Path,
+    keys: dict[str, Path],
+    platform: Platform,
+    entries: list[Entry],
+    code: str,
+) -> None:
+    """The device's own unpack checks run at publish, with the device's codes, so a bundle
+    that every `fn install` would refuse never becomes `latest`."""
+    fn = {**ECHO, "name": "hostile", "version": f"1.0.{len(entries)}{len(code)}"}
+    bundle = craft_bundle(tmp_path / "b.efb", keys["publisher"], fn, tar_gz(entries))
+    status, doc = post(platform, bundle.read_bytes(), platform.token)
+    assert status == 422, doc
+    assert doc["error"]["code"] == code  # type: ignore[index]
+    assert http("GET", f"{platform.url}/v1/registry/functions/hostile").status == 404
+    # Nothing of the check is left in the platform's data dir.
+    assert not list(platform.data_dir.rglob("publish-check-*"))

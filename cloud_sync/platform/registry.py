@@ -45,6 +45,7 @@ from cloud_sync.platform.store import (
 )
 from runtimes.bundle import (
     BundleManifest,
+    RawBundle,
     check_payload,
     check_publisher,
     parse_signatures,
@@ -108,13 +109,39 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 def _inspect(path: Path, max_bytes: int, verifier: Verifier | None) -> BundleManifest:
     """What a device will check, minus trust (unless the registry has publisher keys)."""
     if verifier is not None:
-        return verifier.verify(path, max_bytes=max_bytes).manifest
-    raw = read_bundle(path, max_bytes=max_bytes)
-    parse_signatures(raw.signature_bytes)  # present and well-formed
-    manifest = BundleManifest.from_bytes(raw.manifest_bytes)
-    check_publisher(manifest, raw.signature_bytes)
-    check_payload(raw, manifest)
+        verified = verifier.verify(path, max_bytes=max_bytes)
+        manifest, raw = verified.manifest, verified.raw
+    else:
+        raw = read_bundle(path, max_bytes=max_bytes)
+        parse_signatures(raw.signature_bytes)  # present and well-formed
+        manifest = BundleManifest.from_bytes(raw.manifest_bytes)
+        check_publisher(manifest, raw.signature_bytes)
+        check_payload(raw, manifest)
+    dry_run_unpack(manifest, raw, path.parent)
     return manifest
+
+
+def dry_run_unpack(manifest: BundleManifest, raw: RawBundle, scratch: Path) -> None:
+    """Unpack every arch's payload exactly as a device would, into `scratch`, then delete it.
+
+    A bundle no device can install (a `..` path, a link out of the tree, a missing entry
+    file, a ratio over the device's bound) must never become `latest`: the device's own
+    `runtimes.verify.VerifiedBundle.unpack` runs here and its BundleError codes are the
+    refusal. The digests were checked above, so this only reads what was verified; the
+    signatures are not re-checked (the registry may have no publisher keys).
+    """
+    import shutil
+    import tempfile
+
+    from runtimes.verify import VerifiedBundle
+
+    bundle = VerifiedBundle(manifest, raw, signers=())
+    work = Path(tempfile.mkdtemp(prefix="publish-check-", dir=scratch))
+    try:
+        for arch in manifest.arches or ("any",):  # common-only bundles install anywhere
+            bundle.unpack(arch, work / arch)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 class Registry:

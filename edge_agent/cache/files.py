@@ -3,8 +3,8 @@
 `FileKeeper` is the part of the writer thread (`edge_agent.cache.writer.Writer` extends it)
 that owns the file's life: open or create it (`PRAGMA quick_check`, migrations), check it is
 still the file it opened (by inode), and on any failure go "degraded", close the connections,
-set a bad file aside as `<name>.corrupt-<UTC timestamp>` (plus its -wal/-shm, the newest
-`KEEP_SET_ASIDE` kept), create a fresh one and go back to "ok", retrying with exponential
+set a bad file aside (`runtimes.setaside`: `<name>.corrupt-<UTC timestamp>`, the newest
+few kept), create a fresh one and go back to "ok", retrying with exponential
 backoff while that fails. Runs only on the writer thread.
 """
 
@@ -21,17 +21,13 @@ from pathlib import Path
 from edge_agent.cache.schema import Incompatible, migrate
 from edge_agent.cache.shared import SELECT_ROW, Shared, State
 from edge_agent.errors import AgentError
+from runtimes.setaside import remove_orphans, set_aside
 from runtimes.sqlitedb import connect_reader, connect_writer, is_transient
 
 log = logging.getLogger("edge_agent.cache")
 
-# Newest set-aside corrupt files kept; older ones are deleted (a failing disk would otherwise
-# fill itself with copies).
-KEEP_SET_ASIDE = 2
 # Only another process (an operator's sqlite3 shell) can hold the lock: wait this long for it.
 WRITER_BUSY_TIMEOUT_S = 5.0
-# Files a database may have beside it (SQLite's own naming).
-SIDE_FILES = ("-wal", "-shm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,47 +69,6 @@ def open_checked(path: Path) -> Opened:
         conn.close()
         raise
     return Opened(conn, reader, (st.st_dev, st.st_ino), int(n), int(size))
-
-
-def remove_orphans(path: Path) -> None:
-    """Delete a -wal/-shm whose database is gone: left in place, SQLite would replay it into a
-    new, empty database of the same name."""
-    for suffix in SIDE_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{path}{suffix}")
-
-
-def set_aside(path: Path) -> str:
-    """Rename `path` (and its -wal/-shm) to `<name>.corrupt-<UTC stamp>`; return the new name."""
-    # UTC with microseconds: names sort in the order the copies were made (pruning relies on
-    # it) and two rebuilds in one second do not collide.
-    now = time.time()
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
-    base = f"{path}.corrupt-{stamp}"
-    n = 0
-    while any(os.path.lexists(base + s) for s in ("", *SIDE_FILES)):
-        n += 1
-        base = f"{path}.corrupt-{stamp}-{n}"
-    os.replace(path, base)  # first: if this fails, nothing moved
-    for suffix in SIDE_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(f"{path}{suffix}", base + suffix)
-    prune_set_aside(path)
-    return os.path.basename(base)
-
-
-def prune_set_aside(path: Path, keep: int = KEEP_SET_ASIDE) -> None:
-    """Keep only the `keep` newest set-aside copies of `path`."""
-    prefix = f"{path.name}.corrupt-"
-    try:
-        names = [p.name for p in path.parent.iterdir() if p.name.startswith(prefix)]
-    except OSError:
-        return
-    bases = sorted({n.removesuffix("-wal").removesuffix("-shm") for n in names})
-    for old in bases[:-keep] if keep else bases:
-        for suffix in ("", *SIDE_FILES):
-            with contextlib.suppress(OSError):
-                (path.parent / (old + suffix)).unlink()
 
 
 class Unusable(AgentError):
