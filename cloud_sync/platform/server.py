@@ -35,6 +35,10 @@ from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.intake import MqttIntake
 from cloud_sync.platform.pki import PlatformCA
 from cloud_sync.platform.registry import Registry, publishers_verifier
+from cloud_sync.platform.rollout_api import RolloutApi
+from cloud_sync.platform.rollout_feed import RecordFeed
+from cloud_sync.platform.rollout_store import RolloutStore
+from cloud_sync.platform.rollouts import RolloutController
 from cloud_sync.platform.settings import PlatformSettings
 from cloud_sync.platform.store import LocalStore, RegistryStore
 from runtimes.fsio import atomic_write
@@ -69,6 +73,7 @@ def create_app(
         store, settings.data_dir / "exec", authorize=devices.auth.result, verifier=verifier
     )
     app.add_routes(cloud_exec.routes())
+    _mount_rollouts(app, settings, token, store, devices)
     started = time.time()
 
     async def health(request: web.Request) -> web.Response:
@@ -89,6 +94,34 @@ def create_app(
             settings.publishers_dir,
         )
     return app
+
+
+def _mount_rollouts(
+    app: web.Application,
+    settings: PlatformSettings,
+    token: str,
+    store: RegistryStore,
+    devices: DevicesApi,
+) -> None:
+    """The rollout controller (`rollouts.py`) and its `/v1/rollouts` API. It starts after the
+    MQTT intake (on_startup order) and stops on shutdown, before the stores close."""
+    controller = RolloutController(
+        RolloutStore(settings.data_dir / "rollouts.db"),
+        devices.store,
+        store,
+        RecordFeed(settings.fleet_db),
+        devices.intake,
+    )
+    app.add_routes(RolloutApi(controller, token).routes())
+
+    async def start(app: web.Application) -> None:
+        await controller.start()
+
+    async def stop(app: web.Application) -> None:
+        await controller.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
 
 
 def _build_devices(settings: PlatformSettings, token: str, app: web.Application) -> DevicesApi:
