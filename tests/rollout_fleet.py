@@ -96,6 +96,7 @@ async def fleet(
     prefix: str = "sim",
     labels: dict[str, str] | None = None,
     arch: str = "x86_64",
+    wait_online: bool = True,
 ) -> AsyncIterator[Simulator]:
     """A running simulated fleet, every device online with its profile reported."""
     settings = SimSettings(
@@ -116,7 +117,8 @@ async def fleet(
         return len(mine) == len(ids) and all(d.get("profile") and d["online"] for d in mine)
 
     try:
-        await eventually(online, 60, "every simulated device online with a profile")
+        if wait_online:
+            await eventually(online, 60, "every simulated device online with a profile")
         yield sim
     finally:
         sim.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cloud_sync.platform.sim_faults import parse_fault
-from tests.mosquitto import Broker
+from tests.mosquitto import Broker, eventually
 from tests.registry_helpers import Platform, ok, publish, start_platform
 from tests.rollout_fleet import (
     ENDED,
@@ -103,7 +103,11 @@ async def test_a_version_that_crashes_on_half_the_fleet_is_rolled_back_everywher
             assert d["state"] in (want, "canceled"), d
         for d in ids:
             assert await desired_version(platform, d) == "0.1.0"
-            assert sim.devices[ids.index(d)].active.get(FN) in ("0.1.0", None) or True
+
+        async def all_back() -> bool:
+            return all(d.active.get(FN) == "0.1.0" for d in sim.devices)
+
+        await eventually(all_back, 30, "every simulated device runs 0.1.0 again")
 
 
 @pytest.mark.parametrize(

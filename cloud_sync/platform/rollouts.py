@@ -218,8 +218,23 @@ class RolloutController:
                     r = await self._join(r, fleet, now)
                 current, previous = self._gate_metrics(r)
                 await self._step(r, core.Tick(now, current, previous))
+            await self._late_reports(reports, {r.id for r in active}, now)
             if fleet is not None:
                 await self._late_joiners(fleet, {r.spec.function for r in active})
+
+    async def _late_reports(
+        self, reports: list[StatusReport], active: set[str], now: float
+    ) -> None:
+        """Reports for finished rollouts still update their records: a device that was
+        `timed_out` and reports later counts (the status must not stay wrong forever)."""
+        late: dict[str, list[StatusReport]] = {}
+        for x in reports:
+            if x.rollout is not None and x.rollout not in active:
+                late.setdefault(x.rollout, []).append(x)
+        for rollout_id, mine in late.items():
+            r = await asyncio.to_thread(self.rollouts.get, rollout_id)
+            if r is not None:
+                await self._step(r, core.Reports(now, tuple(mine)))
 
     def _gate_metrics(self, r: Rollout) -> tuple[VersionMetrics, VersionMetrics | None]:
         fn = r.spec.function
