@@ -4,6 +4,7 @@ real Mosquitto, a simulated fleet (`cloud_sync.platform.simulator`) and the oper
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from cloud_sync.platform.sim_faults import parse_fault
 from tests.mosquitto import Broker, eventually
-from tests.registry_helpers import Platform, ok, publish, start_platform
+from tests.registry_helpers import Platform, build, cli, ok, publish, start_platform
 from tests.rollout_fleet import (
     ENDED,
     FN,
@@ -173,3 +174,54 @@ async def test_a_second_rollout_is_refused_until_it_supersedes_the_first(
         assert old["state"] == "aborted" and old["superseded_by"] == second
         view = await wait_state(platform, second, ENDED)
         assert view["state"] == "succeeded", view
+
+
+async def test_an_abort_while_devices_download_withdraws_their_step(
+    platform: Platform, published: dict[str, Path], tmp_path: Path
+) -> None:
+    stuck = parse_fault("0.2.0:drop")  # reports `downloading`, then nothing
+    async with fleet(platform, tmp_path / "sim", 4, faults=[stuck]) as sim:
+        await first_version(platform)
+        rid = start(platform, f"{FN}@0.2.0", "--target", "group=sim", "--waves", "100",
+                    "--bake", "0.2", "--interval", "0.2", "--min-invocations", "0")  # fmt: skip
+
+        async def downloading() -> bool:
+            await asyncio.sleep(0.2)
+            view = await status(platform, rid)
+            return bool(view["waves"][0]["states"] == {"downloading": 4})
+
+        await eventually(downloading, 60, "every device stuck downloading")
+        ok(rollout(platform, "abort", rid))
+        view = await status(platform, rid)
+        assert view["state"] == "aborted"
+        assert {(d["state"], d["code"]) for d in view["devices"]} == {("canceled", "aborted")}
+        for d in sim.devices:
+            assert await desired_version(platform, d.id) == "0.1.0"
+
+
+async def test_devices_whose_arch_the_bundle_lacks_are_rejected_and_the_rest_proceed(
+    platform: Platform, tmp_path: Path
+) -> None:
+    src = tmp_path / "cpp"
+    src.mkdir()
+    ok(cli("keys", "create", "--out", src / "publisher.key"))
+    ok(cli("fn", "new", FN, "--runtime", "cpp", "--dir", src / FN))
+    publish(platform, build(src / FN, src / "publisher.key", src / "echo.efb"))  # this arch only
+    async with (
+        fleet(platform, tmp_path / "x86", 3, prefix="x86"),
+        fleet(platform, tmp_path / "arm", 2, prefix="arm", arch="aarch64") as arm,
+    ):
+        dry = ok(rollout(platform, "start", f"{FN}@0.1.0", "--target", "group=sim",
+                         "--waves", "100", "--dry-run"))  # fmt: skip
+        assert "wave 1: 3 devices" in dry
+        assert dry.count(": wrong_arch (") == 2
+        rid = start(platform, f"{FN}@0.1.0", "--target", "group=sim", "--waves", "100",
+                    *FAST, "--min-invocations", "0")  # fmt: skip
+        view = await wait_state(platform, rid, ENDED)
+        assert view["state"] == "succeeded", view
+        arms = {d.id for d in arm.devices}
+        for d in view["devices"]:
+            if d["device"] in arms:
+                assert (d["state"], d["code"], d["wave"]) == ("rejected", "wrong_arch", None), d
+            else:
+                assert (d["state"], d["code"], d["wave"]) == ("healthy", None, 0), d
