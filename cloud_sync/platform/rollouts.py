@@ -257,20 +257,35 @@ class RolloutController:
         return await self._step(r, core.Join(now, tuple(new), bundle))
 
     async def _late_joiners(self, fleet: Sequence[DeviceFacts], busy: set[str]) -> None:
-        """Devices in the target of a function's last succeeded rollout (and in no active one)
-        that do not have its version desired: they get it, as a plain forward step."""
-        done = await asyncio.to_thread(self.rollouts.last_succeeded)
-        for fn, r in done.items():
+        """Devices that joined a function's target after its last succeeded rollout get that
+        version, as a plain forward step. A joiner is in the target and in no rollout of the
+        function since then: a device a later (aborted, rolled back) rollout touched keeps
+        what that rollout left it, so this never undoes an operator's abort."""
+        todo = await asyncio.to_thread(self._joiners, fleet, busy)
+        for device, fn, r in todo:
+            await self._set_desired(core.SetDesired(device, fn, r.spec.version, False, r.id))
+
+    def _joiners(
+        self, fleet: Sequence[DeviceFacts], busy: set[str]
+    ) -> list[tuple[str, str, Rollout]]:
+        """Blocking (store reads, one per candidate): run in a thread."""
+        everything = self.rollouts.all()
+        out = []
+        for fn, r in self.rollouts.last_succeeded().items():
             if fn in busy:
                 continue
+            since = [
+                x for x in everything if x.spec.function == fn and x.created_at >= r.created_at
+            ]
+            touched = {d for x in since for d in x.devices}
             for d in r.spec.target.select(list(fleet)):
-                rec = r.devices.get(d.id)
-                if rec is not None and rec.wave is None:
-                    continue  # it could not take the version when the rollout ran
-                desired = await asyncio.to_thread(self.fleet.desired, d.id)
+                if d.id in touched:
+                    continue
+                desired = self.fleet.desired(d.id)
                 want = (desired.config.get("functions") or {}).get(fn) or {}
                 if want.get("version") != r.spec.version:
-                    await self._set_desired(core.SetDesired(d.id, fn, r.spec.version, False, r.id))
+                    out.append((d.id, fn, r))
+        return out
 
     # ---- carrying out ------------------------------------------------------------------
 
