@@ -92,6 +92,7 @@ def one(work: Path, devices: int, per_process: int) -> dict[str, Any]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     sims: list[subprocess.Popen[bytes]] = []
+    logs: list[Any] = []  # each simulator's stderr: why a slice of the fleet never came online
     try:
         for _ in range(300):  # bounded: 30 s for the platform to listen
             if (data / "platform.json").exists():
@@ -107,6 +108,7 @@ def one(work: Path, devices: int, per_process: int) -> dict[str, Any]:
         cli("fn", "publish", src / "b.efb", "--platform", url, "--token", token)
         for i, start in enumerate(range(0, devices, per_process)):
             n = min(per_process, devices - start)
+            logs.append((work / f"sim-{i}.log").open("wb"))
             sims.append(
                 subprocess.Popen(
                     [
@@ -130,7 +132,7 @@ def one(work: Path, devices: int, per_process: int) -> dict[str, Any]:
                         "5",
                     ],
                     stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+                    stderr=logs[-1],
                 )
             )
         for _ in range(3000):  # bounded: 10 min for the fleet to enrol and come online
@@ -140,7 +142,8 @@ def one(work: Path, devices: int, per_process: int) -> dict[str, Any]:
                 break
             time.sleep(0.2)
         else:
-            raise SystemExit(f"only {online} of {devices} devices came online")
+            tails = [(work / f"sim-{i}.log").read_text()[-2000:] for i in range(len(sims))]
+            raise SystemExit(f"only {online} of {devices} devices came online\n" + "\n".join(tails))
         pid = plat.pid
         sampler = Sampler(pid)
         cpu0 = psutil.Process(pid).cpu_times()
