@@ -6,9 +6,9 @@ registry routes, cloud execution, the device routes (`devices.py`: enrolment, co
 the agents' HTTP fallback) plus `/v1/health`. With `settings.broker` set it also starts, on app
 startup, the embedded amqtt broker (`embedded_broker.py`) when asked for and the MQTT intake
 (`intake.py`), and stops them on cleanup. The rollout controller (`rollouts.py`, its API
-`/v1/rollouts` in `rollout_api.py`) starts after them and stops on shutdown. `serve(settings)` runs it: listen (port 0 picks a
-free port; HTTPS with `settings.tls`), write `<data_dir>/platform.json` ({"url", "pid"})
-atomically once listening so scripts and tests
+`/v1/rollouts` in `rollout_api.py`) starts after them and stops on shutdown.
+`serve(settings)` runs it: listen (port 0 picks a free port; HTTPS with `settings.tls`), write
+`<data_dir>/platform.json` ({"url", "pid"}) atomically once listening so scripts and tests
 find the URL, wait for SIGTERM/SIGINT, stop accepting, let in-flight requests finish for up to
 `drain_s`, close the store, remove the state file.
 """
