@@ -49,7 +49,7 @@ async def test_a_platform_restarted_mid_rollout_continues_where_it_was(
             publish(plat, b)
         async with fleet(plat, tmp_path / "sim", 4):
             rid = start(plat, f"{FN}@0.1.0", "--target", "group=sim", "--waves", "50,100",
-                        "--bake", "3", "--interval", "0.2", "--min-invocations", "0")  # fmt: skip
+                        "--bake", "5", "--interval", "0.2", "--min-invocations", "0")  # fmt: skip
 
             async def first_wave_healthy() -> bool:
                 await asyncio.sleep(0.2)
@@ -61,9 +61,10 @@ async def test_a_platform_restarted_mid_rollout_continues_where_it_was(
             assert before["state"] == "running" and before["wave"] == 0
             assert plat.stop() == 0
             plat = serve(mosquitto, port)
-            after = await status(plat, rid)  # read back from the store, unchanged
-            assert after["state"] == "running"
-            assert after["devices"] == before["devices"]
+            after = await status(plat, rid)  # read back from the store
+            healthy = {d["device"] for d in before["devices"] if d["state"] == "healthy"}
+            assert len(healthy) == 2 and after["state"] in ("running", "succeeded")
+            assert {d["device"] for d in after["devices"] if d["state"] == "healthy"} >= healthy
             view = await wait_state(plat, rid, ENDED)
             assert view["state"] == "succeeded", view
             assert {d["state"] for d in view["devices"]} == {"healthy"}
