@@ -1,5 +1,5 @@
 """The console over plain HTTP against a real platform process: login, sessions, CSRF, escaping,
-operator accounts, the fleet page's filters and paging, and the rollout pages without a source."""
+operator accounts, the fleet page's filters and paging, and the rollout pages on the controller."""
 
 from __future__ import annotations
 
@@ -163,15 +163,17 @@ def test_fleet_filters_paging_and_escaping(platform: Platform) -> None:
     assert c.request("GET", "/ui/devices/nope")[0] == 404
 
 
-def test_rollout_pages_without_a_source_say_so(platform: Platform) -> None:
+def test_rollout_pages_read_the_platforms_controller(platform: Platform) -> None:
     c = Client(platform.url)
     assert c.login(platform.token) == 303
-    for path in ("/ui/rollouts", "/ui/rollouts/r-1", "/ui/rollouts/new"):
-        status, _, body = c.request("GET", path)
-        assert status == 200 and "Rollouts are not available on this platform." in body
+    status, _, body = c.request("GET", "/ui/rollouts")
+    assert status == 200 and "no rollouts yet" in body
+    assert c.request("GET", "/ui/rollouts/r-1")[0] == 404
+    status, _, body = c.request("GET", "/ui/rollouts/new")
+    assert status == 200 and 'name="function"' in body
     token = c.csrf()
     status, _, body = c.request("POST", "/ui/rollouts/r-1/abort", {"csrf": token})
-    assert status == 200 and "not available" in body
+    assert status == 200 and "rollout_not_found" in body
     assert c.request("POST", "/ui/rollouts/r-1/abort", {})[0] == 403  # CSRF before anything
 
 

@@ -13,6 +13,9 @@
     edge-cloud keys ... / fn new|test|build|sign|publish ...    the author's toolchain:
                                                                 see cloud_sync/author/cli.py
     edge-cloud simulate --devices N --platform URL [--fault F]  simulated fleet (loopback)
+    edge-cloud rollout start NAME@VERSION --target SEL ...      fleet rollouts: start, status,
+                                                                list, pause, resume, abort
+                                                                (cloud_sync/platform/rollout_cli.py)
 
 Each subcommand imports what it needs when it runs. Exit status: 0 success; 1 refused or failed
 (one line on stderr says why, ending in the stable code; an edgefn error no command expected
@@ -137,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub)  # keys, fn: the author's toolchain (cloud_sync/author), handler in args
     simulator_cli.add_parser(sub)
     operator_cli.add_parser(sub)  # operator create/list: console accounts
+    from cloud_sync.platform import rollout_cli
+
+    rollout_cli.register(sub)  # rollout start|status|list|pause|resume|abort, handler in args
     return parser
 
 

@@ -5,9 +5,10 @@ creates) the operator token, picks a verifier when publisher keys are configured
 registry routes, cloud execution, the device routes (`devices.py`: enrolment, config, metrics,
 the agents' HTTP fallback) plus `/v1/health`. With `settings.broker` set it also starts, on app
 startup, the embedded amqtt broker (`embedded_broker.py`) when asked for and the MQTT intake
-(`intake.py`), and stops them on cleanup. `serve(settings)` runs it: listen (port 0 picks a
-free port; HTTPS with `settings.tls`), write `<data_dir>/platform.json` ({"url", "pid"})
-atomically once listening so scripts and tests
+(`intake.py`), and stops them on cleanup. The rollout controller (`rollouts.py`, its API
+`/v1/rollouts` in `rollout_api.py`) starts after them and stops on shutdown.
+`serve(settings)` runs it: listen (port 0 picks a free port; HTTPS with `settings.tls`), write
+`<data_dir>/platform.json` ({"url", "pid"}) atomically once listening so scripts and tests
 find the URL, wait for SIGTERM/SIGINT, stop accepting, let in-flight requests finish for up to
 `drain_s`, close the store, remove the state file.
 """
@@ -36,6 +37,11 @@ from cloud_sync.platform.intake import MqttIntake
 from cloud_sync.platform.operators import OperatorAccounts
 from cloud_sync.platform.pki import PlatformCA
 from cloud_sync.platform.registry import Handler, Registry, error_response, publishers_verifier
+from cloud_sync.platform.rollout_api import RolloutApi
+from cloud_sync.platform.rollout_feed import RecordFeed
+from cloud_sync.platform.rollout_source import ControllerSource
+from cloud_sync.platform.rollout_store import RolloutStore
+from cloud_sync.platform.rollouts import RolloutController
 from cloud_sync.platform.settings import PlatformSettings
 from cloud_sync.platform.store import LocalStore, RegistryStore
 from cloud_sync.platform.ui import mount as mount_console
@@ -71,6 +77,7 @@ def create_app(
         store, settings.data_dir / "exec", authorize=devices.auth.result, verifier=verifier
     )
     app.add_routes(cloud_exec.routes())
+    rollout_source = _mount_rollouts(app, settings, token, store, devices)
     started = time.time()
 
     async def health(request: web.Request) -> web.Response:
@@ -79,10 +86,17 @@ def create_app(
         )
 
     app.add_routes([web.get("/v1/health", health)])
-    # The console (/ui/, docs/dashboard.md): pages over the same stores. Its rollout pages get
-    # their data from the rollout controller's `RolloutSource` once that is passed here.
+    # The console (/ui/, docs/dashboard.md): pages over the same stores; its rollout pages read
+    # and command the rollout controller (`rollout_source.py`).
     accounts = OperatorAccounts(settings.db_path)
-    mount_console(app, token=token, fleet=devices.store, registry=store, accounts=accounts)
+    mount_console(
+        app,
+        token=token,
+        fleet=devices.store,
+        registry=store,
+        accounts=accounts,
+        rollout_source=rollout_source,
+    )
 
     async def close_store(app: web.Application) -> None:
         await cloud_exec.close()
@@ -114,6 +128,38 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if answer is None:
             raise
         return error_response(*answer)
+
+
+def _mount_rollouts(
+    app: web.Application,
+    settings: PlatformSettings,
+    token: str,
+    store: RegistryStore,
+    devices: DevicesApi,
+) -> ControllerSource:
+    """The rollout controller (`rollouts.py`), its `/v1/rollouts` API and the console's view of
+    it. It starts after the MQTT intake (on_startup order) and stops on shutdown, before the
+    stores close."""
+    controller = RolloutController(
+        RolloutStore(settings.data_dir / "rollouts.db"),
+        devices.store,
+        store,
+        RecordFeed(settings.fleet_db),
+        devices.intake,
+    )
+    app.add_routes(RolloutApi(controller, token).routes())
+    source = ControllerSource(controller)
+
+    async def start(app: web.Application) -> None:
+        await controller.start()
+        source.bind(asyncio.get_running_loop())
+
+    async def stop(app: web.Application) -> None:
+        await controller.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    return source
 
 
 def _build_devices(settings: PlatformSettings, token: str, app: web.Application) -> DevicesApi:
