@@ -62,6 +62,7 @@ from cloud_sync.transports import MqttTransport as MqttTransport
 from cloud_sync.transports import SendResult as SendResult
 from cloud_sync.transports import Transport as Transport
 from runtimes.fsio import atomic_write
+from runtimes.setaside import set_aside
 
 log = logging.getLogger("edgefn.sync")
 
@@ -248,15 +249,42 @@ class SyncClient:
     # ---- persistence -------------------------------------------------------------------
 
     def _load_state(self) -> None:
+        """Blocking (runs in a thread). A damaged file is set aside (`runtimes.setaside`), so
+        the next write starts clean and the operator keeps the copy; sync starts afresh (the
+        platform resends desired state, and sequence numbers only need to grow per boot)."""
         try:
-            data = json.loads(self._state_file.read_text())
+            content = self._state_file.read_bytes()
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as exc:
-            log.warning("sync: ignoring unreadable %s (%s)", self._state_file, exc)
+        except OSError as exc:
+            log.warning("sync: ignoring unreadable %s (%s)", self._state_file, exc.strerror)
             return
-        self.tracker = ConfigTracker(data.get("tracker"))
-        self._seq = int(data.get("seq", 0))
+        try:
+            data = json.loads(content)
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            tracker = ConfigTracker(data.get("tracker"))
+            seq = int(data.get("seq", 0))
+        except (ValueError, TypeError, AttributeError, KeyError, ConfigError) as exc:
+            try:
+                aside = set_aside(self._state_file)
+            except OSError as err:
+                log.warning(
+                    "sync: %s is damaged (%s) and cannot be set aside: %s",
+                    self._state_file.name,
+                    exc,
+                    err.strerror,
+                )
+                return
+            log.warning(
+                "sync: %s was damaged (%s): set aside as %s, starting afresh",
+                self._state_file.name,
+                exc,
+                aside,
+            )
+            return
+        self.tracker = tracker
+        self._seq = seq
         for attr, key in (("_device_doc", "device_doc"), ("_group_doc", "group_doc")):
             raw = data.get(key)
             if raw:

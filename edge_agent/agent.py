@@ -143,9 +143,20 @@ class Agent:
         prepare_data_dir(s.data_dir)
         from edge_agent.cache import ResultCache
         from edge_agent.staging import STAGING_DIR, sweep
+        from edge_agent.tokens import TokenStore
         from edge_agent.trust import set_aside_damaged
 
         await asyncio.to_thread(set_aside_damaged, s.data_dir)  # logs what it set aside
+        aside = await asyncio.to_thread(TokenStore(s.tokens_file).set_aside_if_damaged)
+        if aside:
+            log.warning(
+                "token store %s was damaged: set aside as %s, starting with no tokens%s",
+                s.tokens_file.name,
+                aside,
+                "; every call that needs a token is refused (401) until one is made"
+                if s.auth in ("token", "mtls")
+                else "",
+            )
         for left in await asyncio.to_thread(sweep, s.data_dir / STAGING_DIR):
             log.info("removed %s, left in staging by an interrupted install", left)
 
@@ -156,7 +167,11 @@ class Agent:
         except BaseException:
             await cache.close()
             raise
-        state = StateStore(s.data_dir / "state.db")
+        try:
+            state = await StateStore.open(s.data_dir / "state.db")
+        except BaseException:
+            await cache.close()
+            raise
         self._parts = assemble(
             s,
             self.metrics,

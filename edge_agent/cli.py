@@ -117,8 +117,8 @@ def _agent_url(args: argparse.Namespace) -> str:
         return str(args.url).rstrip("/")
     state = args.data_dir / "agent.json"
     try:
-        return str(json.loads(state.read_text())["url"])
-    except (OSError, ValueError, KeyError):
+        return str(json.loads(state.read_bytes())["url"])
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged agent.json: the default
         return "http://127.0.0.1:8680"
 
 

@@ -19,11 +19,16 @@ is not worth paying on every call.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 from pathlib import Path
 
 from runtimes.capabilities import CapabilityNotFound, QuotaExceeded
-from runtimes.sqlitedb import Database
+from runtimes.setaside import set_aside
+from runtimes.sqlitedb import Database, WalUnavailable, is_transient
+
+log = logging.getLogger("edgefn.state")
 
 # Longest key accepted: keys are names, not data.
 MAX_KEY_BYTES = 1024
@@ -43,14 +48,62 @@ CREATE TABLE IF NOT EXISTS state_owner (
 
 
 def _setup(conn: sqlite3.Connection) -> None:
+    # Reads every page once at open (off the loop, on the writer thread): garbage and a
+    # truncated file show here, where `open` can set them aside, not on a function's call.
+    problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+    if problems != ["ok"]:
+        raise sqlite3.DatabaseError(f"quick_check: {'; '.join(map(str, problems))}")
     conn.executescript(_SCHEMA)
 
 
 class StateStore:
-    """Async facade over one SQLite file; build with `StateStore(path)`, `aclose()` at the end."""
+    """Async facade over one SQLite file; build with `await StateStore.open(path)` (or
+    `StateStore(path)`, which does not repair), `aclose()` at the end."""
 
     def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        # What `open` set aside ("" when nothing): for the log and the operator.
+        self.recovered = ""
         self._db = Database(path, synchronous="NORMAL", setup=_setup, name="edgefn-state-writer")
+
+    @classmethod
+    async def open(cls, path: Path) -> StateStore:
+        """Open `path`; a damaged file is set aside (`runtimes.setaside`) and a fresh one made.
+
+        Functions lose their state then, which they already tolerate (a new device has none);
+        one broken file must not take every function that uses state offline. A busy file
+        (another process holds the lock) is not damage and is not moved; the store then fails
+        each call with the error, as before.
+        """
+        self = cls(path)
+        try:
+            await asyncio.wrap_future(self._db.opened)
+            return self
+        except sqlite3.Error as exc:
+            await self._db.aclose()
+            # Busy, no WAL on this filesystem, not a regular file: not damage, not ours to move.
+            if is_transient(exc) or isinstance(exc, WalUnavailable) or not self.path.is_file():
+                return cls(path)
+            problem = f"{type(exc).__name__}: {exc}"
+        try:
+            aside = await asyncio.to_thread(set_aside, self.path)
+        except OSError as err:
+            log.error(
+                "function state %s is damaged (%s) and cannot be set aside: %s; state calls fail",
+                self.path.name,
+                problem,
+                err.strerror,
+            )
+            return cls(path)
+        log.warning(
+            "function state %s was damaged (%s): set aside as %s, starting empty",
+            self.path.name,
+            problem,
+            aside,
+        )
+        fresh = cls(path)
+        fresh.recovered = f"{problem}; set aside as {aside}"
+        return fresh
 
     async def aclose(self) -> None:
         await self._db.aclose()

@@ -128,7 +128,7 @@ class TokenStore:
         try:
             doc = json.loads(raw)
             return [TokenRecord.from_json(item) for item in doc["tokens"]]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TokenError(f"{self.path} is not a token store: {exc}") from exc
 
     def create(
@@ -200,6 +200,33 @@ class TokenStore:
             # records equal and the file untouched (the running agent reloads only on change).
             records[:] = local + pushed
         return len(pushed), skipped
+
+    def set_aside_if_damaged(self) -> str | None:
+        """At agent start: move a token file that is not a token store out of the way (under
+        the lock, so a `token create` in flight is not lost); return the set-aside name.
+
+        Fails closed: the agent then starts with no token at all, so with `auth = "token"`
+        every call that needs one gets 401, never an open API. The damaged copy stays for the
+        operator (`runtimes.setaside`). An unreadable file (permissions) is not damage: it is
+        left alone and the Authenticator refuses every token while it lasts.
+        """
+        from runtimes.setaside import set_aside
+
+        if not self.path.is_file():
+            return None
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                self.read()
+                return None
+            except TokenError as exc:
+                if isinstance(exc.__cause__, OSError):
+                    return None
+            return set_aside(self.path)
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[list[TokenRecord]]:

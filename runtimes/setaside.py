@@ -4,8 +4,10 @@ A device must keep serving when one of its files is garbage (a power cut on chea
 operator's mistake): the store renames the bad file to `<name>.corrupt-<UTC timestamp>` (with a
 SQLite database's -wal/-shm beside it), keeps the newest `KEEP_SET_ASIDE` such copies for a
 post-mortem, and starts afresh. Used by the result cache (`edge_agent.cache.files`), the outbox
-(`cloud_sync.outbox`) and the agent's other files (`edge_agent.keeper`). It lives in `runtimes`
-because that is the lowest layer all of them may import; nothing here knows what is in a file.
+(`cloud_sync.outbox`), the sync state (`cloud_sync.sync`), the function state
+(`edge_agent.state_store`), the token store (`edge_agent.tokens`) and the trust store
+(`edge_agent.trust`). It lives in `runtimes` because that is the lowest layer all of them may
+import; nothing here knows what is in a file.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 real agent process starts on them. It serves what it can and says what it set aside.
 
 Files: the outbox (set aside, recreated, and an `outbox_recovered` event reaches the platform),
-the result cache (set aside, rebuilt), the sync state (ignored with a warning), a trusted key
+the result cache (set aside, rebuilt), the sync state (set aside), a trusted key
 (set aside, the other keys still trusted) and an installed function's active pointer (that
-function is reported with the reason, the others load).
+function is reported with the reason, the others load). The token store, the function state
+and agent.json: tests/test_damaged_files_more.py.
 """
 
 from __future__ import annotations
