@@ -397,7 +397,10 @@ def test_broker_down_during_the_health_window_still_rolls_back_and_reports_once(
 
     assert wait_for(rolled_back_locally, "a local rollback with the broker down")
     mosquitto.start()
-    assert wait_for(lambda: final(platform, "edge-d2", "r-crash"), "the report") == (
+    # Both the agent and the platform reconnect with a backoff that grows to 60 s
+    # (cloud_sync.mqtt.RECONNECT_MAX_S) during the outage: allow two full waits of it.
+    report = wait_for(lambda: final(platform, "edge-d2", "r-crash"), "the report", within_s=180)
+    assert report == (
         S.FAILED,
         "crash_loop",
     )

@@ -304,8 +304,10 @@ def test_kill_9_with_unsent_records_resends_them_once(
     agent.stop(signal.SIGKILL)
     broker.start()
     agent = run_agent(agents, data, creds)
-    wait_for(lambda: drained(agent), "outbox drained after restart")
-    wait_for(lambda: plat.invocations("edge-01") >= 10, "all 10 invocations stored")
+    # The platform's own MQTT session reconnects with a backoff that may have grown toward
+    # cloud_sync.mqtt.RECONNECT_MAX_S (60 s) while the broker was down: bound the waits above it.
+    wait_for(lambda: drained(agent), "outbox drained after restart", within_s=150)
+    wait_for(lambda: plat.invocations("edge-01") >= 10, "all 10 invocations stored", within_s=150)
     assert plat.invocations("edge-01") == 10
 
 
