@@ -189,6 +189,10 @@ def run_agent(platform: subprocess.Popen[bytes], names: list[str]) -> int:
     print(f"      --data '{SAMPLES['eta-node']}'")
     print("  .venv/bin/edge-cloud devices --data-dir .demo/cloud    # the device, online")
     print("  .venv/bin/edge-cloud metrics demo-gateway --data-dir .demo/cloud")
+    print("  # a rollout to the device (one wave), then its progress, gates and device states:")
+    print("  .venv/bin/edge-cloud rollout start eta-node@1.0.0 --target '*' --waves 100 \\")
+    print("      --bake 2 --min-invocations 0 --data-dir .demo/cloud")
+    print("  .venv/bin/edge-cloud rollout list --data-dir .demo/cloud")
     print(f"\n  console: http://127.0.0.1:{CLOUD_PORT}/ui/  (token: .demo/cloud/admin.token)")
     print("\nStop with Ctrl-C.\n", flush=True)
     agent = subprocess.Popen(
