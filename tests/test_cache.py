@@ -360,6 +360,11 @@ async def test_many_tasks_share_one_cache(cache: ResultCache) -> None:
             await asyncio.sleep(0)
         return hits
 
+    # The shared keys exist before the tasks start: hits then never depend on how soon the
+    # writer thread commits the tasks' own puts (under load it may not within the test).
+    for i in range(10):
+        cache.put(key(b"shared-%d" % i), b"v%d" % i, "a/b", ttl_s=60)
+    await cache.flush()
     hits = await asyncio.gather(*(worker(n) for n in range(100)))
     await cache.flush()
     s = cache.stats()
