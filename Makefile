@@ -12,9 +12,11 @@ PYTHON ?= python3
 # signature interop test; wrk: benchmarks only. Under CI=true a test that skips fails the run
 # (tests/ci_skips.py), so what the suite needs is listed here. g++-aarch64-linux-gnu and
 # qemu-user-static: arm64 C++ builds and the conformance suite against arm64 workers, run by
-# invoking qemu-aarch64-static directly (binfmt handlers are never registered).
+# invoking qemu-aarch64-static directly (binfmt handlers are never registered). postgresql: the
+# platform's scale-out store tests (tests/postgres.py starts its own server; the packaged one is
+# never used).
 APT_PACKAGES := mosquitto util-linux patchelf ccache debootstrap zlib1g-dev openssl \
-	g++-aarch64-linux-gnu qemu-user-static chromium chromium-driver
+	g++-aarch64-linux-gnu qemu-user-static chromium chromium-driver postgresql
 
 .PHONY: all install system-deps run test lint fmt bench binary deb clean
 

@@ -12,8 +12,9 @@ from runtimes.build import build_function
 from tests.harness import FUNCTIONS
 
 # The real-Mosquitto fixtures (`mosquitto`, `mosquitto_factory`); skips that fail under CI=true
-# unless marked `ci_may_skip` (tests/ci_skips.py); `pytester` for testing that plugin.
-pytest_plugins = ["tests.mosquitto", "tests.ci_skips", "pytester"]
+# unless marked `ci_may_skip` (tests/ci_skips.py); one PostgreSQL per run (`postgres_server`,
+# `postgres_db`; tests/postgres.py); `pytester` for testing that plugin.
+pytest_plugins = ["tests.mosquitto", "tests.postgres", "tests.ci_skips", "pytester"]
 
 
 @pytest.fixture(scope="session")
