@@ -14,6 +14,7 @@ The server is Debian's `postgresql` package (the Makefile installs it); its bina
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -73,8 +74,17 @@ class PostgresServer:
     def start(self) -> None:
         opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.socket_dir} -c fsync=off"
         done = self._run(
-            str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log),
-            "-o", opts, "-w", "-t", str(int(START_TIMEOUT_S)), "start",
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            str(int(START_TIMEOUT_S)),
+            "start",
         )
         if done.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {done.stderr}{self.log.read_text()[-2000:]}")
@@ -88,9 +98,28 @@ class PostgresServer:
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         done = subprocess.run(
-            [str(self.bin_dir / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",
-             "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, "-d", dbname, "-c", sql],
-            capture_output=True, text=True, timeout=60, check=False,
+            [
+                str(self.bin_dir / "psql"),
+                "-X",
+                "-q",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                SUPERUSER,
+                "-d",
+                dbname,
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         if done.returncode != 0:
             raise RuntimeError(f"psql failed: {done.stderr}")
@@ -118,8 +147,16 @@ def _make_server(root: Path) -> PostgresServer:
             os.chown(p, entry.pw_uid, entry.pw_gid)
     server = PostgresServer(bin_dir, data_dir, socket_dir, _free_port(), log, user)
     done = server._run(
-        str(bin_dir / "initdb"), "-D", str(data_dir), "-U", SUPERUSER, "--auth=trust",
-        "-E", "UTF8", "--no-instructions", timeout=120,
+        str(bin_dir / "initdb"),
+        "-D",
+        str(data_dir),
+        "-U",
+        SUPERUSER,
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--no-instructions",
+        timeout=120,
     )
     if done.returncode != 0:
         raise RuntimeError(f"initdb failed: {done.stderr}")
@@ -162,7 +199,6 @@ def postgres_db(postgres_server: PostgresServer) -> Iterator[PostgresDatabase]:
                 raise
             time.sleep(0.2)
     yield PostgresDatabase(postgres_server, name)
-    try:
+    # A test that left the server stopped: the session fixture removes everything.
+    with contextlib.suppress(RuntimeError):
         postgres_server.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    except RuntimeError:
-        pass  # a test that left the server stopped; the session fixture removes everything
