@@ -33,7 +33,9 @@ since_disconnected / last_error for that MQTT-or-HTTP decision.
 Beside this module, one concern each: `mqtt_paho.py` (how paho is configured: protocol,
 persistent session, bounded queues, TLS, will; PUBACK reason codes), `mqtt_inbound.py` (the
 delivered message, decoded against the topic tree) and `mqtt_link.py` (the link's state and the
-stable codes for why it is down). This module keeps the loop/thread choreography between them.
+stable codes for why it is down) and `mqtt_thread.py` (what runs on paho's thread: guarded
+callbacks, the hop to the loop, backoff, subscribing, stopping the thread). This module keeps the
+loop/thread choreography between them.
 """
 
 from __future__ import annotations
@@ -42,20 +44,18 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import ssl
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from cloud_sync import mqtt_paho, topics
+from cloud_sync import mqtt_paho, mqtt_thread, topics
 from cloud_sync.credentials import DeviceCredentials
 from cloud_sync.errors import (
     MqttError,
@@ -73,11 +73,9 @@ from cloud_sync.mqtt_link import LinkStatus
 from cloud_sync.mqtt_link import SessionState as SessionState
 from cloud_sync.mqtt_link import classify_error as classify_error
 from cloud_sync.mqtt_paho import CONNECT_TIMEOUT_S
+from cloud_sync.mqtt_thread import guarded as _guarded
 
 log = logging.getLogger(__name__)
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 # ---- tuning (module level so tests and the agent's settings can change them) ------------------
 
@@ -95,19 +93,6 @@ PUBLISH_TIMEOUT_S = 10.0
 MESSAGE_QUEUE_MAX = 1024
 # close(): how long to wait for the goodbye publish and for paho's thread to stop.
 CLOSE_TIMEOUT_S = 5.0
-
-
-def _guarded(fn: Callable[P, None]) -> Callable[P, None]:
-    """paho callbacks must never raise: an exception would end paho's network thread."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception:
-            log.exception("MQTT callback %s failed", fn.__name__)
-
-    return wrapper
 
 
 class MqttSession:
@@ -219,28 +204,17 @@ class MqttSession:
         stopped = asyncio.Event()
         # loop_stop() joins paho's thread, which may sit in a blocking connect for up to
         # CONNECT_TIMEOUT_S: join on a daemon thread of our own, never on the loop.
-        threading.Thread(target=self._stop_thread, args=(client, stopped), daemon=True).start()
+        done = functools.partial(self._hop, stopped.set)
+        threading.Thread(target=mqtt_thread.stop, args=(client, done), daemon=True).start()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S + 2):
                 await stopped.wait()
         except TimeoutError:
             log.warning("paho network thread of %s did not stop in time", self.client_id)
         else:
-            # paho closes its wake-up socketpair only in Client.__del__, which may run much later
-            # (a traceback can keep the client alive) and then warns about unclosed sockets.
-            # Its network thread is gone, so closing them here races with nothing.
-            reset = getattr(client, "_reset_sockets", None)
-            if reset is not None:
-                reset(sockpair_only=True)
+            mqtt_thread.release_sockets(client)
         self._link.set_connected(False)
         self._client = None
-
-    def _stop_thread(self, client: mqtt.Client, stopped: asyncio.Event) -> None:
-        # paho reads `_thread` twice in loop_stop and its thread clears it on exit after
-        # disconnect(): the race surfaces as AttributeError and means "already stopped".
-        with contextlib.suppress(AttributeError):
-            client.loop_stop()
-        self._hop(stopped.set)
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -326,18 +300,11 @@ class MqttSession:
     # ---- paho thread -----------------------------------------------------------------------
 
     def _hop(self, fn: Callable[..., None], *args: Any) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed between check and call
-            loop.call_soon_threadsafe(fn, *args)
+        mqtt_thread.hop(self._loop, fn, *args)
 
     def _set_backoff(self, client: mqtt.Client) -> None:
-        base = min(RECONNECT_MAX_S, RECONNECT_MIN_S * (2 ** min(self._attempt, 30)))
-        delay = random.uniform(base / 2, base)
+        mqtt_thread.set_backoff(client, self._attempt, RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._attempt += 1
-        # paho annotates int but only does arithmetic with it; a float gives sub-second jitter.
-        client.reconnect_delay_set(cast(int, delay), cast(int, delay))
 
     @_guarded
     def _on_connect(
@@ -357,13 +324,12 @@ class MqttSession:
         if self._subscriptions and (not flags.session_present or not self._subscribed_once):
             # First connect of this process: subscribe even if the session exists (the list may
             # have changed); retain-handling 1 avoids duplicate retained copies in that case.
-            if self.mqtt311:
-                _, mid = client.subscribe([(t, topics.QOS) for t in self._subscriptions])
-            else:
-                rh = 1 if flags.session_present else 0
-                opts = SubscribeOptions(qos=topics.QOS, retainHandling=rh)
-                _, mid = client.subscribe([(t, opts) for t in self._subscriptions])
-            self._sub_mid = mid
+            self._sub_mid = mqtt_thread.subscribe(
+                client,
+                self._subscriptions,
+                mqtt311=self.mqtt311,
+                session_present=bool(flags.session_present),
+            )
             self._subscribed_once = True
             ready_now = False
         if self._online is not None:
@@ -419,19 +385,7 @@ class MqttSession:
 
     @_guarded
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        props = getattr(msg, "properties", None)
-        user_props = tuple(getattr(props, "UserProperty", None) or ())
-        self._hop(
-            self._on_message_loop,
-            msg.topic,
-            bytes(msg.payload),
-            msg.qos,
-            bool(msg.retain),
-            bool(msg.dup),
-            msg.mid,
-            user_props,
-            self._generation,
-        )
+        self._hop(self._on_message_loop, *mqtt_thread.message_fields(msg), self._generation)
 
     @_guarded
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
