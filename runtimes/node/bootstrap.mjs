@@ -12,6 +12,9 @@
 // Exit codes: 0 after SHUTDOWN or EOF on stdin, 1 when the function cannot be loaded, 2 when the
 // agent sends something that is not a valid frame (framing is lost, so there is no way on).
 //
+// Beside it: frames.mjs (frame constants, encoding, output queue, decoder) and calls.mjs (the
+// building-block client behind context.invoke/publish/state/config).
+//
 // No npm dependencies, and only modules Node has mostly loaded anyway: cold start is spawn to
 // READY, and the target is within 1.3x of `node -e 0`.
 
@@ -19,144 +22,14 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import { Writable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
 import { format, inspect } from 'node:util';
-
-// ---- protocol constants (docs/protocol.md, runtimes/protocol.py) ----
-const PROTOCOL_VERSION = 1;
-const INVOKE = 1;
-const RESULT = 2;
-const ERROR = 3;
-const LOG = 4;
-const PING = 5;
-const PONG = 6;
-const SHUTDOWN = 7;
-const READY = 8;
-const CALL = 9; // building blocks: function -> agent (docs/building-blocks.md)
-const CALL_RESULT = 10;
-const CALL_ERROR = 11;
-const FLAG_JSON = 1;
-const H_DEADLINE_MS = 1;
-const H_TRACE_ID = 2;
-const H_FUNCTION = 3;
-const H_VERSION = 4;
-const H_ERROR_CODE = 5;
-const H_LOG_LEVEL = 6;
-const H_CONTENT_TYPE = 7;
-const H_RUNTIME = 8;
-const H_OP = 9;
-const H_TARGET = 10;
-const H_PARENT_ID = 11;
-const FIXED_LEN = 16;
-const MAX_FRAME = 64 * 1024 * 1024; // same bound as the agent: larger frames kill the worker
-// A log line is for humans; cap it so one runaway console.log cannot approach MAX_FRAME.
-const MAX_LOG_CHARS = 256 * 1024;
-// Payloads up to this size are copied into the frame's own buffer (one iovec); larger ones are
-// written as a second buffer without copying.
-const COPY_PAYLOAD_MAX = 16 * 1024;
-// Without a DEADLINE_MS header (the agent always sends one) the request has no deadline: use the
-// largest value the header could have carried.
-const NO_DEADLINE_MS = 0xffffffff;
-// SHUTDOWN/EOF wait this long for the last frames to reach the pipe before exiting regardless.
-const EXIT_FLUSH_MS = 2000;
-
-function tlv(key, value) {
-  const raw = Buffer.from(value, 'utf8');
-  const b = Buffer.allocUnsafe(3 + raw.length);
-  b[0] = key;
-  b.writeUInt16BE(raw.length, 1);
-  raw.copy(b, 3);
-  return b;
-}
-
-const CT_OCTET = tlv(H_CONTENT_TYPE, 'application/octet-stream');
-const CT_TEXT = tlv(H_CONTENT_TYPE, 'text/plain; charset=utf-8');
-const CT_JSON = tlv(H_CONTENT_TYPE, 'application/json');
-const CODE_FUNCTION = tlv(H_ERROR_CODE, 'function_error');
-const CODE_BAD_REQUEST = tlv(H_ERROR_CODE, 'bad_request');
-const LEVEL = {
-  debug: tlv(H_LOG_LEVEL, 'debug'),
-  info: tlv(H_LOG_LEVEL, 'info'),
-  warn: tlv(H_LOG_LEVEL, 'warn'),
-  error: tlv(H_LOG_LEVEL, 'error'),
-};
-
-const stderr = process.stderr;
-function note(text) {
-  stderr.write(`edgefn node: ${text}\n`);
-}
-
-// ---- output: frames are queued and flushed once per tick ----
-// The real stdout is taken before user code runs; afterwards `process.stdout` is a stand-in.
-const out = process.stdout;
-let outQueue = [];
-let flushScheduled = false;
-
-function flush() {
-  flushScheduled = false;
-  const q = outQueue;
-  if (q.length === 0) return;
-  outQueue = [];
-  if (q.length === 1) {
-    out.write(q[0]);
-    return;
-  }
-  // Corked writes leave as a single writev.
-  out.cork();
-  for (let i = 0; i < q.length; i++) out.write(q[i]);
-  out.uncork();
-}
-
-function enqueue(buf) {
-  outQueue.push(buf);
-  if (!flushScheduled) {
-    flushScheduled = true;
-    process.nextTick(flush);
-  }
-}
-
-function writeFixed(b, bodyLen, kind, flags, hi, lo, hlen) {
-  b.writeUInt32BE(bodyLen, 0);
-  b[4] = PROTOCOL_VERSION;
-  b[5] = kind;
-  b.writeUInt16BE(flags, 6);
-  b.writeUInt32BE(hi, 8);
-  b.writeUInt32BE(lo, 12);
-  b.writeUInt32BE(hlen, 16);
-}
-
-// Queue one frame with a byte payload (Buffer or null). Returns false when it would exceed
-// MAX_FRAME (nothing is queued then).
-function sendFrame(kind, flags, hi, lo, header, payload) {
-  const hlen = header === null ? 0 : header.length;
-  const plen = payload === null ? 0 : payload.length;
-  const bodyLen = FIXED_LEN + hlen + plen;
-  if (bodyLen > MAX_FRAME) return false;
-  const inline = plen <= COPY_PAYLOAD_MAX;
-  const b = Buffer.allocUnsafe(4 + FIXED_LEN + hlen + (inline ? plen : 0));
-  writeFixed(b, bodyLen, kind, flags, hi, lo, hlen);
-  if (hlen) header.copy(b, 20);
-  if (inline) {
-    if (plen) payload.copy(b, 20 + hlen);
-    enqueue(b);
-  } else {
-    enqueue(b);
-    enqueue(payload);
-  }
-  return true;
-}
-
-// Same for a string payload, encoded as UTF-8 straight into the frame buffer.
-function sendText(kind, flags, hi, lo, header, text) {
-  const hlen = header === null ? 0 : header.length;
-  const plen = Buffer.byteLength(text, 'utf8');
-  const bodyLen = FIXED_LEN + hlen + plen;
-  if (bodyLen > MAX_FRAME) return false;
-  const b = Buffer.allocUnsafe(4 + bodyLen);
-  writeFixed(b, bodyLen, kind, flags, hi, lo, hlen);
-  if (hlen) header.copy(b, 20);
-  b.write(text, 20 + hlen, plen, 'utf8');
-  enqueue(b);
-  return true;
-}
+import { CallClient, answerCall } from './calls.mjs';
+import {
+  CALL_ERROR, CALL_RESULT, CODE_BAD_REQUEST, CODE_FUNCTION, CT_JSON, CT_OCTET, CT_TEXT, ERROR,
+  EXIT_FLUSH_MS, FIXED_LEN, FLAG_JSON, H_CONTENT_TYPE, H_DEADLINE_MS, H_ERROR_CODE, H_FUNCTION,
+  H_RUNTIME, H_TRACE_ID, H_VERSION, INVOKE, LEVEL, LOG, MAX_FRAME, MAX_LOG_CHARS, NO_DEADLINE_MS,
+  PING, PONG, PROTOCOL_VERSION, READY, RESULT, SHUTDOWN, flush, frameDecoder, note, out,
+  protocolError, sendFrame, sendText, stderr, tlv,
+} from './frames.mjs';
 
 // ---- invocations ----
 const als = new AsyncLocalStorage();
@@ -182,15 +55,18 @@ function errorMessage(err) {
   return String(err);
 }
 
-const SELF_URL = import.meta.url;
+// The host's own modules, by URL (stack frames in them say nothing about the function's bug).
+const HOST_URLS = ['./bootstrap.mjs', './calls.mjs', './frames.mjs'].map(
+  (name) => new URL(name, import.meta.url).href,
+);
 
-// The stack for the log, cut where the host's own frames start (they say nothing about the bug).
+// The stack for the log, cut where the host's own frames start.
 function errorDetail(err) {
   if (err === null || typeof err !== 'object' || typeof err.stack !== 'string') {
     return errorMessage(err);
   }
   const lines = err.stack.split('\n');
-  const cut = lines.findIndex((line) => line.includes(SELF_URL));
+  const cut = lines.findIndex((line) => HOST_URLS.some((url) => line.includes(url)));
   return (cut > 0 ? lines.slice(0, cut) : lines).join('\n');
 }
 
@@ -297,12 +173,13 @@ function emitLog(level, text) {
 }
 
 // The object handlers receive as `context` (AWS Lambda's shape, plus a logger).
-class Context {
+class Context extends CallClient {
   #inv;
   #log = null;
   #logger = null;
 
   constructor(inv) {
+    super(inv);
     this.#inv = inv;
     this.requestId = inv.requestIdString();
     this.awsRequestId = this.requestId;
@@ -340,36 +217,6 @@ class Context {
     return this.#logger;
   }
 
-  // ---- building blocks: each a CALL frame to the agent, answered by CALL_RESULT/CALL_ERROR ----
-  // Errors reject with an EdgefnError whose `code` is one of not_permitted, not_found, timeout,
-  // quota_exceeded, unavailable (or the callee's own code for a failed invoke).
-
-  invoke(fn, payload) {
-    return call(this.#inv, 'invoke', fn, payload);
-  }
-
-  publish(topic, payload) {
-    return call(this.#inv, 'publish', topic, payload).then(() => undefined);
-  }
-
-  get state() {
-    const inv = this.#inv;
-    return {
-      // A key that was never set (or was deleted) resolves to null.
-      get: (key) =>
-        call(inv, 'state.get', key, null).catch((err) => {
-          if (err instanceof EdgefnError && err.code === 'not_found') return null;
-          throw err;
-        }),
-      set: (key, value) => call(inv, 'state.set', key, value).then(() => undefined),
-      delete: (key) => call(inv, 'state.delete', key, null).then(() => undefined),
-    };
-  }
-
-  config() {
-    return call(this.#inv, 'config', '', null).then((buf) => JSON.parse(buf.toString('utf8')));
-  }
-
   // Legacy Lambda completion methods.
   succeed(value) {
     this.#inv.succeed(value);
@@ -383,63 +230,6 @@ class Context {
     if (err !== null && err !== undefined) this.#inv.fail(err);
     else this.#inv.succeed(value);
   }
-}
-
-// ---- building-block calls in flight: call id -> {resolve, reject} ----
-class EdgefnError extends Error {
-  constructor(code, message) {
-    super(message);
-    this.name = 'EdgefnError';
-    this.code = code;
-  }
-}
-globalThis.EdgefnError = EdgefnError; // for `err instanceof EdgefnError` in functions
-
-const calls = new Map();
-let nextCallId = 1;
-
-function toBuffer(value) {
-  if (value === null || value === undefined) return { buf: null, json: false };
-  if (Buffer.isBuffer(value)) return { buf: value, json: false };
-  if (typeof value === 'string') return { buf: Buffer.from(value, 'utf8'), json: false };
-  if (value instanceof Uint8Array) {
-    return { buf: Buffer.from(value.buffer, value.byteOffset, value.byteLength), json: false };
-  }
-  return { buf: Buffer.from(JSON.stringify(value), 'utf8'), json: true };
-}
-
-function call(inv, op, target, payload) {
-  if (inv.done) {
-    return Promise.reject(new EdgefnError('timeout', 'the invocation was already answered'));
-  }
-  if (typeof target !== 'string') {
-    return Promise.reject(new TypeError(`${op}: the name must be a string`));
-  }
-  const id = nextCallId++;
-  if (nextCallId > 0xffffffff) nextCallId = 1;
-  const { buf, json } = toBuffer(payload);
-  const parent = Buffer.allocUnsafe(7);
-  parent[0] = H_PARENT_ID;
-  parent.writeUInt16BE(4, 1);
-  parent.writeUInt32BE(inv.lo, 3);
-  const parts = [tlv(H_OP, op), parent];
-  if (target) parts.push(tlv(H_TARGET, target));
-  if (json) parts.push(CT_JSON);
-  return new Promise((resolve, reject) => {
-    if (!sendFrame(CALL, json ? FLAG_JSON : 0, 0, id, Buffer.concat(parts), buf)) {
-      reject(new RangeError(`the ${op} payload does not fit in one ${MAX_FRAME}-byte frame`));
-      return;
-    }
-    calls.set(id, { resolve, reject });
-  });
-}
-
-function answerCall(kind, id, code, payload) {
-  const pending = calls.get(id);
-  if (pending === undefined) protocolError(`answer for unknown call id ${id}`);
-  calls.delete(id);
-  if (kind === CALL_RESULT) pending.resolve(Buffer.from(payload));
-  else pending.reject(new EdgefnError(code || 'unavailable', payload.toString('utf8')));
 }
 
 let handler = null;
@@ -480,48 +270,6 @@ function isObject(value) {
 function isJsonType(ct) {
   const semi = ct.indexOf(';');
   return (semi === -1 ? ct : ct.slice(0, semi)).trim().toLowerCase() === 'application/json';
-}
-
-// ---- input: incremental frame decoder over stdin chunks ----
-let chunks = [];
-let buffered = 0;
-let need = 4; // bytes required before the next parse attempt is worth it
-
-function protocolError(message) {
-  note(`protocol error from the agent: ${message}; exiting`);
-  process.exit(2);
-}
-
-function onData(chunk) {
-  chunks.push(chunk);
-  buffered += chunk.length;
-  if (buffered < need || exiting) return;
-  const buf = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, buffered);
-  const end = buf.length;
-  let pos = 0;
-  need = 4;
-  while (end - pos >= 4) {
-    const len = buf.readUInt32BE(pos);
-    if (len > MAX_FRAME) {
-      protocolError(`frame of ${len} bytes exceeds the ${MAX_FRAME}-byte maximum`);
-    }
-    if (len < FIXED_LEN) protocolError(`frame body of ${len} bytes is shorter than ${FIXED_LEN}`);
-    if (end - pos - 4 < len) {
-      need = 4 + len;
-      break;
-    }
-    handleFrame(buf, pos + 4, pos + 4 + len);
-    pos += 4 + len;
-    if (exiting) return;
-  }
-  if (pos === end) {
-    chunks = [];
-    buffered = 0;
-  } else {
-    const rest = pos === 0 ? buf : buf.subarray(pos);
-    chunks = [rest];
-    buffered = rest.length;
-  }
 }
 
 function handleFrame(buf, start, end) {
@@ -733,7 +481,7 @@ async function main() {
     process.exit(1);
   });
   const stdin = process.stdin;
-  stdin.on('data', onData);
+  stdin.on('data', frameDecoder(handleFrame, () => exiting));
   stdin.on('end', () => exitAfterFlush(0));
   stdin.on('error', () => exitAfterFlush(0));
 
