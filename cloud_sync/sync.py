@@ -42,10 +42,9 @@ from typing import Any, Literal
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials
 from cloud_sync.device_figures import FunctionCounters as FunctionCounters
-from cloud_sync.device_figures import counter_delta, system_figures
 from cloud_sync.errors import CloudSyncError, ConfigError
 from cloud_sync.mqtt import MqttSession
-from cloud_sync.outbox import METRICS_SCHEMA, Outbox, OutboxStats, gauge
+from cloud_sync.outbox import Outbox, OutboxStats
 from cloud_sync.rollout.messages import StatusReport
 from cloud_sync.state import (
     AgentConfig,
@@ -54,6 +53,8 @@ from cloud_sync.state import (
     parse_desired,
     reported_document,
 )
+from cloud_sync.sync_metrics import MetricsCollector
+from cloud_sync.sync_state_file import load_state, save_state
 
 # The transports moved to their own module; these names stay importable from here.
 from cloud_sync.transports import HttpError as HttpError
@@ -61,8 +62,6 @@ from cloud_sync.transports import HttpTransport as HttpTransport
 from cloud_sync.transports import MqttTransport as MqttTransport
 from cloud_sync.transports import SendResult as SendResult
 from cloud_sync.transports import Transport as Transport
-from runtimes.fsio import atomic_write
-from runtimes.setaside import set_aside
 
 log = logging.getLogger("edgefn.sync")
 
@@ -140,15 +139,18 @@ class SyncClient:
         self._desired_error: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_counters: dict[str, FunctionCounters] = {}
-        self._last_tick = time.time()
+        self.metrics = MetricsCollector(
+            creds.device_id,
+            settings.data_dir,
+            hooks.metrics_snapshot,
+            hooks.pool_sizes,
+            hooks.versions,
+        )
         self._mode: Mode = "waiting"
         self._switches = 0
         self._last_described: str = ""
         self._state_file = settings.data_dir / "sync-state.json"
         self._stats: OutboxStats | None = None
-        # The metrics loop and the deployer (at a switch) close intervals: one at a time.
-        self._metrics_lock = asyncio.Lock()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -163,9 +165,7 @@ class SyncClient:
             await self._apply(self.tracker.effective)
         await self._report()
         await self.session.start()
-        await asyncio.to_thread(system_figures, self.settings.data_dir)  # primes cpu_percent
-        self._last_counters = dict(self.hooks.metrics_snapshot())
-        self._last_tick = time.time()
+        await self.metrics.prime()  # the first interval starts now; primes cpu_percent
         self._tasks = [
             asyncio.create_task(self._inbound(), name="sync inbound"),
             asyncio.create_task(self._sender(), name="sync sender"),
@@ -249,59 +249,14 @@ class SyncClient:
     # ---- persistence -------------------------------------------------------------------
 
     def _load_state(self) -> None:
-        """Blocking (runs in a thread). A damaged file is set aside (`runtimes.setaside`), so
-        the next write starts clean and the operator keeps the copy; sync starts afresh (the
-        platform resends desired state, and sequence numbers only need to grow per boot)."""
-        try:
-            content = self._state_file.read_bytes()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.warning("sync: ignoring unreadable %s (%s)", self._state_file, exc.strerror)
-            return
-        try:
-            data = json.loads(content)
-            if not isinstance(data, dict):
-                raise ValueError(f"a JSON {type(data).__name__}, not an object")
-            tracker = ConfigTracker(data.get("tracker"))
-            seq = int(data.get("seq", 0))
-        except (ValueError, TypeError, AttributeError, KeyError, ConfigError) as exc:
-            try:
-                aside = set_aside(self._state_file)
-            except OSError as err:
-                log.warning(
-                    "sync: %s is damaged (%s) and cannot be set aside: %s",
-                    self._state_file.name,
-                    exc,
-                    err.strerror,
-                )
-                return
-            log.warning(
-                "sync: %s was damaged (%s): set aside as %s, starting afresh",
-                self._state_file.name,
-                exc,
-                aside,
-            )
-            return
-        self.tracker = tracker
-        self._seq = seq
-        for attr, key in (("_device_doc", "device_doc"), ("_group_doc", "group_doc")):
-            raw = data.get(key)
-            if raw:
-                with contextlib.suppress(ConfigError):
-                    setattr(self, attr, parse_desired(raw))
+        """Blocking (runs in a thread); a damaged file is set aside (`sync_state_file`)."""
+        saved = load_state(self._state_file)
+        if saved is not None:
+            self.tracker, self._seq = saved.tracker, saved.seq
+            self._device_doc, self._group_doc = saved.device_doc, saved.group_doc
 
     def _save_state(self) -> None:
-        def doc(d: DesiredDoc | None) -> Any:
-            return {"version": d.version, "config": dict(d.config)} if d else None
-
-        data = {
-            "tracker": self.tracker.snapshot(),
-            "seq": self._seq,
-            "device_doc": doc(self._device_doc),
-            "group_doc": doc(self._group_doc),
-        }
-        atomic_write(self._state_file, json.dumps(data).encode(), mode=0o600)
+        save_state(self._state_file, self.tracker, self._seq, self._device_doc, self._group_doc)
 
     # ---- desired -----------------------------------------------------------------------
 
@@ -432,59 +387,8 @@ class SyncClient:
 
     async def collect_metrics(self) -> None:
         """Close the current interval: deltas since the last one, gauges, system figures."""
-        async with self._metrics_lock:
-            await self._collect_metrics()
-
-    async def _collect_metrics(self) -> None:
         assert self.outbox is not None
-        now = time.time()
-        counters = dict(self.hooks.metrics_snapshot())
-        pools = dict(self.hooks.pool_sizes())
-        system = await asyncio.to_thread(system_figures, self.settings.data_dir)
-        functions: dict[str, Any] = {}
-        for name in sorted(set(counters) | set(pools)):
-            entry: dict[str, Any] = {}
-            c = counters.get(name)
-            if c is not None:
-                d = counter_delta(c, self._last_counters.get(name))
-                if d.restarts:
-                    entry["restarts"] = d.restarts
-                if d.invocations:
-                    entry.update(
-                        invocations=d.invocations,
-                        errors=d.errors,
-                        cache_hits=d.cache_hits,
-                        cache_misses=d.cache_misses,
-                        latency_ms={
-                            "bounds": list(d.latency_bounds_ms),
-                            "counts": list(d.latency_counts),
-                            "sum": d.latency_sum_ms,
-                        },
-                    )
-            if name in pools:
-                entry["pool"] = {"instances": gauge(pools[name])}
-            if entry:
-                functions[name] = entry
-        record = {
-            "schema": METRICS_SCHEMA,
-            "device": self.device_id,
-            "interval_start": self._last_tick,
-            "interval_end": now,
-            "samples": 1,
-            "functions": functions,
-            **({"versions": dict(self.hooks.versions())} if self.hooks.versions else {}),
-            "system": {k: gauge(v) for k, v in system.items()},
-        }
-        await self.outbox.append(
-            "metrics",
-            topics.device_topic(self.device_id, "metrics"),
-            json.dumps(record, separators=(",", ":")).encode(),
-            interval=(self._last_tick, now),
-        )
-        # Only after the append committed: a failed append leaves the deltas for the next one.
-        self._last_counters = counters
-        self._last_tick = now
-        self._stats = await self.outbox.stats()
+        self._stats = await self.metrics.collect(self.outbox)
 
     # ---- sending -----------------------------------------------------------------------
 
