@@ -2,7 +2,7 @@
 
 Register with `pytest_plugins = ["tests.postgres"]` (the root conftest does). Fixtures:
 
-* `postgres_server` (session) -- a running server: `initdb` into pytest's temp dir, `pg_ctl` as the
+* `postgres_server` (session) -- a running server: `initdb` into a private temp dir, `pg_ctl` as the
   dedicated user (PostgreSQL refuses to run as root), listening on 127.0.0.1 on a free port and
   on a Unix socket in its own directory. `.stop()`, `.start()` and `.restart()` for outage tests.
 * `postgres_db` (function) -- a fresh empty database on that server; its URL is `.url`
@@ -20,6 +20,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -166,8 +167,10 @@ def _make_server(root: Path) -> PostgresServer:
 
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    root = tmp_path_factory.mktemp("postgres")
-    os.chmod(root.parent, 0o755)  # the server's user walks into pytest's temp dir
+    # Not under pytest's temp dir: /tmp/pytest-of-root is 0700, and the server's user cannot walk
+    # into it. A private directory of its own under the system temp dir (1777) can be chowned.
+    del tmp_path_factory
+    root = Path(tempfile.mkdtemp(prefix="edgefn-pg-"))
     server = _make_server(root)
     try:
         yield server
