@@ -78,7 +78,7 @@ def make_executor(
     if manifest.runtime == "cpp" and manifest.isolation == "in-process":
         from runtimes.cpp.inproc import InProcessExecutor
 
-        return InProcessExecutor(manifest, function_dir)
+        return InProcessExecutor(manifest, function_dir, capabilities=capabilities)
     argv = command_for(manifest, function_dir)
     env = worker_env(
         os.environ if base_env is None else base_env,

@@ -15,6 +15,16 @@
 // anything convertible to std::string_view (usually std::string). Any exception it throws,
 // std:: or not, becomes an error answer (`function_error`): nothing unwinds into the host.
 // Handlers can run on several threads at once and must be thread-safe.
+//
+// Building blocks (docs/building-blocks.md) are methods of the context; each blocks until the
+// agent answers and throws edgefn::CallError with the stable code when it fails:
+//
+//     std::string eta = ctx.invoke("eta-node", R"({"from":"a","to":"b"})", "application/json");
+//     ctx.publish("traffic/jam", "{...}");
+//     std::optional<std::string> n = ctx.state().get("count");   // nullopt: not set
+//     ctx.state().set("count", "1");  ctx.state().erase("count");
+//     std::string cfg = ctx.config();                           // JSON text, "{}" without one
+//     std::string key = ctx.secret("maps-api-key");
 #ifndef EDGEFN_HPP
 #define EDGEFN_HPP
 
@@ -22,9 +32,12 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 
 #include "edgefn.h"
 
@@ -35,6 +48,32 @@ enum class Level : std::int32_t {
     info = EDGEFN_LOG_INFO,
     warn = EDGEFN_LOG_WARN,
     error = EDGEFN_LOG_ERROR,
+};
+
+// A building-block call failed. code(): not_permitted, not_found, timeout, quota_exceeded,
+// unavailable, or the callee's own code for a failed nested invoke (e.g. function_error).
+class CallError : public std::runtime_error {
+   public:
+    CallError(std::string code, const std::string& message)
+        : std::runtime_error(message), code_(std::move(code)) {}
+    const std::string& code() const noexcept { return code_; }
+
+   private:
+    std::string code_;
+};
+
+class Context;
+
+// The function's own key-value store (ctx.state()); keys and values are byte strings.
+class State {
+   public:
+    explicit State(const Context& ctx) noexcept : ctx_(ctx) {}
+    std::optional<std::string> get(std::string_view key) const;  // nullopt: the key is not set
+    void set(std::string_view key, std::string_view value) const;
+    void erase(std::string_view key) const;  // no error when the key is not set
+
+   private:
+    const Context& ctx_;
 };
 
 // What the host knows about the current invocation. Valid only during the handler call.
@@ -76,15 +115,74 @@ class Context {
         if (call_.set_content_type) call_.set_content_type(call_.host, type.data(), type.size());
     }
 
+    // Building blocks; each throws CallError (see the top of this file).
+    std::string invoke(std::string_view function, std::string_view payload,
+                       std::string_view content_type = {}) const {
+        return call("invoke", function, payload, content_type);
+    }
+    void publish(std::string_view topic, std::string_view payload) const {
+        call("publish", topic, payload);
+    }
+    State state() const noexcept { return State(*this); }
+    std::string config() const { return call("config", {}, {}); }
+    std::string secret(std::string_view name) const { return call("secret", name, {}); }
+
+    // Any building-block operation by name (what the typed methods above use).
+    std::string call(std::string_view op, std::string_view target, std::string_view payload,
+                     std::string_view content_type = {}) const {
+        if (call_.call == nullptr)
+            throw CallError("unavailable", "this host offers no building blocks");
+        Answer answer;
+        std::int32_t status = call_.call(
+            call_.host, op.data(), op.size(), target.data(), target.size(),
+            reinterpret_cast<const std::uint8_t*>(payload.data()), payload.size(),
+            content_type.data(), content_type.size(), &answer, &Context::sink);
+        if (answer.failed_to_copy) throw std::bad_alloc();
+        if (status != EDGEFN_OK) {
+            if (answer.code.empty()) answer.code = "unavailable";
+            throw CallError(std::move(answer.code), answer.data);
+        }
+        return std::move(answer.data);
+    }
+
     const edgefn_call& raw() const noexcept { return call_; }
 
    private:
+    struct Answer {
+        std::string code, data;
+        bool failed_to_copy = false;
+    };
+    // Runs inside the host's call(): copies what the host lends us, never throws.
+    static void sink(void* ctx, const char* code, std::size_t code_len, const std::uint8_t* data,
+                     std::size_t len) noexcept {
+        auto* a = static_cast<Answer*>(ctx);
+        try {
+            a->code.assign(code ? code : "", code ? code_len : 0);
+            a->data.assign(reinterpret_cast<const char*>(data), data ? len : 0);
+        } catch (...) {
+            a->failed_to_copy = true;
+        }
+    }
+
     static std::string_view view(const edgefn_str& s) noexcept {
         return s.data ? std::string_view(s.data, s.len) : std::string_view();
     }
     const edgefn_call& call_;
     std::chrono::steady_clock::time_point deadline_;
 };
+
+inline std::optional<std::string> State::get(std::string_view key) const {
+    try {
+        return ctx_.call("state.get", key, {});
+    } catch (const CallError& e) {
+        if (e.code() == "not_found") return std::nullopt;
+        throw;
+    }
+}
+inline void State::set(std::string_view key, std::string_view value) const {
+    ctx_.call("state.set", key, value);
+}
+inline void State::erase(std::string_view key) const { ctx_.call("state.delete", key, {}); }
 
 // A JSON string literal (quotes included) for `text`; bytes >= 0x80 pass through unchanged.
 inline std::string json_quote(std::string_view text) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <vector>
 
 namespace {
 
@@ -106,9 +107,10 @@ class FlatJson {
         }
         return false;
     }
-    // A number or literal as its text; an object or array skipped (value left empty).
+    // A number or literal as its text; an object or array as its raw JSON text.
     bool scalar_or_skip(std::string& out) {
         if (peek() == '{' || peek() == '[') {
+            std::size_t from = i_;
             int depth = 0;
             while (i_ < s_.size()) {
                 char c = s_[i_];
@@ -119,7 +121,10 @@ class FlatJson {
                 }
                 ++i_;
                 if (c == '{' || c == '[') ++depth;
-                if ((c == '}' || c == ']') && --depth == 0) return true;
+                if ((c == '}' || c == ']') && --depth == 0) {
+                    out.assign(s_.substr(from, i_ - from));
+                    return true;
+                }
             }
             return false;
         }
@@ -154,6 +159,65 @@ std::string request_id_json(std::string_view id) {
     bool digits = !id.empty() && id.size() < 16;
     for (char c : id) digits = digits && c >= '0' && c <= '9';
     return digits ? std::string(id) : edgefn::json_quote(id);
+}
+
+// The flat objects of a JSON array (the "blocks" op's calls), in order.
+std::vector<std::map<std::string, std::string>> objects_of(std::string_view array) {
+    std::vector<std::map<std::string, std::string>> out;
+    std::size_t i = 0;
+    while ((i = array.find('{', i)) != std::string_view::npos) {
+        std::map<std::string, std::string> obj;
+        std::size_t depth = 0, j = i;
+        bool in_string = false;
+        for (; j < array.size(); ++j) {
+            char c = array[j];
+            if (in_string) {
+                if (c == '\\') ++j;
+                else if (c == '"') in_string = false;
+            } else if (c == '"') {
+                in_string = true;
+            } else if (c == '{') {
+                ++depth;
+            } else if (c == '}' && --depth == 0) {
+                break;
+            }
+        }
+        FlatJson(array.substr(i, j + 1 - i)).parse(obj);
+        out.push_back(std::move(obj));
+        i = j + 1;
+    }
+    return out;
+}
+
+// One building-block call through the SDK, reported the way every runtime does.
+std::string run_block(edgefn::Context& ctx, const std::map<std::string, std::string>& b) {
+    const std::string op = text(b, "op"), target = text(b, "target"), payload = text(b, "payload");
+    try {
+        std::string value;
+        if (op == "invoke") {
+            value = ctx.invoke(target, payload);
+        } else if (op == "publish") {
+            ctx.publish(target, payload);
+        } else if (op == "state.get") {
+            auto got = ctx.state().get(target);
+            if (!got) return "{\"missing\":true}";
+            value = *got;
+        } else if (op == "state.set") {
+            ctx.state().set(target, payload);
+        } else if (op == "state.delete") {
+            ctx.state().erase(target);
+        } else if (op == "config") {
+            value = ctx.config();
+        } else if (op == "secret") {
+            value = ctx.secret(target);
+        } else {
+            value = ctx.call(op, target, payload);  // what the agent says of an unknown op
+        }
+        return "{\"value\":" + edgefn::json_quote(value) + "}";
+    } catch (const edgefn::CallError& e) {
+        return "{\"code\":" + edgefn::json_quote(e.code()) +
+               ",\"message\":" + edgefn::json_quote(e.what()) + "}";
+    }
 }
 
 [[noreturn]] void nested_throw(const std::string& message) { throw std::runtime_error(message); }
@@ -198,6 +262,19 @@ std::string handle(std::string_view request, edgefn::Context& ctx) {
                ",\"version\":" + edgefn::json_quote(ctx.version()) +
                ",\"trace_id\":" + edgefn::json_quote(ctx.trace_id()) +
                ",\"deadline_ms_left\":" + std::to_string(ctx.deadline_ms_left()) + "}";
+    }
+    if (op == "blocks") {
+        // Every call at once, each on its own thread: many in flight on one invocation.
+        auto calls = objects_of(text(req, "calls"));
+        std::vector<std::string> results(calls.size());
+        std::vector<std::thread> threads;
+        for (std::size_t i = 0; i < calls.size(); ++i)
+            threads.emplace_back([&, i] { results[i] = run_block(ctx, calls[i]); });
+        for (auto& t : threads) t.join();
+        std::string out = "{\"results\":[";
+        for (std::size_t i = 0; i < results.size(); ++i) out += (i ? "," : "") + results[i];
+        ctx.set_content_type("application/json");
+        return out + "]}";
     }
     if (op == "crash") std::abort();
     if (op == "segfault") {
