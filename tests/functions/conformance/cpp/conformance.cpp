@@ -268,7 +268,8 @@ std::string handle(std::string_view request, edgefn::Context& ctx) {
         auto calls = objects_of(text(req, "calls"));
         std::vector<std::string> results(calls.size());
         std::vector<std::thread> threads;
-        for (std::size_t i = 0; i < calls.size(); ++i)
+        if (calls.size() == 1) results[0] = run_block(ctx, calls[0]);  // no thread for one
+        for (std::size_t i = 0; calls.size() > 1 && i < calls.size(); ++i)
             threads.emplace_back([&, i] { results[i] = run_block(ctx, calls[i]); });
         for (auto& t : threads) t.join();
         std::string out = "{\"results\":[";
