@@ -17,6 +17,7 @@ from cloud_sync.cloud_invoke import CloudInvoker
 from edge_agent.api import Api
 from edge_agent.auth import Authenticator
 from edge_agent.capabilities import Broker, ConfigLookup, Event, Publish
+from edge_agent.dapr import DaprEndpoint
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
 from edge_agent.metrics import Metrics
@@ -166,6 +167,7 @@ def assemble(
         sandbox=sandbox,
         on_switch=version_switched,
         capabilities=broker,
+        dapr=DaprEndpoint(broker),  # listens only once a function asks for it
     )
     router = Router(
         functions,
