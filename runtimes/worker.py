@@ -317,6 +317,14 @@ class Worker:
             raise WorkerCrashed(f"worker {self.pid} did not answer a ping") from None
         return loop.time() - started
 
+    def notify(self, op: str, payload: bytes) -> bool:
+        """Send a NOTIFY (no answer expected); False when the worker cannot take it now."""
+        if not self.ready or self.killed:
+            return False
+        frame = Frame(Kind.NOTIFY, 0, payload, {Key.OP: op}, protocol.Flag.JSON)
+        self._write(protocol.encode(frame))
+        return True
+
     def _write(self, data: bytes) -> None:
         # Coalesce: under load many requests are sent in the same loop iteration; one pipe
         # write for all of them saves a syscall per request (measured ~30 us each here).

@@ -74,6 +74,7 @@ def test_retained_and_subscriptions() -> None:
         "edgefn/v1/devices/d/desired",
         "edgefn/v1/groups/g1/desired",
         "edgefn/v1/groups/g2/desired",
+        "edgefn/v1/devices/d/secrets",
     ]
     assert topics.platform_filter("metrics") == "edgefn/v1/devices/+/metrics"
     assert topics.shared_platform_filter("reported") == (

@@ -87,6 +87,8 @@ func (h *host) serve(in io.Reader) int {
 			go h.invoke(newRequest(f, hdr, time.Now()))
 		case kindCallResult, kindCallError:
 			h.calls.deliver(f)
+		case kindNotify:
+			deliverNotify(f)
 		case kindPing:
 			h.send(frame{kind: kindPong, id: f.id})
 		case kindShutdown:

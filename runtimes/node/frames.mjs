@@ -14,6 +14,7 @@ export const READY = 8;
 export const CALL = 9; // building blocks: function -> agent (docs/building-blocks.md)
 export const CALL_RESULT = 10;
 export const CALL_ERROR = 11;
+export const NOTIFY = 12; // agent -> worker: OP `config`, payload = the new config (JSON)
 export const FLAG_JSON = 1;
 export const H_DEADLINE_MS = 1;
 export const H_TRACE_ID = 2;
