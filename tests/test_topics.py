@@ -62,7 +62,7 @@ def test_parse_refuses_topics_outside_the_tree(topic: str) -> None:
 
 def test_unknown_kinds_are_refused_by_builders() -> None:
     with pytest.raises(TopicError):
-        topics.device_topic("d", "secrets")  # type: ignore[arg-type]
+        topics.device_topic("d", "shadow")  # type: ignore[arg-type]
     with pytest.raises(TopicError):
         topics.group_topic("g", "reported")  # type: ignore[arg-type]
 
