@@ -210,6 +210,8 @@ class Agent:
             "cloud": self.cloud.status() if self.cloud else {"state": "off"},
             "sync": self.sync.status() if self.sync else {"state": "off"},
             "deployer": self.deployer.status() if self.deployer else {"state": "off"},
+            # Names and versions held, never values.
+            "secrets": self.secrets_sync.status() if self.secrets_sync else {"state": "off"},
         }
 
     # ---- building blocks: publish and config (edge_agent.capabilities) ----------------

@@ -209,6 +209,9 @@ def test_secrets_end_to_end(tmp_path: Path, mosquitto_factory: Callable[..., Bro
                 return bool(mine) and mine[0]["acknowledged"].get("edge-01") == 2
 
             wait_for(acknowledged, "the device to acknowledge version 2")
+            health = agent.get("/v1/health")
+            assert health.json()["secrets"]["held"] == {"fleet-token": 1, "maps-api-key": 2}
+            assert not leaks(health.body)
             for _ in range(10):
                 assert read_secret(agent, "reader", "maps-api-key") == {"value": VALUE_2.decode()}
             assert pids <= worker_pids(agent, "reader")  # the same workers: no restart was needed
@@ -251,7 +254,10 @@ def test_secrets_end_to_end(tmp_path: Path, mosquitto_factory: Callable[..., Bro
         secrets_topic = "edgefn/v1/devices/edge-01/secrets"
         assert any(t == secrets_topic for t, _ in mqtt_seen), [t for t, _ in mqtt_seen]
         assert [(t, p) for t, p in mqtt_seen if leaks(p)] == []
+        # The logs were captured (they name the secrets) and hold no value.
+        assert "secret maps-api-key set for device edge-01: version 2" in "\n".join(plat.lines)
         assert not leaks("\n".join(plat.lines).encode())
+        assert "secrets: now holding" in agent.log_text()
         assert not leaks(agent.log_text().encode())
     finally:
         if agent is not None:
