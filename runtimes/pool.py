@@ -59,8 +59,6 @@ START_WAIT_ON_CLOSE_S = 10.0
 REAP_INTERVAL_S = 1.0
 
 CommandFactory = Callable[[], Sequence[str]]
-# Hosts that understand NOTIFY frames (docs/protocol.md); the C++ hosts do not yet.
-NOTIFY_RUNTIMES = frozenset({"node", "go"})
 
 
 class Pool:
@@ -449,9 +447,8 @@ class Pool:
     def notify_config(self, config: bytes) -> int:
         """Tell every ready worker its function's config changed (NOTIFY `config`, the new
         config as JSON); returns how many were told. Workers started later read `config()`
-        themselves. Hosts without NOTIFY support (C++) are not sent it."""
-        if self.manifest.runtime not in NOTIFY_RUNTIMES:
-            return 0
+        themselves. Hosts that did not announce NOTIFY support (C++, an older Go SDK) are not
+        sent it."""
         return sum(1 for w in self._workers if w.notify("config", config))
 
     # ---- status -----------------------------------------------------------------------

@@ -78,6 +78,7 @@ class Key(IntEnum):
     OP = 9  # utf-8, on CALL frames: invoke | publish | state.* | config | secret; on NOTIFY: config
     TARGET = 10  # utf-8, on CALL frames: function name, topic or state key (config: empty)
     PARENT_ID = 11  # u32, on CALL frames: the wire request id of the INVOKE making the call
+    FEATURES = 12  # utf-8, on READY: comma-separated optional frames the host takes ("notify")
 
 
 # PARENT_ID is a u32 although wire request ids are u64: the agent's per-worker counter never

@@ -107,6 +107,9 @@ class Worker:
         self.ready_at = 0.0
         self.idle_since = time.monotonic()
         self.runtime = ""
+        # Optional frames the host said it takes (READY's FEATURES): a Go function built with
+        # an older SDK would treat a NOTIFY as a protocol error, so it is never sent one.
+        self.features: frozenset[str] = frozenset()
         self.exit_reason = ""
         self.closing = False
         self.killed = False
@@ -318,8 +321,9 @@ class Worker:
         return loop.time() - started
 
     def notify(self, op: str, payload: bytes) -> bool:
-        """Send a NOTIFY (no answer expected); False when the worker cannot take it now."""
-        if not self.ready or self.killed:
+        """Send a NOTIFY (no answer expected); False when the worker cannot take it (not ready,
+        or its host did not announce `notify` in READY)."""
+        if not self.ready or self.killed or "notify" not in self.features:
             return False
         frame = Frame(Kind.NOTIFY, 0, payload, {Key.OP: op}, protocol.Flag.JSON)
         self._write(protocol.encode(frame))
@@ -369,6 +373,7 @@ class Worker:
             self._on_call(frame)
         elif kind is Kind.READY:
             self.runtime = frame.text(Key.RUNTIME)
+            self.features = frozenset(frame.text(Key.FEATURES).split(",")) - {""}
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         else:

@@ -78,6 +78,25 @@ async def test_a_function_that_does_not_listen_is_unaffected(pool: Pool) -> None
     assert await ask(pool, "config_seen") in ({"seen": []}, {"seen": [{"zone": "east"}]})
 
 
+async def test_a_host_that_did_not_announce_notify_is_never_sent_one(
+    built_conformance: dict[str, Path],
+) -> None:
+    """The isolated C++ worker's READY has no FEATURES `notify` (like a Go function built with
+    an older SDK): it is not sent NOTIFY, which it would take for a protocol violation."""
+    directory = built_conformance["cpp"]
+    executor = make_executor(load_manifest(directory / "edgefn.toml"), directory)
+    assert isinstance(executor, Pool)
+    await executor.start()
+    try:
+        assert (await executor.invoke(Invocation(b"a", "r0", 5.0))).payload == b"a"
+        before = executor.worker_pids()
+        assert executor.notify_config(b'{"zone":"x"}') == 0
+        assert (await executor.invoke(Invocation(b"b", "r1", 5.0))).payload == b"b"
+        assert executor.worker_pids() == before and executor.restarts == 0
+    finally:
+        await executor.close()
+
+
 def _copy(built: Path, data: Path) -> None:
     dest = data / "functions" / load_manifest(built / "edgefn.toml").name
     shutil.copytree(built, dest)

@@ -48,6 +48,7 @@ const (
 	keyOp          byte = 9
 	keyTarget      byte = 10
 	keyParentID    byte = 11
+	keyFeatures    byte = 12 // on READY: optional frames this host takes
 )
 
 type frame struct {

@@ -66,7 +66,7 @@ func (h *host) send(f frame) { h.out <- outgoing{f: f} }
 // serve reads frames until SHUTDOWN or EOF and returns the exit status.
 func (h *host) serve(in io.Reader) int {
 	name := "go/" + strings.TrimPrefix(runtime.Version(), "go")
-	h.send(frame{kind: kindReady, header: appendTLV(nil, keyRuntime, name)})
+	h.send(frame{kind: kindReady, header: appendTLV(appendTLV(nil, keyRuntime, name), keyFeatures, "notify")})
 	for {
 		f, err := readFrame(in)
 		if err == io.EOF {

@@ -25,8 +25,8 @@ import { format, inspect } from 'node:util';
 import { CallClient, answerCall, notify } from './calls.mjs';
 import {
   CALL_ERROR, CALL_RESULT, CODE_BAD_REQUEST, CODE_FUNCTION, CT_JSON, CT_OCTET, CT_TEXT, ERROR,
-  EXIT_FLUSH_MS, FIXED_LEN, FLAG_JSON, H_CONTENT_TYPE, H_DEADLINE_MS, H_ERROR_CODE, H_FUNCTION,
-  H_OP, H_RUNTIME, H_TRACE_ID, H_VERSION, INVOKE, LEVEL, LOG, MAX_FRAME, MAX_LOG_CHARS,
+  EXIT_FLUSH_MS, FIXED_LEN, FLAG_JSON, H_CONTENT_TYPE, H_DEADLINE_MS, H_ERROR_CODE, H_FEATURES,
+  H_FUNCTION, H_OP, H_RUNTIME, H_TRACE_ID, H_VERSION, INVOKE, LEVEL, LOG, MAX_FRAME, MAX_LOG_CHARS,
   NO_DEADLINE_MS, NOTIFY, PING, PONG, PROTOCOL_VERSION, READY, RESULT, SHUTDOWN, flush,
   frameDecoder, note, out,
   protocolError, sendFrame, sendText, stderr, tlv,
@@ -494,7 +494,9 @@ async function main() {
   stdin.on('error', () => exitAfterFlush(0));
 
   ready = true;
-  sendFrame(READY, 0, 0, 0, tlv(H_RUNTIME, `node/${process.versions.node}`), null);
+  // FEATURES: the optional agent -> worker frames this host takes (NOTIFY, docs/protocol.md).
+  const header = [tlv(H_RUNTIME, `node/${process.versions.node}`), tlv(H_FEATURES, 'notify')];
+  sendFrame(READY, 0, 0, 0, Buffer.concat(header), null);
   flush();
 }
 

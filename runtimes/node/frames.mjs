@@ -27,6 +27,7 @@ export const H_RUNTIME = 8;
 export const H_OP = 9;
 export const H_TARGET = 10;
 export const H_PARENT_ID = 11;
+export const H_FEATURES = 12; // on READY: optional frames this host takes
 export const FIXED_LEN = 16;
 export const MAX_FRAME = 64 * 1024 * 1024; // same bound as the agent: larger frames kill the worker
 // A log line is for humans; cap it so one runaway console.log cannot approach MAX_FRAME.
