@@ -94,6 +94,8 @@ class AgentHooks:
     describe: Callable[[], Mapping[str, Any]]  # extra reported keys: functions, profile, ...
     # function -> version running: the metrics record's `versions` (rollout gates compare them)
     versions: Callable[[], Mapping[str, str]] | None = None
+    # The platform said this device's secrets changed (cloud_sync.secrets_sync fetches them).
+    secrets_changed: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +271,8 @@ class SyncClient:
                         await self.offer("group", msg.payload, group=msg.target)
                     else:
                         await self.offer("device", msg.payload)
+                elif msg.kind == "secrets" and self.hooks.secrets_changed is not None:
+                    self.hooks.secrets_changed()
             except Exception:
                 log.exception("sync: handling %s failed", msg.topic)
                 continue  # not acknowledged: redelivered after a reconnect

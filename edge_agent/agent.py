@@ -34,6 +34,7 @@ from cloud_sync.http_server import bound_port
 from edge_agent.assembly import Parts, assemble, build_sandbox, prepare_data_dir
 from edge_agent.auth import Authenticator
 from edge_agent.capabilities import Event
+from edge_agent.config_notify import notify_config_changes
 from edge_agent.discovery import Advertiser, agent_txt
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet
@@ -52,10 +53,12 @@ from runtimes.sandbox import Sandbox
 
 if TYPE_CHECKING:  # imported when a device joins a platform: paho and cryptography cost RSS
     from cloud_sync.credentials import DeviceCredentials
+    from cloud_sync.secrets_sync import SecretsSync
     from cloud_sync.state import AgentConfig
     from cloud_sync.sync import FunctionCounters, SyncClient
     from edge_agent.deployer import Deployer
     from edge_agent.deployer_health import HealthSample
+    from edge_agent.secret_store import SecretStore
 
 log = logging.getLogger("edgefn.agent")
 
@@ -90,6 +93,8 @@ class Agent:
         self.cloud = CloudInvoker(cloud_url, token=token, ssl=ssl_ctx) if cloud_url else None
         self.sync: SyncClient | None = None
         self.deployer: Deployer | None = None  # with --credentials: desired versions
+        self.secrets: SecretStore | None = None  # with --credentials: the device's secrets
+        self.secrets_sync: SecretsSync | None = None
         self._desired: AgentConfig | None = None
         self._profile: dict[str, Any] = {}
         self._parts: Parts | None = None
@@ -183,6 +188,7 @@ class Agent:
             state=state,
             publish=self._publish,
             config=self._function_config,
+            secret=self._secret,
         )
         return self._parts
 
@@ -204,6 +210,8 @@ class Agent:
             "cloud": self.cloud.status() if self.cloud else {"state": "off"},
             "sync": self.sync.status() if self.sync else {"state": "off"},
             "deployer": self.deployer.status() if self.deployer else {"state": "off"},
+            # Names and versions held, never values.
+            "secrets": self.secrets_sync.status() if self.secrets_sync else {"state": "off"},
         }
 
     # ---- building blocks: publish and config (edge_agent.capabilities) ----------------
@@ -236,6 +244,13 @@ class Agent:
         desired = self._desired
         fc = desired.functions.get(name) if desired is not None else None
         return fc.config if fc is not None else {}
+
+    def _secrets_changed(self) -> None:
+        if self.secrets_sync is not None:
+            self.secrets_sync.wake()
+
+    def _secret(self, name: str) -> bytes | None:
+        return self.secrets.get(name) if self.secrets is not None else None
 
     # ---- sync callbacks (cloud_sync never imports the agent) ---------------------------
 
@@ -300,7 +315,8 @@ class Agent:
 
     async def _apply_config(self, config: AgentConfig) -> None:
         """Desired config from the platform, applied live; None fields = the local default."""
-        self._desired = config
+        before, self._desired = self._desired, config
+        notify_config_changes(self.functions.loaded, before, config)
         if self.deployer is not None:
             self.deployer.desired(config)  # functions.<f>.version and deployment.rollouts
         self.router.overrides.clear()
@@ -434,6 +450,7 @@ class Agent:
                 apply_config=self._apply_config,
                 describe=self._describe,
                 versions=self._versions,
+                secrets_changed=self._secrets_changed,
             ),
             platform_url=self.cloud_url,
             token=str(self._extras.get("token") or ""),
@@ -455,7 +472,16 @@ class Agent:
             ),
         )
         await self.deployer.start()
+        await self._start_secrets(creds)
         await sync.start()
+
+    async def _start_secrets(self, creds: DeviceCredentials) -> None:
+        from edge_agent.device_secrets import open_device_secrets
+
+        token = str(self._extras.get("token") or "")
+        self.secrets, self.secrets_sync = await open_device_secrets(
+            self.settings.data_dir, creds, self.cloud_url, token
+        )
 
     async def _scan_loop(self) -> None:
         while True:
@@ -480,6 +506,8 @@ class Agent:
             await self._runner.cleanup()
         if self.deployer is not None:
             await self.deployer.close()
+        if self.secrets_sync is not None:
+            await self.secrets_sync.close()
         if self.sync is not None:
             await self.sync.close()
         if self.auth is not None:

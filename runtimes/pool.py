@@ -444,6 +444,13 @@ class Pool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def notify_config(self, config: bytes) -> int:
+        """Tell every ready worker its function's config changed (NOTIFY `config`, the new
+        config as JSON); returns how many were told. Workers started later read `config()`
+        themselves. Hosts that did not announce NOTIFY support (C++, an older Go SDK) are not
+        sent it."""
+        return sum(1 for w in self._workers if w.notify("config", config))
+
     # ---- status -----------------------------------------------------------------------
 
     @property

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.platform import events_cli, operator_cli, simulator_cli
+from cloud_sync.platform import events_cli, operator_cli, secrets_cli, simulator_cli
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--json", action="store_true")
     operator_args(met)
     events_cli.add_parser(sub, operator_args)
+    secrets_cli.add_parser(sub, operator_args, _api)
 
     from cloud_sync.author.cli import register
 

@@ -42,6 +42,7 @@ from cloud_sync.platform.rollout_feed import RecordFeed
 from cloud_sync.platform.rollout_source import ControllerSource
 from cloud_sync.platform.rollout_store import RolloutStore
 from cloud_sync.platform.rollouts import RolloutController
+from cloud_sync.platform.secrets_api import mount_secrets
 from cloud_sync.platform.settings import PlatformSettings
 from cloud_sync.platform.store import LocalStore, RegistryStore
 from cloud_sync.platform.ui import mount as mount_console
@@ -72,6 +73,7 @@ def create_app(
     devices = _build_devices(settings, token, app)
     app[DEVICES_KEY] = devices
     app.add_routes(devices.routes())
+    mount_secrets(app, settings.data_dir, devices)  # /v1/secrets, /v1/devices/{id}/secrets
     # Cloud execution: the operator or any enrolled device (token or client certificate).
     cloud_exec = CloudExec(
         store, settings.data_dir / "exec", authorize=devices.auth.result, verifier=verifier
