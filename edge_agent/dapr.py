@@ -259,7 +259,7 @@ class DaprEndpoint:
     async def _secret(self, request: web.Request) -> web.StreamResponse:
         async def work(m: Manifest) -> web.Response:
             name = request.match_info["name"]
-            value = await self._call(request, m, "secret", name)  # type: ignore[arg-type]
+            value = await self._call(request, m, "secret", name)
             return web.json_response({name: value.decode("utf-8", "replace")})
 
         return await self._guard(request, work)

@@ -60,7 +60,7 @@ def make_dapr_fn(data: Path, name: str, permissions: str, version: str = "1.0.0"
 async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     data = tmp_path / "d"
     make_dapr_fn(data, "dapr-app", 'invoke = ["eta"]\npublish = ["traffic/#"]\n'
-                 "state = { max_bytes = 4096 }")  # fmt: skip
+                 'state = { max_bytes = 4096 }\nsecrets = ["api-key"]')  # fmt: skip
     make_fn(data, "eta")  # the Node conformance function: echoes what it gets
     a = Agent(Settings(data_dir=data, port=0))
     await a.open(sandbox=Sandbox())
@@ -110,6 +110,8 @@ async def test_dapr_requests_sit_behind_the_same_permissions_and_token(agent: Ag
         {"method": "GET", "path": "/v1.0/state/statestore/k", "token": "0" * 64},
         {"method": "POST", "path": "/v1.0/publish/pubsub/traffic/jam", "body": {"at": 1}},
         {"method": "POST", "path": "/v1.0/state/statestore", "body": {"not": "a list"}},
+        {"method": "GET", "path": "/v1.0/secrets/local/db-password"},
+        {"method": "GET", "path": "/v1.0/secrets/local/api-key"},
     )  # fmt: skip
     assert out[0]["status"] == 403
     assert json.loads(out[0]["body"])["errorCode"] == "ERR_PERMISSION_DENIED"
@@ -118,6 +120,10 @@ async def test_dapr_requests_sit_behind_the_same_permissions_and_token(agent: Ag
     # Permitted topic, but the agent is not joined to a platform: said, not dropped.
     assert out[3]["status"] == 503 and "ERR_UNAVAILABLE" in out[3]["body"]
     assert out[4]["status"] == 400 and "ERR_MALFORMED_REQUEST" in out[4]["body"]
+    # Secrets: a name the manifest does not list is refused; a listed one not delivered yet
+    # is not found (the secret store's own tests deliver and rotate them).
+    assert out[5]["status"] == 403 and "ERR_PERMISSION_DENIED" in out[5]["body"]
+    assert out[6]["status"] == 404 and "ERR_NOT_FOUND" in out[6]["body"]
 
 
 async def test_only_dapr_functions_get_an_endpoint_and_old_tokens_stop(

@@ -1,4 +1,4 @@
-"""The `secret` building-block call in every runtime with CALL frames (Node, Go): conformance.
+"""The `secret` building-block call in every runtime (Node, Go, C++ worker and in process).
 
 A real pool of the conformance function, with a recording capability handler in place of the
 agent's broker (the broker's checks are tested in tests/test_secrets.py): the SDK's
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from runtimes.capabilities import CapabilityCall, CapabilityNotFound, NotPermitted
+from runtimes.cpp.inproc import InProcessExecutor
 from runtimes.invocation import Invocation
 from runtimes.launchers import make_executor
 from runtimes.manifest import Manifest, load_manifest
@@ -36,23 +37,30 @@ class SecretHandler:
         return b"value-of-" + call.target.encode()
 
 
-@pytest.fixture(params=["node", "go"])
+@pytest.fixture(params=["node", "go", "cpp", "cpp-inproc"])
 async def pool(
     request: pytest.FixtureRequest, built_conformance: dict[str, Path]
-) -> AsyncIterator[tuple[Pool, SecretHandler]]:
-    directory = built_conformance[request.param]
+) -> AsyncIterator[tuple[Pool | InProcessExecutor, SecretHandler]]:
+    runtime, _, mode = str(request.param).partition("-")
+    directory = built_conformance[runtime]
     handler = SecretHandler()
-    executor = make_executor(
-        load_manifest(directory / "edgefn.toml"), directory, capabilities=handler
-    )
-    assert isinstance(executor, Pool)
+    manifest = load_manifest(directory / "edgefn.toml")
+    executor: Pool | InProcessExecutor
+    if mode == "inproc":  # C++ ctx.secret() through the pybind11 host
+        executor = InProcessExecutor(
+            manifest, directory, library=directory / f"{manifest.entry}.so", capabilities=handler
+        )
+    else:
+        made = make_executor(manifest, directory, capabilities=handler)
+        assert isinstance(made, Pool)
+        executor = made
     await executor.start()
     yield executor, handler
     await executor.close()
 
 
 async def test_secret_calls_carry_the_name_and_answer_with_the_value_or_a_code(
-    pool: tuple[Pool, SecretHandler],
+    pool: tuple[Pool | InProcessExecutor, SecretHandler],
 ) -> None:
     executor, handler = pool
     calls = [
