@@ -57,8 +57,7 @@ def root_v1(data_dir: Path) -> bytes:
 
 
 def fetch_verified(up: Updater, name: str, version: str, expected: Path) -> Path:
-    """refresh, find the target, download it; the file equals `expected` byte for byte."""
-    up.refresh()
+    """Find the target (refreshing once per updater), download it: the same bytes as `expected`."""
     info = up.get_targetinfo(f"{name}/{version}.edgefn")
     assert info is not None, f"{name}/{version}.edgefn not in the TUF metadata"
     assert info.length == expected.stat().st_size

@@ -108,7 +108,9 @@ class TufRepository:
             ts = self.store.timestamp()
             snap = self.store.snapshot(ts)
             snap_due = snap.signed.expires - now < self.snapshot_expiry / 2
-            ts_due = ts.signed.expires - now < self.timestamp_expiry / 2
+            left = ts.signed.expires - now
+            # Half its life gone, or signed for longer than the platform now allows.
+            ts_due = left < self.timestamp_expiry / 2 or left > self.timestamp_expiry
             if not (force or ts_due or snap_due):
                 return False
             self.commit({}, resign_snapshot=snap_due)

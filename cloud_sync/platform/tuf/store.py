@@ -1,8 +1,9 @@
 """The metadata files on disk, in the TUF specification's consistent-snapshot layout.
 
 `<data_dir>/tuf/metadata/` holds `N.root.json`, `N.targets.json`, `N.snapshot.json`,
-`N.<delegated role>.json` and `timestamp.json`. A versioned file is written once and never
-replaced (a reader that has a snapshot can always fetch the exact files it names); each is
+`N.<delegated role>.json` and `timestamp.json`. A versioned file that a signed snapshot (or the
+root chain) names is never replaced: writers only add versions above the current ones, so a
+reader that has a snapshot can always fetch the exact files it names. Each file is
 written atomically and fsynced (`runtimes.fsio.atomic_write`). A publication writes its new
 versioned files first and `timestamp.json` last: the timestamp is the one switch, so a reader
 never sees a snapshot whose files are not there yet.
@@ -118,14 +119,8 @@ class MetadataStore:
         for name, data in files.items():
             if not FILE_RE.match(name) or name == "timestamp.json":
                 raise TufError(f"not a versioned metadata file name: {name}")
-            path = self.dir / name
-            if path.exists():
-                if path.read_bytes() == data:
-                    continue
-                raise TufError(
-                    f"{name} already exists with other content: versions are immutable",
-                    code="tuf_version_exists",
-                )
-            atomic_write(path, data)
+            # Callers only write versions above the current chain (under the lock), so a file
+            # already there is an orphan of an interrupted commit that no snapshot names.
+            atomic_write(self.dir / name, data)
         if timestamp is not None:
             atomic_write(self.dir / "timestamp.json", timestamp)
