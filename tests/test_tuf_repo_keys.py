@@ -188,3 +188,47 @@ def test_concurrent_publishes_leave_consistent_metadata(tmp_path: Path) -> None:
         targets = TufRepository(data).store.role("targets", snap)
         assert targets is not None and targets.signed.delegations is not None
         assert len(targets.signed.delegations.roles or {}) == 3
+
+
+def test_commit_after_an_interrupted_one_overwrites_its_orphans(tmp_path: Path) -> None:
+    """A crash after the new versioned files but before the timestamp leaves files no snapshot
+    names; the next publish writes the same version numbers over them and all verifies."""
+    from securesystemslib.signer import CryptoSigner, SSlibKey
+
+    from cloud_sync.platform.tuf import claim as claims
+    from cloud_sync.platform.tuf.keys import load_public_pem, role_name
+    from runtimes.signing import key_id, load_private_key
+
+    ok(cli("tuf", "init", "--data-dir", tmp_path))
+    key_file = new_key(tmp_path, "alice")
+    ok(cli("tuf", "add-publisher", "--data-dir", tmp_path, "--key", f"{key_file}.pub",
+           "--functions", "lamp"))  # fmt: skip
+    repo = TufRepository(tmp_path)
+    meta = repo.store.dir
+    snap_version = repo.store.snapshot().signed.version
+    (meta / "1.publisher-x.json").write_bytes(b"{}")  # not a role anyone delegates
+    role = role_name(load_public_pem(Path(f"{key_file}.pub")))
+    orphans = [f"1.{role}.json", f"{snap_version + 1}.snapshot.json"]
+    for name in orphans:
+        (meta / name).write_bytes(b"half-written by a process that was killed")
+    private = load_private_key(key_file)
+    signer = CryptoSigner(private, SSlibKey.from_crypto(private.public_key()))
+    sha = hashlib.sha256(b"bundle").hexdigest()
+    md = claims.next_role(
+        None, "lamp/1.0.0.edgefn", 6, sha, version=1, expires=claims.utc_in(claims.ROLE_EXPIRY)
+    )
+    claim = claims.sign(md, role, signer)
+    stored: list[bool] = []
+    repo.publish(
+        name="lamp",
+        version="1.0.0",
+        sha256=sha,
+        length=6,
+        publisher=key_id(private),
+        claim=claim,
+        store=lambda: stored.append(True) or True,
+    )
+    assert stored == [True]
+    _consistent(tmp_path)
+    got = repo.store.role(role, repo.store.snapshot())
+    assert got is not None and "lamp/1.0.0.edgefn" in got.signed.targets
