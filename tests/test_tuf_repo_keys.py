@@ -232,3 +232,33 @@ def test_commit_after_an_interrupted_one_overwrites_its_orphans(tmp_path: Path) 
     _consistent(tmp_path)
     got = repo.store.role(role, repo.store.snapshot())
     assert got is not None and "lamp/1.0.0.edgefn" in got.signed.targets
+
+
+@pytest.mark.slow
+def test_rotating_the_online_keys_keeps_devices_updating(tmp_path: Path) -> None:
+    from tests.tuf_repo_helpers import tuf_publish
+
+    data = tmp_path / "cloud"
+    ok(cli("tuf", "init", "--data-dir", data))
+    key = new_key(tmp_path, "alice")
+    ok(cli("tuf", "add-publisher", "--data-dir", data, "--key", f"{key}.pub",
+           "--functions", "lamp"))  # fmt: skip
+    online = data / "tuf" / "online-keys"
+    before = {p.name: p.read_bytes() for p in online.iterdir()}
+    with platform_running(data, "--no-mqtt") as p:
+        b1 = bundle(tmp_path, key, "lamp", "1.0.0")
+        tuf_publish(p, b1, key)
+        dev = tmp_path / "dev"
+        fetch_verified(updater(p, dev, root_v1(data)), "lamp", "1.0.0", b1)  # trusts v1 keys
+        ok(cli("tuf", "rotate-root", "--data-dir", data, "--online"))
+        after = {p.name: p.read_bytes() for p in online.iterdir()}
+        assert sorted(after) == ["snapshot.pem", "timestamp.pem"]  # no scratch file left
+        assert all(after[n] != before[n] for n in after)
+        r1, r2 = (_root(data, v)["signed"]["roles"] for v in (1, 2))  # type: ignore[index]
+        for role in ("snapshot", "timestamp"):
+            assert r1[role]["keyids"] != r2[role]["keyids"]  # type: ignore[index]
+        b2 = bundle(tmp_path, key, "lamp", "1.1.0")
+        tuf_publish(p, b2, key)  # the platform signs with the new keys at once
+        again = updater(p, dev, None)  # cached v1 root, timestamp and snapshot signed by old keys
+        fetch_verified(again, "lamp", "1.1.0", b2)
+        assert json.loads((dev / "metadata" / "root.json").read_text())["signed"]["version"] == 2

@@ -38,6 +38,7 @@ from cloud_sync.platform.tuf.keys import (
     load_signer,
     new_key,
     offline_dir,
+    online_dir,
     public_key,
     role_name,
     tuf_dir,
@@ -141,10 +142,18 @@ def _signers_for(directory: Path, keyids: Sequence[str], pattern: str) -> list[C
 
 
 def rotate_root(
-    data_dir: Path, *, keys_dir: Path | None = None, threshold: int | None = None
+    data_dir: Path,
+    *,
+    keys_dir: Path | None = None,
+    threshold: int | None = None,
+    online: bool = False,
 ) -> Metadata[Root]:
     """Root version N+1 with new root keys, signed by a threshold of the old ones and all the
-    new ones (a device holding version N verifies N+1 with N's keys, then N+1 with its own)."""
+    new ones (a device holding version N verifies N+1 with N's keys, then N+1 with its own).
+
+    With `online`, the snapshot and timestamp keys are replaced too (the platform host was
+    compromised): the new root names the new keys, then snapshot and timestamp are re-signed
+    with them at once."""
     keys_dir = keys_dir or offline_dir(data_dir)
     repo = TufRepository(data_dir)
     repo.store.require()
@@ -169,6 +178,7 @@ def rotate_root(
         for signer in new_signers:
             new.signed.add_key(public_key(signer), "root")
         new.signed.roles["root"].threshold = count
+        fresh = _new_online_keys(data_dir, new.signed) if online else []
         new.signed.version += 1
         new.signed.expires = utc_in(ROOT_EXPIRY)
         for signer in old_signers[: old_role.threshold] + new_signers:
@@ -177,9 +187,28 @@ def rotate_root(
         old.signed.verify_delegate("root", payload, new.signatures)  # what a device checks
         new.signed.verify_delegate("root", payload, new.signatures)
         repo.store.write({f"{new.signed.version}.root.json": to_bytes(new)}, None)
+        if fresh:
+            for scratch in fresh:  # the platform signs with these from now on
+                os.replace(scratch, scratch.with_name(scratch.name.removeprefix(".new-")))
+            fsync_dir(online_dir(data_dir))
+            repo.commit({}, resign_snapshot=True)
     for signer in old_signers:  # retired: worthless to keep, dangerous to leak
         _root_key_file(keys_dir, public_key(signer)).unlink(missing_ok=True)
     return new
+
+
+def _new_online_keys(data_dir: Path, root: Root) -> list[Path]:
+    """New snapshot and timestamp keys, put into `root` and kept aside as `.new-<role>.pem`."""
+    made = []
+    for role in ("snapshot", "timestamp"):
+        scratch = online_dir(data_dir) / f".new-{role}.pem"
+        scratch.unlink(missing_ok=True)  # left by an interrupted rotation: never used
+        signer = new_key(scratch)
+        for keyid in list(root.roles[role].keyids):
+            root.revoke_key(keyid, role)
+        root.add_key(public_key(signer), role)
+        made.append(scratch)
+    return made
 
 
 def _change_targets(

@@ -1,7 +1,7 @@
 """`edge-cloud tuf ...`: the operator's TUF repository commands, on the platform host.
 
     edge-cloud tuf init --data-dir D [--threshold N] [--exist-ok]
-    edge-cloud tuf rotate-root --data-dir D [--threshold N] [--offline-keys DIR]
+    edge-cloud tuf rotate-root --data-dir D [--threshold N] [--online] [--offline-keys DIR]
     edge-cloud tuf add-publisher --data-dir D --key PUB.pem --functions a,b [--offline-keys DIR]
     edge-cloud tuf revoke-publisher --data-dir D (--key PUB.pem | --role NAME) [--offline-keys DIR]
     edge-cloud tuf status --data-dir D [--json]
@@ -43,6 +43,9 @@ def register(sub: Any) -> None:
     rot = tuf_sub.add_parser("rotate-root", help="new root keys, signed by the old threshold")
     common(rot)
     rot.add_argument("--threshold", type=int, help="new threshold (default: the current one)")
+    rot.add_argument(
+        "--online", action="store_true", help="also replace the snapshot and timestamp keys"
+    )
     add = tuf_sub.add_parser("add-publisher", help="delegate functions to a publisher key")
     common(add)
     add.add_argument("--key", type=Path, required=True, help="the publisher's KEY.pub (PEM)")
@@ -94,11 +97,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"online keys (the platform signs snapshot and timestamp): {result.online_dir}")
         return 0
     if args.tuf_command == "rotate-root":
-        new = admin.rotate_root(data_dir, keys_dir=args.offline_keys, threshold=args.threshold)
+        new = admin.rotate_root(
+            data_dir, keys_dir=args.offline_keys, threshold=args.threshold, online=args.online
+        )
         role = new.signed.roles["root"]
         print(
             f"root version {new.signed.version}: {len(role.keyids)} new root keys, threshold "
             f"{role.threshold}; the old root keys were deleted"
+            + ("; new snapshot and timestamp keys" if args.online else "")
         )
         return 0
     if args.tuf_command == "add-publisher":
