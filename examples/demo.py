@@ -137,6 +137,12 @@ def setup(url: str, demo: Path = DEMO) -> list[str]:
             sources.append(src)
             if example.name == "route-cpp":
                 sources.append(inproc_variant(src, demo))
+    # The registry's TUF repository (docs/update-security.md): made once, and the demo key may
+    # publish the demo's functions; `fn publish --key` then signs the key's TUF role.
+    run("cloud_sync.platform.cli", "tuf", "init", "--data-dir", cloud, "--exist-ok")
+    functions = ",".join(src.name for src in sources)
+    tuf_add = ("tuf", "add-publisher", "--data-dir", cloud, "--key", f"{key}.pub")
+    run("cloud_sync.platform.cli", *tuf_add, "--functions", functions)
     names = []
     for src in sources:
         print(f"building, signing and publishing {src.name} ...", flush=True)
@@ -151,6 +157,8 @@ def setup(url: str, demo: Path = DEMO) -> list[str]:
             url,
             "--data-dir",
             cloud,
+            "--key",
+            key,
         )
         names.append(src.name)
 

@@ -16,6 +16,9 @@
     edge-cloud rollout start NAME@VERSION --target SEL ...      fleet rollouts: start, status,
                                                                 list, pause, resume, abort
                                                                 (cloud_sync/platform/rollout_cli.py)
+    edge-cloud tuf init|rotate-root|add-publisher|revoke-publisher|status --data-dir D
+                                                                the TUF repository
+                                                                (cloud_sync/platform/tuf/cli.py)
 
 Each subcommand imports what it needs when it runs. Exit status: 0 success; 1 refused or failed
 (one line on stderr says why, ending in the stable code; an edgefn error no command expected
@@ -81,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--device-broker-url", default="", help="broker URL written into credentials"
     )
+    serve.add_argument(
+        "--tuf-timestamp-expiry",
+        type=float,
+        default=86400.0,
+        metavar="SECONDS",
+        help="life of the signed TUF timestamp, re-signed at half of it (default 1 day)",
+    )
 
     broker = sub.add_parser("broker", help="external broker setup")
     broker_sub = broker.add_subparsers(dest="broker_command", required=True)
@@ -144,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cloud_sync.platform import rollout_cli
 
     rollout_cli.register(sub)  # rollout start|status|list|pause|resume|abort, handler in args
+    from cloud_sync.platform.tuf import cli as tuf_cli
+
+    tuf_cli.register(sub)  # tuf init|rotate-root|add-publisher|revoke-publisher|status
     return parser
 
 
@@ -178,6 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls=args.tls,
         public_url=args.public_url,
         device_broker_url=args.device_broker_url,
+        tuf_timestamp_expiry_s=args.tuf_timestamp_expiry,
     )
     try:
         asyncio.run(serve(settings))

@@ -38,7 +38,7 @@ import ipaddress
 import json
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -134,6 +134,7 @@ class DevicesApi:
         *,
         device_broker_url: str,
         public_url: str = "",
+        tuf_root: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.store = store
         self.ca = ca
@@ -141,6 +142,7 @@ class DevicesApi:
         self.intake = intake
         self.device_broker_url = device_broker_url
         self.public_url = public_url
+        self._tuf_root = tuf_root  # the TUF root devices pin, None while TUF is not initialised
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -231,6 +233,9 @@ class DevicesApi:
         doc["mqtt_protocol"] = "3.1.1" if self.intake and self.intake.mqtt311 else "5"
         doc["server_cert_pem"] = server.cert_pem
         doc["server_key_pem"] = server.key_pem
+        tuf_root = self._tuf_root() if self._tuf_root is not None else None
+        if tuf_root is not None:
+            doc["tuf_root"] = tuf_root  # the device's pinned trust in the registry's metadata
         return doc
 
     def _server_cert(self, device_id: str, san: Sequence[str]) -> IssuedCert:

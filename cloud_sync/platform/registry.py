@@ -13,8 +13,11 @@ spooled file with a size cap, hashing as it goes -> inspect it in a thread with 
 device uses (`runtimes.bundle`: layout, signatures present, manifest valid, publisher signed,
 payload digests; and the signature itself when `<data_dir>/publishers/*.pub` exist) -> move the
 blob into the content-addressed store -> record name@version. A bundle that fails inspection is
-422 with the bundle module's error code; name@version already published with another digest is
-409 (versions are immutable, so a device that pinned a version always gets the same bytes).
+422 with the bundle module's error code; with TUF initialised (`cloud_sync.platform.tuf`) the
+publisher's signed role claim must let this key publish this function (403/409/400 `tuf_*`), and
+the new role version, snapshot and timestamp are committed with the blob under one lock;
+name@version already published with another digest is 409 (versions are immutable, so a
+device that pinned a version always gets the same bytes).
 
 Downloads: one `bytes=` range per request (`a-b`, `a-`, `-n`) answered 206 with Content-Range, so
 an interrupted device download resumes where it stopped; an unsatisfiable or malformed range is
@@ -43,6 +46,9 @@ from cloud_sync.platform.store import (
     VersionConflict,
     VersionRecord,
 )
+from cloud_sync.platform.tuf.claim import claim_from_headers
+from cloud_sync.platform.tuf.errors import TufError
+from cloud_sync.platform.tuf.repository import TufRepository
 from runtimes.bundle import (
     BundleManifest,
     RawBundle,
@@ -154,11 +160,13 @@ class Registry:
         *,
         max_bundle_bytes: int,
         verifier: Verifier | None = None,
+        tuf: TufRepository | None = None,
     ) -> None:
         self.store = store
         self._token = token
         self._max = max_bundle_bytes
         self._verifier = verifier
+        self._tuf = tuf  # with `tuf init` done, a publish must carry the publisher's role claim
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -190,6 +198,10 @@ class Registry:
             return denied
         if request.content_length is not None and request.content_length > self._max:
             return self._too_large()
+        try:
+            claim = claim_from_headers(request.headers)
+        except TufError as exc:
+            return error_response(exc.status, exc.code, exc.message)
         spooled = await asyncio.to_thread(self.store.new_upload)
         try:
             digest, size = await self._spool(request, spooled)
@@ -214,11 +226,30 @@ class Registry:
             existing = await asyncio.to_thread(self.store.get_version, record.name, record.version)
             if existing is not None and existing.digest != digest:
                 return self._conflict(existing)
-            await asyncio.to_thread(self.store.put_blob, spooled, digest)
+
+            def keep() -> bool:
+                self.store.put_blob(spooled, digest)
+                return self.store.add_version(record)
+
             try:
-                created = await asyncio.to_thread(self.store.add_version, record)
+                if self._tuf is not None and self._tuf.initialised:
+                    created = await asyncio.to_thread(
+                        self._tuf.publish,
+                        name=record.name,
+                        version=record.version,
+                        sha256=digest,
+                        length=size,
+                        publisher=manifest.publisher,
+                        claim=claim,
+                        store=keep,
+                    )
+                else:
+                    created = await asyncio.to_thread(keep)
             except VersionConflict as exc:  # a racing publish of other bytes won
                 return error_response(409, exc.code, exc.message)
+            except TufError as exc:
+                log.info("publish refused (%s): %s", exc.code, exc.message)
+                return error_response(exc.status, exc.code, exc.message)
         except StoreError as exc:
             log.error("publish failed: %s", exc.message)
             return error_response(500, exc.code, exc.message)
@@ -320,6 +351,10 @@ class Registry:
         digest = request.match_info["digest"].removeprefix("sha256:")
         if not DIGEST_RE.match(digest):
             return error_response(400, "bad_request", "expected /v1/registry/bundles/sha256:<hex>")
+        return await self.serve_blob(request, digest)
+
+    async def serve_blob(self, request: web.Request, digest: str) -> web.StreamResponse:
+        """The blob's bytes (GET/HEAD, one Range): bundles and TUF targets alike."""
         size = await asyncio.to_thread(self.store.blob_size, digest)
         if size is None:
             return error_response(404, "not_found", f"no bundle sha256:{digest}")

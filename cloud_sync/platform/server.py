@@ -6,7 +6,8 @@ registry routes, cloud execution, the device routes (`devices.py`: enrolment, co
 the agents' HTTP fallback) plus `/v1/health`. With `settings.broker` set it also starts, on app
 startup, the embedded amqtt broker (`embedded_broker.py`) when asked for and the MQTT intake
 (`intake.py`), and stops them on cleanup. The rollout controller (`rollouts.py`, its API
-`/v1/rollouts` in `rollout_api.py`) starts after them and stops on shutdown.
+`/v1/rollouts` in `rollout_api.py`) starts after them and stops on shutdown. The TUF
+repository's routes `/v1/tuf/` and its timestamp re-signing task (`tuf/`) are always mounted.
 `serve(settings)` runs it: listen (port 0 picks a free port; HTTPS with `settings.tls`), write
 `<data_dir>/platform.json` ({"url", "pid"}) atomically once listening so scripts and tests
 find the URL, wait for SIGTERM/SIGINT, stop accepting, let in-flight requests finish for up to
@@ -45,6 +46,8 @@ from cloud_sync.platform.rollouts import RolloutController
 from cloud_sync.platform.secrets_api import mount_secrets
 from cloud_sync.platform.settings import PlatformSettings
 from cloud_sync.platform.store import LocalStore, RegistryStore
+from cloud_sync.platform.tuf.repository import TufRepository
+from cloud_sync.platform.tuf.routes import TufRoutes
 from cloud_sync.platform.ui import mount as mount_console
 from runtimes.fsio import atomic_write
 
@@ -66,11 +69,15 @@ def create_app(
         else LocalStore(settings.db_path, settings.blobs_dir)
     )
     verifier = publishers_verifier(settings.publishers_dir)
-    registry = Registry(store, token, max_bundle_bytes=settings.max_bundle_bytes, verifier=verifier)
+    tuf = TufRepository(settings.data_dir, timestamp_expiry_s=settings.tuf_timestamp_expiry_s)
+    registry = Registry(
+        store, token, max_bundle_bytes=settings.max_bundle_bytes, verifier=verifier, tuf=tuf
+    )
     # aiohttp refuses bodies over client_max_size; the registry enforces its own cap (413).
     app = web.Application(client_max_size=settings.max_bundle_bytes + 1, middlewares=[json_errors])
     app.add_routes(registry.routes())
-    devices = _build_devices(settings, token, app)
+    _mount_tuf(app, tuf, store, registry)
+    devices = _build_devices(settings, token, app, tuf)
     app[DEVICES_KEY] = devices
     app.add_routes(devices.routes())
     mount_secrets(app, settings.data_dir, devices)  # /v1/secrets, /v1/devices/{id}/secrets
@@ -164,7 +171,30 @@ def _mount_rollouts(
     return source
 
 
-def _build_devices(settings: PlatformSettings, token: str, app: web.Application) -> DevicesApi:
+def _mount_tuf(
+    app: web.Application, tuf: TufRepository, store: RegistryStore, registry: Registry
+) -> None:
+    """`/v1/tuf/` (cloud_sync/platform/tuf/routes.py) and the task that keeps the timestamp
+    fresh; both find out per call whether `edge-cloud tuf init` has been run."""
+    app.add_routes(TufRoutes(tuf, store, registry.serve_blob).routes())
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start(app: web.Application) -> None:
+        tasks.append(asyncio.create_task(tuf.run_resigner()))
+
+    async def stop(app: web.Application) -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+
+
+def _build_devices(
+    settings: PlatformSettings, token: str, app: web.Application, tuf: TufRepository
+) -> DevicesApi:
     """Fleet store, CA, device auth and (with a broker) the MQTT intake. Blocking (CA, SQLite)."""
     ca = PlatformCA.load_or_create(settings.data_dir)
     fleet = FleetStore(settings.fleet_db)
@@ -185,6 +215,7 @@ def _build_devices(settings: PlatformSettings, token: str, app: web.Application)
         intake,
         device_broker_url=settings.device_broker_url or broker_url or "mqtts://127.0.0.1:8883",
         public_url=settings.public_url,
+        tuf_root=tuf.root_json,
     )
     holder: list[EmbeddedBroker] = []
 

@@ -52,6 +52,8 @@ class PlatformSettings:
     public_url: str = ""
     # Serve HTTPS (server certificate from the platform CA) and accept device client certificates.
     tls: bool = False
+    # TUF (`cloud_sync.platform.tuf`): how long a signed timestamp is valid; re-signed at half.
+    tuf_timestamp_expiry_s: float = 86400.0
 
     @property
     def token_file(self) -> Path:
