@@ -58,6 +58,7 @@ from edge_agent.staging import (
     staged_copy,
     sweep,
 )
+from edge_agent.update_security import UpdatePolicy
 from edge_agent.versions import (
     ARCH_ANY,
     KEEP_PREVIOUS,
@@ -113,6 +114,8 @@ class InstallOptions:
     # The fault-injection seam (edge_agent.install_faults): by default from the environment,
     # read once, here; tests in the same process pass their own.
     faults: InstallFaults = field(default_factory=InstallFaults.from_env)
+    # Which trust model registry installs use (edge_agent.update_security); files: signatures.
+    security: UpdatePolicy = field(default_factory=UpdatePolicy)
 
     @property
     def functions_dir(self) -> Path:
@@ -169,14 +172,35 @@ def install_file(src: Path, opts: InstallOptions) -> InstallResult:
 
 
 def install_from_registry(
-    url: str, name: str, version: str | None, opts: InstallOptions
+    url: str,
+    name: str,
+    version: str | None,
+    opts: InstallOptions,
+    *,
+    expected_digest: str | None = None,
 ) -> InstallResult:
-    """Install `name@version` (None: the latest) from the registry at `url`."""
-    from cloud_sync.registry_client import RegistryClient
+    """Install `name@version` (None: the latest) from the registry at `url`.
+
+    `expected_digest`: the sha256 a fleet instruction names; the bundle must be exactly that.
+    With `opts.security.tuf` the length and sha256 come from the refreshed TUF targets metadata
+    (`edge_agent.tuf_install`), not from the registry's version document.
+    """
+    from cloud_sync.registry_client import DigestMismatch, DownloadOverrun, RegistryClient
 
     verifier = _load_verifier(opts)  # no trusted key: refuse before downloading anything
     client = RegistryClient(url)
-    info = client.resolve(name, version)
+    if opts.security.tuf:
+        from edge_agent.tuf_install import tuf_checked
+
+        info, verifier = tuf_checked(client, name, version, verifier, opts, expected_digest)
+    else:
+        info = client.resolve(name, version)
+        if expected_digest is not None and expected_digest.removeprefix("sha256:") != info.digest:
+            raise InstallError(
+                f"the instruction names {name}@{info.version} with sha256 "
+                f"{expected_digest.removeprefix('sha256:')}, the registry has {info.digest}",
+                code="digest_mismatch",
+            )
     target = _Target(name, info.version, info.digest)
     with function_lock(opts.staging_dir, name, opts.tell):
         done = _precheck(opts, target)
@@ -205,7 +229,21 @@ def install_from_registry(
                     opts.reached("download")
 
             # DownloadInterrupted keeps the part: the next attempt resumes it.
-            client.download(info, part, max_bytes=opts.max_bundle_bytes, progress=progress)
+            try:
+                client.download(info, part, max_bytes=opts.max_bundle_bytes, progress=progress)
+            except DownloadOverrun as exc:  # endless data: nothing of it is worth resuming
+                part.unlink(missing_ok=True)
+                if opts.security.tuf:
+                    from edge_agent.tuf_install import overrun
+
+                    raise overrun(exc, info) from None
+                raise
+            except DigestMismatch as exc:
+                if opts.security.tuf:
+                    from edge_agent.tuf_install import hash_mismatch
+
+                    raise hash_mismatch(exc, info) from None
+                raise
             downloaded = True
             return _verify(verifier, part, opts, expect_name=name, expect_version=info.version)
 

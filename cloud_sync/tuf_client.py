@@ -1,0 +1,264 @@
+"""The device's TUF refresh: timestamp -> snapshot -> targets -> delegated roles, then one target.
+
+Flow of `refresh_target(...)` (python-tuf's `ngclient.Updater` does the TUF client workflow; this
+module gives it the agent's HTTP client and a crash-safe cache):
+
+1. take `DATA_DIR/tuf/.lock` (one refresh at a time per device: installs of two functions
+   share the metadata);
+2. copy the trusted set `DATA_DIR/tuf/current` points at into a fresh `tuf/.work-<rand>/`
+   (or, on the first refresh, start from the root pinned at enrolment);
+3. run the Updater in that work directory against `{cloud}/v1/tuf/`: root rotations (each new
+   root signed by a threshold of the old root's keys and its own), then the timestamp, the
+   snapshot it names and the targets the snapshot names (consistent snapshots: `{N}.role.json`),
+   then, for the one target path asked for, the delegated roles that may sign it. Every bound
+   (rotations, delegations, bytes per document) is ngclient's `UpdaterConfig`, read through
+   `HttpFetcher`, which streams so an endless answer stops at the bound;
+4. only when all of that verified: fsync the work directory's files, rename it to
+   `tuf/gen-<rand>/`, point `tuf/current` (a symlink) at it atomically, remove the older
+   generation.
+
+So a refresh is all or nothing on disk: `kill -9` at any point leaves `current` at the
+previous trusted set, and the next refresh removes the leftover work directory. Nothing a failed
+refresh downloaded (a rollback, an expired timestamp, a bad signature) is ever kept.
+
+Blocking (urllib); async callers use `asyncio.to_thread`. Errors leave as
+`runtimes.tuf_verify.TufError` with a stable code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import http.client
+import os
+import secrets
+import shutil
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tuf.api import exceptions as tuf_exc
+from tuf.ngclient.config import UpdaterConfig
+from tuf.ngclient.fetcher import FetcherInterface
+from tuf.ngclient.updater import Updater
+
+from cloud_sync.http_client import Endpoint, RemoteError, SyncHttpClient, Unreachable
+from runtimes.fsio import fsync_dir
+from runtimes.tuf_verify import TrustedView, TufError, TufTarget, tuf_error
+
+TUF_DIR = "tuf"
+CURRENT = "current"
+METADATA_PATH = "/v1/tuf/"
+# Per socket operation: a registry that stalls mid-document is an error after this long, not a
+# hung install (ngclient has no timeout of its own; the fetcher is where it belongs).
+DEFAULT_TIMEOUT_S = 15.0
+CHUNK = 16 * 1024
+# ngclient's defaults, tightened where edgefn's documents are known to be small: a timestamp is
+# ~1 kB; top-level targets holds only delegations (one per publisher key).
+CONFIG = UpdaterConfig(
+    max_root_rotations=32,
+    max_delegations=8,
+    root_max_length=512_000,
+    timestamp_max_length=16_384,
+    snapshot_max_length=2_000_000,
+    targets_max_length=5_000_000,
+    prefix_targets_with_hash=True,
+)
+
+
+class HttpFetcher(FetcherInterface):
+    """ngclient's downloads over the agent's own HTTP client (token, TLS, timeouts)."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._http = SyncHttpClient(endpoint)
+        self._base = endpoint.base_url
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if not url.startswith(self._base + "/"):
+            raise tuf_exc.DownloadError(f"refusing to fetch {url}: not under {self._base}")
+        path = url[len(self._base) :]
+        # A generator: the body is read as ngclient consumes it, so it can stop at its bound.
+        stack = contextlib.ExitStack()
+        try:
+            resp = stack.enter_context(self._http.open("GET", path))
+        except RemoteError as exc:
+            raise tuf_exc.DownloadHTTPError(f"HTTP {exc.status} for {url}", exc.status) from None
+        except Unreachable as exc:
+            raise tuf_exc.DownloadError(exc.message) from exc
+        return self._chunks(stack, resp, url)
+
+    @staticmethod
+    def _chunks(
+        stack: contextlib.ExitStack, resp: http.client.HTTPResponse, url: str
+    ) -> Iterator[bytes]:
+        with stack:
+            try:
+                while chunk := resp.read(CHUNK):
+                    yield chunk
+            except (OSError, http.client.HTTPException) as exc:
+                raise tuf_exc.DownloadError(f"download of {url} cut: {exc}") from exc
+
+
+def tuf_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / TUF_DIR
+
+
+def current_dir(data_dir: Path) -> Path | None:
+    """The trusted set a completed refresh left, or None before the first one."""
+    link = tuf_dir(data_dir) / CURRENT
+    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+
+def trusted_view(data_dir: Path) -> TrustedView | None:
+    """The cached trusted metadata, offline (for `fn list`); None when there is none."""
+    cur = current_dir(data_dir)
+    return TrustedView(cur) if cur is not None else None
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _sweep(directory: Path, keep: Path | None) -> None:
+    """Remove work directories of interrupted refreshes and generations no longer current."""
+    for entry in directory.iterdir():
+        if entry.name.startswith((".work-", "gen-", ".current-")) and entry != keep:
+            if entry.is_symlink() or entry.is_file():
+                entry.unlink()
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                continue
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def refresh_target(
+    data_dir: Path,
+    cloud_url: str,
+    target_path: str,
+    *,
+    pinned_root: bytes | None,
+    token: str = "",
+    ssl_context: ssl.SSLContext | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> TufTarget:
+    """Refresh the trusted metadata from `cloud_url` and return `target_path`'s target.
+
+    Raises TufError: `tuf_no_root` with neither a cached set nor a pinned root,
+    `tuf_unavailable` when the platform serves no TUF metadata, `tuf_unknown_target` when the
+    fresh metadata does not name the path, and the codes of `runtimes.tuf_verify.tuf_error`.
+    """
+    base = cloud_url.rstrip("/")
+    if urlsplit(base).scheme not in ("http", "https"):
+        raise TufError(f"not a registry URL: {cloud_url!r}", code="tuf_unavailable")
+    top = tuf_dir(data_dir)
+    with _locked(top):
+        cur = current_dir(data_dir)
+        _sweep(top, cur)
+        if cur is None and pinned_root is None:
+            raise TufError(
+                "update_security is 'tuf' but this device has no pinned TUF root: enrol it "
+                "again with a platform that serves TUF metadata (the credentials file's "
+                "'tuf_root'), or set update_security = 'signatures'",
+                code="tuf_no_root",
+            )
+        work = top / f".work-{secrets.token_hex(6)}"
+        if cur is not None:
+            shutil.copytree(cur, work, symlinks=True)
+        else:
+            work.mkdir(mode=0o700)
+        try:
+            found = _run_updater(
+                work,
+                base,
+                target_path,
+                pinned_root if cur is None else None,
+                Endpoint(
+                    base,
+                    token=token,
+                    ssl_context=ssl_context,
+                    timeout_s=timeout_s,
+                    name="the registry",
+                ),
+            )
+            _fsync_tree(work)
+            gen = top / f"gen-{secrets.token_hex(6)}"
+            os.rename(work, gen)
+            tmp_link = top / f".current-{secrets.token_hex(6)}"
+            os.symlink(gen.name, tmp_link)
+            os.replace(tmp_link, top / CURRENT)
+            fsync_dir(top)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        if cur is not None:
+            shutil.rmtree(cur, ignore_errors=True)
+    if found is None:
+        raise TufError(
+            f"{target_path} is not a target in the trusted TUF metadata of {base} (not "
+            "published, or its publisher's key was revoked)",
+            code="tuf_unknown_target",
+        )
+    return found
+
+
+def _run_updater(
+    work: Path, base: str, path: str, bootstrap: bytes | None, endpoint: Endpoint
+) -> TufTarget | None:
+    where = f"the registry at {base}"
+    try:
+        updater = Updater(
+            metadata_dir=str(work),
+            metadata_base_url=base + METADATA_PATH,
+            target_base_url=base + METADATA_PATH + "targets/",
+            fetcher=HttpFetcher(endpoint),
+            config=CONFIG,
+            bootstrap=bootstrap,
+        )
+        updater.refresh()
+        tf = updater.get_targetinfo(path)
+    except tuf_exc.DownloadHTTPError as exc:
+        if exc.status_code == 404:
+            raise TufError(
+                f"{where} serves no TUF metadata ({exc}); this device's update_security is "
+                "'tuf': refusing to install without it",
+                code="tuf_unavailable",
+            ) from None
+        raise tuf_error(exc, where) from None
+    except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
+        raise tuf_error(exc, where) from None
+    except (ValueError, TypeError, KeyError) as exc:  # a pinned root that does not parse
+        raise TufError(
+            f"the pinned TUF root is not usable: {exc}", code="tuf_bad_metadata"
+        ) from exc
+    if tf is None:
+        return None
+    return TufTarget.from_target_file(tf, _signing_role(work, path))
+
+
+def _signing_role(work: Path, path: str) -> str:
+    """Which cached role names `path` (for messages); 'targets' when it cannot be said."""
+    try:
+        found = TrustedView(work).find(path)
+    except (OSError, ValueError, tuf_exc.RepositoryError, TufError):
+        return "targets"
+    return found.role if found is not None else "targets"
