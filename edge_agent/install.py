@@ -6,10 +6,12 @@ The install path, in order (each step named as `edge_agent.install_faults.STEPS`
    an interrupted attempt left, never more than the size cap, and the file's sha256 checked
    against the registry's digest (`cloud_sync.registry_client`). A local bundle file is copied
    into staging with the same cap, so what is verified cannot change underneath us.
-2. **verify**: signature against the keys in `DATA_DIR/trust/` and every payload digest
-   (`runtimes.verify`), the name/version asked for, an artifact for this device's arch
-   (`hardware.profile`), and the version order: only forward, unless `force_downgrade` or a
-   rollback says otherwise (the same version with the same digest is "already installed").
+2. **verify**: with `update_security = "tuf"` first the bundle's length and sha256 against
+   the refreshed TUF targets metadata (`edge_agent.tuf_install`); then the signature against
+   the keys in `DATA_DIR/trust/` and every payload digest (`runtimes.verify`), the
+   name/version asked for, an artifact for this device's arch (`hardware.profile`), and the
+   version order: only forward, unless `force_downgrade` or a rollback says otherwise (the
+   same version with the same digest is "already installed").
    Nothing has been unpacked or parsed beyond the signed manifest yet. The checks that need
    only the name, version and digest (already installed, version order, a development copy in
    the way) run once, before the download; a version still unpacked on disk from the same
@@ -185,22 +187,13 @@ def install_from_registry(
     With `opts.security.tuf` the length and sha256 come from the refreshed TUF targets metadata
     (`edge_agent.tuf_install`), not from the registry's version document.
     """
-    from cloud_sync.registry_client import DigestMismatch, DownloadOverrun, RegistryClient
+    from cloud_sync.registry_client import RegistryClient
+    from edge_agent.tuf_install import download_refusals, what_to_download
 
     verifier = _load_verifier(opts)  # no trusted key: refuse before downloading anything
     client = RegistryClient(url)
-    if opts.security.tuf:
-        from edge_agent.tuf_install import tuf_checked
-
-        info, verifier = tuf_checked(client, name, version, verifier, opts, expected_digest)
-    else:
-        info = client.resolve(name, version)
-        if expected_digest is not None and expected_digest.removeprefix("sha256:") != info.digest:
-            raise InstallError(
-                f"the instruction names {name}@{info.version} with sha256 "
-                f"{expected_digest.removeprefix('sha256:')}, the registry has {info.digest}",
-                code="digest_mismatch",
-            )
+    # What to download and how to verify it: from TUF metadata, or the registry's word.
+    info, verifier = what_to_download(client, name, version, verifier, opts, expected_digest)
     target = _Target(name, info.version, info.digest)
     with function_lock(opts.staging_dir, name, opts.tell):
         done = _precheck(opts, target)
@@ -229,21 +222,8 @@ def install_from_registry(
                     opts.reached("download")
 
             # DownloadInterrupted keeps the part: the next attempt resumes it.
-            try:
+            with download_refusals(part, info, tuf=opts.security.tuf):
                 client.download(info, part, max_bytes=opts.max_bundle_bytes, progress=progress)
-            except DownloadOverrun as exc:  # endless data: nothing of it is worth resuming
-                part.unlink(missing_ok=True)
-                if opts.security.tuf:
-                    from edge_agent.tuf_install import overrun
-
-                    raise overrun(exc, info) from None
-                raise
-            except DigestMismatch as exc:
-                if opts.security.tuf:
-                    from edge_agent.tuf_install import hash_mismatch
-
-                    raise hash_mismatch(exc, info) from None
-                raise
             downloaded = True
             return _verify(verifier, part, opts, expect_name=name, expect_version=info.version)
 

@@ -1,8 +1,9 @@
 """The install path's TUF step: what the registry download must deliver, from trusted metadata.
 
-`edge_agent.install.install_from_registry` calls `tuf_checked` when the device's
-`update_security` is "tuf" (`edge_agent.update_security`), before the function's lock and the
-version checks, so they see the trusted digest:
+`edge_agent.install.install_from_registry` calls `what_to_download` before the function's lock
+and the version checks, so they see the digest it returns. With `update_security = "signatures"`
+that is the registry's version document (and a fleet instruction's digest must match it); with
+"tuf" (`edge_agent.update_security`), `tuf_checked`:
 
 1. the version: the one asked for, or for a bare `NAME` the registry's latest (an untrusted
    hint: the target must still be in the metadata, and versions only move forward);
@@ -19,14 +20,63 @@ targets URL serves), so resuming an interrupted download keeps working.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cloud_sync.registry_client import RegistryClient, RegistryError, VersionInfo
+from cloud_sync.registry_client import (
+    DigestMismatch,
+    DownloadOverrun,
+    RegistryClient,
+    RegistryError,
+    VersionInfo,
+)
 from runtimes.tuf_verify import TufError, TufVerifier, check_expected_digest, target_path
 from runtimes.verify import Verifier
 
 if TYPE_CHECKING:
     from edge_agent.install import InstallOptions
+
+
+def what_to_download(
+    client: RegistryClient,
+    name: str,
+    version: str | None,
+    verifier: Verifier,
+    opts: InstallOptions,
+    expected_digest: str | None,
+) -> tuple[VersionInfo, Verifier]:
+    """(the bundle to download, the verifier for it) under the device's update security."""
+    if opts.security.tuf:
+        return tuf_checked(client, name, version, verifier, opts, expected_digest)
+    from edge_agent.staging import InstallError
+
+    info = client.resolve(name, version)
+    want = expected_digest.removeprefix("sha256:") if expected_digest is not None else None
+    if want is not None and want != info.digest:
+        raise InstallError(
+            f"the instruction names {name}@{info.version} with sha256 {want}, the registry "
+            f"has {info.digest}",
+            code="digest_mismatch",
+        )
+    return info, verifier
+
+
+@contextlib.contextmanager
+def download_refusals(part: Path, info: VersionInfo, *, tuf: bool) -> Iterator[None]:
+    """Around the download: endless data leaves no part behind; under TUF, TUF's codes."""
+    try:
+        yield
+    except DownloadOverrun as exc:  # nothing of it is worth resuming
+        part.unlink(missing_ok=True)
+        if tuf:
+            raise overrun(exc, info) from None
+        raise
+    except DigestMismatch as exc:
+        if tuf:
+            raise hash_mismatch(exc, info) from None
+        raise
 
 
 def tuf_checked(

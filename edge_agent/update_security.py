@@ -73,6 +73,8 @@ def status(data_dir: Path, installed: list[Any]) -> dict[str, Any] | None:
     `installed` are `edge_agent.versions.InstalledFunction`s. None when the device has no TUF
     metadata. Offline: reads only what the last refresh stored.
     """
+    if not (Path(data_dir) / "tuf" / "current").is_symlink():
+        return None  # never refreshed: and python-tuf (slow to import) is not needed
     from cloud_sync.tuf_client import trusted_view
     from runtimes.tuf_verify import TufError, target_path
 
