@@ -45,7 +45,7 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
-from cloud_sync.http_client import Endpoint, RemoteError, SyncHttpClient, Unreachable
+from cloud_sync.http_client import Endpoint
 from runtimes.fsio import fsync_dir
 from runtimes.tuf_verify import TrustedView, TufError, TufTarget, tuf_error
 
@@ -56,6 +56,8 @@ METADATA_PATH = "/v1/tuf/"
 # hung install (ngclient has no timeout of its own; the fetcher is where it belongs).
 DEFAULT_TIMEOUT_S = 15.0
 CHUNK = 16 * 1024
+# An error answer (404 for the next root version, on every refresh) is read up to this much.
+MAX_ERROR_BODY = 64 * 1024
 # ngclient's defaults, tightened where edgefn's documents are known to be small: a timestamp is
 # ~1 kB; top-level targets holds only delegations (one per publisher key).
 CONFIG = UpdaterConfig(
@@ -70,36 +72,87 @@ CONFIG = UpdaterConfig(
 
 
 class HttpFetcher(FetcherInterface):
-    """ngclient's downloads over the agent's own HTTP client (token, TLS, timeouts)."""
+    """ngclient's downloads over one kept-alive connection, with the agent's TLS and token.
+
+    One refresh is five or six small GETs; reusing the connection saves a TCP (and TLS)
+    handshake for each but the first, which is most of a refresh's time on a remote link.
+    The endpoint's `timeout_s` bounds the connect and every read. Bodies are streamed, so
+    ngclient stops an endless answer at its bound; the connection is then dropped.
+    """
 
     def __init__(self, endpoint: Endpoint) -> None:
-        self._http = SyncHttpClient(endpoint)
-        self._base = endpoint.base_url
+        self._ep = endpoint
+        parts = urlsplit(endpoint.base_url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+        self._conn: http.client.HTTPConnection | None = None
+        self._used = False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._used = False
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._https:
+                ctx = self._ep.tls() or ssl.create_default_context()
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._ep.timeout_s, context=ctx
+                )
+            else:
+                self._conn = http.client.HTTPConnection(
+                    self._host, self._port, timeout=self._ep.timeout_s
+                )
+        return self._conn
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        if not url.startswith(self._base + "/"):
-            raise tuf_exc.DownloadError(f"refusing to fetch {url}: not under {self._base}")
-        path = url[len(self._base) :]
-        # A generator: the body is read as ngclient consumes it, so it can stop at its bound.
-        stack = contextlib.ExitStack()
-        try:
-            resp = stack.enter_context(self._http.open("GET", path))
-        except RemoteError as exc:
-            raise tuf_exc.DownloadHTTPError(f"HTTP {exc.status} for {url}", exc.status) from None
-        except Unreachable as exc:
-            raise tuf_exc.DownloadError(exc.message) from exc
-        return self._chunks(stack, resp, url)
+        base = self._ep.base_url
+        if not url.startswith(base + "/"):
+            raise tuf_exc.DownloadError(f"refusing to fetch {url}: not under {base}")
+        path = self._prefix + url[len(base) :]
+        resp = self._get(path, url)
+        if resp.status != 200:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                resp.read(MAX_ERROR_BODY)  # small error bodies: the connection stays usable
+            if not resp.isclosed():
+                self.close()
+            raise tuf_exc.DownloadHTTPError(f"HTTP {resp.status} for {url}", resp.status)
+        return self._chunks(resp, url)
 
-    @staticmethod
-    def _chunks(
-        stack: contextlib.ExitStack, resp: http.client.HTTPResponse, url: str
-    ) -> Iterator[bytes]:
-        with stack:
+    def _get(self, path: str, url: str) -> http.client.HTTPResponse:
+        # A kept-alive connection the server has closed meanwhile fails at once: retry once
+        # on a fresh one; a fresh connection that fails is the answer.
+        for attempt in (1, 2):
+            reused = self._used
             try:
-                while chunk := resp.read(CHUNK):
-                    yield chunk
+                conn = self._connection()
+                conn.request("GET", path, headers=self._ep.headers())
+                resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
-                raise tuf_exc.DownloadError(f"download of {url} cut: {exc}") from exc
+                self.close()
+                if reused and attempt == 1:
+                    continue
+                raise tuf_exc.DownloadError(
+                    f"cannot reach {self._ep.name} at {url}: {exc}"
+                ) from exc
+            self._used = True
+            return resp
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _chunks(self, resp: http.client.HTTPResponse, url: str) -> Iterator[bytes]:
+        try:
+            while chunk := resp.read(CHUNK):
+                yield chunk
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise tuf_exc.DownloadError(f"download of {url} cut: {exc}") from exc
+        finally:
+            if not resp.isclosed():  # stopped early (over the bound): drop the connection
+                self.close()
 
 
 def tuf_dir(data_dir: Path) -> Path:
@@ -137,6 +190,19 @@ def _sweep(directory: Path, keep: Path | None) -> None:
                 entry.unlink()
             else:
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _link_tree(src: Path, dest: Path) -> None:
+    """`dest` as a tree of hard links to `src`'s files (symlinks copied as symlinks)."""
+    dest.mkdir(mode=0o700)
+    for entry in src.iterdir():
+        target = dest / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():
+            _link_tree(entry, target)
+        else:
+            os.link(entry, target)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -188,7 +254,7 @@ def refresh_target(
         if cur is not None:
             # Hard links, not copies: ngclient never writes a file in place (temp + rename),
             # so the trusted generation cannot change through them, and they need no fsync.
-            shutil.copytree(cur, work, symlinks=True, copy_function=os.link)
+            _link_tree(cur, work)
         else:
             work.mkdir(mode=0o700)
         try:
@@ -230,12 +296,13 @@ def _run_updater(
     work: Path, base: str, path: str, bootstrap: bytes | None, endpoint: Endpoint
 ) -> TufTarget | None:
     where = f"the registry at {base}"
+    fetcher = HttpFetcher(endpoint)
     try:
         updater = Updater(
             metadata_dir=str(work),
             metadata_base_url=base + METADATA_PATH,
             target_base_url=base + METADATA_PATH + "targets/",
-            fetcher=HttpFetcher(endpoint),
+            fetcher=fetcher,
             config=CONFIG,
             bootstrap=bootstrap,
         )
@@ -255,6 +322,8 @@ def _run_updater(
         raise TufError(
             f"the pinned TUF root is not usable: {exc}", code="tuf_bad_metadata"
         ) from exc
+    finally:
+        fetcher.close()
     if tf is None:
         return None
     return TufTarget.from_target_file(tf, _signing_role(work, path))

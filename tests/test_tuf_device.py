@@ -196,3 +196,36 @@ def test_unreachable_registry_is_a_download_failure_not_an_attack(dev: Device) -
     )  # fmt: skip
     assert outcome.state.value == "failed" and outcome.code == "download_failed"
     assert dev.active() == "1.0.0" and dev.leftovers() == []
+
+
+async def test_the_deployer_verifies_its_installs_through_tuf(dev: Device) -> None:
+    """A rollout's desired version reaches the install path with the device's TUF policy."""
+    import asyncio
+
+    from cloud_sync.rollout.messages import StatusReport
+    from cloud_sync.rollout.states import DeviceState
+    from cloud_sync.state import AgentConfig
+    from edge_agent.deployer import Deployer, DeployerHooks
+    from edge_agent.deployer_health import HealthSample
+
+    reports: list[StatusReport] = []
+
+    async def report(r: StatusReport) -> None:
+        reports.append(r)
+
+    async def reload() -> None:
+        return None
+
+    hooks = DeployerHooks(report, reload, lambda name: HealthSample("1.1.0", 0, 0, 0))
+    deployer = Deployer(dev.data, "edge-01", dev.url, hooks, resolve(None, dev.data, dev.creds))
+    dev.repo.add_bundle("echo", "1.1.0", dev.bundle("1.1.0"))  # served, never a TUF target
+    await deployer.start()
+    try:
+        deployer.desired(AgentConfig(raw={"functions": {"echo": {"version": "1.1.0"}}}))
+        await asyncio.wait_for(deployer.idle.wait(), 60)
+    finally:
+        await deployer.close()
+    last = reports[-1]
+    assert last.state is DeviceState.REJECTED and last.code == "signature"
+    assert "(tuf_unknown_target)" in (last.message or "")
+    assert dev.active() == "1.0.0" and dev.leftovers() == []
