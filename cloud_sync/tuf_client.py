@@ -183,9 +183,13 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def _sweep(directory: Path, keep: Path | None) -> None:
-    """Remove work directories of interrupted refreshes and generations no longer current."""
+    """Remove work directories of interrupted refreshes and generations no longer current.
+
+    Compared by name: `keep` is resolved, `directory` may be reached through a symlink.
+    """
+    keep_name = keep.name if keep is not None else None
     for entry in directory.iterdir():
-        if entry.name.startswith((".work-", "gen-", ".current-")) and entry != keep:
+        if entry.name.startswith((".work-", "gen-", ".current-")) and entry.name != keep_name:
             if entry.is_symlink() or entry.is_file():
                 entry.unlink()
             else:

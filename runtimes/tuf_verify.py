@@ -128,9 +128,10 @@ class TufVerifier(Verifier):
         t = self.target
         length, digest = _measure(bundle, t.length)
         if length != t.length:
+            size = f"more than {t.length}" if length > t.length else str(length)
             raise TufError(
-                f"bundle for {t.path} is {'over' if length > t.length else ''} {length} bytes; "
-                f"the trusted targets metadata ({t.role}) says {t.length}",
+                f"bundle for {t.path} is {size} bytes; the trusted targets metadata "
+                f"({t.role}) says {t.length}",
                 code="tuf_length_mismatch",
             )
         if digest != t.sha256:

@@ -229,3 +229,44 @@ async def test_the_deployer_verifies_its_installs_through_tuf(dev: Device) -> No
     assert last.state is DeviceState.REJECTED and last.code == "signature"
     assert "(tuf_unknown_target)" in (last.message or "")
     assert dev.active() == "1.0.0" and dev.leftovers() == []
+
+
+def test_tuf_verifier_checks_length_and_hash_before_the_signature(
+    dev: Device, tmp_path: Path
+) -> None:
+    """The pure check (runtimes.tuf_verify), on a file the download client did not vet."""
+    import hashlib
+
+    from edge_agent.trust import load_verifier
+    from runtimes.tuf_verify import TufTarget, TufVerifier
+
+    data = dev.bundle("1.1.0")
+    good = TufTarget("echo/1.1.0.edgefn", len(data), hashlib.sha256(data).hexdigest())
+    inner = load_verifier(dev.data)
+    path = tmp_path / "b.efb"
+    path.write_bytes(data + b"x")
+    with pytest.raises(TufError) as err:
+        TufVerifier(inner, good).verify(path)
+    assert err.value.code == "tuf_length_mismatch"
+    assert f"is more than {len(data)} bytes" in err.value.message
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(TufError) as err:
+        TufVerifier(inner, good).verify(path)
+    assert err.value.code == "tuf_hash_mismatch"
+    path.write_bytes(data)
+    assert TufVerifier(inner, good).verify(path, expect_name="echo").version == "1.1.0"
+
+
+def test_a_data_dir_reached_through_a_symlink_keeps_its_generation(
+    dev: Device, tmp_path: Path
+) -> None:
+    link = tmp_path / "via-link"
+    link.symlink_to(dev.data)
+    dev.data = link  # the refresh sees the path through the symlink
+    dev.publish("1.1.0")
+    dev.install("1.1.0")
+    dev.publish("1.2.0")
+    dev.install("1.2.0")
+    assert dev.active() == "1.2.0" and dev.leftovers() == []
+    gens = sorted(p.name for p in (link / "tuf").iterdir() if p.name.startswith("gen-"))
+    assert len(gens) == 1 and os.readlink(link / "tuf" / "current") == gens[0]
