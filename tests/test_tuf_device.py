@@ -270,3 +270,13 @@ def test_a_data_dir_reached_through_a_symlink_keeps_its_generation(
     assert dev.active() == "1.2.0" and dev.leftovers() == []
     gens = sorted(p.name for p in (link / "tuf").iterdir() if p.name.startswith("gen-"))
     assert len(gens) == 1 and os.readlink(link / "tuf" / "current") == gens[0]
+
+
+def test_garbage_metadata_is_refused_and_nothing_is_kept(dev: Device) -> None:
+    dev.publish("1.1.0")
+    before = dev.trusted_files()
+    dev.repo.override["timestamp.json"] = b"<html>502 Bad Gateway</html>"
+    line = refused(dev.cli_install("1.1.0"), "tuf_bad_metadata")
+    assert "TUF metadata from the registry at" in line
+    assert dev.trusted_files() == before and dev.leftovers() == []
+    assert dev.active() == "1.0.0"
