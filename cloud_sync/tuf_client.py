@@ -47,7 +47,7 @@ from tuf.ngclient.updater import Updater
 
 from cloud_sync.http_client import Endpoint
 from runtimes.fsio import fsync_dir
-from runtimes.tuf_verify import TrustedView, TufError, TufTarget, tuf_error
+from runtimes.tuf_verify import TARGET_SUFFIX, TrustedView, TufError, TufTarget, tuf_error
 
 TUF_DIR = "tuf"
 CURRENT = "current"
@@ -240,6 +240,45 @@ def refresh_target(
     `tuf_unavailable` when the platform serves no TUF metadata, `tuf_unknown_target` when the
     fresh metadata does not name the path, and the codes of `runtimes.tuf_verify.tuf_error`.
     """
+    found, _ = _refresh(
+        data_dir, cloud_url, target_path, pinned_root, token, ssl_context, timeout_s
+    )
+    if found is None:
+        raise TufError(
+            f"{target_path} is not a target in the trusted TUF metadata of "
+            f"{cloud_url.rstrip('/')} (not published, or its publisher's key was revoked)",
+            code="tuf_unknown_target",
+        )
+    return found
+
+
+def refresh_versions(
+    data_dir: Path,
+    cloud_url: str,
+    name: str,
+    *,
+    pinned_root: bytes | None,
+    token: str = "",
+    ssl_context: ssl.SSLContext | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[str]:
+    """Refresh, then every version of `name` the trusted metadata names (for "the latest":
+    the metadata's word, not the registry's, so a frozen "latest" cannot hide a release)."""
+    probe = f"{name}/{TARGET_SUFFIX}"  # walks to the role delegated `{name}/*`
+    _, gen = _refresh(data_dir, cloud_url, probe, pinned_root, token, ssl_context, timeout_s)
+    return TrustedView(gen).versions_of(name)
+
+
+def _refresh(
+    data_dir: Path,
+    cloud_url: str,
+    target_path: str,
+    pinned_root: bytes | None,
+    token: str,
+    ssl_context: ssl.SSLContext | None,
+    timeout_s: float,
+) -> tuple[TufTarget | None, Path]:
+    """The refresh (module docstring): the target, and the generation now current."""
     base = cloud_url.rstrip("/")
     if urlsplit(base).scheme not in ("http", "https"):
         raise TufError(f"not a registry URL: {cloud_url!r}", code="tuf_unavailable")
@@ -287,13 +326,7 @@ def refresh_target(
             raise
         if cur is not None:
             shutil.rmtree(cur, ignore_errors=True)
-    if found is None:
-        raise TufError(
-            f"{target_path} is not a target in the trusted TUF metadata of {base} (not "
-            "published, or its publisher's key was revoked)",
-            code="tuf_unknown_target",
-        )
-    return found
+    return found, gen
 
 
 def _run_updater(
@@ -313,7 +346,7 @@ def _run_updater(
         updater.refresh()
         tf = updater.get_targetinfo(path)
     except tuf_exc.DownloadHTTPError as exc:
-        if exc.status_code == 404:
+        if exc.status_code == 404 and str(exc).endswith("/timestamp.json"):
             raise TufError(
                 f"{where} serves no TUF metadata ({exc}); this device's update_security is "
                 "'tuf': refusing to install without it",

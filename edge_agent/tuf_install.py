@@ -5,8 +5,8 @@ and the version checks, so they see the digest it returns. With `update_security
 that is the registry's version document (and a fleet instruction's digest must match it); with
 "tuf" (`edge_agent.update_security`), `tuf_checked`:
 
-1. the version: the one asked for, or for a bare `NAME` the registry's latest (an untrusted
-   hint: the target must still be in the metadata, and versions only move forward);
+1. the version: the one asked for, or for a bare `NAME` the highest version the trusted
+   metadata names (`refresh_versions`; the registry's own "latest" is not asked);
 2. `cloud_sync.tuf_client.refresh_target`: refresh the metadata (all or nothing on disk) and
    find `{name}/{version}.edgefn`;
 3. a fleet instruction's digest must be the target's sha256 (`tuf_director_mismatch`);
@@ -93,9 +93,21 @@ def tuf_checked(
 
     if not NAME_RE.match(name) or (version is not None and not SEMVER_RE.match(version)):
         raise RegistryError(f"not NAME@VERSION: {name!r}@{version!r}", code="bad_request")
-    if version is None:
-        version = client.resolve(name, None).version
     policy = opts.security
+    if version is None:
+        from cloud_sync.tuf_client import refresh_versions
+
+        opts.tell(f"refreshing TUF metadata from {client.base_url} for the latest {name}")
+        versions = refresh_versions(
+            opts.data_dir, client.base_url, name, pinned_root=policy.pinned_root,
+            token=policy.token, ssl_context=policy.ssl_context,
+        )  # fmt: skip
+        if not versions:
+            raise TufError(
+                f"the trusted TUF metadata of {client.base_url} names no version of {name}",
+                code="tuf_unknown_target",
+            )
+        version = versions[-1]
     opts.tell(f"refreshing TUF metadata from {client.base_url}")
     target = refresh_target(
         opts.data_dir,

@@ -254,6 +254,26 @@ class TrustedView:
                 return TufTarget.from_target_file(tf, role)
         return None
 
+    def versions_of(self, name: str) -> list[str]:
+        """Every version of `name` a trusted role may sign and does, oldest first."""
+        from runtimes.manifest import SEMVER_RE, semver_key
+
+        prefix = f"{name}/"
+        candidates = {
+            p
+            for _, md in self._walk(f"{prefix}{TARGET_SUFFIX}")
+            for p in md.signed.targets
+            if p.startswith(prefix) and p.endswith(TARGET_SUFFIX)
+        }
+        versions = []
+        for p in candidates:
+            version = p[len(prefix) : -len(TARGET_SUFFIX)]
+            # find() walks for that exact path: a role listing a path it was not delegated
+            # vouches for nothing.
+            if SEMVER_RE.match(version) and self.find(p) is not None:
+                versions.append(version)
+        return sorted(versions, key=semver_key)
+
     def _walk(self, path: str) -> Iterator[tuple[str, Metadata[Targets]]]:
         stack: list[tuple[str, Metadata[Targets]]] = [("targets", self.targets)]
         seen: set[str] = set()

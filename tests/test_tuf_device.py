@@ -280,3 +280,16 @@ def test_garbage_metadata_is_refused_and_nothing_is_kept(dev: Device) -> None:
     assert "TUF metadata from the registry at" in line
     assert dev.trusted_files() == before and dev.leftovers() == []
     assert dev.active() == "1.0.0"
+
+
+def test_a_bare_name_installs_the_latest_version_the_metadata_names(dev: Device) -> None:
+    dev.publish("1.1.0")
+    dev.publish("1.10.0")  # semver order, not string order
+    dev.repo.add_bundle("echo", "2.0.0", dev.bundle("2.0.0"))  # served, never a TUF target
+    # The fixture serves no version list: the registry's own "latest" is never asked.
+    proc = agent_cli(
+        "fn", "install", "echo", "--cloud", dev.url, "--data-dir", dev.data,
+        "--credentials", dev.creds,
+    )  # fmt: skip
+    assert "installed echo 1.10.0" in ok(proc)
+    assert dev.active() == "1.10.0" and dev.leftovers() == []
