@@ -279,6 +279,26 @@ def _refresh(
     timeout_s: float,
 ) -> tuple[TufTarget | None, Path]:
     """The refresh (module docstring): the target, and the generation now current."""
+    try:
+        return _refresh_locked(
+            data_dir, cloud_url, target_path, pinned_root, token, ssl_context, timeout_s
+        )
+    except OSError as exc:  # the data dir: full, read-only, permissions
+        raise TufError(
+            f"the trusted TUF metadata in {tuf_dir(data_dir)} cannot be updated: {exc}",
+            code="tuf_cache",
+        ) from exc
+
+
+def _refresh_locked(
+    data_dir: Path,
+    cloud_url: str,
+    target_path: str,
+    pinned_root: bytes | None,
+    token: str,
+    ssl_context: ssl.SSLContext | None,
+    timeout_s: float,
+) -> tuple[TufTarget | None, Path]:
     base = cloud_url.rstrip("/")
     if urlsplit(base).scheme not in ("http", "https"):
         raise TufError(f"not a registry URL: {cloud_url!r}", code="tuf_unavailable")

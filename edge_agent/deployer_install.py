@@ -63,6 +63,7 @@ _FAILURE_ALIASES = {
     "download_interrupted": "download_failed",
     "download_overrun": "download_failed",
     "tuf_unreachable": "download_failed",
+    "tuf_cache": "install_failed",
 }
 
 
@@ -82,8 +83,11 @@ def classify(exc: Exception) -> InstallOutcome:
         return InstallOutcome(False, DeviceState.REJECTED, raw, message)
     if raw in _REJECT_ALIASES:
         return InstallOutcome(False, DeviceState.REJECTED, _REJECT_ALIASES[raw], message)
-    if raw.startswith("tuf_") and raw != "tuf_unreachable":
-        return InstallOutcome(False, DeviceState.REJECTED, _TUF_REJECT, f"{message} ({raw})")
+    if raw.startswith("tuf_"):
+        from runtimes.tuf_verify import FAILURE_CODES as TUF_FAILURES  # python-tuf: imported late
+
+        if raw not in TUF_FAILURES:
+            return InstallOutcome(False, DeviceState.REJECTED, _TUF_REJECT, f"{message} ({raw})")
     return InstallOutcome(
         False, DeviceState.FAILED, _FAILURE_ALIASES.get(raw, "install_failed"), message
     )

@@ -70,7 +70,10 @@ CODES = {
     "tuf_unavailable": "the platform serves no TUF metadata",
     "tuf_no_root": "no pinned root: the device was not enrolled with one",
     "tuf_unreachable": "the metadata could not be downloaded",
+    "tuf_cache": "the trusted metadata in the data dir cannot be written",
 }
+# Codes that say something went wrong on the way, not that the bundle was refused.
+FAILURE_CODES = frozenset({"tuf_unreachable", "tuf_cache"})
 
 
 def target_path(name: str, version: str) -> str:

@@ -293,3 +293,27 @@ def test_a_bare_name_installs_the_latest_version_the_metadata_names(dev: Device)
     )  # fmt: skip
     assert "installed echo 1.10.0" in ok(proc)
     assert dev.active() == "1.10.0" and dev.leftovers() == []
+
+
+def test_a_cache_that_cannot_be_written_is_a_failure_with_its_own_code(dev: Device) -> None:
+    """Disk trouble in DATA_DIR/tuf is `tuf_cache` (a failure the deployer retries), never a
+    traceback, and the trusted set stays."""
+    from edge_agent.deployer_install import classify
+
+    dev.publish("1.1.0")
+    before = dev.trusted_files()
+    top = dev.data / "tuf"
+    # Root ignores directory modes; the immutable attribute stops even root from adding entries.
+    lock = ["chattr", "+i", str(top)] if os.geteuid() == 0 else ["chmod", "0555", str(top)]
+    unlock = ["chattr", "-i", str(top)] if os.geteuid() == 0 else ["chmod", "0755", str(top)]
+    subprocess.run(lock, check=True)
+    try:
+        with pytest.raises(TufError) as err:
+            dev.install("1.1.0")
+    finally:
+        subprocess.run(unlock, check=True)
+    assert err.value.code == "tuf_cache" and "cannot be updated" in err.value.message
+    outcome = classify(err.value)
+    assert outcome.state.value == "failed" and outcome.code == "install_failed"
+    assert dev.trusted_files() == before and dev.active() == "1.0.0"
+    assert dev.install("1.1.0").outcome == "installed"
