@@ -72,6 +72,12 @@ class RegistryGarbage(RegistryError):
     code = "registry_garbage"
 
 
+class DownloadOverrun(RegistryGarbage):
+    """The registry sends more bytes than the bundle's announced (or TUF-declared) length."""
+
+    code = "download_overrun"
+
+
 class NotPublished(RegistryError):
     code = "not_found"
     category = "config"
@@ -266,7 +272,7 @@ class RegistryClient:
             raise RegistryGarbage(f"registry answered HTTP {resp.status} for a bundle")
         length = resp.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > info.size - start:
-            raise RegistryGarbage(
+            raise DownloadOverrun(
                 f"registry at {self.base_url} sends {length} bytes for a bundle it "
                 f"announced as {info.size} bytes"
             )
@@ -296,7 +302,7 @@ class RegistryClient:
                         out.flush()
                         progress(written, info.size)
                 if written == info.size and resp.read(1):
-                    raise RegistryGarbage(
+                    raise DownloadOverrun(
                         f"registry at {self.base_url} sent more than the {info.size} bytes "
                         "it announced"
                     )

@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # imported when a device joins a platform: paho and cryptogra
     from edge_agent.deployer import Deployer
     from edge_agent.deployer_health import HealthSample
     from edge_agent.secret_store import SecretStore
+    from edge_agent.update_security import UpdatePolicy
 
 log = logging.getLogger("edgefn.agent")
 
@@ -121,6 +122,19 @@ class Agent:
             if settings.advertise
             else None
         )
+
+    def _update_policy(self) -> UpdatePolicy:
+        """How the deployer's installs are verified (edge_agent.update_security): TUF or not."""
+        from edge_agent.update_security import resolve
+        from hardware.errors import EdgefnError
+
+        s = self.settings
+        https = self.creds is not None and self.cloud_url.startswith("https:")
+        ssl_ctx = self.creds.ssl_context() if self.creds is not None and https else None
+        try:
+            return resolve(s.update_security, s.data_dir, s.credentials_file, ssl_context=ssl_ctx)
+        except (ValueError, EdgefnError) as exc:
+            raise StartupError(f"update_security: {exc}") from exc
 
     def _advert_txt(self) -> dict[str, str]:
         versions = {n: f.manifest.version for n, f in self.functions.loaded.items()}
@@ -470,6 +484,7 @@ class Agent:
                 sample=self._health_sample,
                 flush_metrics=sync.collect_metrics,
             ),
+            self._update_policy(),
         )
         await self.deployer.start()
         await self._start_secrets(creds)

@@ -338,6 +338,15 @@ def _add_bundle_commands(sub: Any) -> None:
     ins.add_argument("--force-downgrade", action="store_true", help="allow an older version")
     ins.add_argument("--max-bundle-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)
     ins.add_argument("--max-unpacked-bytes", type=int, default=DEFAULT_LIMITS.max_total_bytes)
+    ins.add_argument(
+        "--credentials", type=Path, help="the device credentials file (its pinned TUF root)"
+    )
+    ins.add_argument(
+        "--update-security",
+        choices=("tuf", "signatures"),
+        help="TUF metadata and signatures, or signatures only (default: the config file's, "
+        "else tuf when the device has a pinned TUF root)",
+    )
     _add_data_dir(ins)
     lst = fn_sub.add_parser("list", help="installed functions and versions")
     lst.add_argument("--json", action="store_true")
@@ -376,12 +385,28 @@ def cmd_fn(args: argparse.Namespace) -> int:
     from runtimes.unpack import DEFAULT_LIMITS
 
     if args.fn_command == "list":
+        from edge_agent.update_security import status, status_lines
+
         items = install.list_installed(args.data_dir)
         idle = _not_running(args.data_dir)
+        tuf = status(args.data_dir, items)
         if args.json:
             rows = [{**dataclasses.asdict(i), "not_running": idle.get(i.name)} for i in items]
+            if tuf is not None:  # per row, so the list keeps its shape with or without TUF
+                for row in rows:
+                    row["tuf"] = {
+                        k: v for k, v in tuf.items() if k in ("expires", "expired", "error")
+                    } | {
+                        "not_in_metadata": [
+                            u["version"]
+                            for u in tuf.get("not_in_metadata", [])
+                            if u["name"] == row["name"]
+                        ]
+                    }
             print(json.dumps(rows, indent=2))
             return 0
+        for line in status_lines(tuf):
+            print(line)
         for item in items:
             if item.name in idle:
                 print(f"{item.name:<24} (installed, not running: {idle[item.name]})")
@@ -413,6 +438,7 @@ def cmd_fn(args: argparse.Namespace) -> int:
         )
         if args.cloud:
             name, _, version = args.source.partition("@")
+            opts = dataclasses.replace(opts, security=_update_policy(args))
             result = install.install_from_registry(args.cloud, name, version or None, opts)
         elif "@" in args.source and not Path(args.source).exists():
             return _fail(f"{args.source}: to install NAME@VERSION pass --cloud URL", EXIT_USAGE)
@@ -426,6 +452,18 @@ def cmd_fn(args: argparse.Namespace) -> int:
         was = f" (was {result.previous})" if result.previous else ""
         print(f"installed {result.name} {result.version} for {result.arch}{was}; active")
     return 0
+
+
+def _update_policy(args: argparse.Namespace) -> Any:
+    """`--update-security`, else the packaged config file's, else the device's pinned root."""
+    from edge_agent import config_file
+    from edge_agent.settings import DEFAULT_CONFIG_FILE
+    from edge_agent.update_security import resolve
+
+    setting = args.update_security
+    if setting is None and DEFAULT_CONFIG_FILE.is_file():
+        setting = config_file.load(DEFAULT_CONFIG_FILE).get("update_security")
+    return resolve(setting, args.data_dir.resolve(), args.credentials)
 
 
 def cmd_trust(args: argparse.Namespace) -> int:

@@ -88,6 +88,11 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--log-format", choices=("text", "json"))
     run.add_argument("--log-level", choices=config_file.LOG_LEVELS)
     run.add_argument(
+        "--update-security",
+        choices=("tuf", "signatures"),
+        help="verify registry installs with TUF metadata, or bundle signatures only",
+    )
+    run.add_argument(
         "--require-signed",
         action=argparse.BooleanOptionalAction,
         help="refuse unsigned development functions",

@@ -60,6 +60,7 @@ from edge_agent.deployer_install import (
     read_active_version,
 )
 from edge_agent.deployer_state import MAX_ATTEMPTS, DeployerState, want_key
+from edge_agent.update_security import UpdatePolicy
 from runtimes.manifest import semver_key
 
 log = logging.getLogger("edgefn.deployer")
@@ -85,9 +86,16 @@ class Deployer:
     """`await start()`, then `desired(config)` for every applied config; `await close()`."""
 
     def __init__(
-        self, data_dir: Path, device_id: str, registry_url: str, hooks: DeployerHooks
+        self,
+        data_dir: Path,
+        device_id: str,
+        registry_url: str,
+        hooks: DeployerHooks,
+        security: UpdatePolicy | None = None,
     ) -> None:
         self.data_dir = data_dir
+        # Every install the deployer makes goes through the device's update security (TUF).
+        self.security = security or UpdatePolicy()
         self.device_id = device_id
         self.registry_url = registry_url
         self.hooks = hooks
@@ -324,7 +332,7 @@ class Deployer:
         await self._report(want, DeviceState.DOWNLOADING, None, previous, started)
         outcome = await asyncio.to_thread(
             install_version, self.data_dir, self.registry_url, name, want.version,
-            rollback=want.rollback, progress=progress,
+            rollback=want.rollback, progress=progress, security=self.security,
         )  # fmt: skip
         for fut in pending:
             await asyncio.wrap_future(fut)

@@ -81,6 +81,10 @@ class Settings:
     token_concurrency: int = 32  # 0: no limit
     # Interfaces to advertise the API on with zeroconf (edge_agent.discovery); empty: off.
     advertise: tuple[str, ...] = ()
+    # How installs from the registry are verified (edge_agent.update_security): "tuf" or
+    # "signatures"; None (library/dev default) decides by the device's pinned TUF root.
+    # The packaged config file says "tuf".
+    update_security: str | None = None
     # The config file these settings were read from, if any (for messages).
     config_file: Path | None = None
 
