@@ -4,7 +4,8 @@ Pure functions over bytes, no I/O, so they can be fuzzed directly (tests/test_ht
 protocol in `edge_agent.fastpath` stays about connections, not syntax. Strict on purpose: what
 RFC 9112 lets a server reject is rejected (obs-fold, whitespace before a colon, bare LF line
 ends, both Content-Length and Transfer-Encoding, conflicting Content-Lengths, transfer codings
-other than a final `chunked`), because leniency there is how request smuggling starts.
+other than a final `chunked`, HTTP/1.1 without Host), because leniency there is how request
+smuggling starts.
 Every refusal is an `HttpError` with the status and stable code the API answers with.
 """
 
@@ -90,6 +91,8 @@ def parse_head(raw: bytes, *, max_headers: int, max_line: int) -> Head:
         if ln == "content-length":
             lengths.update(x.strip(b" \t") for x in value.split(b","))
         lower[ln] = f"{lower[ln]}, {v}" if ln in lower else v
+    if http11 and "host" not in lower:
+        raise HttpError(400, "bad_request", "missing Host header (required in HTTP/1.1)")
     path, _, query = target.decode("ascii").partition("?")
     head = Head(method.decode("ascii"), path, query, http11, headers, lower)
     te = lower.get("transfer-encoding")
@@ -139,6 +142,14 @@ class ChunkedDecoder:
                 if self._need == 0:
                     self._state = "data_crlf"
                 continue
+            if self._state == "data_crlf":
+                if len(view) - pos < 2:
+                    break
+                if bytes(view[pos : pos + 2]) != b"\r\n":
+                    raise HttpError(400, "bad_request", "chunk data not followed by CRLF")
+                pos += 2
+                self._state = "size"
+                continue
             end = bytes(view[pos : pos + MAX_CHUNK_LINE + 2]).find(b"\r\n")
             if end < 0:
                 if len(view) - pos > MAX_CHUNK_LINE:
@@ -146,11 +157,7 @@ class ChunkedDecoder:
                 break  # wait for the rest of the line
             line = bytes(view[pos : pos + end])
             pos += end + 2
-            if self._state == "data_crlf":
-                if line:
-                    raise HttpError(400, "bad_request", "chunk data not followed by CRLF")
-                self._state = "size"
-            elif self._state == "size":
+            if self._state == "size":
                 m = _CHUNK_SIZE.match(line)
                 if m is None:
                     raise HttpError(400, "bad_request", "malformed chunk size")
