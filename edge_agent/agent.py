@@ -401,6 +401,7 @@ class Agent:
                 max_headers=s.max_headers,
                 max_header_bytes=s.max_header_bytes,
             ),
+            fast_api=parts.api if s.fast_invoke else None,  # edge_agent.fastpath
             access_log=None,
             handle_signals=False,
             shutdown_timeout=s.drain_s,

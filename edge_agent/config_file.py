@@ -60,6 +60,7 @@ KEYS: dict[str, Key] = {
     "limits.idle_timeout_s": Key("idle_timeout_s", "float"),
     "limits.max_headers": Key("max_headers", "int"),
     "limits.max_header_bytes": Key("max_header_bytes", "int"),
+    "limits.fast_invoke": Key("fast_invoke", "bool"),
     "limits.token_concurrency": Key("token_concurrency", "int"),
     "tls.auto": Key("tls_auto", "bool"),  # resolved by cli_run, not a Settings field
     "tls.cert_file": Key("tls_cert_file", "path"),

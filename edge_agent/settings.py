@@ -78,6 +78,7 @@ class Settings:
     idle_timeout_s: float = 15.0  # keep-alive connections idle this long are closed
     max_headers: int = 64
     max_header_bytes: int = 8190  # per header line (aiohttp's default)
+    fast_invoke: bool = True  # the invoke route on edge_agent.fastpath (off: all on aiohttp)
     token_concurrency: int = 32  # 0: no limit
     # Interfaces to advertise the API on with zeroconf (edge_agent.discovery); empty: off.
     advertise: tuple[str, ...] = ()
