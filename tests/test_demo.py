@@ -7,6 +7,7 @@ install) twice against one demo dir, with a platform restart in between as `make
 from __future__ import annotations
 
 import importlib.util
+import json
 import signal
 import subprocess
 import sys
@@ -74,3 +75,6 @@ def test_demo_setup_twice_on_the_same_dir(
     role = store.role(roles[0], snap)
     assert role is not None
     assert {p.split("/")[0] for p in role.signed.targets} == set(names)
+    # The device verified its installs through TUF: the pinned root, a trusted metadata cache.
+    assert "tuf_root" in json.loads((root / "device" / "credentials.json").read_text())
+    assert any((root / "device" / "tuf").iterdir())
