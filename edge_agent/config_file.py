@@ -47,6 +47,7 @@ KEYS: dict[str, Key] = {
     "log_format": Key("log_format", "str", ("text", "json")),
     "log_level": Key("log_level", "str", LOG_LEVELS),
     "require_signed": Key("require_signed", "bool"),
+    "update_security": Key("update_security", "str", ("tuf", "signatures")),
     "scan_interval_s": Key("scan_interval_s", "float"),
     "drain_s": Key("drain_s", "float"),
     "worker_user": Key("worker_user", "str"),

@@ -46,6 +46,10 @@ class Settings:
     log_format: LogFormat = "text"
     log_level: str = "info"
     require_signed: bool = False
+    # "tuf": desired state must be signed by the director (the credentials must carry its key);
+    # "signatures": credentials without a director key keep accepting unsigned desired state.
+    # Credentials that carry a key are always enforced (docs/update-security.md).
+    update_security: str = "signatures"
     scan_interval_s: float = DEFAULT_SCAN_INTERVAL_S
     drain_s: float = DEFAULT_DRAIN_S
     # "auto": when running as root, workers run as `edgefn-worker` if that user exists (the

@@ -16,7 +16,9 @@ Operator or the device itself:
 
 The device itself (the HTTP fallback of MQTT, docs/sync.md):
 
-    GET  /v1/devices/{id}/desired         {"device": doc | null, "group": {"name", doc} | null}
+    GET  /v1/devices/{id}/desired         {"device": instruction | null,
+                                           "group": {"name", **instruction} | null}
+                                          (instructions: signed envelopes, `director.py`)
     POST /v1/devices/{id}/records         {"records": [{key, kind, topic, payload}]} -> stored
 
 Identity (`DeviceAuth`; `auth(request) -> str | None`, and `auth.result(request)` in the
@@ -27,7 +29,8 @@ the platform CA whose CN is an enrolled, unrevoked device.
 
 Enrolment issues an EC key + certificate (CN = id, labels as OU) from the platform CA and a
 256-bit token, and returns everything the agent needs in one credentials document (the file
-format of `cloud_sync/credentials.py` plus `token`, `groups` and `mqtt_protocol`).
+format of `cloud_sync/credentials.py` plus `token`, `groups`, `mqtt_protocol` and
+`director_key`, the public key that signs every desired document the device will accept).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials, from_dict
 from cloud_sync.errors import CloudSyncError, ConfigError, PkiError, TopicError
 from cloud_sync.platform.auth import AuthResult, check_bearer
+from cloud_sync.platform.director import Director
 from cloud_sync.platform.fleet_store import (
     DeviceExists,
     FleetStore,
@@ -134,8 +138,10 @@ class DevicesApi:
         *,
         device_broker_url: str,
         public_url: str = "",
+        director: Director | None = None,
     ) -> None:
         self.store = store
+        self.director = director
         self.ca = ca
         self.auth = auth
         self.intake = intake
@@ -231,6 +237,8 @@ class DevicesApi:
         doc["mqtt_protocol"] = "3.1.1" if self.intake and self.intake.mqtt311 else "5"
         doc["server_cert_pem"] = server.cert_pem
         doc["server_key_pem"] = server.key_pem
+        if self.director is not None:
+            doc["director_key"] = self.director.public_pem
         return doc
 
     def _server_cert(self, device_id: str, san: Sequence[str]) -> IssuedCert:
@@ -372,10 +380,16 @@ class DevicesApi:
         if group_name:
             g = await asyncio.to_thread(self.store.group_desired, group_name)
             if g is not None:
-                group = {"name": group_name, **g.document()}
-        return web.json_response(
-            {"device": mine.document() if mine.version > 0 else None, "group": group}
-        )
+                gdoc = g.document()
+                if self.director is not None:
+                    gdoc = await asyncio.to_thread(self.director.for_group, group_name, gdoc)
+                group = {"name": group_name, **gdoc}
+        device: dict[str, Any] | None = None
+        if mine.version > 0:
+            device = mine.document()
+            if self.director is not None:
+                device = await asyncio.to_thread(self.director.for_device, device_id, device)
+        return web.json_response({"device": device, "group": group})
 
     async def post_records(self, request: web.Request) -> web.Response:
         device_id = request.match_info["id"]

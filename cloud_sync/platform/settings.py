@@ -12,6 +12,8 @@ on one layout:
     <data_dir>/fleet.db         devices, desired/reported state, metrics (fleet_store.py)
     <data_dir>/pki/             the platform CA (device certificates, CRL)
     <data_dir>/broker/          the embedded broker's server certificate
+    <data_dir>/director/        the director key (signs every desired document; director.py)
+    <data_dir>/director.db      the director's per-device counters and issued instructions
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class PlatformSettings:
     public_url: str = ""
     # Serve HTTPS (server certificate from the platform CA) and accept device client certificates.
     tls: bool = False
+    # How long a signed desired document (director instruction) stays valid; re-issued at half.
+    director_ttl_s: int = 7 * 86_400
 
     @property
     def token_file(self) -> Path:
