@@ -133,6 +133,9 @@ class DirectorGate:
     public_key: Ed25519PublicKey | None
     state_path: Path
     required: bool = True
+    # The device's groups from enrolment: a group instruction for any other group is refused
+    # (the HTTP fallback names the group in the answer, outside the signature's reach).
+    groups: tuple[str, ...] = ()
     clock: Callable[[], float] = time.time
     accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -218,7 +221,8 @@ class DirectorGate:
         key = "device" if scope == "device" else f"group:{group}"
         want = ("device", self.device_id) if scope == "device" else ("group", group)
         other = "group" if scope == "device" else "device"
-        if signed.get(want[0]) != want[1] or other in signed:
+        foreign = scope != "device" and group not in self.groups
+        if signed.get(want[0]) != want[1] or other in signed or foreign:
             named = signed.get("device") or f"group {signed.get('group')}"
             raise InstructionRefused(
                 f"{scope} instruction is signed for {named}, not {want[0]} {want[1]}",
@@ -329,7 +333,14 @@ def _shape(payload: Mapping[str, Any]) -> tuple[dict[str, Any], list[Mapping[str
     return signed, signatures
 
 
-def director_gate(device_id: str, key_pem: str, data_dir: Path, *, required: bool) -> DirectorGate:
+def director_gate(
+    device_id: str,
+    key_pem: str,
+    data_dir: Path,
+    *,
+    required: bool,
+    groups: tuple[str, ...] = (),
+) -> DirectorGate:
     """The gate for one agent: the credentials' `director_key` ("" when they carry none) and
     whether `update_security = "tuf"` requires one. A key that does not load is a
     CredentialsError (the agent refuses to start: the file is damaged)."""
@@ -337,4 +348,6 @@ def director_gate(device_id: str, key_pem: str, data_dir: Path, *, required: boo
         public = load_public_key(key_pem) if key_pem else None
     except CloudSyncError as exc:
         raise CredentialsError(f"credentials: {exc.message}") from exc
-    return DirectorGate(device_id, public, Path(data_dir) / STATE_FILE, required=required)
+    return DirectorGate(
+        device_id, public, Path(data_dir) / STATE_FILE, required=required, groups=tuple(groups)
+    )

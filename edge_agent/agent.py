@@ -89,6 +89,7 @@ class Agent:
                     str(self._extras.get("director_key") or ""),
                     settings.data_dir,
                     required=settings.update_security == "tuf",
+                    groups=tuple(self._extras.get("groups") or ()),
                 )
             except CredentialsError as exc:
                 raise StartupError(exc.message) from exc

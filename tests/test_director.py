@@ -58,7 +58,9 @@ def director(tmp_path: Path, clock: Clock) -> Iterator[Director]:
 
 
 def gate(tmp_path: Path, director: Director, clock: Clock, device: str = "dev-a") -> DirectorGate:
-    g = director_gate(device, director.public_pem, tmp_path / device, required=True)
+    g = director_gate(
+        device, director.public_pem, tmp_path / device, required=True, groups=("west",)
+    )
     g.clock = clock
     g.load()
     return g
@@ -204,6 +206,10 @@ def test_wrong_device_wrong_group_and_wrong_scope_are_refused(
     g = gate(tmp_path, director, clock)
     refused(g, director.for_device("dev-b", DOC), "instruction_wrong_device")
     refused(g, director.for_group("east", DOC), "instruction_wrong_device", scope="group")
+    # Genuine for "east", and the (unsigned) HTTP answer names "east": not one of our groups.
+    with pytest.raises(InstructionRefused) as info:
+        g.screen("group", director.for_group("east", DOC), group="east")
+    assert info.value.code == "instruction_wrong_device"
     # A group's instruction on the device topic (and the other way round).
     refused(g, director.for_group("west", DOC), "instruction_wrong_device")
     refused(g, director.for_device("dev-a", DOC), "instruction_wrong_device", scope="group")

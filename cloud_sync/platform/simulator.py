@@ -129,7 +129,7 @@ class SimDevice:
         self.work = work / self.id
         key = creds_doc.get("director_key")
         self.director = director_gate(self.id, key if isinstance(key, str) else "", self.work,
-                                      required=False)  # fmt: skip
+                                      required=False, groups=self.groups)  # fmt: skip
         self.active: dict[str, str] = {}
         self.installed: dict[str, set[str]] = {}
         self.bad: dict[str, str] = {}  # function -> version that failed here: not retried
