@@ -203,8 +203,8 @@ class DirectorGate:
             return unverified_document(payload), None
         if self.public_key is None:
             raise InstructionRefused(
-                'update_security is "tuf" but the credentials carry no director_key: '
-                "re-enrol the device",
+                'update_security is "tuf" but the credentials carry no director_key: add '
+                "the platform's director public key to them (docs/update-security.md)",
                 code="director_key_missing",
             )
         if not is_envelope(payload):

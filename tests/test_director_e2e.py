@@ -107,14 +107,17 @@ def refused_everywhere(plat: Platform, agent: AgentProcess, code: str) -> None:
     wait_for(lambda: code in refusal_events(plat), f"a desired_rejected event with {code}")
 
 
-def serving(plat: Platform, agent: AgentProcess, config_version: int, instances: int) -> None:
+def serving(
+    plat: Platform, agent: AgentProcess, config_version: int, instances: int | None
+) -> None:
     """The config in force is still `config_version`, and the function still answers."""
     assert plat.devices()["edge-01"]["config_version"]["reported"] == config_version
     resp = agent.invoke(FN, b"still here")
     assert resp.status == 200, resp.body
     fn = next(f for f in agent.get("/v1/functions").json()["functions"] if f["name"] == FN)
     assert fn["version"] == "1.0.0"
-    assert fn["status"]["instances"] == instances
+    if instances is not None:  # the warm minimum the config in force asks for
+        assert fn["status"]["instances"] == instances
 
 
 def configured(plat: Platform, agent: AgentProcess, version: int, min_instances: int) -> None:
@@ -232,3 +235,30 @@ def test_expired_and_other_devices_instructions_are_refused(
     # And the platform's next real instruction still goes through.
     configured(plat, agent, 2, 1)
     wait_for(lambda: refusal(agent) is None, "the refusal cleared by an accepted instruction")
+
+
+@pytest.mark.parametrize(("security", "applied"), [("tuf", False), ("signatures", True)])
+def test_credentials_without_a_director_key_follow_update_security(
+    mosquitto: Broker,
+    tmp_path: Path,
+    platforms: list[Platform],
+    agents: list[AgentProcess],
+    security: str,
+    applied: bool,
+) -> None:
+    plat = mosquitto_platform(mosquitto, platforms)
+    creds = enrol(plat, "edge-01", tmp_path)
+    older = json.loads(creds.read_text())
+    del older["director_key"]  # what a device enrolled before the director has
+    creds.write_text(json.dumps(older))
+    config = tmp_path / "agent.toml"
+    config.write_text(f'update_security = "{security}"\n')
+    agent = run_agent(agents, tmp_path / "agent", creds, "--config", str(config))
+    assert sync_status(agent)["director"]["enforcing"] is (security == "tuf")
+    plat.cli("device", "config", "edge-01", "--set", f"functions.{FN}.pool.min_instances=2")
+    if applied:  # today's behaviour: the document inside is used, unchecked
+        wait_for(lambda: plat.devices()["edge-01"]["config_version"]["reported"] == 1, "v1 applied")
+        serving(plat, agent, 1, 2)
+    else:
+        refused_everywhere(plat, agent, "director_key_missing")
+        serving(plat, agent, 0, None)
