@@ -267,10 +267,12 @@ class DirectorGate:
 
     def remember(self, instruction: Instruction) -> bool:
         """Take the instruction as accepted, in memory only (the fleet simulator); False when
-        a newer one was accepted meanwhile. Counters only grow."""
+        a newer one was accepted meanwhile, or this one already. Counters only grow."""
         last = self.accepted.get(instruction.scope)
         if last is not None and int(last["counter"]) > instruction.counter:
             return False
+        if last is not None and last.get("digest") == instruction.digest:
+            return False  # the very instruction again (HTTP poll, redelivery): nothing to write
         self.accepted[instruction.scope] = {
             "counter": instruction.counter,
             "digest": instruction.digest,
