@@ -12,6 +12,10 @@ The file (`credentials.json` in the agent's data dir, mode 0600)::
       "key_pem": "-----BEGIN PRIVATE KEY-----..."
     }
 
+Enrolment adds extras beside these (`cloud_sync.sync.load_credentials_extras` reads them):
+`token`, `groups`, `mqtt_protocol`, and `director_key`, the PEM public key that signs every
+desired document the device accepts (`cloud_sync.director_check`).
+
 `save` writes it atomically (temp file in the same directory, fsync, rename, fsync the directory)
 and never lets the key exist with a wider mode, not even for a moment. `load` checks everything it
 can without the network -- JSON shape, id syntax, URLs, that the certificate parses, names this

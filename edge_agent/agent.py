@@ -53,6 +53,7 @@ from runtimes.sandbox import Sandbox
 
 if TYPE_CHECKING:  # imported when a device joins a platform: paho and cryptography cost RSS
     from cloud_sync.credentials import DeviceCredentials
+    from cloud_sync.director_check import DirectorGate
     from cloud_sync.secrets_sync import SecretsSync
     from cloud_sync.state import AgentConfig
     from cloud_sync.sync import FunctionCounters, SyncClient
@@ -74,18 +75,28 @@ class Agent:
         check_policy(settings.default_routing, "--default-routing")  # refuse before any I/O
         self.metrics = Metrics()
         self.creds: DeviceCredentials | None = None
+        self._director: DirectorGate | None = None
         self._extras: dict[str, Any] = {}
         cloud_url, token, ssl_ctx = settings.cloud_url, settings.cloud_token, None
         if settings.credentials_file is not None:
             from cloud_sync import credentials
+            from cloud_sync.director_check import director_gate
             from cloud_sync.errors import CredentialsError
             from cloud_sync.sync import load_credentials_extras
 
             try:
                 self.creds = credentials.load(settings.credentials_file)
+                self._extras = load_credentials_extras(settings.credentials_file)
+                # Checks every desired document (update_security, docs/update-security.md).
+                self._director = director_gate(
+                    self.creds.device_id,
+                    str(self._extras.get("director_key") or ""),
+                    settings.data_dir,
+                    required=settings.update_security == "tuf",
+                    groups=tuple(self._extras.get("groups") or ()),
+                )
             except CredentialsError as exc:
                 raise StartupError(exc.message) from exc
-            self._extras = load_credentials_extras(settings.credentials_file)
             cloud_url = cloud_url or self.creds.platform_url
             token = token or str(self._extras.get("token") or "")
             if cloud_url.startswith("https:"):
@@ -471,6 +482,7 @@ class Agent:
             token=str(self._extras.get("token") or ""),
             groups=tuple(self._extras.get("groups") or ()),
             mqtt311=bool(self._extras.get("mqtt311")),
+            director=self._director,
         )
         sync = self.sync
         # The deployer reports through the sync client (its outbox), and the registry is the
@@ -484,6 +496,7 @@ class Agent:
                 reload=self._reload_functions,
                 sample=self._health_sample,
                 flush_metrics=sync.collect_metrics,
+                expected_digest=sync.expected_digest,
             ),
             self._update_policy(),
         )

@@ -80,6 +80,9 @@ class DeployerHooks:
     reload: Callable[[], Awaitable[None]]  # load what is active on disk now
     sample: Callable[[str], HealthSample]
     flush_metrics: Callable[[], Coroutine[Any, Any, None]] | None = None  # close the interval
+    # (function, version) -> the bundle sha256 the director's signed instruction names, for the
+    # TUF check of the download (the target must be this bundle); None: not named.
+    expected_digest: Callable[[str, str], str | None] | None = None
 
 
 class Deployer:

@@ -84,7 +84,9 @@ class Settings:
     advertise: tuple[str, ...] = ()
     # How installs from the registry are verified (edge_agent.update_security): "tuf" or
     # "signatures"; None (library/dev default) decides by the device's pinned TUF root.
-    # The packaged config file says "tuf".
+    # The packaged config file says "tuf". "tuf" also requires desired state signed by the
+    # director (the credentials must carry its key); credentials that carry a director key are
+    # always enforced, whatever this says (docs/update-security.md).
     update_security: str | None = None
     # The config file these settings were read from, if any (for messages).
     config_file: Path | None = None

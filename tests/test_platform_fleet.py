@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from cloud_sync import credentials, topics
+from cloud_sync.director_check import director_gate
 from cloud_sync.platform.fleet_store import FleetStore, apply_assignments, parse_assignments
 from cloud_sync.platform.server import create_app
 from cloud_sync.platform.settings import PlatformSettings
@@ -107,7 +108,7 @@ async def test_http_intake_stores_each_record_once(
 
 
 async def test_config_set_bumps_version_and_rejects_bad_values(
-    platform: tuple[TestClient[Any, Any], str],
+    platform: tuple[TestClient[Any, Any], str], tmp_path: Path
 ) -> None:
     client, token = platform
     a = await _enroll(client, token, "dev-a")
@@ -129,7 +130,10 @@ async def test_config_set_bumps_version_and_rejects_bad_values(
             "/v1/devices/dev-a/desired", headers={"Authorization": f"Bearer {a['token']}"}
         )
     ).json()
-    assert desired["device"] == {
+    # A director instruction (docs/update-security.md) the device checks with its enrolment key.
+    gate = director_gate("dev-a", a["director_key"], tmp_path / "gate", required=True)
+    doc, _ = gate.screen("device", desired["device"])
+    assert doc == {
         "version": 1,
         "config": {"functions": {"echo": {"pool": {"max_instances": 3}}}, "log_level": "debug"},
     }

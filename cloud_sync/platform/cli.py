@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls", action="store_true", help="serve HTTPS (certificate from the CA)")
     serve.add_argument("--public-url", default="", help="platform URL written into credentials")
     serve.add_argument(
+        "--director-ttl-s",
+        type=int,
+        default=7 * 86_400,
+        help="lifetime of a signed desired document (default 7 days; re-issued at half)",
+    )
+    serve.add_argument(
         "--device-broker-url", default="", help="broker URL written into credentials"
     )
     serve.add_argument(
@@ -192,6 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         public_url=args.public_url,
         device_broker_url=args.device_broker_url,
         tuf_timestamp_expiry_s=args.tuf_timestamp_expiry,
+        director_ttl_s=args.director_ttl_s,
     )
     try:
         asyncio.run(serve(settings))

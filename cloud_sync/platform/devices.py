@@ -16,7 +16,9 @@ Operator or the device itself:
 
 The device itself (the HTTP fallback of MQTT, docs/sync.md):
 
-    GET  /v1/devices/{id}/desired         {"device": doc | null, "group": {"name", doc} | null}
+    GET  /v1/devices/{id}/desired         {"device": instruction | null,
+                                           "group": {"name", **instruction} | null}
+                                          (instructions: signed envelopes, `director.py`)
     POST /v1/devices/{id}/records         {"records": [{key, kind, topic, payload}]} -> stored
 
 Identity (`DeviceAuth`; `auth(request) -> str | None`, and `auth.result(request)` in the
@@ -27,7 +29,8 @@ the platform CA whose CN is an enrolled, unrevoked device.
 
 Enrolment issues an EC key + certificate (CN = id, labels as OU) from the platform CA and a
 256-bit token, and returns everything the agent needs in one credentials document (the file
-format of `cloud_sync/credentials.py` plus `token`, `groups` and `mqtt_protocol`).
+format of `cloud_sync/credentials.py` plus `token`, `groups`, `mqtt_protocol` and
+`director_key`, the public key that signs every desired document the device will accept).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials, from_dict
 from cloud_sync.errors import CloudSyncError, ConfigError, PkiError, TopicError
 from cloud_sync.platform.auth import AuthResult, check_bearer
+from cloud_sync.platform.director import Director
 from cloud_sync.platform.fleet_store import (
     DeviceExists,
     FleetStore,
@@ -135,8 +139,10 @@ class DevicesApi:
         device_broker_url: str,
         public_url: str = "",
         tuf_root: Callable[[], dict[str, Any] | None] | None = None,
+        director: Director | None = None,
     ) -> None:
         self.store = store
+        self.director = director
         self.ca = ca
         self.auth = auth
         self.intake = intake
@@ -236,6 +242,8 @@ class DevicesApi:
         tuf_root = self._tuf_root() if self._tuf_root is not None else None
         if tuf_root is not None:
             doc["tuf_root"] = tuf_root  # the device's pinned trust in the registry's metadata
+        if self.director is not None:
+            doc["director_key"] = self.director.public_pem
         return doc
 
     def _server_cert(self, device_id: str, san: Sequence[str]) -> IssuedCert:
@@ -377,10 +385,16 @@ class DevicesApi:
         if group_name:
             g = await asyncio.to_thread(self.store.group_desired, group_name)
             if g is not None:
-                group = {"name": group_name, **g.document()}
-        return web.json_response(
-            {"device": mine.document() if mine.version > 0 else None, "group": group}
-        )
+                gdoc = g.document()
+                if self.director is not None:
+                    gdoc = await asyncio.to_thread(self.director.for_group, group_name, gdoc)
+                group = {"name": group_name, **gdoc}
+        device: dict[str, Any] | None = None
+        if mine.version > 0:
+            device = mine.document()
+            if self.director is not None:
+                device = await asyncio.to_thread(self.director.for_device, device_id, device)
+        return web.json_response({"device": device, "group": group})
 
     async def post_records(self, request: web.Request) -> web.Response:
         device_id = request.match_info["id"]

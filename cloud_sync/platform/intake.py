@@ -15,6 +15,11 @@ Outbound: `publish_desired(device)` / `publish_group(name)` publish the stored d
 (QoS 1). When the broker is down the document stays in the store; after every (re)connect
 `_republish` sends all of them again (a broker without persistence forgot its retained
 messages), which devices ignore when the version is one they have seen.
+
+Every document leaves as a director instruction (`director.py`): signed, naming the device or
+group, under a counter that only grows. `_watch` also re-issues, every `RENEW_CHECK_S`, the
+instructions the director reports as past half their lifetime, so a device never holds only an
+expired one while the platform is up.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials, parse_broker_url
-from cloud_sync.errors import MqttError
+from cloud_sync.errors import CloudSyncError, MqttError
 from cloud_sync.mqtt import InboundMessage, MqttSession
+from cloud_sync.platform.director import Director
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.pki import PLATFORM_IDENTITY, PlatformCA
 
@@ -36,13 +43,23 @@ log = logging.getLogger("edgefn.intake")
 _KINDS: tuple[topics.DeviceKind, ...] = ("reported", "metrics", "events", "presence", "rollout")
 # How often the intake checks whether the session reconnected (to republish desired state).
 WATCH_INTERVAL_S = 0.5
+# How often the intake asks the director which instructions to re-issue before they expire.
+# Lifetimes are days; a minute costs one indexed query.
+RENEW_CHECK_S = 60.0
 
 
 class MqttIntake:
     def __init__(
-        self, store: FleetStore, ca: PlatformCA, broker_url: str, *, mqtt311: bool
+        self,
+        store: FleetStore,
+        ca: PlatformCA,
+        broker_url: str,
+        *,
+        mqtt311: bool,
+        director: Director | None = None,
     ) -> None:
         self.store = store
+        self.director = director
         self.broker_url = broker_url
         self.mqtt311 = mqtt311
         broker = parse_broker_url(broker_url)
@@ -131,17 +148,21 @@ class MqttIntake:
     async def publish_desired(self, device_id: str) -> bool:
         """Publish the device's stored desired document (retained); False if not sent now."""
         desired = await asyncio.to_thread(self.store.desired, device_id)
+        doc = desired.document()
+        if self.director is not None:
+            doc = await asyncio.to_thread(self.director.for_device, device_id, doc)
         return await self._publish(
-            topics.device_topic(device_id, "desired"), json.dumps(desired.document()).encode()
+            topics.device_topic(device_id, "desired"), json.dumps(doc).encode()
         )
 
     async def publish_group(self, name: str) -> bool:
         desired = await asyncio.to_thread(self.store.group_desired, name)
         if desired is None:
             return False
-        return await self._publish(
-            topics.group_topic(name), json.dumps(desired.document()).encode()
-        )
+        doc = desired.document()
+        if self.director is not None:
+            doc = await asyncio.to_thread(self.director.for_group, name, doc)
+        return await self._publish(topics.group_topic(name), json.dumps(doc).encode())
 
     async def _publish(self, topic: str, payload: bytes) -> bool:
         try:
@@ -155,12 +176,29 @@ class MqttIntake:
 
     async def _watch(self) -> None:
         connects = 0
+        renew_at = time.monotonic() + RENEW_CHECK_S
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             state = self.session.state
             if state.connected and state.connects != connects:
                 connects = state.connects
                 await self._republish()
+            if state.connected and time.monotonic() >= renew_at:
+                renew_at = time.monotonic() + RENEW_CHECK_S
+                await self.renew()
+
+    async def renew(self) -> None:
+        """Re-issue (and publish) the instructions past half their lifetime."""
+        if self.director is None:
+            return
+        for kind, name in await asyncio.to_thread(self.director.due):
+            try:
+                if kind == "device":
+                    await self.publish_desired(name)
+                elif kind == "group":
+                    await self.publish_group(name)
+            except CloudSyncError as exc:  # a device removed since: nothing to renew
+                log.warning("director: not renewing %s %s: %s", kind, name, exc.message)
 
     async def _republish(self) -> None:
         for device in await asyncio.to_thread(self.store.device_ids):

@@ -32,6 +32,7 @@ from cloud_sync.http_server import bound_port, escaped_error_answer
 from cloud_sync.platform.auth import load_or_create_token
 from cloud_sync.platform.cloud_exec import CloudExec
 from cloud_sync.platform.devices import DeviceAuth, DevicesApi
+from cloud_sync.platform.director import Director
 from cloud_sync.platform.embedded_broker import EmbeddedBroker, free_port, start_embedded_broker
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.intake import MqttIntake
@@ -77,7 +78,8 @@ def create_app(
     app = web.Application(client_max_size=settings.max_bundle_bytes + 1, middlewares=[json_errors])
     app.add_routes(registry.routes())
     _mount_tuf(app, tuf, store, registry)
-    devices = _build_devices(settings, token, app, tuf)
+    director = _build_director(settings, store)
+    devices = _build_devices(settings, token, app, tuf, director)
     app[DEVICES_KEY] = devices
     app.add_routes(devices.routes())
     mount_secrets(app, settings.data_dir, devices)  # /v1/secrets, /v1/devices/{id}/secrets
@@ -192,8 +194,23 @@ def _mount_tuf(
     app.on_shutdown.append(stop)
 
 
+def _build_director(settings: PlatformSettings, store: RegistryStore) -> Director:
+    """The director (`director.py`): its key is created at first start; it names bundle
+    digests from the registry store. Closed on cleanup, after the intake stopped."""
+
+    def digest(name: str, version: str) -> str | None:
+        record = store.get_version(name, version)
+        return record.digest if record is not None else None
+
+    return Director(settings.data_dir, digest, ttl_s=settings.director_ttl_s)
+
+
 def _build_devices(
-    settings: PlatformSettings, token: str, app: web.Application, tuf: TufRepository
+    settings: PlatformSettings,
+    token: str,
+    app: web.Application,
+    tuf: TufRepository,
+    director: Director,
 ) -> DevicesApi:
     """Fleet store, CA, device auth and (with a broker) the MQTT intake. Blocking (CA, SQLite)."""
     ca = PlatformCA.load_or_create(settings.data_dir)
@@ -207,7 +224,9 @@ def _build_devices(
         embedded_port = settings.mqtt_port or free_port()
         broker_url = f"mqtts://127.0.0.1:{embedded_port}"
     if broker_url:
-        intake = MqttIntake(fleet, ca, broker_url, mqtt311=embedded_port is not None)
+        intake = MqttIntake(
+            fleet, ca, broker_url, mqtt311=embedded_port is not None, director=director
+        )
     devices = DevicesApi(
         fleet,
         ca,
@@ -216,6 +235,7 @@ def _build_devices(
         device_broker_url=settings.device_broker_url or broker_url or "mqtts://127.0.0.1:8883",
         public_url=settings.public_url,
         tuf_root=tuf.root_json,
+        director=director,
     )
     holder: list[EmbeddedBroker] = []
 
@@ -233,6 +253,7 @@ def _build_devices(
         for broker in holder:
             await broker.close()
         await asyncio.to_thread(fleet.close)
+        await asyncio.to_thread(director.close)
 
     app.on_startup.append(start_mqtt)
     app.on_cleanup.append(stop_mqtt)

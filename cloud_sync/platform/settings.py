@@ -12,6 +12,8 @@ on one layout:
     <data_dir>/fleet.db         devices, desired/reported state, metrics (fleet_store.py)
     <data_dir>/pki/             the platform CA (device certificates, CRL)
     <data_dir>/broker/          the embedded broker's server certificate
+    <data_dir>/director/        the director key (signs every desired document; director.py)
+    <data_dir>/director.db      the director's per-device counters and issued instructions
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class PlatformSettings:
     tls: bool = False
     # TUF (`cloud_sync.platform.tuf`): how long a signed timestamp is valid; re-signed at half.
     tuf_timestamp_expiry_s: float = 86400.0
+    # How long a signed desired document (director instruction) stays valid; re-issued at half.
+    director_ttl_s: int = 7 * 86_400
 
     @property
     def token_file(self) -> Path:
