@@ -333,9 +333,13 @@ class Deployer:
                     log.warning("deployer: metrics interval not closed at the switch: %s", exc)
 
         await self._report(want, DeviceState.DOWNLOADING, None, previous, started)
+        # The director's instruction names the bundle's digest: TUF's target must be that one.
+        hook = self.hooks.expected_digest
+        digest = hook(name, want.version) if hook is not None else None
         outcome = await asyncio.to_thread(
             install_version, self.data_dir, self.registry_url, name, want.version,
             rollback=want.rollback, progress=progress, security=self.security,
+            expected_digest=digest,
         )  # fmt: skip
         for fut in pending:
             await asyncio.wrap_future(fut)

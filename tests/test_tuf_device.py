@@ -317,3 +317,45 @@ def test_a_cache_that_cannot_be_written_is_a_failure_with_its_own_code(dev: Devi
     assert outcome.state.value == "failed" and outcome.code == "install_failed"
     assert dev.trusted_files() == before and dev.active() == "1.0.0"
     assert dev.install("1.1.0").outcome == "installed"
+
+
+async def test_the_deployer_passes_the_directors_digest_to_the_tuf_check(dev: Device) -> None:
+    """A rollout install names the digest from the director's instruction (DeployerHooks
+    .expected_digest): a TUF target with other bytes is refused, the active version stays."""
+    import asyncio
+
+    from cloud_sync.rollout.messages import StatusReport
+    from cloud_sync.rollout.states import DeviceState
+    from cloud_sync.state import AgentConfig
+    from edge_agent.deployer import Deployer, DeployerHooks
+    from edge_agent.deployer_health import HealthSample
+
+    dev.publish("1.1.0")  # a real TUF target, but not what the director instructed
+    asked: list[tuple[str, str]] = []
+    reports: list[StatusReport] = []
+
+    def expected(name: str, version: str) -> str:
+        asked.append((name, version))
+        return "sha256:" + "0" * 64
+
+    async def report(r: StatusReport) -> None:
+        reports.append(r)
+
+    async def reload() -> None:
+        return None
+
+    hooks = DeployerHooks(
+        report, reload, lambda name: HealthSample("1.1.0", 0, 0, 0), expected_digest=expected
+    )
+    deployer = Deployer(dev.data, "edge-01", dev.url, hooks, resolve(None, dev.data, dev.creds))
+    await deployer.start()
+    try:
+        deployer.desired(AgentConfig(raw={"functions": {"echo": {"version": "1.1.0"}}}))
+        await asyncio.wait_for(deployer.idle.wait(), 60)
+    finally:
+        await deployer.close()
+    assert asked == [("echo", "1.1.0")]
+    last = reports[-1]
+    assert last.state is DeviceState.REJECTED, last
+    assert "tuf_director_mismatch" in (last.message or "")
+    assert dev.active() == "1.0.0" and dev.leftovers() == []
