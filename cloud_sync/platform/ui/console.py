@@ -54,6 +54,8 @@ class Console:
     ) -> None:
         self._token = token
         self._fleet = fleet
+        if fleet.path is None:
+            raise NotImplementedError("the console's fleet view reads SQLite only (for now)")
         self._view = FleetView(fleet.path)
         self._registry = registry
         self._accounts = accounts
