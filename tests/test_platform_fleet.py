@@ -1,4 +1,5 @@
-"""The platform's device API in-process: enrolment, device identity, HTTP intake, config."""
+"""The platform's device API in-process: enrolment, device identity, HTTP intake, config; on
+SQLite and on PostgreSQL (the `backend` fixture)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from tests.platform_backends import Backend
 
 
 @pytest.fixture
-async def platform(aiohttp_client: Any, tmp_path: Path) -> tuple[TestClient[Any, Any], str]:
-    settings = PlatformSettings(data_dir=tmp_path / "plat")
+async def platform(
+    aiohttp_client: Any, tmp_path: Path, backend: Backend
+) -> tuple[TestClient[Any, Any], str]:
+    """The platform in-process on each backend (SQLite files, or PostgreSQL)."""
+    settings = PlatformSettings(data_dir=tmp_path / "plat", database_url=backend.database_url)
     app = create_app(settings)
     client = await aiohttp_client(app)
     token = settings.token_file.read_text().strip()

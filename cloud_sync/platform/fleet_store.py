@@ -21,7 +21,7 @@ Tables:
 
 Device tokens are stored as sha256 hashes only. The HTTP authoriser looks a token up here
 (`device_for_token`, a unique index) and caches the answer briefly, so a token issued through
-one replica works on every replica at once (`devices.DeviceAuth`).
+one replica works on every replica at once (`device_auth.DeviceAuth`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ and `pg_engine.py` implement it; `backend.py` picks one from the settings. Only 
 imports psycopg, and only `backend.Databases` imports `pg_engine`, when a PostgreSQL URL is set.
 """
 
-from cloud_sync.platform.sql.backend import Databases, is_postgres_url
+from cloud_sync.platform.sql.backend import Databases, is_postgres_url, refuse_password_in_url
 from cloud_sync.platform.sql.engine import (
     Borrowed,
     Conn,
@@ -28,4 +28,5 @@ __all__ = [
     "SqlError",
     "SqliteEngine",
     "is_postgres_url",
+    "refuse_password_in_url",
 ]

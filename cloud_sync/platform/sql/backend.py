@@ -1,9 +1,10 @@
 """Which engine the platform's stores run on, chosen once by `PlatformSettings.database_url`.
 
 None (the default): SQLite, one file per store in the data dir, exactly the layout of before
-(`fleet.db`, `rollouts.db`, `registry.db`). `postgresql://USER@HOST:PORT/DB`: one PostgreSQL
-engine (one connection pool) shared by every store; each store gets it `Borrowed`, so closing a
-store leaves the pool to `Databases.close()`, which the server calls after every store closed.
+(`fleet.db`, `rollouts.db`, `registry.db`), each store opening its own. With
+`postgresql://USER@HOST:PORT/DB`: one PostgreSQL engine (one connection pool) shared by every
+store; each gets it `Borrowed`, so closing a store leaves the pool to `Databases.close()`, which
+the server calls after every store closed.
 psycopg is imported only on that path: a SQLite deployment does not need it installed.
 """
 
@@ -11,16 +12,26 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from cloud_sync.platform.sql.engine import Borrowed, Engine, SqlError
-from cloud_sync.platform.sql.sqlite_engine import SqliteEngine
-from runtimes.sqlitedb import Synchronous
 
 SCHEMES = ("postgresql://", "postgres://")
 
 
 def is_postgres_url(url: str) -> bool:
     return url.startswith(SCHEMES)
+
+
+def refuse_password_in_url(url: str) -> None:
+    """For URLs given on a command line (where `ps` shows them to every user): no password."""
+    parts = urlsplit(url)
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise SqlError(
+            "the --database URL must not contain a password (every user sees command lines):"
+            " set PGPASSWORD, EDGEFN_DATABASE_PASSWORD or EDGEFN_DATABASE_PASSWORD_FILE",
+            code="password_in_url",
+        )
 
 
 class Databases:
@@ -40,11 +51,10 @@ class Databases:
     def dialect(self) -> str:
         return "sqlite" if self.url is None else "postgresql"
 
-    def engine(self, filename: str, *, synchronous: Synchronous, name: str) -> Engine:
-        """The engine a store opens: its own SQLite file, or the shared PostgreSQL pool."""
-        if self.url is None:
-            return SqliteEngine(self.data_dir / filename, synchronous=synchronous, name=name)
-        return Borrowed(self.shared())
+    def borrowed(self) -> Engine | None:
+        """What a store gets: None (it opens its own SQLite file, as always) or the shared
+        PostgreSQL engine, `Borrowed` so that closing the store leaves the pool open."""
+        return None if self.url is None else Borrowed(self.shared())
 
     def shared(self) -> Engine:
         """The one PostgreSQL engine (opened on first use). SQLite has no shared engine."""

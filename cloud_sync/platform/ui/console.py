@@ -54,9 +54,7 @@ class Console:
     ) -> None:
         self._token = token
         self._fleet = fleet
-        if fleet.path is None:
-            raise NotImplementedError("the console's fleet view reads SQLite only (for now)")
-        self._view = FleetView(fleet.path)
+        self._view = FleetView(fleet.engine)
         self._registry = registry
         self._accounts = accounts
         self._rollouts = rollout_source
