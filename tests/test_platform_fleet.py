@@ -20,9 +20,10 @@ from tests.platform_backends import Backend
 
 @pytest.fixture
 async def platform(
-    aiohttp_client: Any, tmp_path: Path, backend: Backend
+    backend: Backend, aiohttp_client: Any, tmp_path: Path
 ) -> tuple[TestClient[Any, Any], str]:
-    """The platform in-process on each backend (SQLite files, or PostgreSQL)."""
+    """The platform in-process on each backend (SQLite files, or PostgreSQL). `backend` first:
+    its database is dropped after the app's cleanup closed the pool."""
     settings = PlatformSettings(data_dir=tmp_path / "plat", database_url=backend.database_url)
     app = create_app(settings)
     client = await aiohttp_client(app)
