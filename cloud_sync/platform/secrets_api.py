@@ -37,7 +37,8 @@ from cryptography.x509.oid import NameOID
 
 from cloud_sync import topics
 from cloud_sync.errors import MqttError
-from cloud_sync.platform.devices import OPERATOR, DevicesApi
+from cloud_sync.platform.device_auth import OPERATOR
+from cloud_sync.platform.devices import DevicesApi
 from cloud_sync.platform.registry import error_response
 from cloud_sync.platform.secret_store import SecretStore, load_or_create_key
 from cloud_sync.sealbox import (

@@ -12,6 +12,9 @@ repository's routes `/v1/tuf/` and its timestamp re-signing task (`tuf/`) are al
 `<data_dir>/platform.json` ({"url", "pid"}) atomically once listening so scripts and tests
 find the URL, wait for SIGTERM/SIGINT, stop accepting, let in-flight requests finish for up to
 `drain_s`, close the store, remove the state file.
+State lives in SQLite files in the data dir, or with `settings.database_url` in PostgreSQL
+(`sql.Databases`: one pool shared by every store, closed after them; the operator token is agreed
+through the database, `operator_token.py`).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from aiohttp import web
 from cloud_sync.http_server import bound_port, escaped_error_answer
 from cloud_sync.platform.auth import load_or_create_token
 from cloud_sync.platform.cloud_exec import CloudExec
-from cloud_sync.platform.devices import DeviceAuth, DevicesApi
+from cloud_sync.platform.device_auth import DeviceAuth
+from cloud_sync.platform.devices import DevicesApi
 from cloud_sync.platform.director import Director
 from cloud_sync.platform.embedded_broker import EmbeddedBroker, free_port, start_embedded_broker
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.intake import MqttIntake
+from cloud_sync.platform.operator_token import agree_operator_token
 from cloud_sync.platform.operators import OperatorAccounts
 from cloud_sync.platform.pki import PlatformCA
 from cloud_sync.platform.registry import Handler, Registry, error_response, publishers_verifier
@@ -46,6 +51,7 @@ from cloud_sync.platform.rollout_store import RolloutStore
 from cloud_sync.platform.rollouts import RolloutController
 from cloud_sync.platform.secrets_api import mount_secrets
 from cloud_sync.platform.settings import PlatformSettings
+from cloud_sync.platform.sql import Databases, Engine
 from cloud_sync.platform.store import LocalStore, RegistryStore
 from cloud_sync.platform.tuf.repository import TufRepository
 from cloud_sync.platform.tuf.routes import TufRoutes
@@ -63,11 +69,15 @@ def create_app(
 ) -> web.Application:
     """The platform application, with everything it needs built and passed in."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    databases = Databases(settings.database_url, settings.data_dir)
+    shared = databases.borrowed()  # None: SQLite files; raises when PostgreSQL is unreachable
     token = load_or_create_token(settings.token_file)
+    if shared is not None:
+        token = agree_operator_token(shared, token, settings.token_file)
     store = (
         store_factory()
         if store_factory is not None
-        else LocalStore(settings.db_path, settings.blobs_dir)
+        else LocalStore(settings.db_path, settings.blobs_dir, engine=shared)
     )
     verifier = publishers_verifier(settings.publishers_dir)
     tuf = TufRepository(settings.data_dir, timestamp_expiry_s=settings.tuf_timestamp_expiry_s)
@@ -79,7 +89,8 @@ def create_app(
     app.add_routes(registry.routes())
     _mount_tuf(app, tuf, store, registry)
     director = _build_director(settings, store)
-    devices = _build_devices(settings, token, app, tuf, director)
+    devices = _build_devices(settings, token, app, shared, tuf, director)
+    app.middlewares.append(devices.auth.middleware)
     app[DEVICES_KEY] = devices
     app.add_routes(devices.routes())
     mount_secrets(app, settings.data_dir, devices)  # /v1/secrets, /v1/devices/{id}/secrets
@@ -88,7 +99,7 @@ def create_app(
         store, settings.data_dir / "exec", authorize=devices.auth.result, verifier=verifier
     )
     app.add_routes(cloud_exec.routes())
-    rollout_source = _mount_rollouts(app, settings, token, store, devices)
+    rollout_source = _mount_rollouts(app, settings, token, store, devices, shared)
     started = time.time()
 
     async def health(request: web.Request) -> web.Response:
@@ -99,7 +110,7 @@ def create_app(
     app.add_routes([web.get("/v1/health", health)])
     # The console (/ui/, docs/dashboard.md): pages over the same stores; its rollout pages read
     # and command the rollout controller (`rollout_source.py`).
-    accounts = OperatorAccounts(settings.db_path)
+    accounts = OperatorAccounts(shared or settings.db_path)
     mount_console(
         app,
         token=token,
@@ -114,6 +125,12 @@ def create_app(
         await asyncio.to_thread(store.close)
 
     app.on_cleanup.append(close_store)
+
+    async def close_databases(app: web.Application) -> None:
+        await asyncio.to_thread(accounts.close)
+        await asyncio.to_thread(databases.close)  # last: after every store that borrowed it
+
+    app.on_cleanup.append(close_databases)
     if verifier is None:
         log.info(
             "no publisher keys in %s: any validly signed bundle may be published",
@@ -147,15 +164,16 @@ def _mount_rollouts(
     token: str,
     store: RegistryStore,
     devices: DevicesApi,
+    shared: Engine | None,
 ) -> ControllerSource:
     """The rollout controller (`rollouts.py`), its `/v1/rollouts` API and the console's view of
     it. It starts after the MQTT intake (on_startup order) and stops on shutdown, before the
     stores close."""
     controller = RolloutController(
-        RolloutStore(settings.data_dir / "rollouts.db"),
+        RolloutStore(shared or settings.data_dir / "rollouts.db"),
         devices.store,
         store,
-        RecordFeed(settings.fleet_db),
+        RecordFeed(devices.store.engine),
         devices.intake,
     )
     app.add_routes(RolloutApi(controller, token).routes())
@@ -209,14 +227,14 @@ def _build_devices(
     settings: PlatformSettings,
     token: str,
     app: web.Application,
+    shared: Engine | None,
     tuf: TufRepository,
     director: Director,
 ) -> DevicesApi:
     """Fleet store, CA, device auth and (with a broker) the MQTT intake. Blocking (CA, SQLite)."""
     ca = PlatformCA.load_or_create(settings.data_dir)
-    fleet = FleetStore(settings.fleet_db)
+    fleet = FleetStore(shared or settings.fleet_db)
     auth = DeviceAuth(token, fleet)
-    auth.refresh()
     intake: MqttIntake | None = None
     embedded_port: int | None = None
     broker_url = settings.broker

@@ -14,6 +14,10 @@ on one layout:
     <data_dir>/broker/          the embedded broker's server certificate
     <data_dir>/director/        the director key (signs every desired document; director.py)
     <data_dir>/director.db      the director's per-device counters and issued instructions
+    <data_dir>/rollouts.db      rollouts (rollout_store.py)
+
+With `database_url` (postgresql://USER@HOST:PORT/DB) the .db files are not used: every store's
+tables live in that PostgreSQL database, shared by all replicas (cloud_sync/platform/sql/).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class PlatformSettings:
     tuf_timestamp_expiry_s: float = 86400.0
     # How long a signed desired document (director instruction) stays valid; re-issued at half.
     director_ttl_s: int = 7 * 86_400
+    # None: SQLite files in the data dir. postgresql://USER@HOST:PORT/DB: PostgreSQL (password
+    # from PGPASSWORD, EDGEFN_DATABASE_PASSWORD or EDGEFN_DATABASE_PASSWORD_FILE, never here).
+    database_url: str | None = None
 
     @property
     def token_file(self) -> Path:
