@@ -36,6 +36,7 @@ from aiohttp import web
 
 from cloud_sync.errors import CloudSyncError
 from cloud_sync.platform.auth import AuthResult, check_bearer
+from cloud_sync.platform.blobs import BlobStoreUnavailable
 from cloud_sync.platform.store import (
     DIGEST_RE,
     RegistryStore,
@@ -60,6 +61,9 @@ log = logging.getLogger("edgefn.registry")
 BUNDLE_MEDIA_TYPE = "application/vnd.edgefn.bundle"
 # Read and write in 1 MiB steps: few thread hops per bundle, bounded memory per request.
 CHUNK = 1 << 20
+# What a 503 for an unreachable blob store tells the device to wait: long enough not to hammer a
+# store that is down, short enough that a blip costs little.
+RETRY_AFTER_S = 5
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -219,6 +223,8 @@ class Registry:
                 created = await asyncio.to_thread(self.store.add_version, record)
             except VersionConflict as exc:  # a racing publish of other bytes won
                 return error_response(409, exc.code, exc.message)
+        except BlobStoreUnavailable as exc:
+            return _unavailable(exc)
         except StoreError as exc:
             log.error("publish failed: %s", exc.message)
             return error_response(500, exc.code, exc.message)
@@ -320,7 +326,10 @@ class Registry:
         digest = request.match_info["digest"].removeprefix("sha256:")
         if not DIGEST_RE.match(digest):
             return error_response(400, "bad_request", "expected /v1/registry/bundles/sha256:<hex>")
-        size = await asyncio.to_thread(self.store.blob_size, digest)
+        try:
+            size = await asyncio.to_thread(self.store.blob_size, digest)
+        except BlobStoreUnavailable as exc:
+            return _unavailable(exc)
         if size is None:
             return error_response(404, "not_found", f"no bundle sha256:{digest}")
         headers = {
@@ -344,24 +353,48 @@ class Registry:
         if span is not None:
             resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         resp.content_length = length
-        await resp.prepare(request)
         if request.method == "HEAD" or length == 0:
+            await resp.prepare(request)
             await resp.write_eof()
             return resp
-        f = await asyncio.to_thread(self.store.open_blob, digest)
+        try:  # opened before the status line goes out, so an outage here is still a 503
+            f = await asyncio.to_thread(self.store.open_blob, digest)
+        except BlobStoreUnavailable as exc:
+            return _unavailable(exc)
+        sent = 0
         try:
+            await resp.prepare(request)
             await asyncio.to_thread(f.seek, start)
-            left = length
-            while left:
-                chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
+            while sent < length:
+                # Blob stores read in ranges (blobs_s3.py): only `CHUNK` bytes in memory.
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, length - sent))
                 if not chunk:  # the blob shrank: impossible for an immutable blob, but bounded
                     break
                 await resp.write(chunk)
-                left -= len(chunk)
+                sent += len(chunk)
+        except StoreError as exc:
+            # The status line is sent: the honest signal left is a connection cut short of
+            # Content-Length. The device keeps its part and resumes with Range; its next
+            # request meets the 503 above until the store is back.
+            log.warning("download of sha256:%s cut at byte %d: %s", digest, start + sent, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
         finally:
             await asyncio.to_thread(f.close)
         await resp.write_eof()
         return resp
+
+
+def _unavailable(exc: StoreError) -> web.Response:
+    """503 with a stable code: the blob store is down, the platform is not; retry later."""
+    log.warning("blob store unavailable: %s", exc.message)
+    return error_response(
+        503,
+        "blob_store_unavailable",
+        "the bundle store is unreachable right now; retry later (a partial download resumes)",
+        **{"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def publishers_verifier(directory: Path) -> Verifier | None:

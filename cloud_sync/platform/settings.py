@@ -52,6 +52,13 @@ class PlatformSettings:
     public_url: str = ""
     # Serve HTTPS (server certificate from the platform CA) and accept device client certificates.
     tls: bool = False
+    # With `tls`: serve this certificate chain and key (PEM) instead of one from the platform CA
+    # (a certificate from the operator's own CA for the public name devices dial).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Where bundle bytes live (blobs.py): None = `blobs_dir`; file:///PATH (a shared directory)
+    # or s3://BUCKET?endpoint=URL (credentials from the environment, never in the URL).
+    blobs_url: str | None = None
 
     @property
     def token_file(self) -> Path:

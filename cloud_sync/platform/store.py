@@ -26,21 +26,21 @@ sqlite-utils' own writes commit on their own and would break the writer's transa
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
-import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import sqlite_utils
 
 from cloud_sync.errors import CloudSyncError
-from runtimes.fsio import fsync_dir
 from runtimes.manifest import semver_key
 from runtimes.sqlitedb import Database
+
+if TYPE_CHECKING:
+    from cloud_sync.platform.blobs import BlobStore
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -159,16 +159,13 @@ def _create_schema(conn: sqlite3.Connection) -> None:
 
 
 class LocalStore:
-    """SQLite metadata + content-addressed blob directory (the default)."""
+    """SQLite metadata + a blob store (default: the content-addressed directory `blobs_dir`)."""
 
-    def __init__(self, db_path: Path, blobs_dir: Path) -> None:
-        self._blobs = Path(blobs_dir)
-        self._uploads = self._blobs / "uploads"
-        try:
-            self._uploads.mkdir(parents=True, exist_ok=True)
-            (self._blobs / "sha256").mkdir(exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot open the registry store in {db_path.parent}: {exc}") from exc
+    def __init__(self, db_path: Path, blobs_dir: Path, *, blobs: BlobStore | None = None) -> None:
+        # The blob half lives behind `blobs.BlobStore` (a directory or S3, blobs.py).
+        from cloud_sync.platform.blobs import FileBlobStore
+
+        self._blobs: BlobStore = blobs if blobs is not None else FileBlobStore(blobs_dir)
         # FULL: a publish is rare and must survive power loss.
         self._db = Database(
             db_path, synchronous="FULL", setup=_create_schema, name="edgefn-registry-db"
@@ -178,45 +175,20 @@ class LocalStore:
         except (OSError, sqlite3.Error) as exc:
             self._db.close()
             raise StoreError(f"cannot open the registry store in {db_path.parent}: {exc}") from exc
-        # Uploads a crash interrupted are garbage: nobody references them.
-        for leftover in self._uploads.iterdir():
-            leftover.unlink(missing_ok=True)
 
-    # -- blobs ------------------------------------------------------------------------------
-
-    def _blob_path(self, digest: str) -> Path:
-        if not DIGEST_RE.match(digest):
-            raise StoreError(f"not a sha256 digest: {digest!r}", code="bad_digest")
-        return self._blobs / "sha256" / digest[:2] / digest
+    # -- blobs: delegated -------------------------------------------------------------------
 
     def new_upload(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix="upload-", dir=self._uploads)
-        os.close(fd)
-        return Path(name)
+        return self._blobs.new_upload()
 
     def put_blob(self, spooled: Path, digest: str) -> None:
-        dest = self._blob_path(digest)
-        try:
-            dest.parent.mkdir(exist_ok=True)
-            with open(spooled, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(spooled, 0o644)
-            os.replace(spooled, dest)  # same content if it existed: content-addressed
-            fsync_dir(dest.parent)
-        except OSError as exc:
-            raise StoreError(f"cannot store blob {digest}: {exc}") from exc
+        self._blobs.put_blob(spooled, digest)
 
     def blob_size(self, digest: str) -> int | None:
-        try:
-            return self._blob_path(digest).stat().st_size
-        except FileNotFoundError:
-            return None
+        return self._blobs.blob_size(digest)
 
     def open_blob(self, digest: str) -> BinaryIO:
-        try:
-            return open(self._blob_path(digest), "rb")
-        except FileNotFoundError:
-            raise StoreError(f"blob {digest} not found", code="not_found") from None
+        return self._blobs.open_blob(digest)
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -276,3 +248,4 @@ class LocalStore:
 
     def close(self) -> None:
         self._db.close()
+        self._blobs.close()
