@@ -357,21 +357,31 @@ class Registry:
             await resp.prepare(request)
             await resp.write_eof()
             return resp
-        try:  # opened before the status line goes out, so an outage here is still a 503
+        # Open and read the first chunk before the status line goes out: a store that is down
+        # is then a 503 the device understands, not a cut connection.
+        try:
             f = await asyncio.to_thread(self.store.open_blob, digest)
         except BlobStoreUnavailable as exc:
             return _unavailable(exc)
         sent = 0
         try:
+            try:
+                await asyncio.to_thread(f.seek, start)
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, length))
+            except BlobStoreUnavailable as exc:
+                return _unavailable(exc)
+            except StoreError as exc:
+                log.error("cannot read bundle sha256:%s: %s", digest, exc.message)
+                return error_response(500, exc.code, exc.message)
             await resp.prepare(request)
-            await asyncio.to_thread(f.seek, start)
-            while sent < length:
-                # Blob stores read in ranges (blobs_s3.py): only `CHUNK` bytes in memory.
-                chunk = await asyncio.to_thread(f.read, min(CHUNK, length - sent))
-                if not chunk:  # the blob shrank: impossible for an immutable blob, but bounded
-                    break
+            while chunk:
                 await resp.write(chunk)
                 sent += len(chunk)
+                if sent >= length:
+                    break
+                # Blob stores read in ranges (blobs_s3.py): only `CHUNK` bytes in memory.
+                # An empty read (the blob shrank: impossible when immutable) ends the loop.
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, length - sent))
         except StoreError as exc:
             # The status line is sent: the honest signal left is a connection cut short of
             # Content-Length. The device keeps its part and resumes with Range; its next
