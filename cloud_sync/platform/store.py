@@ -6,7 +6,8 @@ default `LocalStore` keeps metadata in SQLite (WAL) and blobs in a content-addre
 directory; a deployment that outgrows one machine swaps in PostgreSQL + an S3-compatible object
 store behind the same methods (uploads are spooled to a local file first either way).
 
-Layout of `LocalStore`:
+Layout of `LocalStore` (the blob half is a `blobs.BlobStore`: this directory by default, a
+shared directory or an S3-compatible bucket with `--blobs`):
 
     <data_dir>/registry.db                    table `versions`, primary key (name, version)
     <data_dir>/blobs/sha256/<d[:2]>/<d>       one file per bundle, named by its sha256
