@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -35,12 +36,12 @@ from tests.registry_helpers import (
     build,
     cli,
     ok,
-    platform_running,
     publish,
     serve_app,
     set_version,
+    start_platform,
 )
-from tests.s3server import S3Bucket, S3Server
+from tests.s3server import CREDENTIALS, S3Bucket, S3Server
 
 pytestmark = pytest.mark.slow  # builds a bundle and starts platforms: ~15 s together
 
@@ -76,7 +77,11 @@ def test_publish_download_and_resume_through_edge_cloud_serve(
     s3_bucket: S3Bucket, bundle: Bundle, tmp_path: Path
 ) -> None:
     data = bundle.path.read_bytes()
-    with platform_running(tmp_path / "cloud", "--no-mqtt", "--blobs", s3_bucket.url) as platform:
+    # A generous start timeout: boto3's import adds a second or more on two busy cores.
+    platform = start_platform(
+        tmp_path / "cloud", "--no-mqtt", "--blobs", s3_bucket.url, timeout=120
+    )
+    try:
         publish(platform, bundle.path)
         key = f"sha256/{bundle.digest[:2]}/{bundle.digest}"
         head = s3_bucket.server.client().head_object(Bucket=s3_bucket.name, Key=key)
@@ -106,6 +111,8 @@ def test_publish_download_and_resume_through_edge_cloud_serve(
         with _get(url, method="HEAD") as resp:
             assert int(resp.headers["Content-Length"]) == bundle.size
             assert resp.headers["ETag"] == f'"sha256:{bundle.digest}"'
+    finally:
+        platform.stop()
 
 
 class _KillAfterFirstRead:
@@ -192,7 +199,8 @@ def test_s3_killed_mid_download_then_back(
     with pytest.raises(urllib.error.HTTPError) as raw:
         _get(f"{url}/v1/registry/bundles/sha256:{bundle.digest}")
     assert raw.value.code == 503 and raw.value.headers["Retry-After"]
-    assert json.load(raw.value)["error"]["code"] == "blob_store_unavailable"
+    with raw.value:
+        assert json.load(raw.value)["error"]["code"] == "blob_store_unavailable"
 
     # 3. S3 is back (moto starts empty: put the object back, as a real store would have kept it).
     s3_bucket.server.start()
@@ -207,3 +215,41 @@ def test_s3_killed_mid_download_then_back(
     assert not part.exists()
     installed = device / "functions" / "echo"
     assert installed.is_dir()
+
+
+def test_publish_while_s3_is_unreachable_is_503_and_records_nothing(
+    bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    settings = PlatformSettings(data_dir=tmp_path / "cloud", port=0)
+    spool = tmp_path / "spool"
+    app = create_app(
+        settings,
+        store_factory=lambda: LocalStore(
+            settings.db_path,
+            settings.blobs_dir,
+            blobs=S3BlobStore(S3Location("b", dead), spool, connect_timeout_s=1, max_attempts=1),
+        ),
+    )
+    with serve_app(app) as url:
+        token = settings.token_file.read_text().strip()
+        req = urllib.request.Request(
+            f"{url}/v1/registry/bundles",
+            data=bundle.path.read_bytes(),
+            headers={"Authorization": f"Bearer {token}"},
+            method="POST",
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=60)
+        assert refused.value.code == 503
+        with refused.value:
+            assert json.load(refused.value)["error"]["code"] == "blob_store_unavailable"
+        with pytest.raises(urllib.error.HTTPError) as listing:
+            _get(f"{url}/v1/registry/functions/echo")
+        listing.value.close()
+        assert listing.value.code == 404  # nothing recorded without its bundle
+    assert not list(spool.iterdir())  # the spooled upload is gone too

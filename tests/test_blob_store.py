@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cloud_sync.platform import blobs_s3
+from cloud_sync.platform import blobs, blobs_s3
 from cloud_sync.platform.blobs import (
     BlobStore,
     BlobStoreUnavailable,
@@ -110,6 +111,16 @@ def test_file_store_keeps_the_old_layout(tmp_path: Path) -> None:
         registry.close()
     shared = open_blob_store(f"file://{tmp_path / 'blobs'}", tmp_path / "x", tmp_path / "spool")
     assert isinstance(shared, FileBlobStore) and shared.blob_size(digest) == 3
+
+
+def test_a_shared_directory_keeps_young_uploads_of_other_replicas(tmp_path: Path) -> None:
+    first = FileBlobStore(tmp_path / "shared")
+    busy, stale = first.new_upload(), first.new_upload()
+    old = time.time() - blobs.STALE_UPLOAD_S - 60
+    os.utime(stale, (old, old))
+    FileBlobStore(tmp_path / "shared")  # a second replica starts on the same directory
+    assert busy.exists()  # another replica's publish in progress
+    assert not stale.exists()  # a crash's leftover
 
 
 @pytest.mark.parametrize(

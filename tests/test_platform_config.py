@@ -25,7 +25,7 @@ from tests.registry_helpers import REPO, _env
 SYSTEMD = REPO / "packaging" / "systemd"
 EXAMPLE = SYSTEMD / "platform.toml.example"
 UNIT = SYSTEMD / "edgefn-platform.service"
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 90.0  # generous: two busy cores
 
 
 def _write(tmp_path: Path, text: str) -> Path:

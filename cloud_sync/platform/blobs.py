@@ -14,7 +14,8 @@ Implementations, picked by URL (`open_blob_store`, `edge-cloud serve --blobs URL
 Layout of `FileBlobStore` (unchanged from when it lived in store.py, so old data dirs work):
 
     <root>/sha256/<d[:2]>/<d>       one file per bundle, named by its sha256
-    <root>/uploads/                 uploads in progress (removed on any failure and at open)
+    <root>/uploads/                 uploads in progress (removed on any failure, and at open
+                                    when older than an hour)
 
 Every method blocks (file or network I/O): async callers use `asyncio.to_thread`. A store that
 cannot be reached raises `BlobStoreUnavailable`, which the registry answers with 503 (code
@@ -23,14 +24,20 @@ cannot be reached raises `BlobStoreUnavailable`, which the registry answers with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from cloud_sync.platform.store import DIGEST_RE, StoreError
 from runtimes.fsio import fsync_dir
+
+# A spooled upload older than this is a crash's leftover: a publish spools, inspects and stores
+# a bundle (at most 512 MiB) in minutes, never in an hour.
+STALE_UPLOAD_S = 3600.0
 
 
 class BlobStoreUnavailable(StoreError):
@@ -82,11 +89,13 @@ class FileBlobStore:
             (self._root / "sha256").mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot open the blob store in {self._root}: {exc}") from exc
-        # Uploads a crash interrupted are garbage: nobody references them. On a directory
-        # shared by replicas this can remove another replica's upload in progress; that
-        # publish then fails with a store error and the operator publishes again.
+        # Uploads a crash interrupted are garbage: nobody references them. Only old ones go:
+        # on a directory shared by replicas, a young one may be another replica's publish.
+        cutoff = time.time() - STALE_UPLOAD_S
         for leftover in self._uploads.iterdir():
-            leftover.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
 
     def _path(self, digest: str) -> Path:
         check_digest(digest)

@@ -18,7 +18,10 @@ blob into the content-addressed store -> record name@version. A bundle that fail
 
 Downloads: one `bytes=` range per request (`a-b`, `a-`, `-n`) answered 206 with Content-Range, so
 an interrupted device download resumes where it stopped; an unsatisfiable or malformed range is
-416 with `Content-Range: bytes */size`. Bundles are immutable, so ETag is the digest.
+416 with `Content-Range: bytes */size`. Bundles are immutable, so ETag is the digest. The bytes
+come from the store's blob half (`blobs.py`: a directory or S3) in 1 MiB reads; a blob store that
+cannot be reached is 503 `blob_store_unavailable` while the first chunk is still unsent, and a
+connection cut short after that (the device resumes either way).
 """
 
 from __future__ import annotations
