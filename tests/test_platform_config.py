@@ -285,3 +285,27 @@ def test_systemd_analyze_verify_and_security(tmp_path: Path) -> None:
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
     assert match, security.stdout[-2000:] + security.stderr
     assert float(match.group(1)) <= 2.0, security.stdout  # systemd calls <= 2.0 "OK"
+
+
+def test_edge_cloud_serve_refuses_a_bad_blobs_flag(tmp_path: Path) -> None:
+    flags = ["--port", "0", "--no-mqtt", "--blobs", "s3://key:secret@bucket"]  # a dummy secret
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cloud_sync.platform.cli",
+            "serve",
+            "--data-dir",
+            str(tmp_path),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+        check=False,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].endswith("(bad_blobs_url)") and "secret" not in lines[0]
