@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -167,6 +168,27 @@ def _serve(config: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def _wait_started(proc: subprocess.Popen[bytes], data_dir: Path) -> str:
+    """The URL from the platform's state file, once this process wrote it."""
+    state = data_dir / "platform.json"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            info = json.loads(state.read_text())
+        except (OSError, ValueError):
+            info = {}
+        if info.get("pid") == proc.pid:
+            return str(info["url"])
+        time.sleep(0.05)
+    raise AssertionError(f"platform not started (exit {proc.poll()})")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+
+
 @pytest.mark.slow
 def test_edge_cloud_serve_with_a_config_file(tmp_path: Path) -> None:
     shared = tmp_path / "shared-blobs"
@@ -186,27 +208,49 @@ url = "none"
     )
     proc = _serve(config)
     try:
-        state = tmp_path / "cloud" / "platform.json"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        info: dict[str, object] = {}
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                info = json.loads(state.read_text())
-            except (OSError, ValueError):
-                info = {}
-            if info.get("pid") == proc.pid:
-                break
-            time.sleep(0.05)
-        assert info.get("pid") == proc.pid, f"not started: {proc.poll()}"
-        with urllib.request.urlopen(f"{info['url']}/v1/health", timeout=10) as resp:
+        url = _wait_started(proc, tmp_path / "cloud")
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{url}/v1/health", timeout=10) as resp:
             assert json.load(resp)["status"] == "ok"
-        assert str(info["url"]).startswith("http://127.0.0.1:")
         assert (shared / "sha256").is_dir()  # the blob store the file named
         assert not (tmp_path / "cloud" / "blobs" / "sha256").exists()
     finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err.decode()
+        _stop(proc)
+
+
+@pytest.mark.slow
+def test_edge_cloud_serve_with_the_operators_tls_certificate(tmp_path: Path) -> None:
+    """[tls] cert_file/key_file: the platform serves that certificate, not one from its CA."""
+    from cloud_sync.platform.pki import PlatformCA
+
+    operator_ca = PlatformCA.load_or_create(tmp_path / "operator-ca", common_name="operator CA")
+    issued = operator_ca.issue_server_cert(hostnames=("localhost",), ips=("127.0.0.1",))
+    (tmp_path / "platform.crt").write_text(issued.cert_pem)
+    (tmp_path / "platform.key").write_text(issued.key_pem)
+    (tmp_path / "platform.key").chmod(0o600)
+    config = _write(
+        tmp_path,
+        """
+data_dir = "cloud"
+[listen]
+port = 0
+[broker]
+url = "none"
+[tls]
+enabled = true
+cert_file = "platform.crt"
+key_file = "platform.key"
+""",
+    )
+    proc = _serve(config)
+    try:
+        url = _wait_started(proc, tmp_path / "cloud")
+        assert url.startswith("https://127.0.0.1:")
+        ctx = ssl.create_default_context(cafile=str(operator_ca.cert_path))
+        with urllib.request.urlopen(f"{url}/v1/health", timeout=10, context=ctx) as resp:
+            assert json.load(resp)["status"] == "ok"
+    finally:
+        _stop(proc)
 
 
 def test_edge_cloud_serve_refuses_a_bad_config_file(tmp_path: Path) -> None:
