@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.mosquitto",
     "tests.postgres",
     "tests.platform_backends",
+    "tests.s3server",
     "tests.ci_skips",
     "pytester",
 ]

@@ -33,6 +33,7 @@ from aiohttp import web
 
 from cloud_sync.http_server import bound_port, escaped_error_answer
 from cloud_sync.platform.auth import load_or_create_token
+from cloud_sync.platform.blobs import open_blob_store
 from cloud_sync.platform.cloud_exec import CloudExec
 from cloud_sync.platform.device_auth import DeviceAuth
 from cloud_sync.platform.devices import DevicesApi
@@ -77,7 +78,14 @@ def create_app(
     store = (
         store_factory()
         if store_factory is not None
-        else LocalStore(settings.db_path, settings.blobs_dir, engine=shared)
+        else LocalStore(
+            settings.db_path,
+            settings.blobs_dir,
+            engine=shared,
+            blobs=open_blob_store(
+                settings.blobs_url, settings.blobs_dir, spool_dir=settings.blobs_dir / "uploads"
+            ),
+        )
     )
     verifier = publishers_verifier(settings.publishers_dir)
     tuf = TufRepository(settings.data_dir, timestamp_expiry_s=settings.tuf_timestamp_expiry_s)
@@ -282,14 +290,17 @@ def _server_ssl(settings: PlatformSettings) -> ssl.SSLContext:
     """HTTPS with a server certificate from the platform CA. Device client certificates are
     optional and verified when presented: `DeviceAuth` takes a verified CN as the identity."""
     ca = PlatformCA.load_or_create(settings.data_dir)
-    issued = ca.issue_server_cert()
     directory = settings.data_dir / "https"
-    directory.mkdir(exist_ok=True, mode=0o700)
-    atomic_write(directory / "server.crt", issued.cert_pem.encode(), 0o644)
-    atomic_write(directory / "server.key", issued.key_pem.encode(), 0o600)
+    cert, key = settings.tls_cert_file, settings.tls_key_file
+    if cert is None or key is None:  # default: a server certificate from the platform CA
+        issued = ca.issue_server_cert()
+        directory.mkdir(exist_ok=True, mode=0o700)
+        cert, key = directory / "server.crt", directory / "server.key"
+        atomic_write(cert, issued.cert_pem.encode(), 0o644)
+        atomic_write(key, issued.key_pem.encode(), 0o600)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(directory / "server.crt", directory / "server.key")
+    ctx.load_cert_chain(cert, key)
     ctx.load_verify_locations(cafile=str(ca.cert_path))
     ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx

@@ -65,6 +65,13 @@ class PlatformSettings:
     # None: SQLite files in the data dir. postgresql://USER@HOST:PORT/DB: PostgreSQL (password
     # from PGPASSWORD, EDGEFN_DATABASE_PASSWORD or EDGEFN_DATABASE_PASSWORD_FILE, never here).
     database_url: str | None = None
+    # With `tls`: serve this certificate chain and key (PEM) instead of one from the platform CA
+    # (a certificate from the operator's own CA for the public name devices dial).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Where bundle bytes live (blobs.py): None = `blobs_dir`; file:///PATH (a shared directory)
+    # or s3://BUCKET?endpoint=URL (credentials from the environment, never in the URL).
+    blobs_url: str | None = None
 
     @property
     def token_file(self) -> Path:

@@ -6,7 +6,8 @@ default `LocalStore` keeps metadata in SQLite (WAL) and blobs in a content-addre
 directory; a deployment that outgrows one machine swaps in PostgreSQL + an S3-compatible object
 store behind the same methods (uploads are spooled to a local file first either way).
 
-Layout of `LocalStore`:
+Layout of `LocalStore` (the blob half is a `blobs.BlobStore`: this directory by default, a
+shared directory or an S3-compatible bucket with `--blobs`):
 
     <data_dir>/registry.db                    table `versions`, primary key (name, version)
     <data_dir>/blobs/sha256/<d[:2]>/<d>       one file per bundle, named by its sha256
@@ -26,18 +27,18 @@ SQLite step 1 is the table sqlite-utils used to create, so older files open unch
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from cloud_sync.errors import CloudSyncError
 from cloud_sync.platform.sql import Engine, IntegrityError, Migration, SqlError, SqliteEngine
-from runtimes.fsio import fsync_dir
 from runtimes.manifest import semver_key
+
+if TYPE_CHECKING:
+    from cloud_sync.platform.blobs import BlobStore
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -147,16 +148,21 @@ _MIGRATIONS = (
 
 
 class LocalStore:
-    """SQLite metadata + content-addressed blob directory (the default)."""
+    """Metadata in SQLite or PostgreSQL (`engine`) + a blob store (default: the content-addressed
+    directory `blobs_dir`; `blobs.py` has the S3 one)."""
 
-    def __init__(self, db_path: Path, blobs_dir: Path, *, engine: Engine | None = None) -> None:
-        self._blobs = Path(blobs_dir)
-        self._uploads = self._blobs / "uploads"
-        try:
-            self._uploads.mkdir(parents=True, exist_ok=True)
-            (self._blobs / "sha256").mkdir(exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot open the registry store in {db_path.parent}: {exc}") from exc
+    def __init__(
+        self,
+        db_path: Path,
+        blobs_dir: Path,
+        *,
+        engine: Engine | None = None,
+        blobs: BlobStore | None = None,
+    ) -> None:
+        # The blob half lives behind `blobs.BlobStore` (a directory or S3, blobs.py).
+        from cloud_sync.platform.blobs import FileBlobStore
+
+        self._blobs: BlobStore = blobs if blobs is not None else FileBlobStore(blobs_dir)
         try:
             # FULL: a publish is rare and must survive power loss.
             self._db = engine or SqliteEngine(
@@ -167,45 +173,20 @@ class LocalStore:
             if hasattr(self, "_db"):
                 self._db.close()
             raise StoreError(f"cannot open the registry store in {db_path.parent}: {exc}") from exc
-        # Uploads a crash interrupted are garbage: nobody references them.
-        for leftover in self._uploads.iterdir():
-            leftover.unlink(missing_ok=True)
 
-    # -- blobs ------------------------------------------------------------------------------
-
-    def _blob_path(self, digest: str) -> Path:
-        if not DIGEST_RE.match(digest):
-            raise StoreError(f"not a sha256 digest: {digest!r}", code="bad_digest")
-        return self._blobs / "sha256" / digest[:2] / digest
+    # -- blobs: delegated -------------------------------------------------------------------
 
     def new_upload(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix="upload-", dir=self._uploads)
-        os.close(fd)
-        return Path(name)
+        return self._blobs.new_upload()
 
     def put_blob(self, spooled: Path, digest: str) -> None:
-        dest = self._blob_path(digest)
-        try:
-            dest.parent.mkdir(exist_ok=True)
-            with open(spooled, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(spooled, 0o644)
-            os.replace(spooled, dest)  # same content if it existed: content-addressed
-            fsync_dir(dest.parent)
-        except OSError as exc:
-            raise StoreError(f"cannot store blob {digest}: {exc}") from exc
+        self._blobs.put_blob(spooled, digest)
 
     def blob_size(self, digest: str) -> int | None:
-        try:
-            return self._blob_path(digest).stat().st_size
-        except FileNotFoundError:
-            return None
+        return self._blobs.blob_size(digest)
 
     def open_blob(self, digest: str) -> BinaryIO:
-        try:
-            return open(self._blob_path(digest), "rb")
-        except FileNotFoundError:
-            raise StoreError(f"blob {digest} not found", code="not_found") from None
+        return self._blobs.open_blob(digest)
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -266,3 +247,4 @@ class LocalStore:
 
     def close(self) -> None:
         self._db.close()
+        self._blobs.close()
