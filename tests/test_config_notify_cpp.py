@@ -135,6 +135,27 @@ async def test_a_cancelled_listener_hears_nothing_more(cpp: Executor) -> None:
     assert await ask(cpp, "config_seen") == {"seen": [{"v": 1}]}
 
 
+async def test_a_slow_listener_holds_up_nothing_and_gets_the_newest_config(
+    cpp: Executor,
+) -> None:
+    """While a listener is busy, the function keeps answering (the worker's frame reader is
+    not the listener's thread) and newer configs wait in one slot: of B and C sent meanwhile,
+    only C is delivered after A."""
+    assert await ask(cpp, "watch_config_gated") == {"watching": True}
+    assert cpp.notify_config(b'{"n":"A"}') == 1
+    assert await until(cpp, "config_gate", lambda a: a["waiting"] == 1) == {"waiting": 1}
+    assert cpp.notify_config(b'{"n":"B"}') == 1
+    assert cpp.notify_config(b'{"n":"C"}') == 1
+    assert (await cpp.invoke(Invocation(b"busy listener", "r", 5.0))).payload == b"busy listener"
+    # A building-block call's answer still comes back (CALL_RESULT/CALL_ERROR read meanwhile).
+    [res] = (await ask(cpp, "blocks", calls=[{"op": "config"}]))["results"]
+    assert res["code"] == "unavailable"  # this executor has no capability handler
+    assert await ask(cpp, "config_seen") == {"seen": []}
+    await ask(cpp, "config_gate", message="open")
+    assert await seen_configs(cpp, 2) == [{"n": "A"}, {"n": "C"}]
+    assert await ask(cpp, "config_latest") == {"latest": {"n": "C"}}
+
+
 async def test_an_unknown_notify_op_is_ignored_by_the_cpp_worker(
     built_conformance: dict[str, Path],
 ) -> None:
