@@ -29,20 +29,19 @@ class ConfigNotices:
 
     def __init__(self, lib: Any, label: str, function: str) -> None:
         self._lib = lib
+        self._takes = bool(lib.takes_config)  # fixed at load: the symbol is there or not
         self._label = label
         self._function = function
         self._lock = threading.Lock()
         self._pending: bytes | None = None
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
-        self.delivered = 0
-        self.failed = 0
 
     def post(self, config: bytes) -> int:
         """Queue `config` (JSON) for the library's listeners; 1 when it will be told, else 0.
 
         Never blocks: safe to call from the event loop."""
-        if self._closed or not self._lib.takes_config:
+        if self._closed or not self._takes:
             return 0
         with self._lock:
             self._pending = config
@@ -63,10 +62,14 @@ class ConfigNotices:
             config, self._pending = self._pending, None
         if config is None:
             return  # a later submit already delivered it (coalesced)
-        answer = self._lib.config_changed(config)
+        try:
+            answer = self._lib.config_changed(config)
+        except Exception:  # a host bug; never lose it in an unread future
+            log.exception("%s: delivering a config change failed", self._label)
+            return
         if answer is None:
             return  # unloaded meanwhile
-        status, lines = answer
+        _status, lines = answer  # a failed listener (EDGEFN_ERROR) said why in its lines
         for level, message in lines or ():
             log.log(
                 _LEVELS.get(level, logging.INFO),
@@ -75,10 +78,6 @@ class ConfigNotices:
                 message,
                 extra={"function": self._function},
             )
-        if status == 0:
-            self.delivered += 1
-        else:
-            self.failed += 1
 
     def close(self) -> None:
         """Stop delivering; a config still waiting is dropped (the library is going away)."""
