@@ -15,6 +15,7 @@ reaches running C++ functions of a real agent process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
@@ -65,14 +66,18 @@ async def seen_configs(executor: Executor, want: int) -> list[Any]:
     return list(answer["seen"])
 
 
-@pytest.fixture(params=["process", "in-process"])
+@pytest.fixture(params=["process", "in-process", "in-process-inline"])
 async def cpp(
     request: pytest.FixtureRequest, built_conformance: dict[str, Path]
 ) -> AsyncIterator[Executor]:
+    """The C++ conformance function as a worker pool, or loaded here (pooled or inline: an
+    inline function gets config changes too, on the same notification thread)."""
     directory = built_conformance["cpp"]
     manifest = load_manifest(directory / "edgefn.toml")
+    if request.param == "in-process-inline":
+        manifest = dataclasses.replace(manifest, inline=True)
     executor: Executor
-    if request.param == "in-process":
+    if request.param != "process":
         executor = InProcessExecutor(
             manifest, directory, library=directory / f"{manifest.entry}.so"
         )
