@@ -115,7 +115,7 @@ class Calls {
 class Notices {
    public:
     explicit Notices(Writer& writer) : writer_(writer) {
-        if (&edgefn_config_changed != nullptr) thread_ = std::thread([this] { serve(); });
+        if (supported()) thread_ = std::thread([this] { serve(); });
     }
     ~Notices() { stop(); }
 
