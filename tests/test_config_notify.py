@@ -2,7 +2,8 @@
 
 Conformance level: a real pool of the conformance function (Node, Go) is told its config
 changed (`Pool.notify_config`) and the function's listener (Node `context.onConfigChange`, Go
-`edgefn.ConfigChanges()`) sees the new config without an invocation. Agent level: the agent
+`edgefn.ConfigChanges()`) sees the new config without an invocation. C++ (worker and in
+process) is in tests/test_config_notify_cpp.py. Agent level: the agent
 applying a new desired config notifies exactly the functions whose `config` changed, and a
 worker keeps serving afterwards. The full loop through a platform is in tests/test_secrets_e2e.py.
 """
@@ -21,6 +22,7 @@ import pytest
 from cloud_sync.state import validate_config
 from edge_agent.agent import Agent
 from edge_agent.settings import Settings
+from runtimes.build import build_function
 from runtimes.invocation import Invocation
 from runtimes.launchers import make_executor
 from runtimes.manifest import load_manifest
@@ -78,12 +80,31 @@ async def test_a_function_that_does_not_listen_is_unaffected(pool: Pool) -> None
     assert await ask(pool, "config_seen") in ({"seen": []}, {"seen": [{"zone": "east"}]})
 
 
-async def test_a_host_that_did_not_announce_notify_is_never_sent_one(
-    built_conformance: dict[str, Path],
-) -> None:
-    """The isolated C++ worker's READY has no FEATURES `notify` (like a Go function built with
-    an older SDK): it is not sent NOTIFY, which it would take for a protocol violation."""
-    directory = built_conformance["cpp"]
+# A C++ function that writes the C ABI of edgefn.h by hand, without the optional
+# `edgefn_config_changed`: its worker (the SDK's main) must not announce FEATURES `notify`.
+HAND_WRITTEN_ABI = r"""
+#include <cstring>
+#include <edgefn.h>
+extern "C" EDGEFN_EXPORT uint32_t edgefn_abi_version(void) { return EDGEFN_ABI_VERSION; }
+extern "C" EDGEFN_EXPORT int32_t edgefn_invoke(const edgefn_call* c) {
+    uint8_t* out = c->alloc(c->host, c->payload_len);
+    if (out) std::memcpy(out, c->payload, c->payload_len);
+    return EDGEFN_OK;
+}
+"""
+
+
+async def test_a_host_that_did_not_announce_notify_is_never_sent_one(tmp_path: Path) -> None:
+    """A worker whose READY has no FEATURES `notify` (here a C++ worker of a library without
+    `edgefn_config_changed`, like a Go function built with an older SDK) is not sent NOTIFY,
+    which it could take for a protocol violation."""
+    directory = tmp_path / "bare"
+    directory.mkdir()
+    (directory / "bare.cpp").write_text(HAND_WRITTEN_ABI, encoding="utf-8")
+    (directory / "edgefn.toml").write_text(
+        'name = "bare-abi"\nversion = "1.0.0"\nruntime = "cpp"\nentry = "bare"\n'
+    )
+    await asyncio.to_thread(build_function, directory)
     executor = make_executor(load_manifest(directory / "edgefn.toml"), directory)
     assert isinstance(executor, Pool)
     await executor.start()

@@ -12,6 +12,10 @@
 //     once the GIL is back.
 // Library.call(..., caller) also takes the Python callable that answers the function's
 // building-block calls (edgefn_call.call; runtimes/cpp/inproc_calls.py); pooled calls only.
+// Library.config_changed(json) hands a config change to the library's optional
+// edgefn_config_changed (looked up with dlsym; `takes_config` is False without it, and such a
+// library loads as before), with the GIL released; the executor calls it from a thread of its own
+// (runtimes/cpp/inproc_notify.py). It counts as a running call, so close() waits for it.
 // Library.close() dlcloses the library once no call is running: at once when idle, otherwise
 // when the last running call returns (unmapping code that a thread is executing would crash).
 // Policy (deadlines, thread pool, error mapping, logging) lives in runtimes/cpp/inproc.py.
@@ -198,6 +202,10 @@ class Library {
             handle_ = nullptr;
             throw LoadError(problem);
         }
+        // Optional: absent in hand-written C ABI libraries and those built before it existed.
+        config_changed_ =
+            reinterpret_cast<edgefn_config_changed_fn>(dlsym(handle_, "edgefn_config_changed"));
+        dlerror();
     }
 
     ~Library() {
@@ -264,18 +272,42 @@ class Library {
         } else {
             answer = py::bytes(reinterpret_cast<const char*>(hc.buffer.get()), hc.length);
         }
-        py::object logs = py::none();
-        if (!hc.logs.empty() || hc.logs_dropped) {
-            py::list lines;
-            for (const auto& line : hc.logs) lines.append(py::make_tuple(line.level, decode(line.message)));
-            if (hc.logs_dropped)
-                lines.append(py::make_tuple(
-                    EDGEFN_LOG_WARN, py::str(std::to_string(hc.logs_dropped) +
-                                             " log lines of this call dropped (over the "
-                                             "in-process per-call log bound)")));
-            logs = std::move(lines);
+        return py::make_tuple(status, std::move(answer), decode(hc.content_type), log_lines(hc));
+    }
+
+    // (status, log lines or None), or None when the library does not take config changes or is
+    // closed. Runs with the GIL released: listeners are user code and may take their time.
+    py::object config_changed(py::bytes json) {
+        edgefn_config_changed_fn fn;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            if (handle_ == nullptr || closing_ || config_changed_ == nullptr) return py::none();
+            fn = config_changed_;
+            ++active_;
         }
-        return py::make_tuple(status, std::move(answer), decode(hc.content_type), std::move(logs));
+        char* data = nullptr;
+        Py_ssize_t size = 0;
+        PyBytes_AsStringAndSize(json.ptr(), &data, &size);
+        HostCall hc;  // only its log lines are used
+        std::int32_t status;
+        {
+            py::gil_scoped_release nogil;
+            try {
+                status = fn(data, static_cast<std::size_t>(size), &hc, &host_log);
+            } catch (...) {
+                static const char msg[] = "the function library let a C++ exception escape "
+                                          "edgefn_config_changed";
+                host_log(&hc, EDGEFN_LOG_ERROR, msg, sizeof(msg) - 1);
+                status = EDGEFN_ERROR;
+            }
+            finished();
+        }
+        return py::make_tuple(status, log_lines(hc));
+    }
+
+    bool takes_config() {
+        std::lock_guard<std::mutex> lock(mu_);
+        return handle_ != nullptr && config_changed_ != nullptr;
     }
 
     // True when the library is unloaded now; false when the last running call will unload it.
@@ -302,6 +334,19 @@ class Library {
     const std::string& path() const { return path_; }
 
    private:
+    // The call's log lines as [(level, text)], or None when it logged nothing (GIL held).
+    static py::object log_lines(const HostCall& hc) {
+        if (hc.logs.empty() && !hc.logs_dropped) return py::none();
+        py::list lines;
+        for (const auto& line : hc.logs) lines.append(py::make_tuple(line.level, decode(line.message)));
+        if (hc.logs_dropped)
+            lines.append(py::make_tuple(
+                EDGEFN_LOG_WARN, py::str(std::to_string(hc.logs_dropped) +
+                                         " log lines of this call dropped (over the "
+                                         "in-process per-call log bound)")));
+        return std::move(lines);
+    }
+
     // A library that does not use edgefn.hpp could still let an exception escape: stop it here.
     static std::int32_t guarded(edgefn_invoke_fn fn, const edgefn_call* c, HostCall& hc) noexcept {
         try {
@@ -327,6 +372,7 @@ class Library {
     std::mutex mu_;
     void* handle_ = nullptr;
     edgefn_invoke_fn invoke_ = nullptr;
+    edgefn_config_changed_fn config_changed_ = nullptr;
     int active_ = 0;
     bool closing_ = false;
 };
@@ -346,8 +392,10 @@ PYBIND11_MODULE(_host, m) {
         .def("call", &Library::call, py::arg("payload"), py::arg("request_id"),
              py::arg("trace_id"), py::arg("content_type"), py::arg("deadline_ms"),
              py::arg("flags"), py::arg("release_gil"), py::arg("caller") = py::none())
+        .def("config_changed", &Library::config_changed, py::arg("json"))
         .def("close", &Library::close)
         .def_property_readonly("loaded", &Library::loaded)
         .def_property_readonly("active", &Library::active)
+        .def_property_readonly("takes_config", &Library::takes_config)
         .def_property_readonly("path", &Library::path);
 }

@@ -15,6 +15,10 @@ work, waits for running calls and dlcloses the library (a version switch frees i
   block their pool thread while the loop answers them (`runtimes.cpp.inproc_calls`); inline
   functions get `unavailable` for them, since waiting on the loop from the loop would deadlock.
 
+`notify_config()` is the in-process NOTIFY: the agent's config-change notification handed to
+the library's listeners (`edgefn::on_config_change`) on a thread of its own, in both modes
+(`runtimes.cpp.inproc_notify`).
+
 Deadlines cannot be enforced here: a thread running native code cannot be stopped safely (no
 cancellation points, no way to unwind its locks), and a process-wide kill would take the agent
 with it. So a call that overruns its deadline gets InvocationTimeout (504) -- in pooled mode at
@@ -39,6 +43,7 @@ from typing import Any
 from runtimes.capabilities import CapabilityHandler
 from runtimes.cpp import inproc_artifact
 from runtimes.cpp.inproc_calls import Caller, InProcessCalls
+from runtimes.cpp.inproc_notify import ConfigNotices
 from runtimes.errors import (
     BundleError,
     FunctionError,
@@ -101,6 +106,7 @@ class InProcessExecutor:
         self._label = f"{manifest.name}@{manifest.version}"
         self._calls = InProcessCalls(capabilities, manifest)  # building blocks (pooled only)
         self._lib: Any = None
+        self._notices: ConfigNotices | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._ok = 0
         self._flag_json = 0
@@ -136,10 +142,19 @@ class InProcessExecutor:
             raise BundleError(str(exc)) from exc
         self._ok = host.OK
         self._flag_json = host.FLAG_JSON
+        self._notices = ConfigNotices(self._lib, self._label, self.manifest.name)
         if not self.inline:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.threads, thread_name_prefix=f"edgefn-cpp-{self.manifest.name}"
             )
+
+    def notify_config(self, config: bytes) -> int:
+        """Tell the library its function's config changed (`config`, JSON); 1 when it will be
+        told, 0 when it is not running or does not take config changes (no
+        `edgefn_config_changed`: a hand-written C ABI, or built before it existed)."""
+        if self._notices is None or self._closing:
+            return 0
+        return self._notices.post(config)
 
     async def invoke(self, inv: Invocation) -> Result:
         lib = self._lib
@@ -325,6 +340,8 @@ class InProcessExecutor:
                 )
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._notices is not None:
+            self._notices.close()  # a delivery still running keeps the library until it ends
         lib = self._lib
         if lib is not None:
             # dlclose runs the library's static destructors: user code, so off the loop.

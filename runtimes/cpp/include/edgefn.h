@@ -1,10 +1,19 @@
 /*
  * edgefn C ABI, version 2: the only contract between a C++ function library and its host.
  *
- * A function library exports exactly two symbols with C linkage:
+ * A function library exports two symbols with C linkage:
  *
  *     uint32_t edgefn_abi_version(void);              returns EDGEFN_ABI_VERSION it was built with
  *     int32_t  edgefn_invoke(const edgefn_call *call); runs one invocation
+ *
+ * and may export a third, optional one (EDGEFN_FUNCTION of edgefn.hpp always does):
+ *
+ *     int32_t  edgefn_config_changed(...);            the `config()` change notification, below
+ *
+ * A host looks the optional symbol up and, when a library lacks it (a hand-written C ABI, or a
+ * library built before it existed), simply never tells that library of config changes. It is
+ * not part of the version check: adding it changed no struct, so ABI-1 and ABI-2 libraries
+ * without it load exactly as before.
  *
  * Hosts (the in-process pybind11 host runtimes/cpp/_host.cpp and the isolated worker main in
  * edgefn_worker.hpp) refuse a library whose version they do not speak: the struct below may
@@ -108,9 +117,24 @@ typedef struct edgefn_call {
 EDGEFN_EXPORT uint32_t edgefn_abi_version(void);
 EDGEFN_EXPORT int32_t edgefn_invoke(const edgefn_call *call);
 
+/* Optional. The agent applied a desired config in which this function's `config` table changed:
+ * `json`/`len` is the new table as JSON text (not NUL-terminated), owned by the host and valid
+ * only during the call. Called outside any invocation, from a thread of the host's own (never
+ * the thread that reads the agent's frames, never the agent's event loop), one call at a time
+ * and in the order the agent sent them; a host may skip a config that a newer one replaced
+ * before it could be delivered. `log(host, level, msg, len)` (may be NULL) writes one line to
+ * the agent's log, e.g. why a listener failed. Returns EDGEFN_OK, or EDGEFN_ERROR when a
+ * listener failed (already logged). Nothing may unwind through it. */
+EDGEFN_EXPORT int32_t edgefn_config_changed(const char *json, size_t len, void *host,
+                                            void (*log)(void *host, int32_t level,
+                                                        const char *msg, size_t len));
+
 /* Signatures for hosts that look the symbols up with dlsym. */
 typedef uint32_t (*edgefn_abi_version_fn)(void);
 typedef int32_t (*edgefn_invoke_fn)(const edgefn_call *call);
+typedef int32_t (*edgefn_config_changed_fn)(const char *json, size_t len, void *host,
+                                            void (*log)(void *host, int32_t level,
+                                                        const char *msg, size_t len));
 
 #ifdef __cplusplus
 }

@@ -41,6 +41,7 @@ enum Kind : std::uint8_t {
     kCall = 9,         // worker -> agent: a building-block call (edgefn_worker.hpp Calls)
     kCallResult = 10,  // agent -> worker: its answer
     kCallError = 11,   // agent -> worker: it failed (ERROR_CODE)
+    kNotify = 12,      // agent -> worker: OP "config", payload = the new config (edgefn_worker.hpp Notices)
 };
 
 enum Key : std::uint8_t {
@@ -55,6 +56,7 @@ enum Key : std::uint8_t {
     kOp = 9,
     kTarget = 10,
     kParentId = 11,
+    kFeatures = 12,  // on READY: optional agent -> worker frames this host takes ("notify")
 };
 
 [[noreturn]] inline void die(int status, const std::string& why) {

@@ -16,6 +16,10 @@
 // Building blocks: a handler's ctx.invoke/publish/state/config/secret sends a CALL frame from its
 // own thread and waits for the CALL_RESULT/CALL_ERROR, which the main thread hands over (Calls);
 // a wait never outlives the invocation's deadline.
+// Config changes: when the library defines edgefn_config_changed (EDGEFN_FUNCTION does), READY
+// announces FEATURES "notify"; the main thread puts each NOTIFY `config` payload in a one-slot
+// mailbox (Notices) and a notification thread of its own hands it to the library, so a slow or
+// throwing listener never stalls frame reading (PING, CALL answers) or kills the worker.
 // A crash of the handler (segfault, abort) takes down only this process; the pool replaces it.
 #ifndef EDGEFN_WORKER_HPP
 #define EDGEFN_WORKER_HPP
@@ -46,6 +50,11 @@
 
 #include "edgefn.h"
 #include "edgefn_frames.hpp"
+
+// Weak: a library that writes the C ABI by hand may not define it (then no FEATURES "notify").
+extern "C" int32_t edgefn_config_changed(const char* json, size_t len, void* host,
+                                         void (*log)(void*, int32_t, const char*, size_t))
+    __attribute__((weak));
 
 namespace edgefn {
 namespace worker {
@@ -98,6 +107,72 @@ class Calls {
     std::condition_variable cv_;
     std::uint64_t last_ = 0;
     std::unordered_map<std::uint64_t, std::shared_ptr<Slot>> slots_;
+};
+
+// The config-change notifications of one worker: the main thread posts, one thread delivers.
+// One slot: a config that arrives while an older one waits replaces it, so a slow listener gets
+// the newest config instead of a backlog (as Go's ConfigChanges channel does).
+class Notices {
+   public:
+    explicit Notices(Writer& writer) : writer_(writer) {
+        if (supported()) thread_ = std::thread([this] { serve(); });
+    }
+    ~Notices() { stop(); }
+
+    static bool supported() { return &edgefn_config_changed != nullptr; }
+
+    void post(std::string config) {
+        if (!thread_.joinable()) return;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            pending_ = std::move(config);
+            has_pending_ = true;
+        }
+        cv_.notify_one();
+    }
+
+    // A config still waiting is dropped: the worker is going away.
+    void stop() {
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            stopping_ = true;
+        }
+        cv_.notify_one();
+        if (thread_.joinable()) thread_.join();
+    }
+
+   private:
+    static void on_log(void* host, std::int32_t level, const char* msg, std::size_t len) {
+        static const char* const names[] = {"debug", "info", "warn", "error"};
+        try {
+            std::string header;
+            put_tlv(header, kLogLevel, level >= 0 && level <= 3 ? names[level] : "info");
+            static_cast<Notices*>(host)->writer_.send(kLog, 0, 0, header, msg, len);
+        } catch (...) {
+        }
+    }
+
+    void serve() {
+        for (;;) {
+            std::string config;
+            {
+                std::unique_lock<std::mutex> lock(mu_);
+                cv_.wait(lock, [this] { return stopping_ || has_pending_; });
+                if (stopping_) return;
+                config.swap(pending_);
+                has_pending_ = false;
+            }
+            edgefn_config_changed(config.data(), config.size(), this, &Notices::on_log);
+        }
+    }
+
+    Writer& writer_;
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::string pending_;
+    bool has_pending_ = false;
+    bool stopping_ = false;
+    std::thread thread_;
 };
 
 struct Job {
@@ -382,8 +457,10 @@ inline int run() {
                    " does not match the worker's ABI " + std::to_string(EDGEFN_ABI_VERSION));
 
     Worker worker(out_fd, env_threads(), env_text("EDGEFN_FUNCTION"), env_text("EDGEFN_VERSION"));
+    Notices notices(worker.writer());
     std::string ready;
     put_tlv(ready, kRuntime, "cpp/" + std::to_string(EDGEFN_ABI_VERSION));
+    if (Notices::supported()) put_tlv(ready, kFeatures, "notify");
     worker.writer().send(kReady, 0, 0, ready, nullptr, 0);
 
     // 4. Read frames until SHUTDOWN or EOF.
@@ -420,6 +497,12 @@ inline int run() {
             if (!worker.calls().answer(id, kind == kCallResult, std::move(code), std::move(data)))
                 die(2, "protocol violation: answer for call " + std::to_string(id) +
                            " that this worker never made");
+        } else if (kind == kNotify) {
+            // No answer; an OP this host does not know is ignored, like an unknown header key.
+            std::string op;
+            std::string bad = header_value(body, kOp, op);
+            if (!bad.empty()) die(2, "protocol violation: NOTIFY " + bad);
+            if (op == "config") notices.post(body.substr(kFixedLen + header_len));
         } else if (kind == kPing) {
             worker.writer().send(kPong, 0, id, std::string(), nullptr, 0);
         } else if (kind == kShutdown) {
@@ -432,6 +515,7 @@ inline int run() {
         }
     }
     // 6. Finish what is in flight, then leave.
+    notices.stop();
     worker.drain();
     std::fflush(stdout);
     std::fflush(stderr);

@@ -1,17 +1,25 @@
-// Conformance function for the C++ host (docs/protocol.md, "Conformance"), plus two ops only
-// C++ needs: "segfault" (a real null-pointer write) and "throw_nonstd" (`throw 42`).
+// Conformance function for the C++ host (docs/protocol.md, "Conformance"), plus ops only C++
+// needs: "segfault" (a real null-pointer write), "throw_nonstd" (`throw 42`), and for the
+// config-change notification "unwatch_config" (cancels the watch_config listener, answers
+// {"watching":false}), "watch_config_throwing" (adds a listener that throws `message`) and
+// "config_latest" (answers {"latest": edgefn::latest_config() or null}), "watch_config_gated"
+// (a listener that records like watch_config's but first waits, at most 10 s, until
+// {"op":"config_gate","message":"open"}; "config_gate" answers {"waiting":N}, the listeners waiting).
 // Anything that is not a JSON object with a string "op" is echoed byte for byte.
 #include <edgefn.hpp>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -220,6 +228,74 @@ std::string run_block(edgefn::Context& ctx, const std::map<std::string, std::str
     }
 }
 
+// Config changes this worker (or library) was told about: ops watch_config / config_seen.
+std::mutex watch_mu;
+std::vector<std::string> seen_configs;  // JSON texts, oldest first
+edgefn::ConfigSubscription watching, throwing, gated;
+std::mutex gate_mu;
+std::condition_variable gate_cv;
+bool gate_open = true;
+int gate_waiting = 0;
+
+// Subscriptions are swapped under watch_mu but cancelled outside it: cancel() waits for a
+// running listener, and the watch_config listener itself takes watch_mu.
+std::string watch_op(const std::string& op, const std::string& message) {
+    edgefn::ConfigSubscription old;
+    if (op == "watch_config") {
+        std::lock_guard<std::mutex> lock(watch_mu);
+        if (!watching.active())
+            watching = edgefn::on_config_change([](std::string_view json) {
+                std::lock_guard<std::mutex> seen_lock(watch_mu);
+                seen_configs.emplace_back(json);
+            });
+        return "{\"watching\":true}";
+    }
+    if (op == "watch_config_throwing") {
+        auto sub = edgefn::on_config_change(
+            [message](std::string_view) { throw std::runtime_error(message); });
+        std::lock_guard<std::mutex> lock(watch_mu);
+        old = std::exchange(throwing, std::move(sub));
+    } else if (op == "watch_config_gated") {
+        {
+            std::lock_guard<std::mutex> lock(gate_mu);
+            gate_open = false;
+        }
+        auto sub = edgefn::on_config_change([](std::string_view json) {
+            {
+                std::unique_lock<std::mutex> lock(gate_mu);
+                ++gate_waiting;
+                gate_cv.wait_for(lock, std::chrono::seconds(10), [] { return gate_open; });
+                --gate_waiting;
+            }
+            std::lock_guard<std::mutex> seen_lock(watch_mu);
+            seen_configs.emplace_back(json);
+        });
+        std::lock_guard<std::mutex> lock(watch_mu);
+        old = std::exchange(gated, std::move(sub));
+    } else if (op == "config_gate") {
+        std::lock_guard<std::mutex> lock(gate_mu);
+        if (message == "open") gate_open = true;
+        gate_cv.notify_all();
+        return "{\"waiting\":" + std::to_string(gate_waiting) + "}";
+    } else if (op == "unwatch_config") {
+        {
+            std::lock_guard<std::mutex> lock(watch_mu);
+            old = std::move(watching);
+        }
+        old.cancel();
+        return "{\"watching\":false}";
+    } else if (op == "config_seen") {
+        std::lock_guard<std::mutex> lock(watch_mu);
+        std::string out = "{\"seen\":[";
+        for (std::size_t i = 0; i < seen_configs.size(); ++i) out += (i ? "," : "") + seen_configs[i];
+        return out + "]}";
+    } else if (op == "config_latest") {
+        auto latest = edgefn::latest_config();
+        return "{\"latest\":" + (latest ? *latest : std::string("null")) + "}";
+    }
+    return "{\"watching\":true}";
+}
+
 [[noreturn]] void nested_throw(const std::string& message) { throw std::runtime_error(message); }
 
 std::string handle(std::string_view request, edgefn::Context& ctx) {
@@ -276,6 +352,12 @@ std::string handle(std::string_view request, edgefn::Context& ctx) {
         for (std::size_t i = 0; i < results.size(); ++i) out += (i ? "," : "") + results[i];
         ctx.set_content_type("application/json");
         return out + "]}";
+    }
+    if (op == "watch_config" || op == "watch_config_throwing" || op == "unwatch_config" ||
+        op == "config_seen" || op == "config_latest" || op == "watch_config_gated" ||
+        op == "config_gate") {
+        ctx.set_content_type("application/json");
+        return watch_op(op, message);
     }
     if (op == "crash") std::abort();
     if (op == "segfault") {
