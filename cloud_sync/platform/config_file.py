@@ -80,7 +80,9 @@ _REFUSED = {
     "blobs.secret_access_key": f"{_SECRET}: use $AWS_SECRET_ACCESS_KEY or credentials_file",
 }
 # Fields the command line handles itself (not PlatformSettings fields).
-_NOT_SETTINGS = frozenset({"log_level", "blobs_credentials_file"})
+# Not PlatformSettings fields: the caller applies them (the database password goes to this
+# process's environment, where the PostgreSQL engine reads it, never into the settings object).
+_NOT_SETTINGS = frozenset({"log_level", "blobs_credentials_file", "database_password"})
 
 
 def load(path: Path) -> dict[str, Any]:
