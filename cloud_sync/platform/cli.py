@@ -81,6 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--device-broker-url", default="", help="broker URL written into credentials"
     )
+    # Several replicas (docs/scale-out.md).
+    serve.add_argument(
+        "--lease",
+        default=os.environ.get("EDGEFN_LEASE", ""),
+        help="postgresql:// URL for the leader election among replicas (no password in it:"
+        " PGPASSWORD or ~/.pgpass; default $EDGEFN_LEASE; none: a single process)",
+    )
+    serve.add_argument(
+        "--replica-id",
+        default=os.environ.get("EDGEFN_REPLICA_ID", ""),
+        help="this replica's stable name (its MQTT client id; default $EDGEFN_REPLICA_ID)",
+    )
+    serve.add_argument(
+        "--shared-subscriptions",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="MQTT 5 shared subscriptions (default: on with --broker, off when embedded)",
+    )
 
     broker = sub.add_parser("broker", help="external broker setup")
     broker_sub = broker.add_subparsers(dest="broker_command", required=True)
@@ -154,6 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from cloud_sync.errors import CloudSyncError
+    from cloud_sync.platform.leader import replica_settings_problem
     from cloud_sync.platform.server import serve
     from cloud_sync.platform.settings import DEFAULT_MAX_BUNDLE_BYTES, PlatformSettings
 
@@ -177,7 +196,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls=args.tls,
         public_url=args.public_url,
         device_broker_url=args.device_broker_url,
+        lease=args.lease,
+        replica_id=args.replica_id,
+        shared_subscriptions=args.shared_subscriptions,
     )
+    problem = replica_settings_problem(settings.lease, settings.replica_id)
+    if problem:
+        return _fail(problem, EXIT_USAGE)
     try:
         asyncio.run(serve(settings))
     except CloudSyncError as exc:

@@ -15,6 +15,15 @@ Outbound: `publish_desired(device)` / `publish_group(name)` publish the stored d
 (QoS 1). When the broker is down the document stays in the store; after every (re)connect
 `_republish` sends all of them again (a broker without persistence forgot its retained
 messages), which devices ignore when the version is one they have seen.
+
+Several replicas (docs/scale-out.md): with `shared=True` the subscriptions are MQTT 5 shared
+subscriptions (`$share/edgefn-platform/<filter>`), so the broker hands each device message to
+exactly one replica; each replica connects under a client id of its own (`client_id`, from the
+replica id) with the one platform certificate (the broker's ACL keys on the certificate's CN).
+The full republish after a (re)connect is once-per-fleet work: it runs only while
+`is_leader()` says so, and `take_over()` (a leader duty) asks for one at the start of a term --
+a leader that died after storing a desired document but before publishing it is covered.
+`publish_desired` itself runs on whichever replica changed the document.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials, parse_broker_url
@@ -40,9 +50,20 @@ WATCH_INTERVAL_S = 0.5
 
 class MqttIntake:
     def __init__(
-        self, store: FleetStore, ca: PlatformCA, broker_url: str, *, mqtt311: bool
+        self,
+        store: FleetStore,
+        ca: PlatformCA,
+        broker_url: str,
+        *,
+        mqtt311: bool,
+        shared: bool = False,
+        client_id: str = PLATFORM_IDENTITY,
+        is_leader: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
+        self.shared = shared
+        self.is_leader = is_leader
+        self._republished_for = 0  # the session's connect count last republished after
         self.broker_url = broker_url
         self.mqtt311 = mqtt311
         broker = parse_broker_url(broker_url)
@@ -55,12 +76,13 @@ class MqttIntake:
             cert_pem=issued.cert_pem,
             key_pem=issued.key_pem,
         )
+        pick = topics.shared_platform_filter if shared else topics.platform_filter
         self.session = MqttSession(
-            PLATFORM_IDENTITY,
+            client_id,
             broker.host,
             broker.port,
             ssl_context=creds.ssl_context() if broker.tls else None,
-            subscriptions=[topics.platform_filter(k) for k in _KINDS],
+            subscriptions=[pick(k) for k in _KINDS],
             mqtt311=mqtt311,
         )
         self._tasks: list[asyncio.Task[None]] = []
@@ -86,6 +108,8 @@ class MqttIntake:
         s = self.session.state
         return {
             "broker": self.broker_url,
+            "client_id": self.session.client_id,
+            "shared": self.shared,
             "connected": s.connected,
             "last_error": s.last_error,
             "stored": self.stored,
@@ -153,13 +177,16 @@ class MqttIntake:
             return False
         return True
 
+    async def take_over(self) -> None:
+        """A new leader's term: republish everything at the watcher's next look."""
+        self._republished_for = -1
+
     async def _watch(self) -> None:
-        connects = 0
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             state = self.session.state
-            if state.connected and state.connects != connects:
-                connects = state.connects
+            if state.connected and state.connects != self._republished_for and self.is_leader():
+                self._republished_for = state.connects
                 await self._republish()
 
     async def _republish(self) -> None:

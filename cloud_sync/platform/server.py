@@ -11,6 +11,10 @@ startup, the embedded amqtt broker (`embedded_broker.py`) when asked for and the
 `<data_dir>/platform.json` ({"url", "pid"}) atomically once listening so scripts and tests
 find the URL, wait for SIGTERM/SIGINT, stop accepting, let in-flight requests finish for up to
 `drain_s`, close the store, remove the state file.
+Several replicas: `settings.lease` elects one leader (`leader.py`); the rollout loop and the
+intake's full republish are its duties (`LeaderDuties`), started when this replica leads and
+stopped when it stops leading. `/v1/health` says `leader` and `replica`; `GET /v1/replica`
+(operator) adds the lease's and the intake's status.
 """
 
 from __future__ import annotations
@@ -28,14 +32,15 @@ from collections.abc import Callable
 from aiohttp import web
 
 from cloud_sync.http_server import bound_port, escaped_error_answer
-from cloud_sync.platform.auth import load_or_create_token
+from cloud_sync.platform.auth import AuthResult, check_bearer, load_or_create_token
 from cloud_sync.platform.cloud_exec import CloudExec
 from cloud_sync.platform.devices import DeviceAuth, DevicesApi
 from cloud_sync.platform.embedded_broker import EmbeddedBroker, free_port, start_embedded_broker
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.intake import MqttIntake
+from cloud_sync.platform.leader import LeaderDuties, Lease, LocalLease, PgAdvisoryLease
 from cloud_sync.platform.operators import OperatorAccounts
-from cloud_sync.platform.pki import PlatformCA
+from cloud_sync.platform.pki import PLATFORM_IDENTITY, PlatformCA
 from cloud_sync.platform.registry import Handler, Registry, error_response, publishers_verifier
 from cloud_sync.platform.rollout_api import RolloutApi
 from cloud_sync.platform.rollout_feed import RecordFeed
@@ -51,6 +56,13 @@ log = logging.getLogger("edgefn.platform")
 
 STORE_KEY = web.AppKey("store", LocalStore)
 DEVICES_KEY = web.AppKey("devices", DevicesApi)
+LEASE_KEY = web.AppKey("lease", LeaderDuties)
+
+
+def _lease(settings: PlatformSettings) -> Lease:
+    if settings.lease:
+        return PgAdvisoryLease(settings.lease, name=settings.replica_id)
+    return LocalLease()
 
 
 def create_app(
@@ -68,8 +80,10 @@ def create_app(
     registry = Registry(store, token, max_bundle_bytes=settings.max_bundle_bytes, verifier=verifier)
     # aiohttp refuses bodies over client_max_size; the registry enforces its own cap (413).
     app = web.Application(client_max_size=settings.max_bundle_bytes + 1, middlewares=[json_errors])
+    duties = LeaderDuties(_lease(settings))
+    app[LEASE_KEY] = duties
     app.add_routes(registry.routes())
-    devices = _build_devices(settings, token, app)
+    devices = _build_devices(settings, token, app, duties)
     app[DEVICES_KEY] = devices
     app.add_routes(devices.routes())
     # Cloud execution: the operator or any enrolled device (token or client certificate).
@@ -77,15 +91,44 @@ def create_app(
         store, settings.data_dir / "exec", authorize=devices.auth.result, verifier=verifier
     )
     app.add_routes(cloud_exec.routes())
-    rollout_source = _mount_rollouts(app, settings, token, store, devices)
+    rollout_source = _mount_rollouts(app, settings, token, store, devices, duties)
     started = time.time()
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response(
-            {"status": "ok", "uptime_s": round(time.time() - started, 3), "pid": os.getpid()}
+            {
+                "status": "ok",
+                "uptime_s": round(time.time() - started, 3),
+                "pid": os.getpid(),
+                "replica": settings.replica_id,
+                "leader": duties.lease.is_leader,
+            }
         )
 
-    app.add_routes([web.get("/v1/health", health)])
+    async def replica(request: web.Request) -> web.Response:
+        if check_bearer(request.headers.get("Authorization"), token) is not AuthResult.OK:
+            return error_response(401, "unauthorized", "operator token required")
+        intake = devices.intake
+        return web.json_response(
+            {
+                "replica": settings.replica_id,
+                "pid": os.getpid(),
+                "lease": duties.lease.status(),
+                "mqtt": intake.status() if intake is not None else None,
+            }
+        )
+
+    app.add_routes([web.get("/v1/health", health), web.get("/v1/replica", replica)])
+
+    async def lead(app: web.Application) -> None:
+        await duties.start()
+
+    async def step_down(app: web.Application) -> None:
+        await duties.close()
+
+    # After the intake and the controller are set up (on_startup order); first on shutdown.
+    app.on_startup.append(lead)
+    app.on_shutdown.insert(0, step_down)
     # The console (/ui/, docs/dashboard.md): pages over the same stores; its rollout pages read
     # and command the rollout controller (`rollout_source.py`).
     accounts = OperatorAccounts(settings.db_path)
@@ -136,22 +179,24 @@ def _mount_rollouts(
     token: str,
     store: RegistryStore,
     devices: DevicesApi,
+    duties: LeaderDuties,
 ) -> ControllerSource:
     """The rollout controller (`rollouts.py`), its `/v1/rollouts` API and the console's view of
-    it. It starts after the MQTT intake (on_startup order) and stops on shutdown, before the
-    stores close."""
+    it. Its loop is a leader duty (it runs on one replica of the fleet); operator calls work on
+    every replica. Closed on shutdown, before the stores close."""
     controller = RolloutController(
         RolloutStore(settings.data_dir / "rollouts.db"),
         devices.store,
         store,
         RecordFeed(settings.fleet_db),
         devices.intake,
+        lease=duties.lease,
     )
     app.add_routes(RolloutApi(controller, token).routes())
     source = ControllerSource(controller)
+    duties.add("rollout controller", controller.start, controller.stop)
 
     async def start(app: web.Application) -> None:
-        await controller.start()
         source.bind(asyncio.get_running_loop())
 
     async def stop(app: web.Application) -> None:
@@ -162,7 +207,9 @@ def _mount_rollouts(
     return source
 
 
-def _build_devices(settings: PlatformSettings, token: str, app: web.Application) -> DevicesApi:
+def _build_devices(
+    settings: PlatformSettings, token: str, app: web.Application, duties: LeaderDuties
+) -> DevicesApi:
     """Fleet store, CA, device auth and (with a broker) the MQTT intake. Blocking (CA, SQLite)."""
     ca = PlatformCA.load_or_create(settings.data_dir)
     fleet = FleetStore(settings.fleet_db)
@@ -175,7 +222,19 @@ def _build_devices(settings: PlatformSettings, token: str, app: web.Application)
         embedded_port = settings.mqtt_port or free_port()
         broker_url = f"mqtts://127.0.0.1:{embedded_port}"
     if broker_url:
-        intake = MqttIntake(fleet, ca, broker_url, mqtt311=embedded_port is not None)
+        client_id = PLATFORM_IDENTITY
+        if settings.replica_id:
+            client_id = f"{PLATFORM_IDENTITY}-{settings.replica_id}"
+        intake = MqttIntake(
+            fleet,
+            ca,
+            broker_url,
+            mqtt311=embedded_port is not None,
+            shared=settings.shares_device_traffic and embedded_port is None,
+            client_id=client_id,
+            is_leader=lambda: duties.lease.is_leader,
+        )
+        duties.add("desired republisher", intake.take_over, _nothing)
     devices = DevicesApi(
         fleet,
         ca,
@@ -204,6 +263,10 @@ def _build_devices(settings: PlatformSettings, token: str, app: web.Application)
     app.on_startup.append(start_mqtt)
     app.on_cleanup.append(stop_mqtt)
     return devices
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _server_ssl(settings: PlatformSettings) -> ssl.SSLContext:
