@@ -88,13 +88,19 @@ class MqttIntake:
         self._tasks: list[asyncio.Task[None]] = []
         self.stored = 0
         self.duplicates = 0
+        self.subscribed = False  # the first SUBACK came (what replica tests wait for)
 
     async def start(self) -> None:
         await self.session.start()
         self._tasks = [
             asyncio.create_task(self._consume(), name="mqtt intake"),
             asyncio.create_task(self._watch(), name="desired republisher"),
+            asyncio.create_task(self._note_subscribed(), name="intake subscribed"),
         ]
+
+    async def _note_subscribed(self) -> None:
+        await self.session.wait_ready()
+        self.subscribed = True
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -111,6 +117,7 @@ class MqttIntake:
             "client_id": self.session.client_id,
             "shared": self.shared,
             "connected": s.connected,
+            "subscribed": self.subscribed,
             "last_error": s.last_error,
             "stored": self.stored,
             "duplicates": self.duplicates,

@@ -1,0 +1,117 @@
+"""Two platform replicas (real processes) on one Mosquitto share device traffic through MQTT 5
+shared subscriptions: every record a device sends is stored exactly once across them.
+
+Shared state here is the one data dir (SQLite in WAL mode, which several processes may open)
+and the leader lease on a real PostgreSQL; the PostgreSQL store is the production shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mosquitto import Broker, eventually
+from tests.postgres import PostgresDatabase
+from tests.registry_helpers import Platform
+from tests.replica_helpers import (
+    call,
+    enrol,
+    leaders,
+    replica_view,
+    send_metrics,
+    start_replica,
+    wait_subscribed,
+)
+
+pytestmark = pytest.mark.slow
+DEVICES = 4
+PER_DEVICE = 30
+
+
+@pytest.fixture
+def replicas(mosquitto: Broker, postgres_db: PostgresDatabase) -> Iterator[list[Platform]]:
+    data = mosquitto.workdir / "platform"
+    started: list[Platform] = []
+    try:
+        for name in ("a", "b"):
+            started.append(start_replica(data, mosquitto, postgres_db.url, name))
+        yield started
+    finally:
+        for p in started:
+            p.stop()
+
+
+def _stored_numbers(plat: Platform, device: str) -> list[int]:
+    """Which of the device's records are stored (each carries its number + 1 as invocations)."""
+    doc = call(plat, "GET", f"/v1/devices/{device}/records?kind=metrics&limit=1000")
+    return [int(r["value"]["functions"]["echo"]["invocations"]) - 1 for r in doc["records"]]
+
+
+async def test_each_record_reaches_exactly_one_replica(
+    replicas: list[Platform], tmp_path: Path
+) -> None:
+    a, b = replicas
+    await wait_subscribed(a, b)
+    views = [await replica_view(p) for p in replicas]
+    assert [v["mqtt"]["shared"] for v in views] == [True, True]
+    assert {v["mqtt"]["client_id"] for v in views} == {"edgefn-platform-a", "edgefn-platform-b"}
+    await eventually(lambda: _one_leader(replicas), 20, "one leader")
+
+    devices = [await asyncio.to_thread(enrol, a, f"dev-{i}") for i in range(DEVICES)]
+    sent = await asyncio.gather(*(send_metrics(c, PER_DEVICE) for c in devices))
+    total = DEVICES * PER_DEVICE
+
+    async def all_counted() -> bool:
+        views = [await replica_view(p) for p in replicas]
+        return sum(v["mqtt"]["stored"] + v["mqtt"]["duplicates"] for v in views) >= total
+
+    await eventually(all_counted, 60, f"{total} records taken in")
+    await asyncio.sleep(0.5)  # a second copy, were there one, would arrive meanwhile
+    views = [await replica_view(p) for p in replicas]
+    stored = [v["mqtt"]["stored"] for v in views]
+    duplicates = [v["mqtt"]["duplicates"] for v in views]
+    # Each message went to one replica (no copy for the other: no duplicates at all), and the
+    # broker spread them over both.
+    assert sum(stored) == total, (stored, duplicates)
+    assert duplicates == [0, 0]
+    assert all(n > 0 for n in stored), stored
+    # And the shared store has every record once, whichever replica is asked.
+    for creds, keys in zip(devices, sent, strict=True):
+        for plat in replicas:
+            got = await asyncio.to_thread(_stored_numbers, plat, creds.device_id)
+            assert sorted(got) == list(range(PER_DEVICE)), keys
+
+
+async def test_without_shared_subscriptions_both_replicas_get_every_record(
+    mosquitto: Broker, postgres_db: PostgresDatabase
+) -> None:
+    """The control: the same two replicas without `$share/` each receive every message (the
+    store's de-duplication then drops the second copy) -- what shared subscriptions avoid."""
+    data = mosquitto.workdir / "platform"
+    started = [
+        start_replica(data, mosquitto, postgres_db.url, n, "--no-shared-subscriptions")
+        for n in ("a", "b")
+    ]
+    try:
+        await wait_subscribed(*started)
+        creds = await asyncio.to_thread(enrol, started[0], "dev-x")
+        await send_metrics(creds, 10)
+
+        async def both_saw_all() -> bool:
+            views = [await replica_view(p) for p in started]
+            return all(v["mqtt"]["stored"] + v["mqtt"]["duplicates"] == 10 for v in views)
+
+        await eventually(both_saw_all, 60, "both replicas saw all 10 records")
+        views = [await replica_view(p) for p in started]
+        assert sum(v["mqtt"]["stored"] for v in views) == 10
+        assert sum(v["mqtt"]["duplicates"] for v in views) == 10
+    finally:
+        for p in started:
+            p.stop()
+
+
+async def _one_leader(replicas: list[Platform]) -> bool:
+    return len(await leaders(*replicas)) == 1
