@@ -34,7 +34,7 @@ class Key:
     """One config key: the Settings field it sets and the kind of value it takes."""
 
     field: str
-    kind: str  # int | float | str | bool | path | labels | names
+    kind: str  # int | float | str | bool | path | labels | names | urls
     choices: tuple[str, ...] = ()
 
 
@@ -66,7 +66,9 @@ KEYS: dict[str, Key] = {
     "tls.client_ca_file": Key("tls_client_ca_file", "path"),
     "budget.memory_mb": Key("budget_memory_mb", "int"),
     "budget.workers": Key("budget_workers", "int"),
-    "cloud.url": Key("cloud_url", "str"),
+    # One URL, or an array of the platform's replicas' URLs (the first is tried first).
+    "cloud.url": Key("cloud_url", "urls"),
+    "cloud.urls": Key("cloud_url", "urls"),
     "cloud.default_routing": Key("default_routing", "str", ROUTING_CHOICES),
     "cloud.credentials_file": Key("credentials_file", "path"),
     "cloud.fallback_after_s": Key("fallback_after_s", "float"),
@@ -152,6 +154,11 @@ def _convert(key: Key, value: Any, path: Path) -> Any:
             # Relative paths are relative to the file, not to wherever the agent was started.
             return (path.parent / value).resolve() if value else None
         return value
+    if kind == "urls":
+        urls = [value] if isinstance(value, str) else value
+        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+            raise ValueError("expected a URL or a non-empty array of URLs")
+        return tuple(urls)
     if kind == "names":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ValueError("expected an array of interface names")

@@ -85,7 +85,11 @@ class Deployer:
     """`await start()`, then `desired(config)` for every applied config; `await close()`."""
 
     def __init__(
-        self, data_dir: Path, device_id: str, registry_url: str, hooks: DeployerHooks
+        self,
+        data_dir: Path,
+        device_id: str,
+        registry_url: str | tuple[str, ...],  # several: the platform's replicas, in order
+        hooks: DeployerHooks,
     ) -> None:
         self.data_dir = data_dir
         self.device_id = device_id

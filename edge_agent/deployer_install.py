@@ -100,7 +100,7 @@ def _options(data_dir: Path, progress: Callable[[str], None], *, downgrade: bool
 
 def install_version(
     data_dir: Path,
-    registry_url: str,
+    registry_url: str | tuple[str, ...],
     name: str,
     version: str,
     *,

@@ -169,13 +169,15 @@ def install_file(src: Path, opts: InstallOptions) -> InstallResult:
 
 
 def install_from_registry(
-    url: str, name: str, version: str | None, opts: InstallOptions
+    url: str | tuple[str, ...], name: str, version: str | None, opts: InstallOptions
 ) -> InstallResult:
-    """Install `name@version` (None: the latest) from the registry at `url`."""
+    """Install `name@version` (None: the latest) from the registry at `url` (several URLs:
+    the platform's replicas, the next tried when one fails)."""
     from cloud_sync.registry_client import RegistryClient
 
     verifier = _load_verifier(opts)  # no trusted key: refuse before downloading anything
-    client = RegistryClient(url)
+    urls = (url,) if isinstance(url, str) else url
+    client = RegistryClient(urls[0], fallback_urls=urls[1:])
     info = client.resolve(name, version)
     target = _Target(name, info.version, info.digest)
     with function_lock(opts.staging_dir, name, opts.tell):
