@@ -155,10 +155,11 @@ def _convert(key: Key, value: Any, path: Path) -> Any:
             return (path.parent / value).resolve() if value else None
         return value
     if kind == "urls":
-        urls = [value] if isinstance(value, str) else value
-        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        if isinstance(value, str):
+            return value  # one URL (the agent's `--cloud` splits an array into fallbacks)
+        if not isinstance(value, list) or not value or not all(isinstance(u, str) for u in value):
             raise ValueError("expected a URL or a non-empty array of URLs")
-        return tuple(urls)
+        return tuple(value)
     if kind == "names":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ValueError("expected an array of interface names")
