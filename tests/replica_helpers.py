@@ -19,13 +19,15 @@ from tests.registry_helpers import Platform, start_platform
 
 
 def start_replica(
-    data_dir: Path, broker: Broker, lease_url: str, replica: str, *extra: str
+    data_dir: Path, broker: Broker, database_url: str, replica: str, *extra: str
 ) -> Platform:
-    """One replica: its own port, the shared data, the broker, the lease, a stable id."""
+    """One replica: its own port, the state in PostgreSQL (the leader lease too), the broker,
+    a stable id. The data dir is shared: it holds the platform CA the broker trusts and the
+    bundle blobs (a shared directory, as `--blobs file:///PATH` names one)."""
     return start_platform(
         data_dir,
         "--broker", broker.url,
-        "--lease", lease_url,
+        "--database", database_url,
         "--replica-id", replica,
         *extra,
     )  # fmt: skip

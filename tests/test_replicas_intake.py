@@ -1,8 +1,8 @@
 """Two platform replicas (real processes) on one Mosquitto share device traffic through MQTT 5
 shared subscriptions: every record a device sends is stored exactly once across them.
 
-Shared state here is the one data dir (SQLite in WAL mode, which several processes may open)
-and the leader lease on a real PostgreSQL; the PostgreSQL store is the production shape.
+The replicas keep their state in one real PostgreSQL (`--database`), which also holds the
+leader lease; they share the data dir only for the platform CA the broker trusts.
 """
 
 from __future__ import annotations

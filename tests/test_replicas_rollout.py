@@ -31,10 +31,11 @@ SPEC = ["--target", "group=sim", "--waves", "25,50,100", "--bake", "1.5", "--int
 
 
 class Fleet:
-    """The replicas by name; restartable under the same name (same MQTT session)."""
+    """The replicas by name; restartable under the same name (same MQTT session). Their
+    state, and the leader lease, are in one PostgreSQL database."""
 
-    def __init__(self, data: Path, broker: Broker, lease: str) -> None:
-        self.data, self.broker, self.lease = data, broker, lease
+    def __init__(self, data: Path, broker: Broker, database: str) -> None:
+        self.data, self.broker, self.lease = data, broker, database
         self.replicas: dict[str, Platform] = {}
 
     def start(self, name: str) -> Platform:

@@ -1,7 +1,7 @@
 """`edge-cloud` command line: the platform server and the operator's commands.
 
     edge-cloud serve [--data-dir D] [--host H] [--port N] [--mqtt-port M | --broker URL] [--tls]
-                                                                run the platform
+                     [--database postgresql://USER@HOST:PORT/DB]  run the platform
     edge-cloud broker config --data-dir D --out DIR [--port N]  Mosquitto config, ACL, certs
     edge-cloud device enroll ID --out FILE [--labels k=v,...]   device credentials file
     edge-cloud device config ID --set KEY=VALUE ...             change desired config (live)
@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MQTT 5 shared subscriptions (default: on with --broker, off when embedded)",
     )
+    serve.add_argument(
+        "--database",
+        default=os.environ.get("EDGEFN_DATABASE_URL") or None,
+        metavar="URL",
+        help="postgresql://USER@HOST:PORT/DB for the platform's state (default: SQLite files in"
+        " the data dir); the password comes from PGPASSWORD, EDGEFN_DATABASE_PASSWORD or"
+        " EDGEFN_DATABASE_PASSWORD_FILE, never from the URL",
+    )
 
     broker = sub.add_parser("broker", help="external broker setup")
     broker_sub = broker.add_subparsers(dest="broker_command", required=True)
@@ -175,7 +183,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cloud_sync.platform.leader import replica_settings_problem
     from cloud_sync.platform.server import serve
     from cloud_sync.platform.settings import DEFAULT_MAX_BUNDLE_BYTES, PlatformSettings
+    from cloud_sync.platform.sql import DatabaseUnavailable, refuse_password_in_url
 
+    if args.database:
+        try:
+            refuse_password_in_url(args.database)
+        except CloudSyncError as exc:
+            return _fail(exc.one_line(), EXIT_USAGE)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -199,12 +213,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lease=args.lease,
         replica_id=args.replica_id,
         shared_subscriptions=args.shared_subscriptions,
+        database_url=args.database,
     )
     problem = replica_settings_problem(settings.lease, settings.replica_id)
     if problem:
         return _fail(problem, EXIT_USAGE)
     try:
         asyncio.run(serve(settings))
+    except DatabaseUnavailable as exc:
+        return _fail(exc.one_line(), EXIT_UNREACHABLE)
     except CloudSyncError as exc:
         return _fail(exc.one_line(), EXIT_USAGE)
     except OSError as exc:

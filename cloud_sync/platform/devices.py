@@ -21,9 +21,10 @@ The device itself (the HTTP fallback of MQTT, docs/sync.md):
 
 Identity (`DeviceAuth`; `auth(request) -> str | None`, and `auth.result(request)` in the
 `(AuthResult, identity)` shape cloud execution takes): the operator token -> "operator"; a device
-token issued at enrolment (`Authorization: Bearer`, stored hashed, looked up in memory) -> the
-device id; or, when the platform serves HTTPS (`--tls`), a client certificate verified against
-the platform CA whose CN is an enrolled, unrevoked device.
+token issued at enrolment (`Authorization: Bearer`, stored hashed, looked up in the database
+and cached briefly: `device_auth.py`) -> the device id; or, when the platform serves HTTPS
+(`--tls`), a client certificate verified against the platform CA whose CN is an enrolled,
+unrevoked device.
 
 Enrolment issues an EC key + certificate (CN = id, labels as OU) from the platform CA and a
 256-bit token, and returns everything the agent needs in one credentials document (the file
@@ -33,7 +34,6 @@ format of `cloud_sync/credentials.py` plus `token`, `groups` and `mqtt_protocol`
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import json
 import logging
@@ -42,18 +42,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_request import BaseRequest
 
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials, from_dict
 from cloud_sync.errors import CloudSyncError, ConfigError, PkiError, TopicError
-from cloud_sync.platform.auth import AuthResult, check_bearer
+from cloud_sync.platform.device_auth import OPERATOR, DeviceAuth
 from cloud_sync.platform.fleet_store import (
     DeviceExists,
     FleetStore,
     UnknownDevice,
     apply_assignments,
-    token_hash,
 )
 from cloud_sync.platform.intake import MqttIntake
 from cloud_sync.platform.pki import IssuedCert, PlatformCA
@@ -62,62 +60,9 @@ from cloud_sync.state import validate_config
 
 log = logging.getLogger("edgefn.devices")
 
-OPERATOR = "operator"
 # One HTTP fallback batch: what the agent sends per request (its outbox lease size is smaller).
 MAX_RECORDS_PER_POST = 500
 DEVICE_KINDS_IN = ("reported", "metrics", "events", "rollout")
-
-
-class DeviceAuth:
-    """`authorize(request)`: "operator", a device id, or None. Synchronous and disk-free."""
-
-    def __init__(self, operator_token: str, store: FleetStore) -> None:
-        self._operator = operator_token
-        self._store = store
-        self._tokens: dict[str, str] = {}
-        self._revoked_serials: set[int] = set()
-        self._known: set[str] = set()
-
-    def refresh(self) -> None:
-        """Reload the token index (blocking: call in a thread after enrol/revoke)."""
-        self._tokens = self._store.token_index()
-        self._revoked_serials = self._store.revoked_serials()
-        self._known = set(self._tokens.values())
-
-    def result(self, request: BaseRequest) -> tuple[AuthResult, str]:
-        """`authorize` for route sets that take (AuthResult, identity): 401 vs 403 semantics."""
-        who = self(request)
-        if who is not None:
-            return AuthResult.OK, who
-        if request.headers.get("Authorization"):
-            return AuthResult.WRONG, ""
-        return AuthResult.MISSING, ""
-
-    def __call__(self, request: BaseRequest) -> str | None:
-        header = request.headers.get("Authorization")
-        if check_bearer(header, self._operator) is AuthResult.OK:
-            return OPERATOR
-        if header:
-            scheme, _, presented = header.strip().partition(" ")
-            if scheme.lower() == "bearer" and presented.strip():
-                digest = token_hash(presented.strip())
-                for known, device in self._tokens.items():
-                    if hmac.compare_digest(known, digest):
-                        return device
-        return self._from_certificate(request)
-
-    def _from_certificate(self, request: BaseRequest) -> str | None:
-        transport = request.transport
-        cert = transport.get_extra_info("peercert") if transport is not None else None
-        if not cert:  # only present when TLS verified it against the platform CA
-            return None
-        cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
-        serial = cert.get("serialNumber")
-        if cn is None or cn not in self._known:
-            return None
-        if serial is not None and int(serial, 16) in self._revoked_serials:
-            return None
-        return str(cn)
 
 
 def _json_error(exc: CloudSyncError, status: int) -> web.Response:

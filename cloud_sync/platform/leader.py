@@ -253,7 +253,13 @@ class PgAdvisoryLease:
     async def _connect(self, purpose: str) -> Any:
         import psycopg  # the PostgreSQL extra; only a PostgreSQL deployment gets here
 
+        from cloud_sync.platform.sql.pg_engine import password_from_env
+
         app = f"edgefn {purpose} {self.name}".strip()[:63]
+        extra: dict[str, Any] = {}
+        password = password_from_env()  # the store's own way (never in the URL)
+        if password is not None:
+            extra["password"] = password
         return await asyncio.wait_for(
             psycopg.AsyncConnection.connect(
                 self.url,
@@ -264,6 +270,7 @@ class PgAdvisoryLease:
                 keepalives_idle=KEEPALIVE_IDLE_S,
                 keepalives_interval=2,
                 keepalives_count=3,
+                **extra,
             ),
             CONNECT_TIMEOUT_S + 1,
         )

@@ -11,6 +11,9 @@ startup, the embedded amqtt broker (`embedded_broker.py`) when asked for and the
 `<data_dir>/platform.json` ({"url", "pid"}) atomically once listening so scripts and tests
 find the URL, wait for SIGTERM/SIGINT, stop accepting, let in-flight requests finish for up to
 `drain_s`, close the store, remove the state file.
+State lives in SQLite files in the data dir, or with `settings.database_url` in PostgreSQL
+(`sql.Databases`: one pool shared by every store, closed after them; the operator token is agreed
+through the database, `operator_token.py`).
 Several replicas: `settings.lease` elects one leader (`leader.py`); the rollout loop and the
 intake's full republish are its duties (`LeaderDuties`), started when this replica leads and
 stopped when it stops leading. `/v1/health` says `leader` and `replica`; `GET /v1/replica`
@@ -34,11 +37,13 @@ from aiohttp import web
 from cloud_sync.http_server import bound_port, escaped_error_answer
 from cloud_sync.platform.auth import AuthResult, check_bearer, load_or_create_token
 from cloud_sync.platform.cloud_exec import CloudExec
-from cloud_sync.platform.devices import DeviceAuth, DevicesApi
+from cloud_sync.platform.device_auth import DeviceAuth
+from cloud_sync.platform.devices import DevicesApi
 from cloud_sync.platform.embedded_broker import EmbeddedBroker, free_port, start_embedded_broker
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.intake import MqttIntake
 from cloud_sync.platform.leader import LeaderDuties, Lease, LocalLease, PgAdvisoryLease
+from cloud_sync.platform.operator_token import agree_operator_token
 from cloud_sync.platform.operators import OperatorAccounts
 from cloud_sync.platform.pki import PLATFORM_IDENTITY, PlatformCA
 from cloud_sync.platform.registry import Handler, Registry, error_response, publishers_verifier
@@ -48,6 +53,7 @@ from cloud_sync.platform.rollout_source import ControllerSource
 from cloud_sync.platform.rollout_store import RolloutStore
 from cloud_sync.platform.rollouts import RolloutController
 from cloud_sync.platform.settings import PlatformSettings
+from cloud_sync.platform.sql import Databases, Engine, is_postgres_url
 from cloud_sync.platform.store import LocalStore, RegistryStore
 from cloud_sync.platform.ui import mount as mount_console
 from runtimes.fsio import atomic_write
@@ -60,8 +66,13 @@ LEASE_KEY = web.AppKey("lease", LeaderDuties)
 
 
 def _lease(settings: PlatformSettings) -> Lease:
-    if settings.lease:
-        return PgAdvisoryLease(settings.lease, name=settings.replica_id)
+    """The leader election: on the platform's PostgreSQL unless `--lease` names another;
+    with SQLite state there is one process, always the leader."""
+    url = settings.lease
+    if not url and settings.database_url and is_postgres_url(settings.database_url):
+        url = settings.database_url
+    if url:
+        return PgAdvisoryLease(url, name=settings.replica_id)
     return LocalLease()
 
 
@@ -70,11 +81,15 @@ def create_app(
 ) -> web.Application:
     """The platform application, with everything it needs built and passed in."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    databases = Databases(settings.database_url, settings.data_dir)
+    shared = databases.borrowed()  # None: SQLite files; raises when PostgreSQL is unreachable
     token = load_or_create_token(settings.token_file)
+    if shared is not None:
+        token = agree_operator_token(shared, token, settings.token_file)
     store = (
         store_factory()
         if store_factory is not None
-        else LocalStore(settings.db_path, settings.blobs_dir)
+        else LocalStore(settings.db_path, settings.blobs_dir, engine=shared)
     )
     verifier = publishers_verifier(settings.publishers_dir)
     registry = Registry(store, token, max_bundle_bytes=settings.max_bundle_bytes, verifier=verifier)
@@ -83,7 +98,8 @@ def create_app(
     duties = LeaderDuties(_lease(settings))
     app[LEASE_KEY] = duties
     app.add_routes(registry.routes())
-    devices = _build_devices(settings, token, app, duties)
+    devices = _build_devices(settings, token, app, shared, duties)
+    app.middlewares.append(devices.auth.middleware)
     app[DEVICES_KEY] = devices
     app.add_routes(devices.routes())
     # Cloud execution: the operator or any enrolled device (token or client certificate).
@@ -91,7 +107,7 @@ def create_app(
         store, settings.data_dir / "exec", authorize=devices.auth.result, verifier=verifier
     )
     app.add_routes(cloud_exec.routes())
-    rollout_source = _mount_rollouts(app, settings, token, store, devices, duties)
+    rollout_source = _mount_rollouts(app, settings, token, store, devices, shared, duties)
     started = time.time()
 
     async def health(request: web.Request) -> web.Response:
@@ -131,7 +147,7 @@ def create_app(
     app.on_shutdown.insert(0, step_down)
     # The console (/ui/, docs/dashboard.md): pages over the same stores; its rollout pages read
     # and command the rollout controller (`rollout_source.py`).
-    accounts = OperatorAccounts(settings.db_path)
+    accounts = OperatorAccounts(shared or settings.db_path)
     mount_console(
         app,
         token=token,
@@ -146,6 +162,12 @@ def create_app(
         await asyncio.to_thread(store.close)
 
     app.on_cleanup.append(close_store)
+
+    async def close_databases(app: web.Application) -> None:
+        await asyncio.to_thread(accounts.close)
+        await asyncio.to_thread(databases.close)  # last: after every store that borrowed it
+
+    app.on_cleanup.append(close_databases)
     if verifier is None:
         log.info(
             "no publisher keys in %s: any validly signed bundle may be published",
@@ -179,16 +201,17 @@ def _mount_rollouts(
     token: str,
     store: RegistryStore,
     devices: DevicesApi,
+    shared: Engine | None,
     duties: LeaderDuties,
 ) -> ControllerSource:
     """The rollout controller (`rollouts.py`), its `/v1/rollouts` API and the console's view of
     it. Its loop is a leader duty (it runs on one replica of the fleet); operator calls work on
     every replica. Closed on shutdown, before the stores close."""
     controller = RolloutController(
-        RolloutStore(settings.data_dir / "rollouts.db"),
+        RolloutStore(shared or settings.data_dir / "rollouts.db"),
         devices.store,
         store,
-        RecordFeed(settings.fleet_db),
+        RecordFeed(devices.store.engine),
         devices.intake,
         lease=duties.lease,
     )
@@ -208,13 +231,16 @@ def _mount_rollouts(
 
 
 def _build_devices(
-    settings: PlatformSettings, token: str, app: web.Application, duties: LeaderDuties
+    settings: PlatformSettings,
+    token: str,
+    app: web.Application,
+    shared: Engine | None,
+    duties: LeaderDuties,
 ) -> DevicesApi:
     """Fleet store, CA, device auth and (with a broker) the MQTT intake. Blocking (CA, SQLite)."""
     ca = PlatformCA.load_or_create(settings.data_dir)
-    fleet = FleetStore(settings.fleet_db)
+    fleet = FleetStore(shared or settings.fleet_db)
     auth = DeviceAuth(token, fleet)
-    auth.refresh()
     intake: MqttIntake | None = None
     embedded_port: int | None = None
     broker_url = settings.broker

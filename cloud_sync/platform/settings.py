@@ -12,6 +12,10 @@ on one layout:
     <data_dir>/fleet.db         devices, desired/reported state, metrics (fleet_store.py)
     <data_dir>/pki/             the platform CA (device certificates, CRL)
     <data_dir>/broker/          the embedded broker's server certificate
+    <data_dir>/rollouts.db      rollouts (rollout_store.py)
+
+With `database_url` (postgresql://USER@HOST:PORT/DB) the .db files are not used: every store's
+tables live in that PostgreSQL database, shared by all replicas (cloud_sync/platform/sql/).
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ class PlatformSettings:
     public_url: str = ""
     # Serve HTTPS (server certificate from the platform CA) and accept device client certificates.
     tls: bool = False
+    # None: SQLite files in the data dir. postgresql://USER@HOST:PORT/DB: PostgreSQL (password
+    # from PGPASSWORD, EDGEFN_DATABASE_PASSWORD or EDGEFN_DATABASE_PASSWORD_FILE, never here).
+    database_url: str | None = None
     # Several replicas (leader.py, docs/scale-out.md). `lease`: a postgresql:// URL (no password
     # in it: libpq reads PGPASSWORD / ~/.pgpass) for the leader election; "" = this process is
     # the only one and always the leader. `replica_id` names this replica (its MQTT client id
