@@ -13,7 +13,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cloud_sync.platform.leader import LeaderDuties, LocalLease, PgAdvisoryLease
+from cloud_sync.platform.leader import (
+    LeaderDuties,
+    LocalLease,
+    PgAdvisoryLease,
+    replica_settings_problem,
+)
 from tests.mosquitto import eventually
 from tests.postgres import PostgresDatabase
 
@@ -205,3 +210,21 @@ async def test_duties_start_on_lead_and_stop_on_step_down(
         await duties_a.close()
     # Closing a replica that is not leading stops nothing twice.
     assert events.count("stop") == 1
+
+
+@pytest.mark.parametrize(
+    ("lease", "replica", "problem"),
+    [
+        ("", "", ""),
+        ("", "a", ""),
+        ("postgresql://edgefn@db/edgefn", "a", ""),
+        ("postgresql://edgefn:secret@db/edgefn", "a", "must not carry a password"),
+        ("mysql://db/x", "a", "must be a postgresql:// URL"),
+        ("postgresql://edgefn@db/edgefn", "", "needs --replica-id"),
+        ("", "a/b", "bad --replica-id"),
+    ],
+)
+def test_replica_settings_are_checked_before_start(lease: str, replica: str, problem: str) -> None:
+    found = replica_settings_problem(lease, replica)
+    assert (problem in found) if problem else found == ""
+    assert "secret" not in found
