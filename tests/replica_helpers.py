@@ -88,12 +88,13 @@ def metrics_record(device: str, n: int) -> bytes:
     return json.dumps(record).encode()
 
 
-async def send_metrics(creds: DeviceCredentials, count: int) -> list[str]:
-    """Publish `count` metric records (QoS 1, each acknowledged by the broker); their keys."""
+async def send_metrics(creds: DeviceCredentials, count: int, first: int = 0) -> list[str]:
+    """Publish metric records `first`..`first+count-1` (QoS 1, each acknowledged by the
+    broker: from then on the platform owes it to the device); their keys."""
     keys = []
     async with MqttSession.for_device(creds) as session:
         await session.wait_ready(30)
-        for n in range(count):
+        for n in range(first, first + count):
             key = f"m-{creds.device_id}-{n}"
             props = [(USER_PROPERTY_KEY, key), (USER_PROPERTY_KIND, "metrics")]
             await session.publish(

@@ -113,5 +113,45 @@ async def test_without_shared_subscriptions_both_replicas_get_every_record(
             p.stop()
 
 
+async def test_postgres_restarted_under_load_loses_nothing_the_broker_acknowledged(
+    replicas: list[Platform], postgres_db: PostgresDatabase
+) -> None:
+    """Records the broker acknowledged to devices while PostgreSQL was down are stored once it
+    is back (the replicas reconnect and retry the messages they hold), and one replica leads."""
+    await wait_subscribed(*replicas)
+    devices = [await asyncio.to_thread(enrol, replicas[0], f"pg-{i}") for i in range(2)]
+    await asyncio.gather(*(send_metrics(c, 10) for c in devices))
+    for creds in devices:
+        await eventually(
+            lambda c=creds: len(_stored_numbers(replicas[1], c.device_id)) == 10, 60, "stored"
+        )
+    await asyncio.to_thread(postgres_db.server.stop, "immediate")
+    try:
+        # Acknowledged by the broker (each publish waits for its PUBACK) with the store down.
+        await asyncio.gather(*(send_metrics(c, 10, first=10) for c in devices))
+        await eventually(lambda: _no_leader(replicas), 30, "nobody leads without PostgreSQL")
+        # Long enough that storing fails (not just waits for a connection): a replica holds
+        # messages it could not store, and tries them again.
+        await eventually(lambda: _retrying(replicas), 60, "a replica retrying a message")
+    finally:
+        await asyncio.to_thread(postgres_db.server.start)
+    for creds in devices:
+        await eventually(
+            lambda c=creds: len(_stored_numbers(replicas[0], c.device_id)) >= 20, 90, "stored"
+        )
+        got = await asyncio.to_thread(_stored_numbers, replicas[1], creds.device_id)
+        assert sorted(got) == list(range(20))
+    await eventually(lambda: _one_leader(replicas), 30, "one leader again")
+
+
+async def _retrying(replicas: list[Platform]) -> bool:
+    views = [await replica_view(p) for p in replicas]
+    return any(v["mqtt"]["retries"] > 0 for v in views)
+
+
+async def _no_leader(replicas: list[Platform]) -> bool:
+    return not await leaders(*replicas)
+
+
 async def _one_leader(replicas: list[Platform]) -> bool:
     return len(await leaders(*replicas)) == 1

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials, parse_broker_url
-from cloud_sync.errors import MqttError
+from cloud_sync.errors import CloudSyncError, MqttError
 from cloud_sync.mqtt import InboundMessage, MqttSession
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.pki import PLATFORM_IDENTITY, PlatformCA
@@ -46,6 +46,9 @@ log = logging.getLogger("edgefn.intake")
 _KINDS: tuple[topics.DeviceKind, ...] = ("reported", "metrics", "events", "presence", "rollout")
 # How often the intake checks whether the session reconnected (to republish desired state).
 WATCH_INTERVAL_S = 0.5
+# A message the store could not take (it is down) is tried again after this, doubling.
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 5.0
 
 
 class MqttIntake:
@@ -88,6 +91,7 @@ class MqttIntake:
         self._tasks: list[asyncio.Task[None]] = []
         self.stored = 0
         self.duplicates = 0
+        self.retries = 0  # messages tried again because the store was unavailable
         self.subscribed = False  # the first SUBACK came (what replica tests wait for)
 
     async def start(self) -> None:
@@ -121,6 +125,7 @@ class MqttIntake:
             "last_error": s.last_error,
             "stored": self.stored,
             "duplicates": self.duplicates,
+            "retries": self.retries,
         }
 
     # ---- inbound -----------------------------------------------------------------------
@@ -128,13 +133,32 @@ class MqttIntake:
     async def _consume(self) -> None:
         while True:
             msg = await self.session.messages.get()
+            if await self._handle_retrying(msg):
+                await msg.ack()
+
+    async def _handle_retrying(self, msg: InboundMessage) -> bool:
+        """Store one message; True once stored (or dropped on purpose), False to leave it
+        unacknowledged. While the store is unavailable (PostgreSQL restarting, a full disk) the
+        same message is tried again with a growing delay: every later message needs the same
+        store, and an unacknowledged one would otherwise wait for the next MQTT reconnect
+        (the broker redelivers only then). Ingest is idempotent, so a retry never doubles."""
+        delay = RETRY_MIN_S
+        while True:
             try:
                 await self._handle(msg)
+                return True
+            except CloudSyncError as exc:
+                if exc.category not in ("storage", "transport"):
+                    log.exception("intake of %s failed", msg.topic)
+                    return False
+                log.warning("intake of %s failed (%s): again in %.1f s", msg.topic, exc, delay)
+                self.retries += 1
             except Exception:
                 # Not acknowledged: the broker redelivers after the next reconnect.
                 log.exception("intake of %s failed", msg.topic)
-                continue
-            await msg.ack()
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
 
     async def _handle(self, msg: InboundMessage) -> None:
         if msg.scope != "device" or msg.target is None or msg.kind is None:
