@@ -4,12 +4,15 @@
 certificate the platform issues itself from its CA at start), subscribed to
 `edgefn/v1/devices/+/{reported,metrics,events,presence,rollout}`.
 
-Inbound, per message: topic -> (device, kind) -> `FleetStore.ingest` in a thread (deduped by
-the `edgefn-key` user property and by payload digest) -> only then `ack()` (PUBACK), so a crash
-before the commit makes the broker redeliver. Presence (`online`/`offline`, retained, the will)
-updates the registry. Messages for devices that were never enrolled, or whose certificate was
-revoked, are acknowledged and dropped (the broker's ACL already stops a device writing into
-another's subtree; this catches leftovers of removed devices).
+Inbound, per message: topic -> (device, kind) -> `FleetStore.ingest` in a thread (deduped by the
+`edgefn-key` user property and by payload digest) -> only then `ack()` (PUBACK), so a crash
+before the commit makes the broker redeliver. While the store is unavailable (PostgreSQL
+restarting) the same message is tried again with a growing delay rather than left
+unacknowledged: the broker would resend it only after the next reconnect. Presence
+(`online`/`offline`, retained, the will) updates the registry. Messages for devices that were
+never enrolled, or whose certificate was revoked, are acknowledged and dropped (the broker's ACL
+already stops a device writing into another's subtree; this catches leftovers of removed
+devices).
 
 Outbound: `publish_desired(device)` / `publish_group(name)` publish the stored document retained
 (QoS 1). When the broker is down the document stays in the store; after every (re)connect
