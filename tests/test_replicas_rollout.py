@@ -92,7 +92,6 @@ async def test_the_leader_killed_mid_rollout_another_finishes_it_once(
             return seen["state"] == "running" and seen["wave"] >= 1
 
         await eventually(mid_rollout, 90, "the rollout past its first wave")
-        assert seen["wave"] < len(seen["waves"]) - 1 or seen["state"] == "running"
         killed = f.replicas[first]
         killed.proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(killed.stop)  # reaps it and closes its log pipe
