@@ -4,12 +4,20 @@ dropped in silence; nothing is stored that no caller sent."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from cloud_sync import topics
 from cloud_sync.platform.fleet_store import FleetStore, record_digest
-from cloud_sync.platform.sql import SqlError
+from cloud_sync.platform.server import create_app
+from cloud_sync.platform.settings import PlatformSettings
+from cloud_sync.platform.sql import SqlError, pg_engine
 from cloud_sync.platform.sql.pg_engine import PgEngine
 from tests.postgres import PostgresDatabase
 
@@ -77,3 +85,39 @@ def test_restart_under_ingest_loses_nothing_acknowledged(postgres_db: PostgresDa
     # connection broke: the caller resends, and the digest makes the resend a duplicate).
     assert set(stored) - {f"k{i}" for i in acked} <= {f"k{i}" for i, _ in failed}
     store.close()
+
+
+async def test_http_intake_answers_503_while_the_database_is_down_then_stores(
+    postgres_db: PostgresDatabase,
+    aiohttp_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device posting over HTTP during an outage is told to retry (503, a stable code), not
+    told "stored"; its retry after the restart is stored once."""
+    monkeypatch.setattr(pg_engine, "ACQUIRE_TIMEOUT_S", 0.5)
+    settings = PlatformSettings(data_dir=tmp_path / "plat", database_url=postgres_db.url)
+    client = await aiohttp_client(create_app(settings))
+    op = {"Authorization": f"Bearer {settings.token_file.read_text().strip()}"}
+    resp = await client.post("/v1/devices", json={"id": "dev-1", "labels": {}}, headers=op)
+    dev = {"Authorization": f"Bearer {(await resp.json())['token']}"}
+    rec = {"key": "k-1", "kind": "events", "topic": topics.device_topic("dev-1", "events"),
+           "payload": json.dumps({"n": 1})}  # fmt: skip
+    # Authorised once while the database is up: the short cache carries the identity over.
+    assert (await client.get("/v1/devices/dev-1/desired", headers=dev)).status == 200
+    server = postgres_db.server
+    server.stop()
+    try:
+        down = await client.post("/v1/devices/dev-1/records", json={"records": [rec]}, headers=dev)
+        assert down.status == 503, await down.text()
+        assert (await down.json())["error"]["code"] == "database_unavailable"
+    finally:
+        server.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:  # bounded: the pool reconnects in the background
+        up = await client.post("/v1/devices/dev-1/records", json={"records": [rec]}, headers=dev)
+        if up.status != 503 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert up.status == 200, await up.text()
+    assert await up.json() == {"stored": 1, "duplicates": 0}

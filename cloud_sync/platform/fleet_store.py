@@ -155,14 +155,6 @@ class FleetStore:
 
         return self._db.write(revoke)
 
-    def token_index(self) -> dict[str, str]:
-        rows = self._db.read(
-            lambda c: c.execute(
-                "SELECT token_hash, id FROM devices WHERE token_hash IS NOT NULL AND revoked=0"
-            ).fetchall()
-        )
-        return {h: d for h, d in rows}
-
     def device_for_token(self, digest: str) -> str | None:
         """The enrolled, unrevoked device whose token hashes to `digest` (unique index)."""
         row = self._db.read(

@@ -46,6 +46,7 @@ class DatabaseUnavailable(SqlError):
     Whether a failed write committed is unknown to the caller; stores only retry what is safe."""
 
     code = "database_unavailable"
+    status = 503  # what an HTTP handler it escapes answers: Service Unavailable, retry later
 
 
 class Cursor(Protocol):

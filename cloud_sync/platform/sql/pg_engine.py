@@ -164,17 +164,29 @@ class PgEngine:
         *,
         password: str | None = None,
         max_size: int = POOL_MAX,
-        acquire_timeout_s: float = ACQUIRE_TIMEOUT_S,
-        open_timeout_s: float = OPEN_TIMEOUT_S,
+        acquire_timeout_s: float | None = None,
+        open_timeout_s: float | None = None,
         name: str = "edgefn-pg",
     ) -> None:
         self.url = redact(url)
+        # Defaults read now, not at import: tests (and a future setting) can change them.
+        if acquire_timeout_s is None:
+            acquire_timeout_s = ACQUIRE_TIMEOUT_S
+        if open_timeout_s is None:
+            open_timeout_s = OPEN_TIMEOUT_S
         self._acquire_timeout_s = acquire_timeout_s
         kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": 5}
         if password is None:
             password = password_from_env()
         if password is not None:
             kwargs["password"] = password
+        # One direct connection first: libpq's own reason (refused, no such database, password
+        # failed) is a better error at start than the pool's "timed out" after retrying.
+        try:
+            psycopg.connect(url, **kwargs).close()
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split())
+            raise DatabaseUnavailable(f"cannot connect to {self.url}: {reason}") from exc
         self._pool = ConnectionPool(
             url,
             min_size=1,
