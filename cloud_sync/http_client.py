@@ -237,9 +237,9 @@ class SyncHttpClient:
         With fallback URLs, failing over happens before the body streams (a stream cut midway
         is the caller's to resume, e.g. with a range request)."""
         order = self._sticky.order()
-        last: HttpClientError | None = None
+        answer: RemoteError | None = None  # an answer beats "no answer" when all fail
+        last: Unreachable | None = None
         for n, (index, ep) in enumerate(order):
-            final = n == len(order) - 1
             if data is not None and not isinstance(data, bytes) and n > 0:
                 break  # a streamed body was consumed by the first attempt
             try:
@@ -248,14 +248,16 @@ class SyncHttpClient:
                 last = exc
                 continue
             except RemoteError as exc:
-                if not final and fails_over(method, exc.status):
-                    last = exc
+                if fails_over(method, exc.status):
+                    answer = exc
                     continue
                 raise
             self._sticky.current = index
             with resp:
                 yield resp
             return
+        if answer is not None:
+            raise answer
         assert last is not None
         raise last
 

@@ -143,6 +143,17 @@ async def test_blocking_client_fails_over_before_the_body_streams(
     assert client.current.base_url == b.url
 
 
+async def test_blocking_client_hands_back_an_answer_over_no_answer(
+    servers: tuple[Server, Server],
+) -> None:
+    a, b = servers
+    a.status = 503
+    await b.stop()
+    client = SyncHttpClient(Endpoint(a.url, fallback_urls=(b.url,), timeout_s=5))
+    resp = await asyncio.to_thread(client.request, "GET", "/x")
+    assert resp.status == 503 and resp.json()["server"] == "a"
+
+
 def _parse(*argv: str) -> Any:
     parser = argparse.ArgumentParser()
     cli_run.add_parser(parser.add_subparsers(dest="command"))
