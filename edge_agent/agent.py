@@ -15,7 +15,6 @@ function scan, so a newly loaded version gets them too).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -24,13 +23,13 @@ import signal
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from cloud_sync.cloud_invoke import CloudInvoker
 from cloud_sync.http_server import bound_port
+from edge_agent import agent_view
 from edge_agent.assembly import Parts, assemble, build_sandbox, prepare_data_dir
 from edge_agent.auth import Authenticator
 from edge_agent.capabilities import Event
@@ -39,16 +38,14 @@ from edge_agent.discovery import Advertiser, agent_txt
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet
 from edge_agent.listener import LimitedAppRunner, ListenerLimits
-from edge_agent.metrics import BUCKETS, Metrics
+from edge_agent.metrics import Metrics
 from edge_agent.router import Router
 from edge_agent.routing import check_policy
 from edge_agent.sdnotify import Lifecycle
 from edge_agent.settings import Settings
 from edge_agent.state_store import StateStore
 from edge_agent.tls import server_context
-from runtimes.capabilities import CapabilityUnavailable
 from runtimes.fsio import atomic_write
-from runtimes.pool import Pool
 from runtimes.sandbox import Sandbox
 
 if TYPE_CHECKING:  # imported when a device joins a platform: paho and cryptography cost RSS
@@ -249,28 +246,7 @@ class Agent:
     # ---- building blocks: publish and config (edge_agent.capabilities) ----------------
 
     async def _publish(self, event: Event) -> None:
-        """A function's event, durable in the outbox before the function hears back; the
-        sender delivers it over MQTT or the HTTP fallback, the platform dedupes on its key."""
-        sync = self.sync
-        if sync is None or sync.outbox is None:
-            raise CapabilityUnavailable(
-                "this agent is not joined to a platform: nothing to publish to"
-            )
-        from cloud_sync import topics
-
-        body = {
-            "at": time.time(),
-            "type": "function_event",
-            "function": event.function,
-            "version": event.version,
-            "topic": event.topic,
-            "request_id": event.request_id,
-            "size": len(event.payload),
-            "payload_b64": base64.b64encode(event.payload).decode(),
-        }
-        await sync.outbox.append(
-            "events", topics.device_topic(sync.device_id, "events"), json.dumps(body).encode()
-        )
+        await agent_view.publish_event(self.sync, event)
 
     def _function_config(self, name: str) -> Mapping[str, Any]:
         desired = self._desired
@@ -287,54 +263,20 @@ class Agent:
     # ---- sync callbacks (cloud_sync never imports the agent) ---------------------------
 
     def _metrics_snapshot(self) -> dict[str, FunctionCounters]:
-        from cloud_sync.sync import FunctionCounters
-
-        bounds = tuple(b * 1000.0 for b in BUCKETS)
-        return {
-            name: FunctionCounters(
-                invocations=st.invocations,
-                errors=sum(st.errors.values()),
-                cache_hits=st.cache.get("hit", 0) + st.cache.get("stale", 0),
-                cache_misses=st.cache.get("miss", 0),
-                latency_bounds_ms=bounds,
-                latency_counts=tuple(st.bucket_counts),
-                latency_sum_ms=st.duration_sum * 1000.0,
-                restarts=self._restarts(name),
-            )
-            for name, st in self.metrics.functions.items()
-        }
-
-    def _restarts(self, name: str) -> int:
-        from runtimes.invocation import PoolStatus
-
-        fn = self.functions.loaded.get(name)
-        status = fn.executor.status() if fn is not None else None
-        return status.restarts if isinstance(status, PoolStatus) else 0
+        return agent_view.metrics_snapshot(self.functions, self.metrics)
 
     def _versions(self) -> dict[str, str]:
-        return {n: f.manifest.version for n, f in sorted(self.functions.loaded.items())}
+        return agent_view.versions(self.functions)
 
     def _health_sample(self, name: str) -> HealthSample:
-        """What the deployer's health window watches (cumulative, cheap, on the loop)."""
-        from edge_agent.deployer_health import HealthSample
-
-        fn = self.functions.loaded.get(name)
-        st = self.metrics.functions.get(name)
-        problem = self.functions.problems.get(name)
-        return HealthSample(
-            loaded_version=fn.manifest.version if fn is not None else None,
-            restarts=self._restarts(name),
-            invocations=st.invocations if st else 0,
-            errors=sum(st.errors.values()) if st else 0,
-            problem=problem.message if problem is not None else None,
-        )
+        return agent_view.health_sample(self.functions, self.metrics, name)
 
     async def _reload_functions(self) -> None:
         await self.functions.sync()
         self._apply_pools()
 
     def _pool_sizes(self) -> dict[str, int]:
-        return {name: fn.executor.status().instances for name, fn in self.functions.loaded.items()}
+        return agent_view.pool_sizes(self.functions)
 
     def _describe(self) -> dict[str, Any]:
         return {
@@ -366,39 +308,10 @@ class Agent:
         await self._apply_lan_tokens(config.raw.get("lan", {}).get("tokens", []))
 
     async def _apply_lan_tokens(self, entries: list[dict[str, Any]]) -> None:
-        """Desired `lan.tokens` (validated by cloud_sync.state) into the token store, beside the
-        local tokens; the running Authenticator picks the change up like any other (issue 14)."""
-        from edge_agent.tokens import TokenError, TokenStore
-
-        store = TokenStore(self.settings.tokens_file)
-        try:
-            count, skipped = await asyncio.to_thread(store.set_pushed, list(entries))
-        except TokenError as exc:
-            log.error("cannot apply the platform's LAN tokens: %s", exc.message)
-            return
-        if skipped:
-            log.warning("platform LAN tokens %s skipped: a local token has that id", skipped)
-        log.info("platform LAN tokens applied: %d", count)
+        await agent_view.apply_lan_tokens(self.settings.tokens_file, entries)
 
     def _apply_pools(self) -> None:
-        for name, fn in self.functions.loaded.items():
-            if not isinstance(fn.executor, Pool):
-                continue  # in-process C++: no pool to size
-            base = fn.manifest.pool
-            fc = self._desired.functions.get(name) if self._desired is not None else None
-            want = base
-            if fc is not None:
-                lo = fc.min_instances if fc.min_instances is not None else base.min_instances
-                hi = fc.max_instances if fc.max_instances is not None else base.max_instances
-                want = replace(
-                    base,
-                    min_instances=lo,
-                    max_instances=max(lo, hi),
-                    concurrency=fc.concurrency or base.concurrency,
-                )
-            if fn.executor.settings != want:
-                log.info("%s: pool %s -> %s", name, fn.executor.settings, want)
-                fn.executor.update_settings(want)
+        agent_view.apply_pools(self.functions, self._desired)
 
     async def start(self) -> None:
         s = self.settings
