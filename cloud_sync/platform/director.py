@@ -186,12 +186,12 @@ class Director:
         now = int(self.clock())
 
         def fits(expires: int, raw: str) -> dict[str, Any] | None:
-            if not raw:
-                return None  # the placeholder of a row just created
+            if not raw or expires - now <= self.ttl_s * RENEW_FRACTION:
+                return None  # due for renewal, or the placeholder of a row just created
             stored: dict[str, Any] = json.loads(raw)
-            fresh = expires - now > self.ttl_s * RENEW_FRACTION
-            same = stored["signed"]["document"] == doc
-            return stored if fresh and same and stored["signed"].get("targets") == targets else None
+            signed = stored["signed"]
+            same = signed["document"] == doc and signed.get("targets") == targets
+            return stored if same else None
 
         def issue(c: Conn) -> dict[str, Any]:
             row = c.execute(
