@@ -117,6 +117,7 @@ class RegistryClient:
         token: str = "",
         cafile: Path | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        fallback_urls: tuple[str, ...] = (),
     ) -> None:
         parsed = urllib.parse.urlsplit(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -131,6 +132,7 @@ class RegistryClient:
                 ssl_context=ssl_context,
                 timeout_s=timeout,
                 name="the registry",
+                fallback_urls=fallback_urls,
             )
         )
 

@@ -118,6 +118,7 @@ class SyncClient:
         hooks: AgentHooks,
         *,
         platform_url: str,
+        fallback_urls: tuple[str, ...] = (),
         token: str = "",
         groups: tuple[str, ...] = (),
         mqtt311: bool = False,
@@ -133,7 +134,11 @@ class SyncClient:
         self.mqtt = MqttTransport(self.session)
         https = platform_url.startswith("https:")
         self.http = HttpTransport(
-            platform_url, creds.device_id, token, creds.ssl_context() if https else None
+            platform_url,
+            creds.device_id,
+            token,
+            creds.ssl_context() if https else None,
+            fallback_urls=fallback_urls,
         )
         self.outbox: Outbox | None = None
         self.tracker = ConfigTracker()

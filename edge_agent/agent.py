@@ -102,7 +102,14 @@ class Agent:
             if cloud_url.startswith("https:"):
                 ssl_ctx = self.creds.ssl_context()
         self.cloud_url = cloud_url
-        self.cloud = CloudInvoker(cloud_url, token=token, ssl=ssl_ctx) if cloud_url else None
+        self.cloud_fallback_urls = settings.cloud_fallback_urls
+        self.cloud = (
+            CloudInvoker(
+                cloud_url, token=token, ssl=ssl_ctx, fallback_urls=self.cloud_fallback_urls
+            )
+            if cloud_url
+            else None
+        )
         self.sync: SyncClient | None = None
         self.deployer: Deployer | None = None  # with --credentials: desired versions
         self.secrets: SecretStore | None = None  # with --credentials: the device's secrets
@@ -479,6 +486,7 @@ class Agent:
                 secrets_changed=self._secrets_changed,
             ),
             platform_url=self.cloud_url,
+            fallback_urls=self.cloud_fallback_urls,
             token=str(self._extras.get("token") or ""),
             groups=tuple(self._extras.get("groups") or ()),
             mqtt311=bool(self._extras.get("mqtt311")),
@@ -490,7 +498,7 @@ class Agent:
         self.deployer = Deployer(
             s.data_dir,
             creds.device_id,
-            self.cloud_url,
+            (self.cloud_url, *self.cloud_fallback_urls),
             DeployerHooks(
                 report=sync.report_rollout,
                 reload=self._reload_functions,

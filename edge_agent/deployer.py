@@ -92,7 +92,7 @@ class Deployer:
         self,
         data_dir: Path,
         device_id: str,
-        registry_url: str,
+        registry_url: str | tuple[str, ...],  # several: the platform's replicas, in order
         hooks: DeployerHooks,
         security: UpdatePolicy | None = None,
     ) -> None:

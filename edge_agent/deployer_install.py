@@ -123,7 +123,7 @@ def _options(
 
 def install_version(
     data_dir: Path,
-    registry_url: str,
+    registry_url: str | tuple[str, ...],
     name: str,
     version: str,
     *,

@@ -174,14 +174,15 @@ def install_file(src: Path, opts: InstallOptions) -> InstallResult:
 
 
 def install_from_registry(
-    url: str,
+    url: str | tuple[str, ...],
     name: str,
     version: str | None,
     opts: InstallOptions,
     *,
     expected_digest: str | None = None,
 ) -> InstallResult:
-    """Install `name@version` (None: the latest) from the registry at `url`.
+    """Install `name@version` (None: the latest) from the registry at `url` (several URLs:
+    the platform's replicas, the next tried when one fails).
 
     `expected_digest`: the sha256 a fleet instruction names; the bundle must be exactly that.
     With `opts.security.tuf` the length and sha256 come from the refreshed TUF targets metadata
@@ -191,7 +192,8 @@ def install_from_registry(
     from edge_agent.tuf_install import download_refusals, what_to_download
 
     verifier = _load_verifier(opts)  # no trusted key: refuse before downloading anything
-    client = RegistryClient(url)
+    urls = (url,) if isinstance(url, str) else url
+    client = RegistryClient(urls[0], fallback_urls=urls[1:])
     # What to download and how to verify it: from TUF metadata, or the registry's word.
     info, verifier = what_to_download(client, name, version, verifier, opts, expected_digest)
     target = _Target(name, info.version, info.digest)

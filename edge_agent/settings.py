@@ -58,6 +58,9 @@ class Settings:
     cache_max_bytes: int = 64 * 1024 * 1024
     # The central platform, for cloud routing (and, with credentials, sync).
     cloud_url: str = ""
+    # More URLs of the same platform (its replicas): tried in order when the current one is
+    # unreachable or answers 502-504; the one that answers is kept (cloud_sync.http_failover).
+    cloud_fallback_urls: tuple[str, ...] = ()
     cloud_token: str = ""
     default_routing: str = "local"  # policy for functions not installed here
     # Sync with the platform (cloud_sync.sync): the enrolment credentials file turns it on.

@@ -111,6 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="life of the signed TUF timestamp, re-signed at half of it (default 1 day)",
     )
+    # Several replicas (docs/scale-out.md).
+    serve.add_argument(
+        "--lease",
+        default=os.environ.get("EDGEFN_LEASE", ""),
+        help="postgresql:// URL for the leader election among replicas (no password in it:"
+        " PGPASSWORD or ~/.pgpass; default $EDGEFN_LEASE; none: a single process)",
+    )
+    serve.add_argument(
+        "--replica-id",
+        default=os.environ.get("EDGEFN_REPLICA_ID", ""),
+        help="this replica's stable name (its MQTT client id; default $EDGEFN_REPLICA_ID)",
+    )
+    serve.add_argument(
+        "--shared-subscriptions",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="MQTT 5 shared subscriptions (default: on with --broker, off when embedded)",
+    )
     serve.add_argument(
         "--database",
         default=os.environ.get("EDGEFN_DATABASE_URL") or None,
@@ -197,6 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from cloud_sync.errors import CloudSyncError
     from cloud_sync.platform import config_file
+    from cloud_sync.platform.leader import replica_settings_problem
     from cloud_sync.platform.server import serve
     from cloud_sync.platform.sql import DatabaseUnavailable, refuse_password_in_url
 
@@ -214,6 +233,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "database_url": args.database,
         "tuf_timestamp_expiry_s": args.tuf_timestamp_expiry,
         "director_ttl_s": args.director_ttl_s,
+        "lease": args.lease,
+        "replica_id": args.replica_id,
+        "shared_subscriptions": args.shared_subscriptions,
         "log_level": args.log_level,
     }
     try:
@@ -241,6 +263,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # state-machine callback at INFO: several lines per device connection. Only for
         # --log-level debug.
         logging.getLogger("transitions").setLevel(logging.WARNING)
+    problem = replica_settings_problem(settings.lease, settings.replica_id)
+    if problem:
+        return _fail(problem, EXIT_USAGE)
     try:
         asyncio.run(serve(settings))
     except DatabaseUnavailable as exc:

@@ -68,6 +68,8 @@ KEYS: dict[str, Key] = {
     "broker.mqtt_port": Key("mqtt_port", "port"),
     "broker.device_url": Key("device_broker_url", "str"),
     "broker.shared_subscriptions": Key("shared_subscriptions", "bool"),
+    "replica.id": Key("replica_id", "str"),
+    "replica.lease": Key("lease", "str"),
     "tls.enabled": Key("tls", "bool"),
     "tls.cert_file": Key("tls_cert_file", "path"),
     "tls.key_file": Key("tls_key_file", "path"),
@@ -79,8 +81,9 @@ _REFUSED = {
     "blobs.access_key_id": f"{_SECRET}: use $AWS_ACCESS_KEY_ID or credentials_file",
     "blobs.secret_access_key": f"{_SECRET}: use $AWS_SECRET_ACCESS_KEY or credentials_file",
 }
-# Fields the command line handles itself (not PlatformSettings fields).
-_NOT_SETTINGS = frozenset({"log_level", "blobs_credentials_file"})
+# Not PlatformSettings fields: the caller applies them (the database password goes to this
+# process's environment, where the PostgreSQL engine reads it, never into the settings object).
+_NOT_SETTINGS = frozenset({"log_level", "blobs_credentials_file", "database_password"})
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -15,6 +15,10 @@ find the URL, wait for SIGTERM/SIGINT, stop accepting, let in-flight requests fi
 State lives in SQLite files in the data dir, or with `settings.database_url` in PostgreSQL
 (`sql.Databases`: one pool shared by every store, closed after them; the operator token is agreed
 through the database, `operator_token.py`).
+Several replicas: `settings.lease` elects one leader (`leader.py`); the rollout loop and the
+intake's full republish are its duties (`LeaderDuties`), started when this replica leads and
+stopped when it stops leading. `/v1/health` says `leader` and `replica`; `GET /v1/replica`
+(operator) adds the lease's and the intake's status.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from cloud_sync.http_server import bound_port, escaped_error_answer
-from cloud_sync.platform.auth import load_or_create_token
+from cloud_sync.platform.auth import AuthResult, check_bearer, load_or_create_token
 from cloud_sync.platform.blobs import open_blob_store
 from cloud_sync.platform.cloud_exec import CloudExec
 from cloud_sync.platform.device_auth import DeviceAuth
@@ -41,9 +45,10 @@ from cloud_sync.platform.director import Director
 from cloud_sync.platform.embedded_broker import EmbeddedBroker, free_port, start_embedded_broker
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.intake import MqttIntake
+from cloud_sync.platform.leader import LeaderDuties, Lease, LocalLease, PgAdvisoryLease
 from cloud_sync.platform.operator_token import agree_operator_token
 from cloud_sync.platform.operators import OperatorAccounts
-from cloud_sync.platform.pki import PlatformCA
+from cloud_sync.platform.pki import PLATFORM_IDENTITY, PlatformCA
 from cloud_sync.platform.registry import Handler, Registry, error_response, publishers_verifier
 from cloud_sync.platform.rollout_api import RolloutApi
 from cloud_sync.platform.rollout_feed import RecordFeed
@@ -52,7 +57,7 @@ from cloud_sync.platform.rollout_store import RolloutStore
 from cloud_sync.platform.rollouts import RolloutController
 from cloud_sync.platform.secrets_api import mount_secrets
 from cloud_sync.platform.settings import PlatformSettings
-from cloud_sync.platform.sql import Databases, Engine
+from cloud_sync.platform.sql import Databases, Engine, is_postgres_url
 from cloud_sync.platform.store import LocalStore, RegistryStore
 from cloud_sync.platform.tuf.repository import TufRepository
 from cloud_sync.platform.tuf.routes import TufRoutes
@@ -63,6 +68,18 @@ log = logging.getLogger("edgefn.platform")
 
 STORE_KEY = web.AppKey("store", LocalStore)
 DEVICES_KEY = web.AppKey("devices", DevicesApi)
+LEASE_KEY = web.AppKey("lease", LeaderDuties)
+
+
+def _lease(settings: PlatformSettings) -> Lease:
+    """The leader election: on the platform's PostgreSQL unless `--lease` names another;
+    with SQLite state there is one process, always the leader."""
+    url = settings.lease
+    if not url and settings.database_url and is_postgres_url(settings.database_url):
+        url = settings.database_url
+    if url:
+        return PgAdvisoryLease(url, name=settings.replica_id)
+    return LocalLease()
 
 
 def create_app(
@@ -94,10 +111,12 @@ def create_app(
     )
     # aiohttp refuses bodies over client_max_size; the registry enforces its own cap (413).
     app = web.Application(client_max_size=settings.max_bundle_bytes + 1, middlewares=[json_errors])
+    duties = LeaderDuties(_lease(settings))
+    app[LEASE_KEY] = duties
     app.add_routes(registry.routes())
     _mount_tuf(app, tuf, store, registry)
     director = _build_director(settings, store, shared)
-    devices = _build_devices(settings, token, app, shared, tuf, director)
+    devices = _build_devices(settings, token, app, shared, tuf, director, duties)
     app.middlewares.append(devices.auth.middleware)
     app[DEVICES_KEY] = devices
     app.add_routes(devices.routes())
@@ -108,15 +127,44 @@ def create_app(
         store, settings.data_dir / "exec", authorize=devices.auth.result, verifier=verifier
     )
     app.add_routes(cloud_exec.routes())
-    rollout_source = _mount_rollouts(app, settings, token, store, devices, shared)
+    rollout_source = _mount_rollouts(app, settings, token, store, devices, shared, duties)
     started = time.time()
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response(
-            {"status": "ok", "uptime_s": round(time.time() - started, 3), "pid": os.getpid()}
+            {
+                "status": "ok",
+                "uptime_s": round(time.time() - started, 3),
+                "pid": os.getpid(),
+                "replica": settings.replica_id,
+                "leader": duties.lease.is_leader,
+            }
         )
 
-    app.add_routes([web.get("/v1/health", health)])
+    async def replica(request: web.Request) -> web.Response:
+        if check_bearer(request.headers.get("Authorization"), token) is not AuthResult.OK:
+            return error_response(401, "unauthorized", "operator token required")
+        intake = devices.intake
+        return web.json_response(
+            {
+                "replica": settings.replica_id,
+                "pid": os.getpid(),
+                "lease": duties.lease.status(),
+                "mqtt": intake.status() if intake is not None else None,
+            }
+        )
+
+    app.add_routes([web.get("/v1/health", health), web.get("/v1/replica", replica)])
+
+    async def lead(app: web.Application) -> None:
+        await duties.start()
+
+    async def step_down(app: web.Application) -> None:
+        await duties.close()
+
+    # After the intake and the controller are set up (on_startup order); first on shutdown.
+    app.on_startup.append(lead)
+    app.on_shutdown.insert(0, step_down)
     # The console (/ui/, docs/dashboard.md): pages over the same stores; its rollout pages read
     # and command the rollout controller (`rollout_source.py`).
     accounts = OperatorAccounts(shared or settings.db_path)
@@ -174,22 +222,24 @@ def _mount_rollouts(
     store: RegistryStore,
     devices: DevicesApi,
     shared: Engine | None,
+    duties: LeaderDuties,
 ) -> ControllerSource:
     """The rollout controller (`rollouts.py`), its `/v1/rollouts` API and the console's view of
-    it. It starts after the MQTT intake (on_startup order) and stops on shutdown, before the
-    stores close."""
+    it. Its loop is a leader duty (it runs on one replica of the fleet); operator calls work on
+    every replica. Closed on shutdown, before the stores close."""
     controller = RolloutController(
         RolloutStore(shared or settings.data_dir / "rollouts.db"),
         devices.store,
         store,
         RecordFeed(devices.store.engine),
         devices.intake,
+        lease=duties.lease,
     )
     app.add_routes(RolloutApi(controller, token).routes())
     source = ControllerSource(controller)
+    duties.add("rollout controller", controller.start, controller.stop)
 
     async def start(app: web.Application) -> None:
-        await controller.start()
         source.bind(asyncio.get_running_loop())
 
     async def stop(app: web.Application) -> None:
@@ -242,6 +292,7 @@ def _build_devices(
     shared: Engine | None,
     tuf: TufRepository,
     director: Director,
+    duties: LeaderDuties,
 ) -> DevicesApi:
     """Fleet store, CA, device auth and (with a broker) the MQTT intake. Blocking (CA, SQLite)."""
     ca = PlatformCA.load_or_create(settings.data_dir)
@@ -254,9 +305,20 @@ def _build_devices(
         embedded_port = settings.mqtt_port or free_port()
         broker_url = f"mqtts://127.0.0.1:{embedded_port}"
     if broker_url:
+        client_id = PLATFORM_IDENTITY
+        if settings.replica_id:
+            client_id = f"{PLATFORM_IDENTITY}-{settings.replica_id}"
         intake = MqttIntake(
-            fleet, ca, broker_url, mqtt311=embedded_port is not None, director=director
+            fleet,
+            ca,
+            broker_url,
+            mqtt311=embedded_port is not None,
+            shared=settings.shares_device_traffic and embedded_port is None,
+            client_id=client_id,
+            is_leader=lambda: duties.lease.is_leader,
+            director=director,
         )
+        duties.add("desired republisher", intake.take_over, _nothing)
     devices = DevicesApi(
         fleet,
         ca,
@@ -288,6 +350,10 @@ def _build_devices(
     app.on_startup.append(start_mqtt)
     app.on_cleanup.append(stop_mqtt)
     return devices
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _server_ssl(settings: PlatformSettings) -> ssl.SSLContext:

@@ -72,6 +72,21 @@ class PlatformSettings:
     # Where bundle bytes live (blobs.py): None = `blobs_dir`; file:///PATH (a shared directory)
     # or s3://BUCKET?endpoint=URL (credentials from the environment, never in the URL).
     blobs_url: str | None = None
+    # Several replicas (leader.py, docs/scale-out.md). `lease`: a postgresql:// URL (no password
+    # in it: libpq reads PGPASSWORD / ~/.pgpass) for the leader election; "" = this process is
+    # the only one and always the leader. `replica_id` names this replica (its MQTT client id
+    # is `edgefn-platform-<id>`; keep it stable across restarts so the broker hands its session
+    # back). `shared_subscriptions`: None = on with an external broker, off with the embedded
+    # one (amqtt has no MQTT 5 shared subscriptions).
+    lease: str = ""
+    replica_id: str = ""
+    shared_subscriptions: bool | None = None
+
+    @property
+    def shares_device_traffic(self) -> bool:
+        if self.shared_subscriptions is not None:
+            return self.shared_subscriptions
+        return self.broker not in ("", "embedded")
 
     @property
     def token_file(self) -> Path:
