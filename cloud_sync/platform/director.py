@@ -13,7 +13,9 @@ Files under the platform data dir:
     director/director.key       Ed25519 private key, PEM PKCS#8, 0600 (online: the platform
                                 signs with it unattended); `director.key.pub` beside it
     director.db                 SQLite (WAL): per scope ("device:<id>" / "group:<name>") the
-                                last counter and the envelope issued with it
+                                last counter and the envelope issued with it; with
+                                `--database postgresql://...` that table is in the shared
+                                database instead, so every replica counts on from the same row
 
 `ensure_director_key(data_dir)` creates the key when missing; `edge-cloud serve` calls it at
 start and `edge-cloud tuf init` may call it too. `Director.instruction(...)` is the one way to
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,9 +40,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_sync.director_check import ENVELOPE_TYPE, canonical, key_id
 from cloud_sync.errors import CloudSyncError
+from cloud_sync.platform.sql import Conn, Engine, Migration, SqlError, SqliteEngine
 from runtimes.errors import BundleError
 from runtimes.signing import create_keypair, load_private_key, public_key_to_pem
-from runtimes.sqlitedb import Database
 
 KEY_DIR = "director"
 KEY_FILE = "director.key"
@@ -56,15 +57,22 @@ MIN_TTL_S = 60
 # that half always holds an instruction with days to spare.
 RENEW_FRACTION = 0.5
 
+COMPONENT = "director"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS director_instructions (
     scope TEXT PRIMARY KEY,
-    counter INTEGER NOT NULL,
-    issued INTEGER NOT NULL,
-    expires INTEGER NOT NULL,
+    counter {int} NOT NULL,
+    issued {int} NOT NULL,
+    expires {int} NOT NULL,
     envelope TEXT NOT NULL
 );
 """
+# Step 1 is the table the SQLite file always had (IF NOT EXISTS: an existing file is kept).
+MIGRATIONS = (
+    Migration(
+        1, "director_instructions", _SCHEMA.format(int="INTEGER"), _SCHEMA.format(int="BIGINT")
+    ),
+)
 
 # (function, version) -> the bundle's sha256 (hex) in the registry, or None if not published.
 DigestLookup = Callable[[str, str], str | None]
@@ -111,6 +119,14 @@ class Issued:
     expires: int
 
 
+class _Current(Exception):
+    """Internal: another writer issued a fitting envelope while this one waited for the row:
+    undo this transaction's increment and hand out that envelope."""
+
+    def __init__(self, envelope: dict[str, Any]) -> None:
+        self.envelope = envelope
+
+
 class Director:
     """Signs desired documents for devices and groups; see the module docstring."""
 
@@ -121,7 +137,10 @@ class Director:
         *,
         ttl_s: int = DEFAULT_TTL_S,
         clock: Callable[[], float] = time.time,
+        engine: Engine | None = None,
     ) -> None:
+        """`engine`: the shared database (`sql.Databases`); None opens `<data_dir>/director.db`.
+        The key is a file in `data_dir` either way (replicas must share it, like the CA)."""
         if ttl_s < MIN_TTL_S:
             raise DirectorError(
                 f"director TTL must be at least {MIN_TTL_S} s, got {ttl_s}", code="bad_director_ttl"
@@ -132,13 +151,19 @@ class Director:
         self.digests = digests
         self.ttl_s = int(ttl_s)
         self.clock = clock
-        path = Path(data_dir) / DB_FILE
-        self._db = Database(path, synchronous="FULL", setup=_schema, name="edgefn-director-db")
+        where = Path(data_dir) / DB_FILE if engine is None else "the database"
         try:
-            self._db.opened.result()
-        except (OSError, sqlite3.Error) as exc:
+            # FULL sync: a counter handed out and then lost in a power cut would be reused.
+            self._db: Engine = engine or SqliteEngine(
+                where, synchronous="FULL", name="edgefn-director-db"
+            )
+        except SqlError as exc:
+            raise DirectorError(f"cannot open {where}: {exc}") from exc
+        try:
+            self._db.migrate(COMPONENT, MIGRATIONS)
+        except SqlError as exc:
             self._db.close()
-            raise DirectorError(f"cannot open {path}: {exc}") from exc
+            raise DirectorError(f"cannot open the director store in {where}: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()
@@ -151,31 +176,42 @@ class Director:
 
     def instruction(self, kind: str, name: str, document: Mapping[str, Any]) -> dict[str, Any]:
         """The envelope for `document` sent to device/group `name`: the stored one while it
-        still fits, else a new one under the next counter (one write transaction, so two
-        callers never sign two different envelopes under one counter)."""
+        still fits, else a new one under the next counter. The counter is taken by one upsert
+        (`counter + 1 ... RETURNING`), whose row lock makes every other writer of the scope, on
+        any replica, wait for this transaction: two callers never get one counter, and one that
+        waited finds the envelope just issued and hands that out if it fits."""
         scope = f"{kind}:{name}"
         doc = json.loads(canonical(document))  # a plain JSON copy, as the device will see it
         targets = self._targets(doc)
         now = int(self.clock())
-        # FULL sync: a counter handed out and then lost in a power cut would be reused.
 
-        def issue(c: sqlite3.Connection) -> dict[str, Any]:
+        def fits(expires: int, raw: str) -> dict[str, Any] | None:
+            if not raw or expires - now <= self.ttl_s * RENEW_FRACTION:
+                return None  # due for renewal, or the placeholder of a row just created
+            stored: dict[str, Any] = json.loads(raw)
+            signed = stored["signed"]
+            same = signed["document"] == doc and signed.get("targets") == targets
+            return stored if same else None
+
+        def issue(c: Conn) -> dict[str, Any]:
             row = c.execute(
-                "SELECT counter, expires, envelope FROM director_instructions WHERE scope=?",
-                (scope,),
+                "SELECT expires, envelope FROM director_instructions WHERE scope=?", (scope,)
             ).fetchone()
-            if row is not None:
-                counter, expires, raw = row
-                stored = json.loads(raw)
-                fresh = expires - now > self.ttl_s * RENEW_FRACTION
-                same = stored["signed"]["document"] == doc
-                if fresh and same and stored["signed"].get("targets") == targets:
-                    return dict(stored)
-            counter = (int(row[0]) if row else 0) + 1
+            if row is not None and (stored := fits(int(row[0]), str(row[1]))) is not None:
+                return stored
+            counter, expires, raw = c.execute(
+                "INSERT INTO director_instructions (scope, counter, issued, expires, envelope)"
+                " VALUES (?, 1, ?, ?, '') ON CONFLICT(scope) DO UPDATE SET"
+                " counter = director_instructions.counter + 1"
+                " RETURNING counter, expires, envelope",
+                (scope, now, now),
+            ).fetchone()
+            if (current := fits(int(expires), str(raw))) is not None:
+                raise _Current(current)  # rolls the increment back
             signed = {
                 "_type": ENVELOPE_TYPE,
                 kind: name,
-                "counter": counter,
+                "counter": int(counter),
                 "issued": now,
                 "expires": now + self.ttl_s,
                 "document": doc,
@@ -184,17 +220,16 @@ class Director:
             sig = base64.b64encode(self.key.sign(canonical(signed))).decode()
             envelope = {"signed": signed, "signatures": [{"keyid": self.key_id, "sig": sig}]}
             c.execute(
-                "INSERT INTO director_instructions (scope, counter, issued, expires, envelope)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(scope) DO UPDATE SET"
-                " counter=excluded.counter, issued=excluded.issued, expires=excluded.expires,"
-                " envelope=excluded.envelope",
-                (scope, counter, now, now + self.ttl_s, json.dumps(envelope)),
+                "UPDATE director_instructions SET issued=?, expires=?, envelope=? WHERE scope=?",
+                (now, now + self.ttl_s, json.dumps(envelope), scope),
             )
             return envelope
 
         try:
-            return self._db.write(issue)
-        except sqlite3.Error as exc:
+            return self._db.write(issue)  # not idempotent: a retry would take another counter
+        except _Current as got:
+            return got.envelope
+        except SqlError as exc:
             raise DirectorError(f"cannot issue an instruction for {scope}: {exc}") from exc
 
     def due(self) -> list[tuple[str, str]]:
@@ -237,7 +272,3 @@ class Director:
             if digest:
                 out[str(name)] = {"version": version, "digest": digest}
         return out
-
-
-def _schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(_SCHEMA)

@@ -1,7 +1,9 @@
 """The platform's secrets: sealed values, the devices' sealing keys, and what devices hold.
 
-Plain portable SQL (TEXT/INTEGER/REAL, `INSERT ... ON CONFLICT ... DO UPDATE`, no SQLite-only
-functions) over `runtimes.sqlitedb.Database`, so the PostgreSQL port can take it as it is.
+An `sql.Engine` store like the fleet's: by default its own SQLite file `<data_dir>/secrets.db`
+(WAL, FULL sync), with `--database postgresql://...` tables in the shared database, so every
+replica sees the same secrets, sealing keys and acknowledgements. Each read-modify-write is one
+statement or waits on a row lock, so replicas writing at once lose nothing (see `set`).
 
 Values are never stored in clear: `edge-cloud secret set` seals the value to the platform's own
 secrets key (`PlatformSecretKey`, a P-256 key in `<data_dir>/secrets-key.pem`, mode 0600) before
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,36 +30,62 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cloud_sync.errors import CloudSyncError
+from cloud_sync.platform.sql import Conn, Engine, Migration, SqlError, SqliteEngine
 from cloud_sync.sealbox import private_key_from_pem
-from runtimes.sqlitedb import Database
 
 Scope = Literal["device", "group"]
 KEY_FILE = "secrets-key.pem"
 
+COMPONENT = "secrets"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS secrets (
     name TEXT NOT NULL,
     scope TEXT NOT NULL,
     target TEXT NOT NULL,
-    version INTEGER NOT NULL,
+    version {int} NOT NULL,
     sealed TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    updated_at REAL NOT NULL,
+    size {int} NOT NULL,
+    updated_at {real} NOT NULL,
     PRIMARY KEY (name, scope, target)
 );
 CREATE TABLE IF NOT EXISTS secret_device_keys (
     device_id TEXT PRIMARY KEY,
     public_pem TEXT NOT NULL,
-    registered_at REAL NOT NULL
+    registered_at {real} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS secret_acks (
     device_id TEXT NOT NULL,
     name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    acked_at REAL NOT NULL,
+    version {int} NOT NULL,
+    acked_at {real} NOT NULL,
     PRIMARY KEY (device_id, name)
 );
 """
+# One row per name, its highest version: `set` takes the next one with one upsert, whose row lock
+# orders two replicas setting the same name (a MAX() over `secrets` would give both one number).
+# Seeded from what a file made before this step holds, so versions keep growing from there.
+_VERSIONS = """
+CREATE TABLE secret_versions (
+    name TEXT PRIMARY KEY,
+    version {int} NOT NULL
+);
+INSERT INTO secret_versions (name, version) SELECT name, MAX(version) FROM secrets GROUP BY name;
+"""
+# Step 1 is the schema the SQLite file always had (IF NOT EXISTS: an existing file is kept).
+MIGRATIONS = (
+    Migration(
+        1,
+        "secrets",
+        _SCHEMA.format(int="INTEGER", real="REAL"),
+        _SCHEMA.format(int="BIGINT", real="DOUBLE PRECISION"),
+    ),
+    Migration(
+        2,
+        "secret_versions",
+        _VERSIONS.format(int="INTEGER"),
+        _VERSIONS.format(int="BIGINT"),
+    ),
+)
 
 
 class SecretStoreError(CloudSyncError):
@@ -113,23 +140,26 @@ def load_or_create_key(data_dir: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _create_schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(_SCHEMA)
-
-
 class SecretStore:
     """Blocking: call from a thread (`asyncio.to_thread`)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._db = Database(
-            self.path, synchronous="FULL", setup=_create_schema, name="edgefn-secrets-db"
-        )
+    def __init__(self, where: Path | Engine) -> None:
+        """`where`: the SQLite file (opened and owned here) or an engine (`sql.Databases`)."""
         try:
-            self._db.opened.result()
-        except (OSError, sqlite3.Error) as exc:
+            if isinstance(where, Path | str):
+                self.path: Path | None = Path(where)
+                self._db: Engine = SqliteEngine(
+                    self.path, synchronous="FULL", name="edgefn-secrets-db"
+                )
+            else:
+                self.path, self._db = None, where
+        except SqlError as exc:
+            raise SecretStoreError(f"cannot open the secret store {where}: {exc}") from exc
+        try:
+            self._db.migrate(COMPONENT, MIGRATIONS)
+        except SqlError as exc:
             self._db.close()
-            raise SecretStoreError(f"cannot open the secret store {self.path}: {exc}") from exc
+            raise SecretStoreError(f"cannot open the secret store: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()
@@ -138,11 +168,14 @@ class SecretStore:
         """Store a new value of `name` for the target; returns its version."""
         box = json.dumps(sealed, sort_keys=True)
 
-        def put(c: sqlite3.Connection) -> int:
+        def put(c: Conn) -> int:
             (top,) = c.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM secrets WHERE name = ?", (name,)
+                "INSERT INTO secret_versions (name, version) VALUES (?, 1)"
+                " ON CONFLICT (name) DO UPDATE SET version = secret_versions.version + 1"
+                " RETURNING version",
+                (name,),
             ).fetchone()
-            version = int(top) + 1
+            version = int(top)
             c.execute(
                 "INSERT INTO secrets (name, scope, target, version, sealed, size, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -185,7 +218,8 @@ class SecretStore:
                 " VALUES (?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
                 " public_pem = excluded.public_pem, registered_at = excluded.registered_at",
                 (device_id, public_pem, time.time()),
-            )
+            ),
+            idempotent=True,  # the same key again is the same end state
         )
 
     def device_key(self, device_id: str) -> str | None:
@@ -199,7 +233,7 @@ class SecretStore:
     def ack(self, device_id: str, versions: dict[str, int]) -> None:
         """What the device reports holding now (names it no longer holds are forgotten)."""
 
-        def put(c: sqlite3.Connection) -> None:
+        def put(c: Conn) -> None:
             c.execute("DELETE FROM secret_acks WHERE device_id = ?", (device_id,))
             now = time.time()
             for name, version in versions.items():
@@ -209,7 +243,7 @@ class SecretStore:
                     (device_id, name, version, now),
                 )
 
-        self._db.write(put)
+        self._db.write(put, idempotent=True)  # replaces the device's rows whole
 
     def acks(self) -> dict[str, dict[str, int]]:
         """name -> {device: version it acknowledged}."""

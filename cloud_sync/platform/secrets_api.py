@@ -41,6 +41,7 @@ from cloud_sync.platform.device_auth import OPERATOR
 from cloud_sync.platform.devices import DevicesApi
 from cloud_sync.platform.registry import error_response
 from cloud_sync.platform.secret_store import SecretStore, load_or_create_key
+from cloud_sync.platform.sql import Engine
 from cloud_sync.sealbox import (
     MAX_VALUE_BYTES,
     SealError,
@@ -265,9 +266,12 @@ class SecretsApi:
                 log.info("secrets notice for %s not sent now (%s): it polls", device, exc)
 
 
-def mount_secrets(app: web.Application, data_dir: Path, devices: DevicesApi) -> SecretsApi:
-    """Open `<data_dir>/secrets.db` and the secrets key, add the routes, close on cleanup."""
-    store = SecretStore(data_dir / "secrets.db")
+def mount_secrets(
+    app: web.Application, data_dir: Path, devices: DevicesApi, *, engine: Engine | None = None
+) -> SecretsApi:
+    """Open the secret store (`<data_dir>/secrets.db`, or in `engine`, the shared database) and
+    the secrets key (a file in the data dir), add the routes, close on cleanup."""
+    store = SecretStore(engine or data_dir / "secrets.db")
     api = SecretsApi(store, load_or_create_key(data_dir), devices)
     app.add_routes(api.routes())
 

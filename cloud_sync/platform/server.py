@@ -115,12 +115,13 @@ def create_app(
     app[LEASE_KEY] = duties
     app.add_routes(registry.routes())
     _mount_tuf(app, tuf, store, registry)
-    director = _build_director(settings, store)
+    director = _build_director(settings, store, shared)
     devices = _build_devices(settings, token, app, shared, tuf, director, duties)
     app.middlewares.append(devices.auth.middleware)
     app[DEVICES_KEY] = devices
     app.add_routes(devices.routes())
-    mount_secrets(app, settings.data_dir, devices)  # /v1/secrets, /v1/devices/{id}/secrets
+    # /v1/secrets, /v1/devices/{id}/secrets; the secrets key stays a file in the data dir
+    mount_secrets(app, settings.data_dir, devices, engine=shared)
     # Cloud execution: the operator or any enrolled device (token or client certificate).
     cloud_exec = CloudExec(
         store, settings.data_dir / "exec", authorize=devices.auth.result, verifier=verifier
@@ -270,15 +271,18 @@ def _mount_tuf(
     app.on_shutdown.append(stop)
 
 
-def _build_director(settings: PlatformSettings, store: RegistryStore) -> Director:
+def _build_director(
+    settings: PlatformSettings, store: RegistryStore, shared: Engine | None
+) -> Director:
     """The director (`director.py`): its key is created at first start; it names bundle
-    digests from the registry store. Closed on cleanup, after the intake stopped."""
+    digests from the registry store; its counters are in the shared database when there is
+    one. Closed on cleanup, after the intake stopped."""
 
     def digest(name: str, version: str) -> str | None:
         record = store.get_version(name, version)
         return record.digest if record is not None else None
 
-    return Director(settings.data_dir, digest, ttl_s=settings.director_ttl_s)
+    return Director(settings.data_dir, digest, ttl_s=settings.director_ttl_s, engine=shared)
 
 
 def _build_devices(
