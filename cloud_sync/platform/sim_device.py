@@ -25,7 +25,7 @@ from typing import Any
 
 from cloud_sync import credentials, topics
 from cloud_sync.errors import CloudSyncError, MqttError
-from cloud_sync.mqtt import USER_PROPERTY_KEY, USER_PROPERTY_KIND
+from cloud_sync.mqtt import USER_PROPERTY_KEY, USER_PROPERTY_KIND, InboundMessage
 from cloud_sync.outbox import METRICS_SCHEMA, new_histogram, observe
 from cloud_sync.platform.sim_faults import Fault, SimulatorError, check_loopback
 from cloud_sync.platform.sim_mqtt import SimSession
@@ -100,7 +100,7 @@ class SimDevice:
         settings: SimSettings,
         creds_doc: Mapping[str, Any],
         work: Path,
-        gate: asyncio.Semaphore | None = None,
+        gates: Mapping[bool, asyncio.Semaphore] | None = None,
     ) -> None:
         creds = credentials.from_dict(creds_doc)
         if settings.broker_url:
@@ -130,7 +130,7 @@ class SimDevice:
         self._offline_for = 0.0
         self._offline_done: set[str] = set()  # versions whose outage already happened
         self._flush_lock = asyncio.Lock()
-        self._gate = gate
+        self._gate = (gates or {}).get(self.mqtt311)  # handshakes at once, per protocol
         self._ssl: ssl.SSLContext | None = None  # made once: it writes the key to a temp file
         self._session: SimSession | None = None
         self._deploy: asyncio.Task[None] | None = None
@@ -183,7 +183,8 @@ class SimDevice:
             except TimeoutError:
                 msg = None
             if msg is not None:
-                await self._on_message(msg.scope, msg.payload)
+                if self._for_me(msg):
+                    await self._on_message(msg.scope, msg.payload)
                 await msg.ack()
             if time.monotonic() >= next_metrics:
                 now = time.time()
@@ -192,6 +193,13 @@ class SimDevice:
                 next_metrics = time.monotonic() + self.settings.metrics_interval_s
             await self._flush()
         return self._offline_for
+
+    def _for_me(self, msg: InboundMessage) -> bool:
+        """Our own desired documents only: a broker may hand us other retained messages too
+        (the embedded amqtt broker sends a connecting client every subscribed retained topic)."""
+        if msg.kind != "desired":
+            return False
+        return msg.target == self.id if msg.scope == "device" else msg.target in self.groups
 
     async def _on_message(self, scope: str | None, payload: bytes) -> None:
         try:

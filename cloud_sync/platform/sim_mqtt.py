@@ -16,7 +16,9 @@ and raises `NotConnected`, `PublishTimeout` or `PublishRefused`; the will is `of
 on the presence topic, `online` is published after each CONNACK and `offline` by a clean
 `close()`; reconnects back off with jitter; subscriptions are made on the first connection and
 whenever the broker lost the session. A shared `gate` semaphore bounds how many devices are in
-the TCP + TLS handshake at once, so 10,000 devices do not overrun the broker's listen backlog.
+the TCP + TLS handshake at once, so 10,000 devices do not overrun the broker's listen backlog
+(the simulator gives the embedded amqtt broker a gate of one, held until the SUBACK: amqtt fails
+a connect that overlaps another client's SUBSCRIBE).
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class SimSession:
         self._subscriptions = list(subscriptions)
         self._will, self._online = will, online
         self._gate = gate
+        self._gate_held = False
         self.messages: asyncio.Queue[InboundMessage] = asyncio.Queue(MESSAGE_QUEUE_MAX)
         self.connects = 0
         self.last_error: str | None = None
@@ -284,8 +287,10 @@ class SimSession:
         self._pending.clear()
 
     async def _connect_and_serve(self) -> None:
-        gate = self._gate or contextlib.nullcontext()
-        async with gate:
+        if self._gate is not None:
+            await self._gate.acquire()
+            self._gate_held = True
+        try:
             async with asyncio.timeout(mqtt_paho.CONNECT_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(
                     self.host, self.port, ssl=self._ssl,
@@ -294,21 +299,39 @@ class SimSession:
                 self._writer = writer
                 writer.write(self._connect_packet())
                 ptype, _, body = await read_packet(reader, (await reader.readexactly(1))[0])
-        if ptype != CONNACK or len(body) < 2:
-            raise ProtocolError(f"expected CONNACK, got packet type {ptype}")
-        if body[1] != 0:
-            raise MqttError(f"broker refused the connection (reason 0x{body[1]:02x})")
-        session_present = bool(body[0] & 1)
-        self._generation += 1
-        if self._subscriptions and (not session_present or not self._subscribed_once):
-            writer.write(self._subscribe_packet(session_present))
-            self._subscribed_once = True
-        writer.write(self._publish_packet(*self._online, 1, True, self._mid()))
-        self._last_sent = time.monotonic()
-        self._connected = True
-        self.connects += 1
-        self.last_error = None
-        await self._serve(reader, writer)
+            if ptype != CONNACK or len(body) < 2:
+                raise ProtocolError(f"expected CONNACK, got packet type {ptype}")
+            if body[1] != 0:
+                raise MqttError(f"broker refused the connection (reason 0x{body[1]:02x})")
+            session_present = bool(body[0] & 1)
+            self._generation += 1
+            if self._subscriptions and (not session_present or not self._subscribed_once):
+                writer.write(self._subscribe_packet(session_present))
+                self._subscribed_once = True
+                if self.mqtt311:
+                    # The embedded broker (amqtt) walks every subscription while a client
+                    # connects and fails when another client subscribes meanwhile: hold the
+                    # gate until the SUBACK (bounded), so connects there go one at a time.
+                    asyncio.get_running_loop().call_later(
+                        mqtt_paho.CONNECT_TIMEOUT_S, self._release_gate
+                    )
+                else:
+                    self._release_gate()
+            else:
+                self._release_gate()
+            writer.write(self._publish_packet(*self._online, 1, True, self._mid()))
+            self._last_sent = time.monotonic()
+            self._connected = True
+            self.connects += 1
+            self.last_error = None
+            await self._serve(reader, writer)
+        finally:
+            self._release_gate()
+
+    def _release_gate(self) -> None:
+        if self._gate_held and self._gate is not None:
+            self._gate_held = False
+            self._gate.release()
 
     def _connect_packet(self) -> bytes:
         keepalive = mqtt_paho.KEEPALIVE_S
@@ -407,6 +430,7 @@ class SimSession:
             fut.set_result(None)
 
     def _on_suback(self, body: bytes) -> None:
+        self._release_gate()
         pos = 2 if self.mqtt311 else _skip_props(body, 2)
         bad = [c for c in body[pos:] if c >= 0x80]
         if bad:

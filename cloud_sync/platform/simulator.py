@@ -90,7 +90,8 @@ class Simulator:
         self.settings = settings
         self.devices: list[SimDevice] = []
         self._stop = asyncio.Event()
-        self._gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        # Devices in the handshake at once; the embedded broker (MQTT 3.1.1): one at a time.
+        self._gates = {False: asyncio.Semaphore(CONNECT_CONCURRENCY), True: asyncio.Semaphore(1)}
 
     def stop(self) -> None:
         self._stop.set()
@@ -107,7 +108,7 @@ class Simulator:
                 doc = await resp.json(content_type=None)
                 if resp.status != 201:
                     raise SimulatorError(f"enrolling {body['id']}: HTTP {resp.status} {doc}")
-            return SimDevice(s, doc, work, self._gate)
+            return SimDevice(s, doc, work, self._gates)
 
         async with aiohttp.ClientSession(s.platform_url, timeout=timeout) as http:
             self.devices = list(await asyncio.gather(*(one(http, i) for i in range(s.devices))))
