@@ -133,6 +133,7 @@ class SimDevice:
         self._gate = (gates or {}).get(self.mqtt311)  # handshakes at once, per protocol
         self._ssl: ssl.SSLContext | None = None  # made once: it writes the key to a temp file
         self._session: SimSession | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._deploy: asyncio.Task[None] | None = None
         self._wanted: dict[str, DesiredDeployment] = {}
 
@@ -152,7 +153,7 @@ class SimDevice:
         while not stop.is_set():
             session = SimSession.for_device(
                 self.creds, self.groups, ssl_context=self._ssl, mqtt311=self.mqtt311,
-                gate=self._gate,
+                gate=self._gate, on_connected=self._connected,
             )  # fmt: skip
             self._session = session
             await session.start()
@@ -170,6 +171,12 @@ class SimDevice:
                 await session.close()
             if went_offline:
                 await _sleep_or(stop, went_offline)
+
+    def _connected(self) -> None:
+        # What was queued while the link was down (the first reported document: the profile)
+        # goes out now, not at the next message or metrics interval.
+        if self.pending:
+            self._flusher = asyncio.create_task(self._flush())
 
     async def _serve(self, session: SimSession, stop: asyncio.Event) -> float:
         """Handle messages and metrics until stopped; returns seconds to stay offline (0)."""

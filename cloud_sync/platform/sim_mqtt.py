@@ -32,7 +32,7 @@ import resource
 import ssl
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from cloud_sync import mqtt_paho, topics
 from cloud_sync.credentials import DeviceCredentials
@@ -133,6 +133,7 @@ class SimSession:
         online: tuple[str, bytes],
         mqtt311: bool = False,
         gate: asyncio.Semaphore | None = None,
+        on_connected: Callable[[], None] | None = None,
     ) -> None:
         self.client_id, self.host, self.port = client_id, host, port
         self.mqtt311 = mqtt311
@@ -141,6 +142,7 @@ class SimSession:
         self._will, self._online = will, online
         self._gate = gate
         self._gate_held = False
+        self._on_connected = on_connected  # called after each CONNACK: send what waited
         self.messages: asyncio.Queue[InboundMessage] = asyncio.Queue(MESSAGE_QUEUE_MAX)
         self.connects = 0
         self.last_error: str | None = None
@@ -163,6 +165,7 @@ class SimSession:
         ssl_context: ssl.SSLContext | None,
         mqtt311: bool = False,
         gate: asyncio.Semaphore | None = None,
+        on_connected: Callable[[], None] | None = None,
     ) -> SimSession:
         """As `MqttSession.for_device`: its desired + its groups', presence will and online."""
         presence = topics.device_topic(creds.device_id, "presence")
@@ -171,7 +174,7 @@ class SimSession:
             ssl_context=ssl_context if creds.broker.tls else None,
             subscriptions=topics.device_subscriptions(creds.device_id, list(groups)),
             will=(presence, topics.PRESENCE_OFFLINE), online=(presence, topics.PRESENCE_ONLINE),
-            mqtt311=mqtt311, gate=gate,
+            mqtt311=mqtt311, gate=gate, on_connected=on_connected,
         )  # fmt: skip
 
     @property
@@ -324,6 +327,8 @@ class SimSession:
             self._connected = True
             self.connects += 1
             self.last_error = None
+            if self._on_connected is not None:
+                self._on_connected()
             await self._serve(reader, writer)
         finally:
             self._release_gate()
