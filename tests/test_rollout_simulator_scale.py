@@ -59,7 +59,7 @@ async def test_a_thousand_simulated_devices_take_a_four_wave_rollout(
     settings = SimSettings(
         devices=DEVICES, platform_url=plat.url, token=plat.token, labels={"group": "scale"},
         prefix="k", duration_s=900, metrics_interval_s=30, health_window_s=0.1,
-        workdir=tmp_path / "sim",
+        workdir=tmp_path / "sim", connect_rate=100,  # the platform's intake drops a bigger burst
     )  # fmt: skip
     sim = Simulator(settings)
     await sim.enrol(tmp_path / "sim")

@@ -72,11 +72,16 @@ class SimSettings:
     arch: str = "x86_64"
     memory_mb: int = 2048
     faults: tuple[Fault, ...] = ()
+    # Devices that connect per second at start (0: all at once). The platform takes two
+    # messages from each (presence, reported document) through one subscription.
+    connect_rate: float = 0.0
     workdir: Path | None = None  # downloads go here (deleted after each); None: a temp dir
 
     def __post_init__(self) -> None:
         if not 1 <= self.devices <= MAX_DEVICES:
             raise SimulatorError(f"--devices must be between 1 and {MAX_DEVICES}")
+        if self.connect_rate < 0:
+            raise SimulatorError("--connect-rate must be 0 (no ramp) or more")
         if not 0 < self.duration_s <= MAX_DURATION_S:
             raise SimulatorError(f"--duration must be in (0, {MAX_DURATION_S:g}] seconds")
         check_loopback(self.platform_url, "platform")
@@ -144,7 +149,9 @@ class SimDevice:
 
     # ---- run ------------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, delay_s: float = 0.0) -> None:
+        """Connect (after `delay_s`: the fleet's ramp) and serve until `stop`."""
+        await _sleep_or(stop, delay_s)
         offline = self.fault("offline", None)
         if offline is not None and offline.version == "*":
             await _sleep_or(stop, offline.value)

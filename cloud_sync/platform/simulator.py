@@ -122,7 +122,11 @@ class Simulator:
             raise_fd_limit(self.settings.devices + 256)  # a socket per device, and some
             if not self.devices:
                 await self.enrol(work)
-            tasks = [asyncio.create_task(d.run(self._stop)) for d in self.devices]
+            rate = self.settings.connect_rate
+            tasks = [
+                asyncio.create_task(d.run(self._stop, i / rate if rate else 0.0))
+                for i, d in enumerate(self.devices)
+            ]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.settings.duration_s)
             self._stop.set()
