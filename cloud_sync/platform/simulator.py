@@ -1,11 +1,12 @@
 """A fleet simulator: N lightweight devices in one process, against a real platform and broker.
 
-`edge-cloud simulate --devices N --platform URL [--broker URL] [--labels k=v] [--fault ...]`
+`edge-cloud simulate --devices N --platform URL [--broker URL] [--labels k=v] [--connect-rate R]
+[--fault ...]`
 
 Each simulated device is enrolled through the platform's API (its own certificate and token),
 holds its own MQTT session (`sim_mqtt.SimSession`: all devices share one asyncio loop, no thread
-per device), receives its desired
-documents (device and group, retained), and acts on the rollout entries in them through the
+per device; `sim_device.SimDevice` is one device), receives its desired documents (device and
+group, retained), and acts on the rollout entries in them through the
 same contract the agent's deployer will follow (`cloud_sync.rollout.messages`): it downloads the
 bundle from the registry for real (`RegistryClient`, digest checked, then deleted), reports
 every step with an increasing `seq`, keeps its latest report per function in its reported
