@@ -7,7 +7,9 @@
 3. enrolls a device (its credentials pin the TUF root) and trusts the publisher key on it;
 4. installs every function on the device from the registry, verified through TUF metadata
    and the bundle signature (docs/update-security.md), and warmed;
-5. runs the agent in the foreground, joined to the platform (config, metrics over MQTT).
+5. runs the agent in the foreground, joined to the platform (config, metrics over MQTT), and
+   rolls version 1.1.0 of eta-node out to it and to three simulated devices in two waves
+   (`demo_rollout`; the simulated devices are revoked afterwards).
 
 Everything lives under `.demo/` in the repository (delete it to start over). Ctrl-C stops both.
 Running it again on an existing `.demo/` reuses the key, the credentials and the platform's data:
@@ -25,7 +27,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / ".demo"
@@ -231,6 +235,10 @@ def run_agent(platform: subprocess.Popen[bytes], names: list[str]) -> int:
             *("--port", str(PORT), "--credentials", str(creds), "--metrics-interval", "10"),
         ]
     )
+    try:
+        demo_rollout(f"http://127.0.0.1:{CLOUD_PORT}")
+    except (OSError, ValueError, KeyError) as exc:  # the demo goes on without it
+        print(f"demo: the rollout demo failed: {exc}", file=sys.stderr)
     stop = {"sig": False}
 
     def forward(signum: int, frame: object) -> None:
@@ -246,6 +254,98 @@ def run_agent(platform: subprocess.Popen[bytes], names: list[str]) -> int:
         print("demo: the platform stopped; stopping the agent", file=sys.stderr)
     code = agent.wait(30)
     return 0 if stop["sig"] else code
+
+
+ROLLOUT_FN, ROLLOUT_VERSION = "eta-node", "1.1.0"
+SIM_DEVICES = 3
+
+
+def _api(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    req = urllib.request.Request(
+        url + path, method=method, data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def demo_rollout(url: str, demo: Path = DEMO, device: str = "demo-gateway") -> str:
+    """A small rollout, end to end: eta-node 1.1.0 in waves 25,100 to the demo device and
+    SIM_DEVICES simulated ones (`edge-cloud simulate`, in the background for the rollout).
+
+    Safe to run again: 1.1.0 builds to the same bytes (publishing it again is a no-op), a device
+    that already runs it reports it healthy at once, and each run enrolls simulated devices
+    under a fresh prefix and revokes them afterwards, so later rollouts do not wait for them.
+    Returns the rollout's final state; prints the waves as they complete.
+    """
+    cloud = demo / "cloud"
+    token = (cloud / "admin.token").read_text().strip()
+    src = demo / "rollout" / ROLLOUT_FN
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(REPO / "examples" / ROLLOUT_FN, src)  # copy2: mtimes kept, same bytes
+    manifest = src / "edgefn.toml"
+    text = re.sub(r"(?m)^version\s*=.*$", f'version = "{ROLLOUT_VERSION}"', manifest.read_text())
+    manifest.write_text(text)
+    shutil.copystat(REPO / "examples" / ROLLOUT_FN / "edgefn.toml", manifest)
+    bundle = demo / "rollout" / f"{ROLLOUT_FN}-{ROLLOUT_VERSION}.efb"
+    print(f"\nrollout demo: building and publishing {ROLLOUT_FN} {ROLLOUT_VERSION} ...", flush=True)
+    run("cloud_sync.platform.cli", "fn", "build", src, "--key", demo / "publisher.key",
+        "--out", bundle)  # fmt: skip
+    # The key also signs the TUF delegated role of the functions it publishes (step 2).
+    run("cloud_sync.platform.cli", "fn", "publish", bundle, "--platform", url, "--data-dir", cloud,
+        "--key", demo / "publisher.key")  # fmt: skip
+    prefix = f"demosim{int(time.time()) % 10**6}"
+    sims = [f"{prefix}-{i:05d}" for i in range(SIM_DEVICES)]
+    with (demo / "simulate.log").open("ab") as log:
+        sim = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "cloud_sync.platform.cli", "simulate"),
+                *("--devices", str(SIM_DEVICES), "--platform", url, "--data-dir", str(cloud)),
+                *("--prefix", prefix, "--duration", "300", "--labels", "demo=rollout"),
+            ],
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        for _ in range(600):  # bounded: 60 s for the demo device and the simulated ones
+            view = {d["id"]: d for d in _api(url, token, "GET", "/v1/devices")["devices"]}
+            if all(view.get(d, {}).get("online") and view[d].get("profile")
+                   for d in (device, *sims)):  # fmt: skip
+                break
+            time.sleep(0.1)
+        else:
+            return "devices not online"
+        target = "device=" + "|".join((device, *sims))
+        spec = {"function": ROLLOUT_FN, "version": ROLLOUT_VERSION, "target": target,
+                "waves": [25, 100], "bake_s": 1, "min_invocations": 0}  # fmt: skip
+        rid = _api(url, token, "POST", "/v1/rollouts", spec)["id"]
+        print(f"rollout {rid}: {ROLLOUT_FN} {ROLLOUT_VERSION} to {device} and {SIM_DEVICES} "
+              "simulated devices, waves 25,100", flush=True)  # fmt: skip
+        return _follow(url, token, rid)
+    finally:
+        sim.terminate()
+        sim.wait(30)
+        for d in sims:
+            _api(url, token, "POST", f"/v1/devices/{d}/revoke", {})
+
+
+def _follow(url: str, token: str, rid: str) -> str:
+    """Print each wave as it completes, then the end state (bounded: 2 minutes)."""
+    shown, started, state = -1, time.monotonic(), "running"
+    while time.monotonic() - started < 120:
+        doc = _api(url, token, "GET", f"/v1/rollouts/{rid}")
+        state, current = doc["state"], int(doc.get("wave") or 0)
+        done = current if state not in ("succeeded", "rolled_back", "aborted") else current + 1
+        for wave in range(shown + 1, done):
+            mine = [f"{d['device']} {d['state']}" for d in doc["devices"] if d["wave"] == wave]
+            print(f"  wave {wave + 1}: {', '.join(mine)}", flush=True)
+            shown = wave
+        if state in ("succeeded", "rolled_back", "rollback_failed", "aborted"):
+            break
+        time.sleep(0.3)
+    print(f"rollout {rid} {state} in {time.monotonic() - started:.1f} s "
+          f"(edge-cloud rollout status {rid} --data-dir .demo/cloud)\n", flush=True)  # fmt: skip
+    return str(state)
 
 
 if __name__ == "__main__":

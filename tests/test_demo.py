@@ -16,6 +16,7 @@ from types import ModuleType
 
 import pytest
 
+from tests.harness import start_agent
 from tests.mosquitto import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,3 +79,30 @@ def test_demo_setup_twice_on_the_same_dir(
     # The device verified its installs through TUF: the pinned root, a trusted metadata cache.
     assert "tuf_root" in json.loads((root / "device" / "credentials.json").read_text())
     assert any((root / "device" / "tuf").iterdir())
+
+
+@pytest.mark.slow
+def test_demo_rollout_reaches_the_device_and_simulated_ones_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    demo = _load_demo()
+    root = tmp_path / "demo"
+    ports = (free_port(), free_port())  # fixed, as `make run`'s: the credentials name the broker
+    for attempt in range(2):  # `make run` twice on one .demo/: the second run works too
+        platform, url = demo.start_platform(root, *ports)
+        agent = None
+        try:
+            if attempt == 0:
+                demo.setup(url, root)
+            agent = start_agent(root / "device", "--credentials", str(root / "device" /
+                                "credentials.json"))  # fmt: skip
+            assert demo.demo_rollout(url, root) == "succeeded"
+        finally:
+            if agent is not None:
+                agent.stop()
+            _stop(platform)
+        out = capsys.readouterr().out
+        assert "wave 1:" in out and "wave 2:" in out, out
+        assert (root / "device" / "functions" / "eta-node" / "active").read_text().strip() == (
+            "1.1.0"
+        )

@@ -26,6 +26,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--metrics-interval", type=float, default=1.0)
     p.add_argument("--arch", default="x86_64", help="architecture the devices report")
     p.add_argument(
+        "--connect-rate", type=float, default=0.0,
+        help="devices connecting per second at start (default 0: all at once)",
+    )  # fmt: skip
+    p.add_argument(
         "--fault", action="append", default=[], metavar="VERSION:KIND[=V][@F]",
         help="misbehave on purpose, e.g. 1.4.0:crash@0.5, 1.4.0:errors=0.3, 1.4.0:latency=300",
     )  # fmt: skip
@@ -49,6 +53,7 @@ def run(args: argparse.Namespace, token: str | None) -> int:
             devices=args.devices, platform_url=args.platform, token=token,
             broker_url=args.broker, labels=labels, prefix=args.prefix,
             duration_s=args.duration, metrics_interval_s=args.metrics_interval, arch=args.arch,
+            connect_rate=args.connect_rate,
             faults=tuple(simulator.parse_fault(f) for f in args.fault),
         )  # fmt: skip
     except (CloudSyncError, ValueError) as exc:
