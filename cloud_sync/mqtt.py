@@ -321,7 +321,12 @@ class MqttSession:
         self._attempt = 0
         self._generation += 1
         ready_now = True
-        if self._subscriptions and (not flags.session_present or not self._subscribed_once):
+        # Shared subscriptions are made again on every connect: Mosquitto 2.0 does not restore
+        # them from its persistence file after a restart although it reports the session as
+        # present, and the platform would then hear nothing (subscribing again is idempotent).
+        shared = any(t.startswith("$share/") for t in self._subscriptions)
+        again = not flags.session_present or not self._subscribed_once or shared
+        if self._subscriptions and again:
             # First connect of this process: subscribe even if the session exists (the list may
             # have changed); retain-handling 1 avoids duplicate retained copies in that case.
             self._sub_mid = mqtt_thread.subscribe(
