@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shared-subscriptions",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="MQTT 5 shared subscriptions (default: on with --broker, off when embedded)",
+        help="MQTT 5 shared subscriptions (default: on for a --replica-id with --broker)",
     )
     serve.add_argument(
         "--database",

@@ -76,8 +76,10 @@ class PlatformSettings:
     # in it: libpq reads PGPASSWORD / ~/.pgpass) for the leader election; "" = this process is
     # the only one and always the leader. `replica_id` names this replica (its MQTT client id
     # is `edgefn-platform-<id>`; keep it stable across restarts so the broker hands its session
-    # back). `shared_subscriptions`: None = on with an external broker, off with the embedded
-    # one (amqtt has no MQTT 5 shared subscriptions).
+    # back). `shared_subscriptions`: None = on for a replica (`replica_id` set) on an external
+    # broker; off for a single platform and with the embedded broker (amqtt has no MQTT 5
+    # shared subscriptions). A single platform gains nothing from them and Mosquitto 2.0 does
+    # not restore them from persistence after a restart (docs/scale-out.md).
     lease: str = ""
     replica_id: str = ""
     shared_subscriptions: bool | None = None
@@ -86,7 +88,7 @@ class PlatformSettings:
     def shares_device_traffic(self) -> bool:
         if self.shared_subscriptions is not None:
             return self.shared_subscriptions
-        return self.broker not in ("", "embedded")
+        return bool(self.replica_id) and self.broker not in ("", "embedded")
 
     @property
     def token_file(self) -> Path:
