@@ -22,7 +22,7 @@ APT_PACKAGES := mosquitto util-linux patchelf ccache debootstrap zlib1g-dev open
 
 all: install
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py runtimes/cpp/_host.cpp runtimes/cpp/include/edgefn.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q -e '.[dev,binary]'

@@ -302,24 +302,33 @@ def main() -> int:
         fork[rt] = fork_per_request(dirs[rt], args.duration)
         rows.append((f"(C) fork per request, {rt}", *fork[rt], math.nan))
 
-    print("starting the agent ...", file=sys.stderr, flush=True)
-    agent = start_agent(data, "--log-level", "warning")
+    # The previous path (the invoke route on aiohttp, `[limits] fast_invoke = false`) in the
+    # same run, so the fast path's gain is visible in one table.
+    previous_cfg = tmp / "aiohttp-path.toml"
+    previous_cfg.write_text("[limits]\nfast_invoke = false\n")
     agent_rows: dict[str, tuple[float, float, float, float]] = {}
-    try:
-        for rt in runtimes:
-            name = dirs[rt].name
-            print(f"measuring the agent: {rt} ...", file=sys.stderr, flush=True)
-            agent_rows[rt] = http_pair(
-                f"{agent.url}/v1/functions/{name}/invoke", args.duration, script, agent.proc.pid
-            )
-            rows.append((f"agent, {rt}", *agent_rows[rt]))
-        time.sleep(1.5)
-        agent_rss = rss_mb(agent.proc.pid)
-        workers = []
-        for child in psutil.Process(agent.proc.pid).children(recursive=True):
-            workers.append((" ".join(child.cmdline()[-2:])[-60:], child.memory_info().rss / 2**20))
-    finally:
-        agent.stop()
+    for label, extra in (("agent, aiohttp path", ["--config", str(previous_cfg)]), ("agent", [])):
+        print(f"starting the agent ({label}) ...", file=sys.stderr, flush=True)
+        agent = start_agent(data, "--log-level", "warning", *extra)
+        try:
+            for rt in runtimes:
+                name = dirs[rt].name
+                print(f"measuring {label}: {rt} ...", file=sys.stderr, flush=True)
+                fig = http_pair(
+                    f"{agent.url}/v1/functions/{name}/invoke", args.duration, script, agent.proc.pid
+                )
+                rows.append((f"{label}, {rt}", *fig))
+                if label == "agent":
+                    agent_rows[rt] = fig
+            if label == "agent":
+                time.sleep(1.5)
+                agent_rss = rss_mb(agent.proc.pid)
+                workers = []
+                for child in psutil.Process(agent.proc.pid).children(recursive=True):
+                    cmd = " ".join(child.cmdline()[-2:])[-60:]
+                    workers.append((cmd, child.memory_info().rss / 2**20))
+        finally:
+            agent.stop()
 
     print(f"\n## Invocation, 100-byte payload, {args.duration:g} s per figure\n")
     print("| path | p50 us (c=1) | p99 us (c=1) | req/s (c=32) | server CPU us/req (c=32) |")

@@ -89,7 +89,12 @@ class CloudInvoker:
     """POST {platform}/v1/functions/{name}/invoke with the device's credentials."""
 
     def __init__(
-        self, base_url: str, *, token: str = "", ssl: ssl_.SSLContext | None = None
+        self,
+        base_url: str,
+        *,
+        token: str = "",
+        ssl: ssl_.SSLContext | None = None,
+        fallback_urls: tuple[str, ...] = (),
     ) -> None:
         self._http = AsyncHttpClient(
             Endpoint(
@@ -98,6 +103,7 @@ class CloudInvoker:
                 ssl_context=ssl,
                 connect_timeout_s=CONNECT_TIMEOUT_S,
                 name="the cloud",
+                fallback_urls=fallback_urls,
             )
         )
         self.base_url = self._http.endpoint.base_url

@@ -12,6 +12,10 @@ The file (`credentials.json` in the agent's data dir, mode 0600)::
       "key_pem": "-----BEGIN PRIVATE KEY-----..."
     }
 
+Enrolment adds extras beside these (`cloud_sync.sync.load_credentials_extras` reads them):
+`token`, `groups`, `mqtt_protocol`, and `director_key`, the PEM public key that signs every
+desired document the device accepts (`cloud_sync.director_check`).
+
 `save` writes it atomically (temp file in the same directory, fsync, rename, fsync the directory)
 and never lets the key exist with a wider mode, not even for a moment. `load` checks everything it
 can without the network -- JSON shape, id syntax, URLs, that the certificate parses, names this
@@ -214,3 +218,30 @@ def ssl_context(
             f"{where}: 'cert_pem'/'key_pem' cannot be used together ({exc.reason or exc})"
         ) from exc
     return ctx
+
+
+def read_tuf_root(path: Path | str) -> bytes | None:
+    """The TUF root pinned at enrolment (`"tuf_root"`: the root.json document), or None.
+
+    Read on its own, without the rest of `load`'s checks: `edge-agent fn install --credentials`
+    needs only this field, and a device enrolled before TUF has none (then it is None, and
+    `update_security` decides whether that is acceptable). Returned as JSON bytes for
+    python-tuf (signatures cover the canonical form of `signed`, so re-encoding is harmless).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise CredentialsError(
+            f"no device credentials at {path}: enrol the device first", code="not_enrolled"
+        ) from exc
+    except OSError as exc:
+        raise CredentialsError(f"cannot read {path}: {exc.strerror}") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CredentialsError(f"{path}: not valid JSON ({exc})") from exc
+    root = data.get("tuf_root") if isinstance(data, dict) else None
+    if root is None:
+        return None
+    if not isinstance(root, dict) or not isinstance(root.get("signed"), dict):
+        raise CredentialsError(f"{path}: 'tuf_root' is not a TUF root.json document")
+    return json.dumps(root, separators=(",", ":")).encode()

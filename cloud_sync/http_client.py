@@ -22,6 +22,9 @@ case: raise for a refusal, return the decoded JSON.
 Two faces: `SyncHttpClient` (urllib, for the CLIs and the blocking registry download) and
 `AsyncHttpClient` (aiohttp, for the agent; one pooled session, created on first use, closed with
 `close()`).
+
+Failover between platform replicas: an `Endpoint` may name `fallback_urls`; both clients then
+try the next URL when one fails and stay with the one that answered (`cloud_sync.http_failover`).
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from cloud_sync.errors import Category, CloudSyncError, describe_http_error, error_of
+from cloud_sync.http_failover import Sticky, fails_over
 
 # A CLI call or a metadata request answers in well under a second on any working link; 30 s
 # leaves room for a busy platform without letting a wedged one hang a command.
@@ -145,11 +149,26 @@ class Endpoint:
     timeout_s: float = DEFAULT_TIMEOUT_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     name: str = "the server"
+    # Other URLs of the same service (platform replicas), tried in order when this one fails.
+    fallback_urls: tuple[str, ...] = ()
     # The context built from `cafile`, once (loading a CA file reads the disk).
     _tls: list[ssl.SSLContext] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+        urls = tuple(u.rstrip("/") for u in self.fallback_urls)
+        object.__setattr__(self, "fallback_urls", tuple(u for u in urls if u != self.base_url))
+
+    def alternatives(self) -> list[Endpoint]:
+        """This endpoint, then one per fallback URL (same token, TLS and timeouts)."""
+        if not self.fallback_urls:
+            return [self]
+        out = [self]
+        for url in self.fallback_urls:
+            other = replace(self, base_url=url, fallback_urls=())
+            other._tls.extend(self._tls)
+            out.append(other)
+        return out
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -195,6 +214,12 @@ class SyncHttpClient:
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        self._sticky = Sticky(endpoint.alternatives())
+
+    @property
+    def current(self) -> Endpoint:
+        """The endpoint requests start at (the one that answered last)."""
+        return self._sticky.endpoints[self._sticky.current]
 
     @contextmanager
     def open(
@@ -207,15 +232,54 @@ class SyncHttpClient:
         headers: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> Iterator[http.client.HTTPResponse]:
-        """The answer as a stream, for downloads. A 4xx/5xx raises RemoteError (body read)."""
-        ep = self.endpoint
+        """The answer as a stream, for downloads. A 4xx/5xx raises RemoteError (body read).
+
+        With fallback URLs, failing over happens before the body streams (a stream cut midway
+        is the caller's to resume, e.g. with a range request)."""
+        order = self._sticky.order()
+        answer: RemoteError | None = None  # an answer beats "no answer" when all fail
+        last: Unreachable | None = None
+        for n, (index, ep) in enumerate(order):
+            if data is not None and not isinstance(data, bytes) and n > 0:
+                break  # a streamed body was consumed by the first attempt
+            try:
+                resp = self._open_one(ep, method, path, json, data, headers, timeout_s)
+            except Unreachable as exc:
+                last = exc
+                continue
+            except RemoteError as exc:
+                if fails_over(method, exc.status):
+                    answer = exc
+                    continue
+                raise
+            self._sticky.current = index
+            with resp:
+                yield resp
+            return
+        if answer is not None:
+            raise answer
+        assert last is not None
+        raise last
+
+    def _open_one(
+        self,
+        ep: Endpoint,
+        method: str,
+        path: str,
+        json: Any,
+        data: Body,
+        headers: Mapping[str, str] | None,
+        timeout_s: float | None,
+    ) -> http.client.HTTPResponse:
         hdrs = ep.headers(headers)
         payload = _encode(json, data, hdrs)
         url = ep.url(path)
         req = urllib.request.Request(url, data=payload, headers=hdrs, method=method)
         timeout = timeout_s if timeout_s is not None else ep.timeout_s
         try:
-            resp = urllib.request.urlopen(req, timeout=timeout, context=ep.tls())
+            resp: http.client.HTTPResponse = urllib.request.urlopen(
+                req, timeout=timeout, context=ep.tls()
+            )
         except urllib.error.HTTPError as exc:
             with exc:
                 body = _read_error_body(exc)
@@ -229,8 +293,7 @@ class SyncHttpClient:
                     f"{ep.name} at {url} did not answer within {timeout:g} s"
                 ) from exc
             raise ep.unreachable(url, reason) from exc
-        with resp:
-            yield resp
+        return resp
 
     def request(
         self,
@@ -295,6 +358,12 @@ class AsyncHttpClient:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self._session: Any = None  # aiohttp.ClientSession, imported lazily (CLI start-up)
+        self._sticky = Sticky(endpoint.alternatives())
+
+    @property
+    def current(self) -> Endpoint:
+        """The endpoint requests start at (the one that answered last)."""
+        return self._sticky.endpoints[self._sticky.current]
 
     def _client(self) -> Any:
         import aiohttp
@@ -317,10 +386,43 @@ class AsyncHttpClient:
         headers: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> HttpResponse:
-        """The whole answer, whatever its status; Unreachable/RequestTimeout when there is none."""
+        """The whole answer, whatever its status; Unreachable/RequestTimeout when there is none.
+
+        With fallback URLs: the next URL on no answer or a failover status (`fails_over`)."""
+        order = self._sticky.order()
+        if len(order) == 1:
+            return await self._request_one(self.endpoint, method, path, json, data, headers,
+                                           timeout_s)  # fmt: skip
+        answer: HttpResponse | None = None
+        last: Unreachable | None = None
+        for index, ep in order:
+            try:
+                resp = await self._request_one(ep, method, path, json, data, headers, timeout_s)
+            except Unreachable as exc:
+                last = exc
+                continue
+            if fails_over(method, resp.status):
+                answer = resp
+                continue
+            self._sticky.current = index
+            return resp
+        if answer is not None:
+            return answer
+        assert last is not None
+        raise last
+
+    async def _request_one(
+        self,
+        ep: Endpoint,
+        method: str,
+        path: str,
+        json: Any,
+        data: bytes | None,
+        headers: Mapping[str, str] | None,
+        timeout_s: float | None,
+    ) -> HttpResponse:
         import aiohttp
 
-        ep = self.endpoint
         total = timeout_s if timeout_s is not None else ep.timeout_s
         timeout = aiohttp.ClientTimeout(total=total, connect=min(ep.connect_timeout_s, total))
         url = ep.url(path)

@@ -72,6 +72,12 @@ class RegistryGarbage(RegistryError):
     code = "registry_garbage"
 
 
+class DownloadOverrun(RegistryGarbage):
+    """The registry sends more bytes than the bundle's announced (or TUF-declared) length."""
+
+    code = "download_overrun"
+
+
 class NotPublished(RegistryError):
     code = "not_found"
     category = "config"
@@ -111,6 +117,7 @@ class RegistryClient:
         token: str = "",
         cafile: Path | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        fallback_urls: tuple[str, ...] = (),
     ) -> None:
         parsed = urllib.parse.urlsplit(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -125,6 +132,7 @@ class RegistryClient:
                 ssl_context=ssl_context,
                 timeout_s=timeout,
                 name="the registry",
+                fallback_urls=fallback_urls,
             )
         )
 
@@ -266,7 +274,7 @@ class RegistryClient:
             raise RegistryGarbage(f"registry answered HTTP {resp.status} for a bundle")
         length = resp.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > info.size - start:
-            raise RegistryGarbage(
+            raise DownloadOverrun(
                 f"registry at {self.base_url} sends {length} bytes for a bundle it "
                 f"announced as {info.size} bytes"
             )
@@ -296,7 +304,7 @@ class RegistryClient:
                         out.flush()
                         progress(written, info.size)
                 if written == info.size and resp.read(1):
-                    raise RegistryGarbage(
+                    raise DownloadOverrun(
                         f"registry at {self.base_url} sent more than the {info.size} bytes "
                         "it announced"
                     )

@@ -42,6 +42,7 @@ from typing import Any, Literal
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials
 from cloud_sync.device_figures import FunctionCounters as FunctionCounters
+from cloud_sync.director_check import DirectorGate, InstructionRefused
 from cloud_sync.errors import CloudSyncError, ConfigError
 from cloud_sync.mqtt import MqttSession
 from cloud_sync.outbox import Outbox, OutboxStats
@@ -94,6 +95,8 @@ class AgentHooks:
     describe: Callable[[], Mapping[str, Any]]  # extra reported keys: functions, profile, ...
     # function -> version running: the metrics record's `versions` (rollout gates compare them)
     versions: Callable[[], Mapping[str, str]] | None = None
+    # The platform said this device's secrets changed (cloud_sync.secrets_sync fetches them).
+    secrets_changed: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +118,14 @@ class SyncClient:
         hooks: AgentHooks,
         *,
         platform_url: str,
+        fallback_urls: tuple[str, ...] = (),
         token: str = "",
         groups: tuple[str, ...] = (),
         mqtt311: bool = False,
+        director: DirectorGate | None = None,
     ) -> None:
         self.creds = creds
+        self.director = director  # checks every desired document first (director_check)
         self.device_id = creds.device_id
         self.settings = settings
         self.hooks = hooks
@@ -128,7 +134,11 @@ class SyncClient:
         self.mqtt = MqttTransport(self.session)
         https = platform_url.startswith("https:")
         self.http = HttpTransport(
-            platform_url, creds.device_id, token, creds.ssl_context() if https else None
+            platform_url,
+            creds.device_id,
+            token,
+            creds.ssl_context() if https else None,
+            fallback_urls=fallback_urls,
         )
         self.outbox: Outbox | None = None
         self.tracker = ConfigTracker()
@@ -235,6 +245,7 @@ class SyncClient:
                 "error": self.tracker.last_error.to_dict() if self.tracker.last_error else None,
                 "desired_error": self._desired_error,
             },
+            "director": self.director.status() if self.director else None,
             "outbox": {
                 "records": stats.records,
                 "bytes": stats.bytes,
@@ -250,6 +261,8 @@ class SyncClient:
 
     def _load_state(self) -> None:
         """Blocking (runs in a thread); a damaged file is set aside (`sync_state_file`)."""
+        if self.director is not None:
+            self.director.load()
         saved = load_state(self._state_file)
         if saved is not None:
             self.tracker, self._seq = saved.tracker, saved.seq
@@ -269,6 +282,8 @@ class SyncClient:
                         await self.offer("group", msg.payload, group=msg.target)
                     else:
                         await self.offer("device", msg.payload)
+                elif msg.kind == "secrets" and self.hooks.secrets_changed is not None:
+                    self.hooks.secrets_changed()
             except Exception:
                 log.exception("sync: handling %s failed", msg.topic)
                 continue  # not acknowledged: redelivered after a reconnect
@@ -279,8 +294,18 @@ class SyncClient:
     ) -> str:
         """One desired document from either transport; returns the outcome status."""
         async with self._lock:
+            instruction = None
             try:
+                if self.director is not None:
+                    payload, instruction = self.director.screen(scope, payload, group=group)
                 doc = parse_desired(payload, f"{scope} desired")
+            except InstructionRefused as exc:
+                # Forged, replayed, expired, for another device: the config in force stays.
+                self._desired_error = exc.to_dict()
+                log.warning("sync: %s", exc.message)
+                await self._event({"type": "desired_rejected", "scope": scope, **exc.to_dict()})
+                await self._report()
+                return "refused"
             except ConfigError as exc:
                 # Not JSON / bad envelope: nothing to version; keep the config, say why.
                 self._desired_error = exc.to_dict()
@@ -303,9 +328,16 @@ class SyncClient:
                 log.warning("sync: %s", outcome.error.message)
                 await self._event({"type": "desired_rejected", **outcome.error.to_dict()})
             await asyncio.to_thread(self._save_state)
+            if instruction is not None and self.director is not None:
+                await asyncio.to_thread(self.director.commit, instruction)  # before the PUBACK
             if outcome.status in ("applied", "rejected"):
                 await self._report()
             return outcome.status
+
+    def expected_digest(self, function: str, version: str) -> str | None:
+        """The bundle sha256 the accepted director instruction names for function@version
+        (the deployer hands it to the TUF check); None when none names it."""
+        return self.director.expected_digest(function, version) if self.director else None
 
     async def _apply(self, config: AgentConfig) -> None:
         try:
@@ -325,7 +357,7 @@ class SyncClient:
             else:
                 group = answer.get("group") if isinstance(answer, dict) else None
                 if isinstance(group, dict) and group.get("name"):
-                    doc = {k: group[k] for k in ("version", "config") if k in group}
+                    doc = {k: v for k, v in group.items() if k != "name"}
                     await self.offer("group", doc, group=str(group["name"]))
                 mine = answer.get("device") if isinstance(answer, dict) else None
                 if mine is not None:
@@ -445,7 +477,8 @@ class SyncClient:
 
 
 def load_credentials_extras(path: Path) -> dict[str, Any]:
-    """The enrolment extras next to the standard fields: token, groups, mqtt_protocol."""
+    """The enrolment extras next to the standard fields: token, groups, mqtt_protocol,
+    director_key."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -457,4 +490,7 @@ def load_credentials_extras(path: Path) -> dict[str, Any]:
         "token": data.get("token") if isinstance(data.get("token"), str) else "",
         "groups": tuple(str(g) for g in groups if isinstance(g, str)),
         "mqtt311": data.get("mqtt_protocol") == "3.1.1",
+        "director_key": data.get("director_key")
+        if isinstance(data.get("director_key"), str)
+        else "",
     }

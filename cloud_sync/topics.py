@@ -8,6 +8,8 @@ One versioned tree, so a v2 can run beside v1 during a migration::
     edgefn/v1/devices/{device_id}/events     device -> platform, QoS 1
     edgefn/v1/devices/{device_id}/presence   device -> platform, retained, QoS 1, online/offline
     edgefn/v1/devices/{device_id}/rollout    device -> platform, QoS 1 (rollout status)
+    edgefn/v1/devices/{device_id}/secrets    platform -> device, retained, QoS 1: names and
+                                             versions only ("fetch"), never a value
     edgefn/v1/groups/{group}/desired         platform -> devices of the group, retained, QoS 1
     edgefn/v1/rollouts/{rollout_id}/status   platform -> operators, retained, QoS 1 (progress)
 
@@ -28,7 +30,7 @@ ROOT = "edgefn"
 VERSION = "v1"
 PREFIX = f"{ROOT}/{VERSION}"
 
-DeviceKind = Literal["desired", "reported", "metrics", "events", "presence", "rollout"]
+DeviceKind = Literal["desired", "reported", "metrics", "events", "presence", "rollout", "secrets"]
 GroupKind = Literal["desired"]
 RolloutKind = Literal["status"]
 Scope = Literal["device", "group", "rollout"]
@@ -37,7 +39,7 @@ GROUP_KINDS: tuple[str, ...] = get_args(GroupKind)
 ROLLOUT_KINDS: tuple[str, ...] = get_args(RolloutKind)
 
 # Retained topics hold *state* (the latest value is what a newcomer needs); the rest are streams.
-RETAINED_KINDS = frozenset({"desired", "presence", "status"})
+RETAINED_KINDS = frozenset({"desired", "presence", "status", "secrets"})
 # Everything is QoS 1: at-least-once plus idempotency keys is what the outbox is built for; QoS 2
 # costs an extra round trip per message and is still not exactly-once across a broker crash.
 QOS = 1
@@ -127,8 +129,13 @@ def parse(topic: str) -> Topic:
 
 
 def device_subscriptions(device_id: str, groups: tuple[str, ...] | list[str] = ()) -> list[str]:
-    """What a device subscribes to: its own desired document and those of its groups."""
-    return [device_topic(device_id, "desired"), *(group_topic(g) for g in groups)]
+    """What a device subscribes to: its own desired document and those of its groups, and the
+    notice that its secrets changed."""
+    return [
+        device_topic(device_id, "desired"),
+        *(group_topic(g) for g in groups),
+        device_topic(device_id, "secrets"),
+    ]
 
 
 def platform_filter(kind: DeviceKind) -> str:

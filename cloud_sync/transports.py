@@ -85,14 +85,25 @@ class HttpTransport:
 
     name = "http"
 
-    def __init__(self, base_url: str, device_id: str, token: str, ssl_ctx: ssl.SSLContext | None):
+    def __init__(
+        self,
+        base_url: str,
+        device_id: str,
+        token: str,
+        ssl_ctx: ssl.SSLContext | None,
+        *,
+        fallback_urls: tuple[str, ...] = (),
+    ):
+        suffix = f"/v1/devices/{device_id}"
         self._http = AsyncHttpClient(
             Endpoint(
-                base_url.rstrip("/") + f"/v1/devices/{device_id}",
+                base_url.rstrip("/") + suffix,
                 token=token,
                 ssl_context=ssl_ctx,
                 timeout_s=HTTP_TIMEOUT_S,
                 name="the platform",
+                # Other platform replicas (http_failover.py): the next one when this one fails.
+                fallback_urls=tuple(u.rstrip("/") + suffix for u in fallback_urls),
             )
         )
         self.base = self._http.endpoint.base_url

@@ -34,6 +34,7 @@ from cloud_sync.http_server import bound_port
 from edge_agent.assembly import Parts, assemble, build_sandbox, prepare_data_dir
 from edge_agent.auth import Authenticator
 from edge_agent.capabilities import Event
+from edge_agent.config_notify import notify_config_changes
 from edge_agent.discovery import Advertiser, agent_txt
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet
@@ -52,10 +53,14 @@ from runtimes.sandbox import Sandbox
 
 if TYPE_CHECKING:  # imported when a device joins a platform: paho and cryptography cost RSS
     from cloud_sync.credentials import DeviceCredentials
+    from cloud_sync.director_check import DirectorGate
+    from cloud_sync.secrets_sync import SecretsSync
     from cloud_sync.state import AgentConfig
     from cloud_sync.sync import FunctionCounters, SyncClient
     from edge_agent.deployer import Deployer
     from edge_agent.deployer_health import HealthSample
+    from edge_agent.secret_store import SecretStore
+    from edge_agent.update_security import UpdatePolicy
 
 log = logging.getLogger("edgefn.agent")
 
@@ -70,26 +75,45 @@ class Agent:
         check_policy(settings.default_routing, "--default-routing")  # refuse before any I/O
         self.metrics = Metrics()
         self.creds: DeviceCredentials | None = None
+        self._director: DirectorGate | None = None
         self._extras: dict[str, Any] = {}
         cloud_url, token, ssl_ctx = settings.cloud_url, settings.cloud_token, None
         if settings.credentials_file is not None:
             from cloud_sync import credentials
+            from cloud_sync.director_check import director_gate
             from cloud_sync.errors import CredentialsError
             from cloud_sync.sync import load_credentials_extras
 
             try:
                 self.creds = credentials.load(settings.credentials_file)
+                self._extras = load_credentials_extras(settings.credentials_file)
+                # Checks every desired document (update_security, docs/update-security.md).
+                self._director = director_gate(
+                    self.creds.device_id,
+                    str(self._extras.get("director_key") or ""),
+                    settings.data_dir,
+                    required=settings.update_security == "tuf",
+                    groups=tuple(self._extras.get("groups") or ()),
+                )
             except CredentialsError as exc:
                 raise StartupError(exc.message) from exc
-            self._extras = load_credentials_extras(settings.credentials_file)
             cloud_url = cloud_url or self.creds.platform_url
             token = token or str(self._extras.get("token") or "")
             if cloud_url.startswith("https:"):
                 ssl_ctx = self.creds.ssl_context()
         self.cloud_url = cloud_url
-        self.cloud = CloudInvoker(cloud_url, token=token, ssl=ssl_ctx) if cloud_url else None
+        self.cloud_fallback_urls = settings.cloud_fallback_urls
+        self.cloud = (
+            CloudInvoker(
+                cloud_url, token=token, ssl=ssl_ctx, fallback_urls=self.cloud_fallback_urls
+            )
+            if cloud_url
+            else None
+        )
         self.sync: SyncClient | None = None
         self.deployer: Deployer | None = None  # with --credentials: desired versions
+        self.secrets: SecretStore | None = None  # with --credentials: the device's secrets
+        self.secrets_sync: SecretsSync | None = None
         self._desired: AgentConfig | None = None
         self._profile: dict[str, Any] = {}
         self._parts: Parts | None = None
@@ -116,6 +140,19 @@ class Agent:
             if settings.advertise
             else None
         )
+
+    def _update_policy(self) -> UpdatePolicy:
+        """How the deployer's installs are verified (edge_agent.update_security): TUF or not."""
+        from edge_agent.update_security import resolve
+        from hardware.errors import EdgefnError
+
+        s = self.settings
+        https = self.creds is not None and self.cloud_url.startswith("https:")
+        ssl_ctx = self.creds.ssl_context() if self.creds is not None and https else None
+        try:
+            return resolve(s.update_security, s.data_dir, s.credentials_file, ssl_context=ssl_ctx)
+        except (ValueError, EdgefnError) as exc:
+            raise StartupError(f"update_security: {exc}") from exc
 
     def _advert_txt(self) -> dict[str, str]:
         versions = {n: f.manifest.version for n, f in self.functions.loaded.items()}
@@ -183,6 +220,7 @@ class Agent:
             state=state,
             publish=self._publish,
             config=self._function_config,
+            secret=self._secret,
         )
         return self._parts
 
@@ -204,6 +242,8 @@ class Agent:
             "cloud": self.cloud.status() if self.cloud else {"state": "off"},
             "sync": self.sync.status() if self.sync else {"state": "off"},
             "deployer": self.deployer.status() if self.deployer else {"state": "off"},
+            # Names and versions held, never values.
+            "secrets": self.secrets_sync.status() if self.secrets_sync else {"state": "off"},
         }
 
     # ---- building blocks: publish and config (edge_agent.capabilities) ----------------
@@ -236,6 +276,13 @@ class Agent:
         desired = self._desired
         fc = desired.functions.get(name) if desired is not None else None
         return fc.config if fc is not None else {}
+
+    def _secrets_changed(self) -> None:
+        if self.secrets_sync is not None:
+            self.secrets_sync.wake()
+
+    def _secret(self, name: str) -> bytes | None:
+        return self.secrets.get(name) if self.secrets is not None else None
 
     # ---- sync callbacks (cloud_sync never imports the agent) ---------------------------
 
@@ -300,7 +347,8 @@ class Agent:
 
     async def _apply_config(self, config: AgentConfig) -> None:
         """Desired config from the platform, applied live; None fields = the local default."""
-        self._desired = config
+        before, self._desired = self._desired, config
+        notify_config_changes(self.functions.loaded, before, config)
         if self.deployer is not None:
             self.deployer.desired(config)  # functions.<f>.version and deployment.rollouts
         self.router.overrides.clear()
@@ -371,6 +419,7 @@ class Agent:
                 max_headers=s.max_headers,
                 max_header_bytes=s.max_header_bytes,
             ),
+            fast_api=parts.api if s.fast_invoke else None,  # edge_agent.fastpath
             access_log=None,
             handle_signals=False,
             shutdown_timeout=s.drain_s,
@@ -434,11 +483,14 @@ class Agent:
                 apply_config=self._apply_config,
                 describe=self._describe,
                 versions=self._versions,
+                secrets_changed=self._secrets_changed,
             ),
             platform_url=self.cloud_url,
+            fallback_urls=self.cloud_fallback_urls,
             token=str(self._extras.get("token") or ""),
             groups=tuple(self._extras.get("groups") or ()),
             mqtt311=bool(self._extras.get("mqtt311")),
+            director=self._director,
         )
         sync = self.sync
         # The deployer reports through the sync client (its outbox), and the registry is the
@@ -446,16 +498,27 @@ class Agent:
         self.deployer = Deployer(
             s.data_dir,
             creds.device_id,
-            self.cloud_url,
+            (self.cloud_url, *self.cloud_fallback_urls),
             DeployerHooks(
                 report=sync.report_rollout,
                 reload=self._reload_functions,
                 sample=self._health_sample,
                 flush_metrics=sync.collect_metrics,
+                expected_digest=sync.expected_digest,
             ),
+            self._update_policy(),
         )
         await self.deployer.start()
+        await self._start_secrets(creds)
         await sync.start()
+
+    async def _start_secrets(self, creds: DeviceCredentials) -> None:
+        from edge_agent.device_secrets import open_device_secrets
+
+        token = str(self._extras.get("token") or "")
+        self.secrets, self.secrets_sync = await open_device_secrets(
+            self.settings.data_dir, creds, self.cloud_url, token
+        )
 
     async def _scan_loop(self) -> None:
         while True:
@@ -480,6 +543,8 @@ class Agent:
             await self._runner.cleanup()
         if self.deployer is not None:
             await self.deployer.close()
+        if self.secrets_sync is not None:
+            await self.secrets_sync.close()
         if self.sync is not None:
             await self.sync.close()
         if self.auth is not None:

@@ -17,10 +17,11 @@ cache hit.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -62,6 +63,30 @@ class RequestIds:
         if value and len(value) <= MAX_CLIENT_ID and _SAFE_ID.issuperset(value):
             return value
         return f"{self._prefix}-{next(self._counter):x}"  # = new(), without the extra call
+
+
+# (status, headers, body): an answer independent of the HTTP layer that writes it.
+Answer = tuple[int, list[tuple[str, str]], bytes]
+JSON_TYPE = "application/json; charset=utf-8"
+
+
+def error_answer(
+    status: int, code: str, message: str, request_id: str = "", **extra: Any
+) -> Answer:
+    """The JSON error body every API error has, as an `Answer`."""
+    body: dict[str, Any] = {"error": {"code": code, "message": message, **extra}}
+    if request_id:
+        body["error"]["request_id"] = request_id
+    headers = [("Content-Type", JSON_TYPE)]
+    if request_id:
+        headers.append(("X-Request-Id", request_id))
+    return status, headers, json.dumps(body).encode()
+
+
+def _response(answer: Answer) -> web.Response:
+    status, headers, body = answer
+    # A CIMultiDict built in one call: web.Response would convert a list into one anyway.
+    return web.Response(status=status, body=body, headers=CIMultiDict(headers))
 
 
 def error_response(
@@ -153,23 +178,59 @@ class Api:
         name = request.match_info["name"]
         length = request.content_length
         if length is not None and length > self._max_body:
-            self._metrics.observe(name, 0.0, PayloadTooLarge.code)
-            return error_response(
-                413,
-                PayloadTooLarge.code,
-                f"payload of {length} bytes exceeds the {self._max_body}-byte maximum",
-                rid,
-            )
+            return _response(self.too_large(name, rid, length))
         try:
             payload = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return error_response(
-                413,
-                PayloadTooLarge.code,
-                f"payload exceeds the {self._max_body}-byte maximum",
-                rid,
-            )
-        headers = request.headers
+            return _response(self.too_large(name, rid, None))
+        answer = await self.answer_invoke(
+            name,
+            payload,
+            request.headers,
+            # No query string: skip parsing one into a MultiDict (the key treats both alike).
+            request.query if request.query_string else (),
+            request.get(PRINCIPAL),  # None when checking is off (edge_agent.router)
+            rid,
+            started,
+        )
+        return _response(answer)
+
+    # -- the invocation itself, shared with the fast path (edge_agent.fastpath) ---------------
+
+    @property
+    def ids(self) -> RequestIds:
+        return self._ids
+
+    @property
+    def auth(self) -> Authenticator | None:
+        return self._auth
+
+    @property
+    def max_body(self) -> int:
+        return self._max_body
+
+    def too_large(self, name: str, rid: str, length: int | None) -> Answer:
+        """The 413 answer (and its metric) for a body over `max_body_bytes`."""
+        self._metrics.observe(name, 0.0, PayloadTooLarge.code)
+        size = f"of {length} bytes " if length is not None else ""
+        return error_answer(
+            413,
+            PayloadTooLarge.code,
+            f"payload {size}exceeds the {self._max_body}-byte maximum",
+            rid,
+        )
+
+    async def answer_invoke(
+        self,
+        name: str,
+        payload: bytes,
+        headers: Mapping[str, str],
+        query: Any,
+        caller: Principal | None,
+        rid: str,
+        started: float,
+    ) -> Answer:
+        """One invocation through the router: (status, headers, body), errors as JSON."""
         try:
             routed = await self._router.invoke(
                 name,
@@ -178,27 +239,26 @@ class Api:
                 trace_id=headers.get("X-Trace-Id", ""),
                 content_type=headers.get("Content-Type", ""),
                 headers=headers,
-                # No query string: skip parsing one into a MultiDict (the key treats both alike).
-                query=request.query if request.query_string else (),
+                query=query,
                 no_cache="no-cache" in headers.get("Cache-Control", ""),
-                caller=request.get(PRINCIPAL),  # None when checking is off (edge_agent.router)
+                caller=caller,
             )
         except RuntimeErrorBase as exc:
             log.info("%s failed: %s (%s)", name, exc.message, exc.code, extra={"request_id": rid})
-            return error_response(exc.status, exc.code, exc.message, rid, function=name)
+            return error_answer(exc.status, exc.code, exc.message, rid, function=name)
         result = routed.result
-        # A CIMultiDict built in one call: web.Response would convert a dict into one anyway.
-        out = CIMultiDict(
-            (
+        return (
+            200,
+            [
                 ("Content-Type", result.content_type),
                 ("X-Request-Id", rid),
                 ("X-Edgefn-Version", routed.version),
                 ("X-Edgefn-Served-By", routed.served_by),
                 ("X-Edgefn-Cache", routed.cache),
                 ("X-Edgefn-Duration-Ms", f"{(time.perf_counter() - started) * 1000:.3f}"),
-            )
+            ],
+            result.payload,
         )
-        return web.Response(body=result.payload, headers=out)
 
     async def purge_cache(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

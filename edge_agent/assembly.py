@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from cloud_sync.cloud_invoke import CloudInvoker
 from edge_agent.api import Api
 from edge_agent.auth import Authenticator
-from edge_agent.capabilities import Broker, ConfigLookup, Event, Publish
+from edge_agent.capabilities import Broker, ConfigLookup, Event, Publish, SecretLookup
+from edge_agent.dapr import DaprEndpoint
 from edge_agent.errors import StartupError
 from edge_agent.functions import FunctionSet, LoadedFunction
 from edge_agent.metrics import Metrics
@@ -123,6 +124,7 @@ def assemble(
     state: StateStore | None = None,
     publish: Publish = _no_platform,
     config: ConfigLookup = lambda name: {},
+    secret: SecretLookup = lambda name: None,
 ) -> Parts:
     """The one place the serving parts are wired: nothing is plugged in after construction.
 
@@ -152,7 +154,9 @@ def assemble(
         )
         return routed.result.payload
 
-    broker = Broker(invoke=nested_invoke, publish=publish, state=state, config=config)
+    broker = Broker(
+        invoke=nested_invoke, publish=publish, state=state, config=config, secret=secret
+    )
 
     async def version_switched(fn: LoadedFunction) -> None:
         # A new version must not answer from the old one's cached results.
@@ -166,6 +170,7 @@ def assemble(
         sandbox=sandbox,
         on_switch=version_switched,
         capabilities=broker,
+        dapr=DaprEndpoint(broker),  # listens only once a function asks for it
     )
     router = Router(
         functions,

@@ -11,6 +11,8 @@ Flow of one call (docs/building-blocks.md)::
         publish       -> the outbox (durable before the call returns; MQTT or HTTP later)
         state.*       -> the per-function SQLite store (edge_agent.state_store), bounded in bytes
         config        -> the function's `config` table from the desired state
+        secret        -> the agent's secret store (edge_agent.secret_store), read per call so a
+                         rotation is seen by the next call without restarting workers
 
 The broker is built once in `edge_agent.assembly.assemble` with what it serves through passed in
 as callables, so it imports neither the router nor cloud_sync.
@@ -75,6 +77,12 @@ class Event:
 Publish = Callable[[Event], Awaitable[None]]
 # The function's `config` table from the desired state ({} without one).
 ConfigLookup = Callable[[str], Mapping[str, Any]]
+# A secret's current value, None when this device holds no secret of that name.
+SecretLookup = Callable[[str], bytes | None]
+
+
+def _no_secrets(name: str) -> bytes | None:
+    return None
 
 
 class Broker:
@@ -87,11 +95,13 @@ class Broker:
         publish: Publish,
         state: StateStore | None,
         config: ConfigLookup,
+        secret: SecretLookup = _no_secrets,
     ) -> None:
         self._invoke = invoke
         self._publish = publish
         self._state = state
         self._config = config
+        self._secret = secret
         self._claimed: set[tuple[str, str]] = set()  # (function, version) owning its state
         self.refusals = 0
 
@@ -129,6 +139,17 @@ class Broker:
             return b""
         if op == "config":
             return json.dumps(self._config(m.name)).encode()
+        if op == "secret":
+            # The refusal is logged by `call` (function, version, request id, the secret's
+            # name); the value is never logged, granted or not.
+            if call.target not in perms.secrets:
+                raise NotPermitted(f"[permissions] secrets does not list {call.target!r}")
+            value = self._secret(call.target)
+            if value is None:
+                raise CapabilityNotFound(
+                    f"secret {call.target!r} has not been delivered to this device"
+                )
+            return value
         # state.get / state.set / state.delete
         if perms.state_max_bytes <= 0:
             raise NotPermitted("[permissions] grants no state store")

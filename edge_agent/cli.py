@@ -21,26 +21,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from cloud_sync.http_client import HttpClientError, SyncHttpClient
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_STARTUP = 4
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"edge-agent: {message}", file=sys.stderr)
-    return code
-
-
-def _add_data_dir(p: argparse.ArgumentParser) -> None:
-    from edge_agent.settings import default_data_dir
-
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(os.environ.get("EDGEFN_DATA_DIR", default_data_dir())),
-        help="agent data directory (default: $EDGEFN_DATA_DIR or ~/.local/share/edgefn)",
-    )
+from edge_agent.cli_common import (
+    EXIT_ERROR,
+    EXIT_STARTUP,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
+from edge_agent.cli_common import add_data_dir as _add_data_dir
+from edge_agent.cli_common import fail as _fail
+from edge_agent.cli_fn import add_bundle_commands, cmd_fn, cmd_trust
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     fns.add_argument("--json", action="store_true")
     _add_client_auth(fns)
     _add_data_dir(fns)
-    _add_bundle_commands(sub)
+    add_bundle_commands(sub)
     return parser
 
 
@@ -120,27 +109,6 @@ def _agent_url(args: argparse.Namespace) -> str:
         return str(json.loads(state.read_bytes())["url"])
     except (OSError, ValueError, KeyError, TypeError):  # a damaged agent.json: the default
         return "http://127.0.0.1:8680"
-
-
-def _not_running(data_dir: Path) -> dict[str, str]:
-    """What the agent running on `data_dir` does not run, with why ({} when none runs).
-
-    Installed is not serving: a full worker budget or a load failure must show in `fn list`.
-    Only the agent of this data dir (its agent.json) is asked, briefly; a stale file is no agent.
-    """
-    from cloud_sync.http_client import Endpoint, HttpClientError, SyncHttpClient
-
-    try:
-        url = str(json.loads((data_dir / "agent.json").read_text())["url"])
-        client = SyncHttpClient(Endpoint(url, timeout_s=2.0, name="the agent"))
-        items = client.call("GET", "/v1/functions")[1]["functions"]
-        return {
-            str(f["name"]): f"{f['status'].get('state') or f['status']['health']}: {f['error']}"
-            for f in items
-            if f.get("error") and f.get("status", {}).get("health") in ("waiting", "failed")
-        }
-    except (OSError, ValueError, KeyError, TypeError, HttpClientError):
-        return {}
 
 
 def _client(args: argparse.Namespace, timeout_s: float) -> SyncHttpClient:
@@ -324,126 +292,6 @@ def _run_loop(coro: Any) -> None:
 
 
 # ---- signed bundles: fn install|list|rollback, trust add|list|remove (edge_agent/install.py) ----
-
-
-def _add_bundle_commands(sub: Any) -> None:
-    from runtimes.bundle import DEFAULT_MAX_BUNDLE_BYTES
-    from runtimes.unpack import DEFAULT_LIMITS
-
-    fn = sub.add_parser("fn", help="install, list and roll back signed function bundles")
-    fn_sub = fn.add_subparsers(dest="fn_command", required=True)
-    ins = fn_sub.add_parser("install", help="install a bundle file or NAME@VERSION from --cloud")
-    ins.add_argument("source", help="a bundle file (.efb), or NAME@VERSION / NAME with --cloud")
-    ins.add_argument("--cloud", help="registry URL to fetch NAME@VERSION from")
-    ins.add_argument("--force-downgrade", action="store_true", help="allow an older version")
-    ins.add_argument("--max-bundle-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)
-    ins.add_argument("--max-unpacked-bytes", type=int, default=DEFAULT_LIMITS.max_total_bytes)
-    _add_data_dir(ins)
-    lst = fn_sub.add_parser("list", help="installed functions and versions")
-    lst.add_argument("--json", action="store_true")
-    _add_data_dir(lst)
-    rb = fn_sub.add_parser("rollback", help="switch back to the previously active version")
-    rb.add_argument("name")
-    rb.add_argument("--to", metavar="VERSION", help="an installed version (default: previous)")
-    _add_data_dir(rb)
-
-    trust = sub.add_parser("trust", help="publisher keys this device accepts bundles from")
-    trust_sub = trust.add_subparsers(dest="trust_command", required=True)
-    add = trust_sub.add_parser("add", help="trust a publisher's public key (PEM .pub file)")
-    add.add_argument("pubfile", type=Path)
-    _add_data_dir(add)
-    tl = trust_sub.add_parser("list", help="list trusted keys")
-    _add_data_dir(tl)
-    rm = trust_sub.add_parser("remove", help="stop trusting a key")
-    rm.add_argument("key_id")
-    _add_data_dir(rm)
-
-
-def _refused(what: str, exc: Any) -> int:
-    """One line on stderr: what was refused, the stable code and the reason."""
-    from cloud_sync.registry_client import RegistryUnreachable
-
-    message = " ".join(str(exc.message).split())
-    code = EXIT_UNREACHABLE if isinstance(exc, RegistryUnreachable) else EXIT_ERROR
-    return _fail(f"{what} refused ({exc.code}): {message}", code)
-
-
-def cmd_fn(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from edge_agent import install
-    from hardware.errors import EdgefnError
-    from runtimes.unpack import DEFAULT_LIMITS
-
-    if args.fn_command == "list":
-        items = install.list_installed(args.data_dir)
-        idle = _not_running(args.data_dir)
-        if args.json:
-            rows = [{**dataclasses.asdict(i), "not_running": idle.get(i.name)} for i in items]
-            print(json.dumps(rows, indent=2))
-            return 0
-        for item in items:
-            if item.name in idle:
-                print(f"{item.name:<24} (installed, not running: {idle[item.name]})")
-            if item.development:
-                print(f"{item.name:<24} (development copy, unsigned)")
-                continue
-            for v in item.versions:
-                mark = "*" if v.active else " "
-                print(f"{item.name:<24} {mark} {v.version:<12} {v.arch:<16} {v.digest[:16]}")
-            if not item.versions:
-                print(f"{item.name:<24}   (no complete version)")
-        return 0
-    opts = install.InstallOptions(
-        data_dir=args.data_dir.resolve(),
-        force_downgrade=getattr(args, "force_downgrade", False),
-        say=lambda line: print(line, flush=True),
-    )
-    try:
-        if args.fn_command == "rollback":
-            result = install.rollback(args.name, opts, to=args.to)
-            print(f"rolled back {result.name} {result.previous} -> {result.version}")
-            return 0
-        if args.max_bundle_bytes <= 0 or args.max_unpacked_bytes <= 0:
-            return _fail("--max-bundle-bytes and --max-unpacked-bytes must be positive", EXIT_USAGE)
-        opts = dataclasses.replace(
-            opts,
-            max_bundle_bytes=args.max_bundle_bytes,
-            limits=dataclasses.replace(DEFAULT_LIMITS, max_total_bytes=args.max_unpacked_bytes),
-        )
-        if args.cloud:
-            name, _, version = args.source.partition("@")
-            result = install.install_from_registry(args.cloud, name, version or None, opts)
-        elif "@" in args.source and not Path(args.source).exists():
-            return _fail(f"{args.source}: to install NAME@VERSION pass --cloud URL", EXIT_USAGE)
-        else:
-            result = install.install_file(Path(args.source), opts)
-    except EdgefnError as exc:
-        return _refused("rollback" if args.fn_command == "rollback" else "install", exc)
-    if result.outcome == "already_installed":
-        print(f"{result.name} {result.version} is already installed and active")
-    else:
-        was = f" (was {result.previous})" if result.previous else ""
-        print(f"installed {result.name} {result.version} for {result.arch}{was}; active")
-    return 0
-
-
-def cmd_trust(args: argparse.Namespace) -> int:
-    from edge_agent import trust
-    from hardware.errors import EdgefnError
-
-    try:
-        if args.trust_command == "add":
-            key, new = trust.add_key(args.data_dir, args.pubfile)
-            print(f"{'trusted' if new else 'already trusted'}: {key.key_id} ({key.path})")
-        elif args.trust_command == "remove":
-            print(f"removed {trust.remove_key(args.data_dir, args.key_id)}")
-        else:
-            for key in trust.list_keys(args.data_dir):
-                print(f"{key.key_id}  {key.path}")
-    except EdgefnError as exc:
-        return _refused(f"trust {args.trust_command}", exc)
-    return 0
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:

@@ -88,6 +88,11 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--log-format", choices=("text", "json"))
     run.add_argument("--log-level", choices=config_file.LOG_LEVELS)
     run.add_argument(
+        "--update-security",
+        choices=("tuf", "signatures"),
+        help="verify registry installs with TUF metadata, or bundle signatures only",
+    )
+    run.add_argument(
         "--require-signed",
         action=argparse.BooleanOptionalAction,
         help="refuse unsigned development functions",
@@ -102,7 +107,11 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--scan-interval", type=float, help=argparse.SUPPRESS)
     run.add_argument("--drain", type=float, help="seconds in-flight requests get on SIGTERM")
     run.add_argument("--cache-max-bytes", type=int, help="result cache bound")
-    run.add_argument("--cloud", help="central platform URL (cloud routing, sync)")
+    run.add_argument(
+        "--cloud",
+        action="append",
+        help="central platform URL (cloud routing, sync); repeat for its replicas (failover)",
+    )
     run.add_argument(
         "--cloud-token", help="device token for the platform (default: $EDGEFN_CLOUD_TOKEN)"
     )
@@ -152,6 +161,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                 raise StartupError(f"--label takes KEY=VALUE, not {item!r}")
             labels[key] = value
         values["labels"] = tuple(labels.items())
+    _split_cloud_urls(values)
     data_dir = Path(values.pop("data_dir", None) or default_data_dir()).resolve()
     for name in ("credentials_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         if values.get(name) is not None:
@@ -162,6 +172,20 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     settings = Settings(data_dir=data_dir, config_file=path, **values)
     settings.check()
     return settings
+
+
+def _split_cloud_urls(values: dict[str, Any]) -> None:
+    """`--cloud A --cloud B` / `cloud.url = [A, B]`: A is `cloud_url`, the rest its fallbacks."""
+    urls = values.get("cloud_url")
+    if not isinstance(urls, list | tuple):
+        return
+    urls = [u.rstrip("/") for u in urls if u]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise StartupError(f"cloud URL must be http(s)://..., not {url!r}")
+    unique = list(dict.fromkeys(urls))  # each once, in the order given
+    values["cloud_url"] = unique[0] if unique else ""
+    values["cloud_fallback_urls"] = tuple(unique[1:])
 
 
 def _enrolled_tls(values: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ class Key:
     """One config key: the Settings field it sets and the kind of value it takes."""
 
     field: str
-    kind: str  # int | float | str | bool | path | labels | names
+    kind: str  # int | float | str | bool | path | labels | names | urls
     choices: tuple[str, ...] = ()
 
 
@@ -47,6 +47,7 @@ KEYS: dict[str, Key] = {
     "log_format": Key("log_format", "str", ("text", "json")),
     "log_level": Key("log_level", "str", LOG_LEVELS),
     "require_signed": Key("require_signed", "bool"),
+    "update_security": Key("update_security", "str", ("tuf", "signatures")),
     "scan_interval_s": Key("scan_interval_s", "float"),
     "drain_s": Key("drain_s", "float"),
     "worker_user": Key("worker_user", "str"),
@@ -59,6 +60,7 @@ KEYS: dict[str, Key] = {
     "limits.idle_timeout_s": Key("idle_timeout_s", "float"),
     "limits.max_headers": Key("max_headers", "int"),
     "limits.max_header_bytes": Key("max_header_bytes", "int"),
+    "limits.fast_invoke": Key("fast_invoke", "bool"),
     "limits.token_concurrency": Key("token_concurrency", "int"),
     "tls.auto": Key("tls_auto", "bool"),  # resolved by cli_run, not a Settings field
     "tls.cert_file": Key("tls_cert_file", "path"),
@@ -66,7 +68,9 @@ KEYS: dict[str, Key] = {
     "tls.client_ca_file": Key("tls_client_ca_file", "path"),
     "budget.memory_mb": Key("budget_memory_mb", "int"),
     "budget.workers": Key("budget_workers", "int"),
-    "cloud.url": Key("cloud_url", "str"),
+    # One URL, or an array of the platform's replicas' URLs (the first is tried first).
+    "cloud.url": Key("cloud_url", "urls"),
+    "cloud.urls": Key("cloud_url", "urls"),
     "cloud.default_routing": Key("default_routing", "str", ROUTING_CHOICES),
     "cloud.credentials_file": Key("credentials_file", "path"),
     "cloud.fallback_after_s": Key("fallback_after_s", "float"),
@@ -152,6 +156,12 @@ def _convert(key: Key, value: Any, path: Path) -> Any:
             # Relative paths are relative to the file, not to wherever the agent was started.
             return (path.parent / value).resolve() if value else None
         return value
+    if kind == "urls":
+        if isinstance(value, str):
+            return value  # one URL (the agent's `--cloud` splits an array into fallbacks)
+        if not isinstance(value, list) or not value or not all(isinstance(u, str) for u in value):
+            raise ValueError("expected a URL or a non-empty array of URLs")
+        return tuple(value)
     if kind == "names":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ValueError("expected an array of interface names")

@@ -60,6 +60,7 @@ from edge_agent.deployer_install import (
     read_active_version,
 )
 from edge_agent.deployer_state import MAX_ATTEMPTS, DeployerState, want_key
+from edge_agent.update_security import UpdatePolicy
 from runtimes.manifest import semver_key
 
 log = logging.getLogger("edgefn.deployer")
@@ -79,15 +80,25 @@ class DeployerHooks:
     reload: Callable[[], Awaitable[None]]  # load what is active on disk now
     sample: Callable[[str], HealthSample]
     flush_metrics: Callable[[], Coroutine[Any, Any, None]] | None = None  # close the interval
+    # (function, version) -> the bundle sha256 the director's signed instruction names, for the
+    # TUF check of the download (the target must be this bundle); None: not named.
+    expected_digest: Callable[[str, str], str | None] | None = None
 
 
 class Deployer:
     """`await start()`, then `desired(config)` for every applied config; `await close()`."""
 
     def __init__(
-        self, data_dir: Path, device_id: str, registry_url: str, hooks: DeployerHooks
+        self,
+        data_dir: Path,
+        device_id: str,
+        registry_url: str | tuple[str, ...],  # several: the platform's replicas, in order
+        hooks: DeployerHooks,
+        security: UpdatePolicy | None = None,
     ) -> None:
         self.data_dir = data_dir
+        # Every install the deployer makes goes through the device's update security (TUF).
+        self.security = security or UpdatePolicy()
         self.device_id = device_id
         self.registry_url = registry_url
         self.hooks = hooks
@@ -322,9 +333,13 @@ class Deployer:
                     log.warning("deployer: metrics interval not closed at the switch: %s", exc)
 
         await self._report(want, DeviceState.DOWNLOADING, None, previous, started)
+        # The director's instruction names the bundle's digest: TUF's target must be that one.
+        hook = self.hooks.expected_digest
+        digest = hook(name, want.version) if hook is not None else None
         outcome = await asyncio.to_thread(
             install_version, self.data_dir, self.registry_url, name, want.version,
-            rollback=want.rollback, progress=progress,
+            rollback=want.rollback, progress=progress, security=self.security,
+            expected_digest=digest,
         )  # fmt: skip
         for fut in pending:
             await asyncio.wrap_future(fut)

@@ -27,6 +27,7 @@ from edge_agent.install import InstallOptions, install_from_registry, rollback
 from edge_agent.install_faults import InstallFaults, Step
 from edge_agent.staging import function_lock
 from edge_agent.store import read_active
+from edge_agent.update_security import UpdatePolicy
 from hardware.errors import EdgefnError
 from runtimes.fsio import fsync_dir
 
@@ -51,12 +52,18 @@ _REJECT_ALIASES = {
     "truncated": "bad_bundle",
     "missing_toolchain": "no_runtime",
 }
+# TUF refusals (runtimes.tuf_verify.CODES) report as "signature": the registry's signed
+# metadata did not vouch for the bundle; the message keeps the precise tuf_* code.
+_TUF_REJECT = "signature"
 _FAILURE_ALIASES = {
     "warm_failed": "warm_failed",
     "registry_unreachable": "download_failed",
     "registry_error": "download_failed",
     "registry_garbage": "download_failed",
     "download_interrupted": "download_failed",
+    "download_overrun": "download_failed",
+    "tuf_unreachable": "download_failed",
+    "tuf_cache": "install_failed",
 }
 
 
@@ -76,6 +83,11 @@ def classify(exc: Exception) -> InstallOutcome:
         return InstallOutcome(False, DeviceState.REJECTED, raw, message)
     if raw in _REJECT_ALIASES:
         return InstallOutcome(False, DeviceState.REJECTED, _REJECT_ALIASES[raw], message)
+    if raw.startswith("tuf_"):
+        from runtimes.tuf_verify import FAILURE_CODES as TUF_FAILURES  # python-tuf: imported late
+
+        if raw not in TUF_FAILURES:
+            return InstallOutcome(False, DeviceState.REJECTED, _TUF_REJECT, f"{message} ({raw})")
     return InstallOutcome(
         False, DeviceState.FAILED, _FAILURE_ALIASES.get(raw, "install_failed"), message
     )
@@ -92,25 +104,38 @@ class _Progress(InstallFaults):
         super(_Progress, self).at(step, data_dir)
 
 
-def _options(data_dir: Path, progress: Callable[[str], None], *, downgrade: bool) -> InstallOptions:
+def _options(
+    data_dir: Path,
+    progress: Callable[[str], None],
+    *,
+    downgrade: bool,
+    security: UpdatePolicy | None = None,
+) -> InstallOptions:
     env = InstallFaults.from_env()
     faults = _Progress(env.pause_at, env.marker, report=progress)
-    return InstallOptions(data_dir=data_dir, force_downgrade=downgrade, faults=faults)
+    return InstallOptions(
+        data_dir=data_dir,
+        force_downgrade=downgrade,
+        faults=faults,
+        security=security or UpdatePolicy(),
+    )
 
 
 def install_version(
     data_dir: Path,
-    registry_url: str,
+    registry_url: str | tuple[str, ...],
     name: str,
     version: str,
     *,
     rollback: bool,
     progress: Callable[[str], None],
+    security: UpdatePolicy | None = None,
+    expected_digest: str | None = None,
 ) -> InstallOutcome:
     """Run the install path for `name@version`; never raises for an install that failed."""
-    opts = _options(data_dir, progress, downgrade=rollback)
+    opts = _options(data_dir, progress, downgrade=rollback, security=security)
     try:
-        install_from_registry(registry_url, name, version, opts)
+        install_from_registry(registry_url, name, version, opts, expected_digest=expected_digest)
     except Exception as exc:  # every refusal becomes a report, never a crash of the deployer
         return classify(exc)
     return InstallOutcome(True)

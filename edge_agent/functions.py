@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.cache_policy import CachePolicy, parse_cache_policy
+from edge_agent.dapr import DaprEndpoint, dapr_enabled
 from edge_agent.routing import RoutingPolicy, parse_routing
 from edge_agent.store import FunctionSource, LoadProblem, scan
 from runtimes.capabilities import CapabilityHandler
-from runtimes.errors import Overloaded, RuntimeErrorBase
+from runtimes.errors import Overloaded, RuntimeErrorBase, Unavailable
 from runtimes.invocation import Executor
 from runtimes.launchers import make_executor
 from runtimes.manifest import Manifest
@@ -43,6 +44,7 @@ class LoadedFunction:
     cache_policy: CachePolicy = field(default_factory=CachePolicy)
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     loaded_at: float = field(default_factory=time.time)
+    dapr_token: str = ""  # this start's Dapr endpoint token ("": no `[dapr]`)
 
     @property
     def manifest(self) -> Manifest:
@@ -58,8 +60,10 @@ class FunctionSet:
         sandbox: Sandbox | None,
         on_switch: Callable[[LoadedFunction], Awaitable[None]] | None = None,
         capabilities: CapabilityHandler | None = None,
+        dapr: DaprEndpoint | None = None,
     ) -> None:
         self._on_switch = on_switch
+        self._dapr = dapr  # the Dapr-compatible endpoint for functions with `[dapr]`
         # Answers the building-block calls of every worker this set starts (the broker).
         self._capabilities = capabilities
         self._dir = functions_dir
@@ -129,10 +133,19 @@ class FunctionSet:
             where = str(source.directory / "edgefn.toml")
             policy = parse_cache_policy(manifest.extra.get("cache"), where)
             routing = parse_routing(manifest.extra.get("routing"), where)
-            executor = make_executor(
-                manifest, source.directory, sandbox=self._sandbox, capabilities=self._capabilities
-            )
-            await executor.start()
+            token, dapr_env = await self._dapr_env(manifest)
+            try:
+                executor = make_executor(
+                    manifest,
+                    source.directory,
+                    sandbox=self._sandbox,
+                    extra_env=dapr_env,
+                    capabilities=self._capabilities,
+                )
+                await executor.start()
+            except BaseException:
+                self._revoke(token)
+                raise
         except Overloaded as exc:
             # Only the worker budget refuses a start (no request is queued yet): installed,
             # not running, and retried at every scan (not pinned by fingerprint like a fault).
@@ -150,18 +163,33 @@ class FunctionSet:
             return _CandidateProblem(
                 manifest.name, source.directory, exc.message, fingerprint=source.fingerprint
             )
-        return LoadedFunction(source, executor, policy, routing)
+        return LoadedFunction(source, executor, policy, routing, dapr_token=token)
+
+    async def _dapr_env(self, manifest: Manifest) -> tuple[str, dict[str, str] | None]:
+        """(token, what its workers' environment gains) for a `[dapr]` function, else ("", None)."""
+        if not dapr_enabled(manifest):
+            return "", None
+        if self._dapr is None:
+            raise Unavailable(f"{manifest.name}: this agent offers no Dapr-compatible endpoint")
+        return await self._dapr.grant(manifest)
+
+    def _revoke(self, token: str) -> None:
+        if token and self._dapr is not None:
+            self._dapr.revoke(token)
 
     def _retire(self, fn: LoadedFunction) -> None:
         task = asyncio.create_task(fn.executor.close(SWAP_DRAIN_S))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        task.add_done_callback(lambda _: self._revoke(fn.dapr_token))
 
     async def close(self, drain_s: float) -> None:
         loaded, self.loaded = list(self.loaded.values()), {}
         await asyncio.gather(*(f.executor.close(drain_s) for f in loaded), return_exceptions=True)
         for task in list(self._retiring):
             task.cancel()
+        if self._dapr is not None:
+            await self._dapr.close()
 
     def not_running(self) -> dict[str, str]:
         """Functions installed on disk that do not run now, with the reason (for reports)."""

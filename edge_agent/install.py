@@ -6,10 +6,12 @@ The install path, in order (each step named as `edge_agent.install_faults.STEPS`
    an interrupted attempt left, never more than the size cap, and the file's sha256 checked
    against the registry's digest (`cloud_sync.registry_client`). A local bundle file is copied
    into staging with the same cap, so what is verified cannot change underneath us.
-2. **verify**: signature against the keys in `DATA_DIR/trust/` and every payload digest
-   (`runtimes.verify`), the name/version asked for, an artifact for this device's arch
-   (`hardware.profile`), and the version order: only forward, unless `force_downgrade` or a
-   rollback says otherwise (the same version with the same digest is "already installed").
+2. **verify**: with `update_security = "tuf"` first the bundle's length and sha256 against
+   the refreshed TUF targets metadata (`edge_agent.tuf_install`); then the signature against
+   the keys in `DATA_DIR/trust/` and every payload digest (`runtimes.verify`), the
+   name/version asked for, an artifact for this device's arch (`hardware.profile`), and the
+   version order: only forward, unless `force_downgrade` or a rollback says otherwise (the
+   same version with the same digest is "already installed").
    Nothing has been unpacked or parsed beyond the signed manifest yet. The checks that need
    only the name, version and digest (already installed, version order, a development copy in
    the way) run once, before the download; a version still unpacked on disk from the same
@@ -58,6 +60,7 @@ from edge_agent.staging import (
     staged_copy,
     sweep,
 )
+from edge_agent.update_security import UpdatePolicy
 from edge_agent.versions import (
     ARCH_ANY,
     KEEP_PREVIOUS,
@@ -113,6 +116,8 @@ class InstallOptions:
     # The fault-injection seam (edge_agent.install_faults): by default from the environment,
     # read once, here; tests in the same process pass their own.
     faults: InstallFaults = field(default_factory=InstallFaults.from_env)
+    # Which trust model registry installs use (edge_agent.update_security); files: signatures.
+    security: UpdatePolicy = field(default_factory=UpdatePolicy)
 
     @property
     def functions_dir(self) -> Path:
@@ -169,14 +174,28 @@ def install_file(src: Path, opts: InstallOptions) -> InstallResult:
 
 
 def install_from_registry(
-    url: str, name: str, version: str | None, opts: InstallOptions
+    url: str | tuple[str, ...],
+    name: str,
+    version: str | None,
+    opts: InstallOptions,
+    *,
+    expected_digest: str | None = None,
 ) -> InstallResult:
-    """Install `name@version` (None: the latest) from the registry at `url`."""
+    """Install `name@version` (None: the latest) from the registry at `url` (several URLs:
+    the platform's replicas, the next tried when one fails).
+
+    `expected_digest`: the sha256 a fleet instruction names; the bundle must be exactly that.
+    With `opts.security.tuf` the length and sha256 come from the refreshed TUF targets metadata
+    (`edge_agent.tuf_install`), not from the registry's version document.
+    """
     from cloud_sync.registry_client import RegistryClient
+    from edge_agent.tuf_install import download_refusals, what_to_download
 
     verifier = _load_verifier(opts)  # no trusted key: refuse before downloading anything
-    client = RegistryClient(url)
-    info = client.resolve(name, version)
+    urls = (url,) if isinstance(url, str) else url
+    client = RegistryClient(urls[0], fallback_urls=urls[1:])
+    # What to download and how to verify it: from TUF metadata, or the registry's word.
+    info, verifier = what_to_download(client, name, version, verifier, opts, expected_digest)
     target = _Target(name, info.version, info.digest)
     with function_lock(opts.staging_dir, name, opts.tell):
         done = _precheck(opts, target)
@@ -205,7 +224,8 @@ def install_from_registry(
                     opts.reached("download")
 
             # DownloadInterrupted keeps the part: the next attempt resumes it.
-            client.download(info, part, max_bytes=opts.max_bundle_bytes, progress=progress)
+            with download_refusals(part, info, tuf=opts.security.tuf):
+                client.download(info, part, max_bytes=opts.max_bundle_bytes, progress=progress)
             downloaded = True
             return _verify(verifier, part, opts, expect_name=name, expect_version=info.version)
 

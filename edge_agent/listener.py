@@ -22,6 +22,11 @@ aiohttp parses requests; this module only bounds what a connection may hold:
 The body limit (413) is the API's own (`max_body_bytes`), and the per-token concurrency limit
 (429) sits with the token check in `edge_agent.auth`.
 
+With `fast_api`, every connection starts on `edge_agent.fastpath.FastProtocol`, which serves
+`POST /v1/functions/{name}/invoke` itself under the same limits (it is admitted, timed and
+evicted like a `LimitedHandler`) and hands any other request's connection to a
+`LimitedHandler`.
+
 The hook into aiohttp is `LimitedAppRunner`: an `AppRunner` whose server hands out
 `LimitedHandler`s (an aiohttp `RequestHandler` subclass). It overrides the runner's
 `_make_server`, aiohttp's one place to choose the protocol factory.
@@ -39,7 +44,8 @@ from typing import Any
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from edge_agent.api import JsonErrorHandler
+from edge_agent.api import Api, JsonErrorHandler
+from edge_agent.fastpath import FastProtocol
 
 log = logging.getLogger("edgefn.listener")
 
@@ -197,10 +203,15 @@ def _peer(handler: web_protocol.RequestHandler) -> str:
 class LimitedServer(web.Server):
     """aiohttp's Server, handing out LimitedHandlers and counting them."""
 
-    def __init__(self, *args: Any, limits: ListenerLimits, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, limits: ListenerLimits, fast_api: Api | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
-        self._open: dict[LimitedHandler, None] = {}  # insertion order = age
+        self.fast_api = fast_api  # edge_agent.fastpath serves its invoke route
+        self.busy_answer = _BUSY
+        # LimitedHandlers and FastProtocols; insertion order = age.
+        self._open: dict[Any, None] = {}
         factory = self.request_factory
 
         def request_factory(message: Any, payload: Any, protocol: Any, *rest: Any) -> Any:
@@ -210,7 +221,13 @@ class LimitedServer(web.Server):
 
         self.request_factory = request_factory
 
-    def __call__(self) -> LimitedHandler:
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        """The protocol of a new connection: the fast invoke path in front when it is on."""
+        if self.fast_api is not None:
+            return FastProtocol(self, self.fast_api)
+        return self.make_handler()
+
+    def make_handler(self) -> LimitedHandler:
         kwargs = dict(self._kwargs)
         kwargs.setdefault("max_headers", self.limits.max_headers)
         kwargs.setdefault("max_field_size", self.limits.max_header_bytes)
@@ -221,31 +238,35 @@ class LimitedServer(web.Server):
         handler._limited_server = self
         return handler
 
-    def admit(self, handler: LimitedHandler) -> bool:
+    def admit(self, handler: Any) -> bool:
         if len(self._open) >= self.limits.max_connections:
             idle = next((h for h in self._open if h.waiting_for_headers), None)
             if idle is None:
-                log.warning(
-                    "refusing a connection from %s: %d connections open",
-                    _peer(handler),
-                    len(self._open),
-                )
+                log.warning("refusing a connection: %d connections open", len(self._open))
                 return False
             self._open.pop(idle)
             idle.evict()
         self._open[handler] = None
         return True
 
-    def release(self, handler: LimitedHandler) -> None:
+    def release(self, handler: Any) -> None:
         self._open.pop(handler, None)
 
 
 class LimitedAppRunner(web.AppRunner):
     """An AppRunner whose server is a LimitedServer (see the module docstring)."""
 
-    def __init__(self, app: web.Application, *, limits: ListenerLimits, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        limits: ListenerLimits,
+        fast_api: Api | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, **kwargs)
         self._limits = limits
+        self._fast_api = fast_api
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # runs the app's startup, freezes it
@@ -255,5 +276,6 @@ class LimitedAppRunner(web.AppRunner):
             handler_cancellation=plain.handler_cancellation,
             loop=asyncio.get_running_loop(),
             limits=self._limits,
+            fast_api=self._fast_api,
             **plain._kwargs,
         )

@@ -58,6 +58,9 @@ class Settings:
     cache_max_bytes: int = 64 * 1024 * 1024
     # The central platform, for cloud routing (and, with credentials, sync).
     cloud_url: str = ""
+    # More URLs of the same platform (its replicas): tried in order when the current one is
+    # unreachable or answers 502-504; the one that answers is kept (cloud_sync.http_failover).
+    cloud_fallback_urls: tuple[str, ...] = ()
     cloud_token: str = ""
     default_routing: str = "local"  # policy for functions not installed here
     # Sync with the platform (cloud_sync.sync): the enrolment credentials file turns it on.
@@ -78,9 +81,16 @@ class Settings:
     idle_timeout_s: float = 15.0  # keep-alive connections idle this long are closed
     max_headers: int = 64
     max_header_bytes: int = 8190  # per header line (aiohttp's default)
+    fast_invoke: bool = True  # the invoke route on edge_agent.fastpath (off: all on aiohttp)
     token_concurrency: int = 32  # 0: no limit
     # Interfaces to advertise the API on with zeroconf (edge_agent.discovery); empty: off.
     advertise: tuple[str, ...] = ()
+    # How installs from the registry are verified (edge_agent.update_security): "tuf" or
+    # "signatures"; None (library/dev default) decides by the device's pinned TUF root.
+    # The packaged config file says "tuf". "tuf" also requires desired state signed by the
+    # director (the credentials must carry its key); credentials that carry a director key are
+    # always enforced, whatever this says (docs/update-security.md).
+    update_security: str | None = None
     # The config file these settings were read from, if any (for messages).
     config_file: Path | None = None
 

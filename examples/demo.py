@@ -2,9 +2,11 @@
 
 1. starts the central platform (`edge-cloud serve`, with its embedded MQTT broker) on loopback;
 2. creates a publisher key, builds and signs the example functions (Node, Go, C++ twice: once
-   isolated, once in-process) and publishes them to the platform's registry;
-3. enrolls a device and trusts the publisher key on it;
-4. installs every function on the device from the registry (signature checked, warmed);
+   isolated, once in-process) and publishes them to the platform's registry, which is a TUF
+   repository (`edge-cloud tuf init`; the key is the functions' delegated publisher);
+3. enrolls a device (its credentials pin the TUF root) and trusts the publisher key on it;
+4. installs every function on the device from the registry, verified through TUF metadata
+   and the bundle signature (docs/update-security.md), and warmed;
 5. runs the agent in the foreground, joined to the platform (config, metrics over MQTT), and
    rolls version 1.1.0 of eta-node out to it and to three simulated devices in two waves
    (`demo_rollout`; the simulated devices are revoked afterwards).
@@ -141,6 +143,12 @@ def setup(url: str, demo: Path = DEMO) -> list[str]:
             sources.append(src)
             if example.name == "route-cpp":
                 sources.append(inproc_variant(src, demo))
+    # The registry's TUF repository (docs/update-security.md): made once, and the demo key may
+    # publish the demo's functions; `fn publish --key` then signs the key's TUF role.
+    run("cloud_sync.platform.cli", "tuf", "init", "--data-dir", cloud, "--exist-ok")
+    functions = ",".join(src.name for src in sources)
+    tuf_add = ("tuf", "add-publisher", "--data-dir", cloud, "--key", f"{key}.pub")
+    run("cloud_sync.platform.cli", *tuf_add, "--functions", functions)
     names = []
     for src in sources:
         print(f"building, signing and publishing {src.name} ...", flush=True)
@@ -155,6 +163,8 @@ def setup(url: str, demo: Path = DEMO) -> list[str]:
             url,
             "--data-dir",
             cloud,
+            "--key",
+            key,
         )
         names.append(src.name)
 
@@ -171,10 +181,30 @@ def setup(url: str, demo: Path = DEMO) -> list[str]:
             cloud,
         )
         run("edge_agent", "trust", "add", f"{key}.pub", "--data-dir", device)
+    _pin_tuf_root(creds, cloud)
     for name in names:
-        print(f"installing {name} on the device from the registry ...", flush=True)
-        run("edge_agent", "fn", "install", name, "--cloud", url, "--data-dir", device)
+        print(f"installing {name} on the device from the registry (TUF) ...", flush=True)
+        run("edge_agent", "fn", "install", name, "--cloud", url, "--data-dir", device,
+            "--credentials", creds, "--update-security", "tuf")  # fmt: skip
     return names
+
+
+def _pin_tuf_root(creds: Path, cloud: Path) -> None:
+    """A `.demo/` enrolled before the registry had TUF: pin its root now, as enrolment would.
+
+    The demo's operator owns both sides, so copying the platform's root.json is the same trust
+    decision `edge-cloud device enroll` makes for a new device."""
+    doc = json.loads(creds.read_text())
+    if "tuf_root" in doc:
+        return
+    roots = sorted(
+        (cloud / "tuf" / "metadata").glob("*.root.json"), key=lambda p: int(p.name.split(".")[0])
+    )
+    doc["tuf_root"] = json.loads(roots[-1].read_bytes())
+    tmp = creds.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, creds)
 
 
 def run_agent(platform: subprocess.Popen[bytes], names: list[str]) -> int:

@@ -20,7 +20,7 @@ from typing import Literal, Protocol, get_args
 from runtimes.errors import RuntimeErrorBase
 from runtimes.manifest import Manifest
 
-Op = Literal["invoke", "publish", "state.get", "state.set", "state.delete", "config"]
+Op = Literal["invoke", "publish", "state.get", "state.set", "state.delete", "config", "secret"]
 OPS: frozenset[str] = frozenset(get_args(Op))
 
 
@@ -87,7 +87,7 @@ class CapabilityCall:
     """One call a function made while serving `request_id`."""
 
     op: Op
-    target: str  # function name, topic or state key; "" for config
+    target: str  # function name, topic, state key or secret name; "" for config
     payload: bytes
     request_id: str  # the caller's X-Request-Id: refusals are logged with it
     deadline_s: float  # seconds the caller's invocation has left when the call arrived

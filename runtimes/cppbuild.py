@@ -45,7 +45,7 @@ CXXFLAGS: tuple[str, ...] = (
     "-std=c++17",
     "-pthread",
 )
-EXPORTED_SYMBOLS: tuple[str, ...] = ("edgefn_abi_version", "edgefn_invoke")
+EXPORTED_SYMBOLS: tuple[str, ...] = ("edgefn_abi_version", "edgefn_invoke", "edgefn_config_changed")
 SOURCE_SUFFIXES = (".cpp", ".cc")
 # One translation unit of a small function compiles in seconds; minutes means a runaway template
 # or a stuck toolchain, and the caller deserves an error instead of a hang.

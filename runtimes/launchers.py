@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from runtimes.capabilities import CapabilityHandler
@@ -73,12 +74,16 @@ def make_executor(
     sandbox: Sandbox | None = None,
     base_env: dict[str, str] | None = None,
     capabilities: CapabilityHandler | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Executor:
-    """Build (not start) the executor that runs this function."""
+    """Build (not start) the executor that runs this function.
+
+    `extra_env` reaches the workers past the environment allow-list (the agent's own
+    per-function values, e.g. the Dapr endpoint's port and token)."""
     if manifest.runtime == "cpp" and manifest.isolation == "in-process":
         from runtimes.cpp.inproc import InProcessExecutor
 
-        return InProcessExecutor(manifest, function_dir)
+        return InProcessExecutor(manifest, function_dir, capabilities=capabilities)
     argv = command_for(manifest, function_dir)
     env = worker_env(
         os.environ if base_env is None else base_env,
@@ -88,6 +93,7 @@ def make_executor(
             "EDGEFN_FUNCTION_DIR": str(function_dir),
             "EDGEFN_CONCURRENCY": str(manifest.pool.concurrency),
             **manifest.env,
+            **(extra_env or {}),
         },
     )
     return Pool(

@@ -109,3 +109,8 @@ def parse_permissions(table: Any, where: str) -> Permissions:
         state_keep_on_switch=keep,
         secrets=_names(w, table.get("secrets", []), "secrets", _NAME_RE),
     )
+
+
+def valid_secret_name(name: str) -> bool:
+    """A name `[permissions] secrets` may list, and so a name a secret may have on the platform."""
+    return isinstance(name, str) and bool(_NAME_RE.match(name))

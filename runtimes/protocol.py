@@ -54,6 +54,9 @@ class Kind(IntEnum):
     CALL = 9  # worker -> agent: OP + TARGET headers, payload = the call's argument
     CALL_RESULT = 10  # agent -> worker: the call's answer, same request_id as the CALL
     CALL_ERROR = 11  # agent -> worker: the call failed; ERROR_CODE header, payload = message
+    # agent -> worker, request_id 0, no answer: something the function may listen for changed.
+    # OP names it ("config": the payload is the function's new config, JSON).
+    NOTIFY = 12
 
 
 class Flag(IntFlag):
@@ -72,11 +75,10 @@ class Key(IntEnum):
     LOG_LEVEL = 6  # utf-8, on LOG frames: debug|info|warn|error
     CONTENT_TYPE = 7  # utf-8, on INVOKE and RESULT frames
     RUNTIME = 8  # utf-8, on READY frames: host name and version, e.g. "node/20.20.2"
-    OP = (
-        9  # utf-8, on CALL frames: invoke | publish | state.get | state.set | state.delete | config
-    )
+    OP = 9  # utf-8, on CALL frames: invoke | publish | state.* | config | secret; on NOTIFY: config
     TARGET = 10  # utf-8, on CALL frames: function name, topic or state key (config: empty)
     PARENT_ID = 11  # u32, on CALL frames: the wire request id of the INVOKE making the call
+    FEATURES = 12  # utf-8, on READY: comma-separated optional frames the host takes ("notify")
 
 
 # PARENT_ID is a u32 although wire request ids are u64: the agent's per-worker counter never

@@ -107,6 +107,9 @@ class Worker:
         self.ready_at = 0.0
         self.idle_since = time.monotonic()
         self.runtime = ""
+        # Optional frames the host said it takes (READY's FEATURES): a Go function built with
+        # an older SDK would treat a NOTIFY as a protocol error, so it is never sent one.
+        self.features: frozenset[str] = frozenset()
         self.exit_reason = ""
         self.closing = False
         self.killed = False
@@ -317,6 +320,15 @@ class Worker:
             raise WorkerCrashed(f"worker {self.pid} did not answer a ping") from None
         return loop.time() - started
 
+    def notify(self, op: str, payload: bytes) -> bool:
+        """Send a NOTIFY (no answer expected); False when the worker cannot take it (not ready,
+        or its host did not announce `notify` in READY)."""
+        if not self.ready or self.killed or "notify" not in self.features:
+            return False
+        frame = Frame(Kind.NOTIFY, 0, payload, {Key.OP: op}, protocol.Flag.JSON)
+        self._write(protocol.encode(frame))
+        return True
+
     def _write(self, data: bytes) -> None:
         # Coalesce: under load many requests are sent in the same loop iteration; one pipe
         # write for all of them saves a syscall per request (measured ~30 us each here).
@@ -361,6 +373,7 @@ class Worker:
             self._on_call(frame)
         elif kind is Kind.READY:
             self.runtime = frame.text(Key.RUNTIME)
+            self.features = frozenset(frame.text(Key.FEATURES).split(",")) - {""}
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         else:

@@ -1,5 +1,8 @@
 """Building-block calls (worker -> agent): a function's CALL frames answered for its worker.
 
+`build_call`, `answer_call` and `sdk_code` are the host-independent part, shared with the
+in-process C++ host (`runtimes.cpp.inproc_calls`).
+
 A function calls a building block by sending CALL with the wire id of the invocation it is
 serving (`PARENT_ID`); the worker (`runtimes.worker`) hands the frame here with that parent's
 invocation and deadline. The call becomes a `CapabilityCall` carrying the caller's request id,
@@ -81,47 +84,20 @@ class WorkerCalls:
     def _call_from_frame(
         self, frame: Frame, parent: Invocation | None, parent_deadline: float, now: float
     ) -> CapabilityCall:
-        op = frame.text(Key.OP)
-        if op not in OPS:
-            raise CapabilityNotFound(f"unknown building-block operation {op!r}")
-        if self._capabilities is None or self._manifest is None:
-            raise CapabilityUnavailable("this agent offers no building blocks")
-        if parent is None:
-            # Its invocation was answered or timed out already: nothing may run on its behalf.
-            raise CapabilityTimeout("the invocation that made this call is no longer running")
-        left = parent_deadline - now
-        left -= max(CALL_RESERVE_MIN_S, left * CALL_RESERVE_SHARE)
-        if left <= 0:
-            raise CapabilityTimeout("the calling invocation's deadline has passed")
-        return CapabilityCall(
-            op=cast(Op, op),
+        return build_call(
+            self._capabilities,
+            self._manifest,
+            op=frame.text(Key.OP),
             target=frame.text(Key.TARGET),
             payload=frame.payload,
-            request_id=parent.request_id,
-            deadline_s=left,
-            chain=(*parent.chain, self._manifest.name),
-            trace_id=parent.trace_id,
             content_type=frame.text(Key.CONTENT_TYPE),
+            parent=parent,
+            left_s=parent_deadline - now,
         )
 
     async def _run(self, call_id: int, call: CapabilityCall) -> None:
         assert self._capabilities is not None and self._manifest is not None
-        try:
-            # The handler bounds nested work by call.deadline_s itself; this outer bound makes
-            # sure the function hears back before its own deadline whatever the handler does.
-            answer = await asyncio.wait_for(
-                self._capabilities.call(self._manifest, call), call.deadline_s
-            )
-        except TimeoutError:
-            self._answer(call_id, CapabilityTimeout("the call ran past the deadline"))
-        except CapabilityError as exc:
-            self._answer(call_id, exc)
-        except RuntimeErrorBase as exc:
-            # A nested invoke's own failure (function error, crash, overload): the callee's
-            # message and code reach the caller, which decides what to do with it.
-            self._answer(call_id, exc)
-        else:
-            self._answer(call_id, answer)
+        self._answer(call_id, await answer_call(self._capabilities, self._manifest, call))
 
     def _answer(self, call_id: int, answer: bytes | RuntimeErrorBase) -> None:
         if not self._may_answer():
@@ -129,17 +105,74 @@ class WorkerCalls:
         self._send(encode_answer(call_id, answer))
 
 
+def build_call(
+    capabilities: CapabilityHandler | None,
+    manifest: Manifest | None,
+    *,
+    op: str,
+    target: str,
+    payload: bytes,
+    content_type: str,
+    parent: Invocation | None,
+    left_s: float,
+) -> CapabilityCall:
+    """The call a running invocation (`parent`, `left_s` seconds from its deadline) made.
+
+    Shared by every host: the isolated workers' CALL frames and the in-process C++ host.
+    Raises the CapabilityError the function should hear when the call cannot even start."""
+    if op not in OPS:
+        raise CapabilityNotFound(f"unknown building-block operation {op!r}")
+    if capabilities is None or manifest is None:
+        raise CapabilityUnavailable("this agent offers no building blocks")
+    if parent is None:
+        # Its invocation was answered or timed out already: nothing may run on its behalf.
+        raise CapabilityTimeout("the invocation that made this call is no longer running")
+    left = left_s - max(CALL_RESERVE_MIN_S, left_s * CALL_RESERVE_SHARE)
+    if left <= 0:
+        raise CapabilityTimeout("the calling invocation's deadline has passed")
+    return CapabilityCall(
+        op=cast(Op, op),
+        target=target,
+        payload=payload,
+        request_id=parent.request_id,
+        deadline_s=left,
+        chain=(*parent.chain, manifest.name),
+        trace_id=parent.trace_id,
+        content_type=content_type,
+    )
+
+
+async def answer_call(
+    capabilities: CapabilityHandler, manifest: Manifest, call: CapabilityCall
+) -> bytes | RuntimeErrorBase:
+    """The answer bytes, or the error the function hears (never raises for a refusal)."""
+    try:
+        # The handler bounds nested work by call.deadline_s itself; this outer bound makes
+        # sure the function hears back before its own deadline whatever the handler does.
+        return await asyncio.wait_for(capabilities.call(manifest, call), call.deadline_s)
+    except TimeoutError:
+        return CapabilityTimeout("the call ran past the deadline")
+    except RuntimeErrorBase as exc:
+        # A refusal, or a nested invoke's own failure (function error, crash, overload): the
+        # callee's message and code reach the caller, which decides what to do with it.
+        return exc
+
+
+def sdk_code(error: RuntimeErrorBase) -> str:
+    """The code a function sees for `error` (CALL_ERROR's ERROR_CODE)."""
+    if isinstance(error, InvocationTimeout):
+        return CapabilityTimeout.sdk_code
+    return error.sdk_code if isinstance(error, CapabilityError) else error.code
+
+
 def encode_answer(call_id: int, answer: bytes | RuntimeErrorBase) -> bytes:
     """CALL_RESULT with the answer's bytes, or CALL_ERROR with the SDK's code for the error."""
     if isinstance(answer, bytes):
         return protocol.encode(Frame(Kind.CALL_RESULT, call_id, answer))
-    code = answer.sdk_code if isinstance(answer, CapabilityError) else answer.code
-    if isinstance(answer, InvocationTimeout):
-        code = CapabilityTimeout.sdk_code
     frame = Frame(
         Kind.CALL_ERROR,
         call_id,
         answer.message.encode("utf-8"),
-        {Key.ERROR_CODE: code},
+        {Key.ERROR_CODE: sdk_code(answer)},
     )
     return protocol.encode(frame)

@@ -13,8 +13,16 @@ from tests.harness import FUNCTIONS
 
 # The real-Mosquitto fixtures (`mosquitto`, `mosquitto_factory`); skips that fail under CI=true
 # unless marked `ci_may_skip` (tests/ci_skips.py); one PostgreSQL per run (`postgres_server`,
-# `postgres_db`; tests/postgres.py); `pytester` for testing that plugin.
-pytest_plugins = ["tests.mosquitto", "tests.postgres", "tests.ci_skips", "pytester"]
+# `postgres_db`; tests/postgres.py); `backend`, every store test on SQLite and PostgreSQL
+# (tests/platform_backends.py); `pytester` for testing that plugin.
+pytest_plugins = [
+    "tests.mosquitto",
+    "tests.postgres",
+    "tests.platform_backends",
+    "tests.s3server",
+    "tests.ci_skips",
+    "pytester",
+]
 
 
 @pytest.fixture(scope="session")

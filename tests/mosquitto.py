@@ -164,11 +164,13 @@ class Broker:
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(STOP_GRACE_S)
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
+        # The reader first: closing stderr under a reader still draining it raised in its
+        # thread ("I/O operation on closed file"), which pytest turns into an error.
         if self._reader is not None:
             self._reader.join(STOP_GRACE_S)
             self._reader = None
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     # ---- identities ------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from cloud_sync.director_check import unverified_document
 from cloud_sync.platform.sim_faults import Fault
 from cloud_sync.platform.simulator import SimSettings, Simulator
 from tests.mosquitto import eventually
@@ -81,7 +82,7 @@ async def wait_state(
 
 async def desired_version(plat: Platform, device: str) -> str | None:
     doc = await asyncio.to_thread(api, plat, "GET", f"/v1/devices/{device}/desired")
-    config = (doc.get("device") or {}).get("config") or {}
+    config = (unverified_document(doc.get("device")) or {}).get("config") or {}
     version = ((config.get("functions") or {}).get(FN) or {}).get("version")
     return str(version) if version is not None else None
 

@@ -43,11 +43,12 @@ def test_shipped_example_loads_with_the_packaged_values() -> None:
     values = config_file.load(EXAMPLE)
     assert values["data_dir"] == Path("/var/lib/edgefn")
     assert values["require_signed"] is True
+    assert values["update_security"] == "tuf"  # the packaged agent requires TUF metadata
     assert values["host"] == "127.0.0.1" and values["auth"] == "none"
     # Apart from those two, the shipped file documents the defaults: they must not drift.
     defaults = Settings(data_dir=Path("/x"))
     for name, value in values.items():
-        if name not in ("data_dir", "require_signed"):
+        if name not in ("data_dir", "require_signed", "update_security"):
             assert getattr(defaults, name) == value, name
 
 

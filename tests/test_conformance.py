@@ -21,6 +21,7 @@ import pytest
 from hardware.arch import lookup
 from runtimes.build import build_function
 from runtimes.capabilities import CapabilityCall, CapabilityNotFound, NotPermitted
+from runtimes.cpp.inproc import InProcessExecutor
 from runtimes.elfcheck import elf_identity
 from runtimes.errors import FunctionError, InvocationTimeout, WorkerCrashed
 from runtimes.invocation import Invocation
@@ -240,24 +241,35 @@ class _Recorder:
         return f"{call.op}:{call.target}:".encode() + call.payload
 
 
-# C++ worker SDK for building blocks: not built yet (see docs/building-blocks.md).
-@pytest.fixture(params=["node", "go"])
+BlocksHost = Pool | InProcessExecutor
+
+
+@pytest.fixture(params=["node", "go", "cpp", "cpp-inproc"])
 async def blocks_pool(
     request: pytest.FixtureRequest, built_conformance: dict[str, Path]
-) -> AsyncIterator[tuple[Pool, _Recorder]]:
-    directory = built_conformance[request.param]
+) -> AsyncIterator[tuple[BlocksHost, _Recorder]]:
+    """Every host that runs functions: the isolated workers, and C++ in the agent's process
+    (the same conformance source loaded as `<entry>.so`, its calls through the pybind11 host)."""
+    runtime, _, mode = str(request.param).partition("-")
+    directory = built_conformance[runtime]
     recorder = _Recorder()
-    executor = make_executor(
-        load_manifest(directory / "edgefn.toml"), directory, capabilities=recorder
-    )
-    assert isinstance(executor, Pool)
+    manifest = load_manifest(directory / "edgefn.toml")
+    executor: BlocksHost
+    if mode == "inproc":
+        executor = InProcessExecutor(
+            manifest, directory, library=directory / f"{manifest.entry}.so", capabilities=recorder
+        )
+    else:
+        made = make_executor(manifest, directory, capabilities=recorder)
+        assert isinstance(made, Pool)
+        executor = made
     await executor.start()
     yield executor, recorder
     await executor.close()
 
 
 async def test_building_block_calls_reach_the_handler_and_answer(
-    blocks_pool: tuple[Pool, _Recorder],
+    blocks_pool: tuple[BlocksHost, _Recorder],
 ) -> None:
     pool, recorder = blocks_pool
     calls = [
@@ -306,7 +318,7 @@ async def test_building_block_calls_reach_the_handler_and_answer(
 
 
 async def test_building_block_call_past_the_deadline_is_a_timeout(
-    blocks_pool: tuple[Pool, _Recorder],
+    blocks_pool: tuple[BlocksHost, _Recorder],
 ) -> None:
     pool, _ = blocks_pool
     calls = [{"op": "invoke", "target": "sleepy", "payload": ""}]

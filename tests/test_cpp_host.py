@@ -172,8 +172,55 @@ async def test_refuses_wrong_abi_version(tmp_path: Path) -> None:
         await ex.start()
     message = str(err.value)
     assert str(lib) in message
-    assert "version 999" in message and "version 1" in message
+    assert "version 999" in message and "versions 1 to 2" in message
     assert not mapped(lib)
+
+
+# A library built against ABI 1 (before building blocks): the struct it knows is a prefix of
+# version 2's, so the host still loads and runs it.
+ABI1_SRC = r"""
+#include <cstring>
+#include <edgefn.h>
+extern "C" uint32_t edgefn_abi_version(void) { return 1; }
+extern "C" int32_t edgefn_invoke(const edgefn_call* c) {
+    uint8_t* out = c->alloc(c->host, c->payload_len);
+    if (out) std::memcpy(out, c->payload, c->payload_len);
+    return EDGEFN_OK;
+}
+"""
+
+
+async def test_a_library_of_abi_version_1_still_loads_and_answers(tmp_path: Path) -> None:
+    lib = compile_so(ABI1_SRC, tmp_path / "abi1.so")
+    ex = InProcessExecutor(manifest(), tmp_path, library=lib)
+    await ex.start()
+    try:
+        assert (await ex.invoke(Invocation(b"old", "r-1", 5.0))).payload == b"old"
+    finally:
+        await ex.close()
+
+
+async def test_inline_functions_hear_unavailable_for_building_blocks(
+    tmp_path: Path, conformance_so: Path
+) -> None:
+    """Inline calls run on the loop thread: waiting there for the loop would deadlock, so the
+    host refuses the call itself, and the function still answers."""
+
+    class Never:
+        async def call(self, manifest: Manifest, call: Any) -> bytes:
+            raise AssertionError("an inline call must not reach the handler")
+
+    ex = InProcessExecutor(
+        manifest(inline=True), tmp_path, library=conformance_so, capabilities=Never()
+    )
+    await ex.start()
+    try:
+        req = json.dumps({"op": "blocks", "calls": [{"op": "config", "target": ""}]}).encode()
+        answer = await ex.invoke(Invocation(req, "r-2", 5.0, content_type="application/json"))
+        result = json.loads(answer.payload)["results"][0]
+        assert result["code"] == "unavailable" and "inline" in result["message"]
+    finally:
+        await ex.close()
 
 
 async def test_refuses_an_executable(tmp_path: Path, conformance_so: Path) -> None:

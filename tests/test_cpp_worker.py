@@ -134,7 +134,8 @@ async def test_ready_names_the_runtime(spawn: Spawn) -> None:
     worker = await spawn(ready=False)
     frame = await worker.recv()
     assert frame.kind is Kind.READY and frame.request_id == 0
-    assert frame.text(Key.RUNTIME) == "cpp/1"
+    assert frame.text(Key.RUNTIME) == "cpp/2"
+    assert frame.text(Key.FEATURES) == "notify"  # the library has edgefn_config_changed
 
 
 async def test_echo_is_byte_exact_small_and_1mib(spawn: Spawn) -> None:

@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 
 from tests.dashboard_seed import enrol, report
+from tests.platform_backends import Backend
 from tests.registry_helpers import Platform, start_platform
 
 
 @pytest.fixture
-def platform(tmp_path: Path) -> Iterator[Platform]:
-    plat = start_platform(tmp_path / "platform")
+def platform(tmp_path: Path, backend: Backend) -> Iterator[Platform]:
+    """A platform process on each backend: its data dir's SQLite files, or PostgreSQL."""
+    extra = ["--database", backend.database_url] if backend.database_url else []
+    plat = start_platform(tmp_path / "platform", *extra)
     try:
         yield plat
     finally:
@@ -101,11 +104,13 @@ def test_set_cookie_flags(platform: Platform) -> None:
     assert "Secure" not in flags  # plain HTTP here; under --tls the cookie is Secure
 
 
-def test_operator_account_login(platform: Platform) -> None:
+def test_operator_account_login(platform: Platform, backend: Backend) -> None:
+    database = ["--database", backend.database_url] if backend.database_url else []
+
     def create(name: str, password: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "cloud_sync.platform.cli", "operator", "create", name,
-             "--password-stdin", "--data-dir", str(platform.data_dir)],
+             "--password-stdin", "--data-dir", str(platform.data_dir), *database],
             input=password + "\n", capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
 
@@ -115,7 +120,7 @@ def test_operator_account_login(platform: Platform) -> None:
     short = create("bob", "short")
     assert short.returncode != 0 and "at least" in short.stderr
     # The hash, never the password, is stored.
-    assert b"correct horse battery" not in (platform.data_dir / "registry.db").read_bytes()
+    assert b"correct horse battery" not in backend.dump(platform.data_dir / "registry.db")
     c = Client(platform.url)
     assert c.login("wrong password!!", user="alice") == 401
     assert c.login("correct horse battery", user="nobody") == 401

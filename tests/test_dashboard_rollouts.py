@@ -5,6 +5,7 @@ confirmation, see the final state; a rollout action without the CSRF token is re
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.error
@@ -199,3 +200,25 @@ def test_gate_rows_show_value_bound_and_outcome_of_a_real_verdict() -> None:
     page = detail_body({**view, "gates": verdict.to_dict()}, "csrf", "")
     row = page[page.index("<td>error_rate&lt;=0.05</td>") :].split("</tr>")[0]
     assert "<td>0.1</td><td>0.05</td><td>200</td>" in row and ">fail<" in row
+
+
+def test_gate_history_is_charted_with_its_bound_and_escaped() -> None:
+    from cloud_sync.platform.ui.rollouts import detail_body
+
+    source = CoreSource(_facts(4))
+    view = source.start({"function": "resize", "version": "1.4.0", "target": "group=west",
+                         "waves": "100"})  # fmt: skip
+    gate = "p95_ms<=<b>x</b>"  # a hostile stored text shows as text
+    history = [
+        {"t": 10.0, "wave": 0, "gates": [{"gate": gate, "value": 20.0, "bound": 50.0}]},
+        {"t": 20.0, "wave": 0, "gates": [{"gate": gate, "value": None, "bound": 50.0}]},
+        {"t": 30.0, "wave": 0, "gates": [{"gate": gate, "value": 40.0, "bound": 60.0}]},
+    ]
+    page = detail_body({**view, "gate_history": history}, "csrf", "")
+    charts = page[page.index('class="charts gate-charts"') :]
+    assert "<b>x</b>" not in charts and "p95_ms&lt;=&lt;b&gt;x&lt;/b&gt;" in charts
+    points = re.search(r'class="line" points="([^"]+)"', charts)
+    assert points and len(points.group(1).split()) == 2  # the point without a value is left out
+    assert "bound 60" in charts and '<line class="bound"' in charts  # the latest bound
+    empty = detail_body(view, "csrf", "")
+    assert '<div class="charts gate-charts"></div>' in empty

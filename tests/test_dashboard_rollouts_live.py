@@ -13,7 +13,7 @@ import pytest
 
 from tests.mosquitto import Broker
 from tests.registry_helpers import Platform, publish, start_platform
-from tests.rollout_fleet import FN, fleet, make_bundles, status, wait_state
+from tests.rollout_fleet import FN, fleet, make_bundles, start, status, wait_state
 from tests.test_dashboard_http import Client
 
 pytestmark = pytest.mark.slow
@@ -75,3 +75,36 @@ async def test_start_watch_and_abort_a_rollout_from_the_console(
             assert "rollout_state" in body
         _, _, final = c.request("GET", f"/ui/rollouts/{rid}")
         assert view["state"] in final
+
+
+async def test_gate_values_over_time_are_charted_against_their_bound(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """The real controller records every gate evaluation; the page charts each gate's value over
+    time with its bound, from the stored rollout (so also after a platform restart)."""
+    for bundle in make_bundles(tmp_path / "src", ["0.1.0"]).values():
+        publish(platform, bundle)
+    async with fleet(platform, tmp_path / "sim", 4, wait_online=True):
+        rid = start(platform, f"{FN}@0.1.0", "--target", "group=sim", "--waves", "50,100",
+                    "--bake", "0.3", "--interval", "0.2", "--device-timeout", "30",
+                    "--min-invocations", "0", "--gate", "install_success>=0.9")  # fmt: skip
+        view = await wait_state(platform, rid, {"succeeded", "failed", "rolled_back"}, 60)
+    assert view["state"] == "succeeded", view
+    history = view["gate_history"]
+    assert len(history) >= 2 and {p["wave"] for p in history} == {0, 1}
+    assert [p["t"] for p in history] == sorted(p["t"] for p in history)
+    last = [g for g in history[-1]["gates"] if g["gate"] == "install_success>=0.9"]
+    assert last and last[0]["value"] == 1.0 and last[0]["bound"] == 0.9
+    c = Client(platform.url)
+    assert c.login(platform.token) == 303
+    _, _, page = c.request("GET", f"/ui/rollouts/{rid}")
+    charts = page[page.index('class="charts gate-charts"') :].split("<h3>")[0]
+    assert 'aria-label="install_success&gt;=0.9"' in charts
+    assert '<line class="bound"' in charts and "bound 0.9" in charts
+    points = re.search(r'class="line" points="([^"]+)"', charts)
+    assert points and len(points.group(1).split()) == sum(
+        1
+        for p in history
+        for g in p["gates"]
+        if g["gate"] == "install_success>=0.9" and g["value"] is not None
+    )

@@ -7,6 +7,7 @@ install) twice against one demo dir, with a platform restart in between as `make
 from __future__ import annotations
 
 import importlib.util
+import json
 import signal
 import subprocess
 import sys
@@ -65,6 +66,19 @@ def test_demo_setup_twice_on_the_same_dir(
     installed = sorted(p.name for p in (root / "device" / "functions").iterdir() if p.is_dir())
     assert set(names) <= set(installed)
     assert "demo:" not in capsys.readouterr().err
+    # The registry's TUF repository: made on the first run, and every bundle is a signed target.
+    from cloud_sync.platform.tuf.repository import TufRepository
+
+    store = TufRepository(root / "cloud").store
+    snap = store.snapshot()
+    roles = [k.removesuffix(".json") for k in snap.signed.meta if k.startswith("publisher-")]
+    assert len(roles) == 1
+    role = store.role(roles[0], snap)
+    assert role is not None
+    assert {p.split("/")[0] for p in role.signed.targets} == set(names)
+    # The device verified its installs through TUF: the pinned root, a trusted metadata cache.
+    assert "tuf_root" in json.loads((root / "device" / "credentials.json").read_text())
+    assert any((root / "device" / "tuf").iterdir())
 
 
 @pytest.mark.slow

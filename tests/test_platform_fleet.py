@@ -1,4 +1,5 @@
-"""The platform's device API in-process: enrolment, device identity, HTTP intake, config."""
+"""The platform's device API in-process: enrolment, device identity, HTTP intake, config; on
+SQLite and on PostgreSQL (the `backend` fixture)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from cloud_sync import credentials, topics
+from cloud_sync.director_check import director_gate
 from cloud_sync.platform.fleet_store import FleetStore, apply_assignments, parse_assignments
 from cloud_sync.platform.server import create_app
 from cloud_sync.platform.settings import PlatformSettings
+from tests.platform_backends import Backend
 
 
 @pytest.fixture
-async def platform(aiohttp_client: Any, tmp_path: Path) -> tuple[TestClient[Any, Any], str]:
-    settings = PlatformSettings(data_dir=tmp_path / "plat")
+async def platform(
+    backend: Backend, aiohttp_client: Any, tmp_path: Path
+) -> tuple[TestClient[Any, Any], str]:
+    """The platform in-process on each backend (SQLite files, or PostgreSQL). `backend` first:
+    its database is dropped after the app's cleanup closed the pool."""
+    settings = PlatformSettings(data_dir=tmp_path / "plat", database_url=backend.database_url)
     app = create_app(settings)
     client = await aiohttp_client(app)
     token = settings.token_file.read_text().strip()
@@ -107,7 +114,7 @@ async def test_http_intake_stores_each_record_once(
 
 
 async def test_config_set_bumps_version_and_rejects_bad_values(
-    platform: tuple[TestClient[Any, Any], str],
+    platform: tuple[TestClient[Any, Any], str], tmp_path: Path
 ) -> None:
     client, token = platform
     a = await _enroll(client, token, "dev-a")
@@ -129,7 +136,10 @@ async def test_config_set_bumps_version_and_rejects_bad_values(
             "/v1/devices/dev-a/desired", headers={"Authorization": f"Bearer {a['token']}"}
         )
     ).json()
-    assert desired["device"] == {
+    # A director instruction (docs/update-security.md) the device checks with its enrolment key.
+    gate = director_gate("dev-a", a["director_key"], tmp_path / "gate", required=True)
+    doc, _ = gate.screen("device", desired["device"])
+    assert doc == {
         "version": 1,
         "config": {"functions": {"echo": {"pool": {"max_instances": 3}}}, "log_level": "debug"},
     }
@@ -144,8 +154,8 @@ def test_assignments_parse_json_values_and_null_removes() -> None:
         parse_assignments(["novalue"])
 
 
-def test_store_dedupes_on_key_or_digest(tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "fleet.db")
+def test_store_dedupes_on_key_or_digest(backend: Backend) -> None:
+    store = FleetStore(backend.engine("fleet.db"))
     store.enroll("d", {}, "tok", 1)
     topic = topics.device_topic("d", "events")
     assert store.ingest("d", "events", topic, b'{"a":1}', key="k1", via="mqtt")
@@ -156,11 +166,10 @@ def test_store_dedupes_on_key_or_digest(tmp_path: Path) -> None:
     store.close()
 
 
-def test_store_under_concurrent_intake_and_queries(tmp_path: Path) -> None:
+def test_store_under_concurrent_intake_and_queries(backend: Backend) -> None:
     """Intake threads write while query threads read (the platform's to_thread pattern): every
-    record is stored once, queries never fail, and a reopened file has everything."""
-    path = tmp_path / "fleet.db"
-    store = FleetStore(path)
+    record is stored once, queries never fail, and a reopened store has everything."""
+    store = FleetStore(backend.engine("fleet.db"))
     for d in ("d1", "d2"):
         store.enroll(d, {}, f"tok-{d}", 1)
     topic = {d: topics.device_topic(d, "events") for d in ("d1", "d2")}
@@ -204,7 +213,7 @@ def test_store_under_concurrent_intake_and_queries(tmp_path: Path) -> None:
     assert all(0 <= n <= 50 for n in seen_counts)
     assert store.record_counts("d1") == {"events": 50}
     store.close()
-    again = FleetStore(path)
+    again = FleetStore(backend.engine("fleet.db"))
     try:
         assert again.record_counts("d2") == {"events": 50}
         assert {d["id"] for d in again.describe()} == {"d1", "d2"}

@@ -1,13 +1,11 @@
 """The rollout CLI's flags become the spec the platform checks, and the rollout store keeps
-what the controller writes (real SQLite files; the end-to-end runs are in
-test_rollout_controller_e2e*.py)."""
+what the controller writes (real SQLite files and a real PostgreSQL: the `backend` fixture; the
+end-to-end runs are in test_rollout_controller_e2e*.py)."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -22,6 +20,7 @@ from cloud_sync.rollout.model import new_rollout, plan
 from cloud_sync.rollout.selector import DeviceFacts
 from cloud_sync.rollout.spec import RolloutSpec
 from cloud_sync.rollout.states import DeviceState, RolloutState
+from tests.platform_backends import Backend
 
 
 def parse(*argv: str) -> dict[str, object]:
@@ -59,16 +58,16 @@ def test_every_rollout_verb_is_registered() -> None:
     assert args.handler is rollout_cli.cmd_status and args.watch and args.json
 
 
-def test_the_store_keeps_rollouts_across_reopening(tmp_path: Path) -> None:
+def test_the_store_keeps_rollouts_across_reopening(backend: Backend) -> None:
     fleet = [DeviceFacts(f"d{i}", {"group": "west"}) for i in range(10)]
     spec = RolloutSpec.from_dict({"function": "resize", "version": "1.4.0", "target": "*"})
     r = new_rollout(spec, plan("r-1", spec, fleet, BundleFacts("resize", "1.4.0", "node")), 1.0)
-    store = RolloutStore(tmp_path / "rollouts.db")
+    store = RolloutStore(backend.engine("rollouts.db"))
     store.save(r)
     done = replace(r, id="r-0", state=RolloutState.SUCCEEDED, created_at=0.5)
     store.save(done)
     store.close()
-    again = RolloutStore(tmp_path / "rollouts.db")
+    again = RolloutStore(backend.engine("rollouts.db"))
     try:
         assert again.get("r-1") == r
         assert [x.id for x in again.active()] == ["r-1"]
@@ -80,11 +79,11 @@ def test_the_store_keeps_rollouts_across_reopening(tmp_path: Path) -> None:
 
 
 def test_the_feed_reads_reports_and_per_version_metrics_from_stored_records(
-    tmp_path: Path,
+    backend: Backend,
 ) -> None:
     from cloud_sync.platform.fleet_store import FleetStore
 
-    fleet = FleetStore(tmp_path / "fleet.db")
+    fleet = FleetStore(backend.engine("fleet.db"))
     fleet.enroll("d1", {}, "token-1", 1)
     report = StatusReport("d1", "resize", "r-1", "1.4.0", DeviceState.HEALTHY, 3, 10.0)
     forged = StatusReport("d2", "resize", "r-1", "1.4.0", DeviceState.FAILED, 9, 10.0, "crash_loop")
@@ -97,7 +96,8 @@ def test_the_feed_reads_reports_and_per_version_metrics_from_stored_records(
     ]):  # fmt: skip
         assert fleet.ingest("d1", kind, f"t/{i}", payload, key=f"k{i}", via="http")
     fleet.close()
-    feed = RecordFeed(tmp_path / "fleet.db")
+    engine = backend.engine("fleet.db")  # as the platform does: the fleet store's engine
+    feed = RecordFeed(engine)
     try:
         batch = feed.read(0)
         assert batch.reports == [report]  # d1 cannot speak for d2; the bad record is skipped
@@ -106,5 +106,5 @@ def test_the_feed_reads_reports_and_per_version_metrics_from_stored_records(
         assert feed.first_id_since(0.0) == 0
     finally:
         feed.close()
-    with sqlite3.connect(tmp_path / "fleet.db") as conn:  # the reader wrote nothing
-        assert conn.execute("SELECT COUNT(*) FROM records").fetchone() == (4,)
+    count = engine.read(lambda c: c.execute("SELECT COUNT(*) FROM records").fetchone())
+    assert tuple(count) == (4,)  # the reader wrote nothing

@@ -461,3 +461,32 @@ def test_one_active_rollout_per_function() -> None:
     assert admit("other", [running], supersede=False) == []
     finished, _ = step(running, Abort(1.0))
     assert admit("resize", [finished], supersede=False) == []
+
+
+def test_every_gate_evaluation_is_kept_in_the_history_bounded_and_stored() -> None:
+    from cloud_sync.rollout.model import GATE_HISTORY_MAX
+
+    f = Fleet()
+    r, acts = step(make(20, gates=["error_rate<=0.05"], min_invocations=10), Start(0.0))
+    r = settle(r, f, notified(acts), 1.0)
+    assert r.gate_history == ()
+    r, _ = step(r, Tick(2.0, VersionMetrics(invocations=100, errors=1)))
+    r, _ = step(r, Tick(40.0, VersionMetrics(invocations=200, errors=4)))
+    points = [(p["t"], p["wave"], [(g["gate"], g["value"], g["bound"], g["outcome"])
+                                   for g in p["gates"]]) for p in r.gate_history]  # fmt: skip
+    # The implicit install-success gate is judged too once the wave has settled.
+    assert points[0] == (
+        2.0,
+        0,
+        [("install_success>=0.9", 1.0, 0.9, "pass"), ("error_rate<=0.05", 0.01, 0.05, "pass")],
+    )
+    assert points[1][0] == 40.0 and points[1][2][1][1] == 0.02
+    # The stored form carries it; a restart continues the same history.
+    again = Rollout.from_dict(r.to_dict())
+    assert again.gate_history == r.gate_history
+    assert r.status_view()["gate_history"] == [dict(p) for p in r.gate_history]
+    # Bounded: only the newest GATE_HISTORY_MAX points are kept.
+    for i in range(GATE_HISTORY_MAX + 5):
+        r = r.with_gate_point(100.0 + i, {"gates": [{"gate": "g", "value": 0.0, "bound": 1.0}]})
+    assert len(r.gate_history) == GATE_HISTORY_MAX
+    assert r.gate_history[-1]["t"] == 100.0 + GATE_HISTORY_MAX + 4

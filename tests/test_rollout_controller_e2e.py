@@ -31,8 +31,13 @@ FAST = ["--bake", "0.3", "--interval", "0.2", "--device-timeout", "30"]
 
 
 @pytest.fixture
-def platform(mosquitto: Broker) -> Iterator[Platform]:
-    plat = start_platform(mosquitto.workdir / "platform", "--broker", mosquitto.url)
+def platform(request: pytest.FixtureRequest, mosquitto: Broker) -> Iterator[Platform]:
+    """The platform on SQLite; a test parametrised `indirect` with "postgresql" gets it on a
+    fresh PostgreSQL database (`--database`) instead."""
+    extra: list[str] = []
+    if getattr(request, "param", "sqlite") == "postgresql":
+        extra = ["--database", request.getfixturevalue("postgres_db").url]
+    plat = start_platform(mosquitto.workdir / "platform", "--broker", mosquitto.url, *extra)
     try:
         yield plat
     finally:
@@ -56,6 +61,7 @@ async def first_version(platform: Platform) -> str:
     return rid
 
 
+@pytest.mark.parametrize("platform", ["sqlite", "postgresql"], indirect=True)
 async def test_rollout_reaches_every_device_wave_by_wave_and_the_cli_shows_it(
     platform: Platform, published: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from cloud_sync import topics
+from tests.director_forge import as_platform
 from tests.harness import FUNCTIONS, AgentProcess, http, install_dev_function, start_agent
 from tests.mosquitto import Broker, platform_session
 
@@ -378,7 +379,8 @@ def test_malformed_desired_documents_are_rejected_and_reported(
             await session.publish(topic, payload, retain=True)
 
     bad = {"version": 5, "config": {"functions": {FN: {"routing": "sideways"}}}}
-    asyncio.run(publish(json.dumps(bad).encode()))
+    # Signed as the platform signs (the director key): the config check is what refuses it.
+    asyncio.run(publish(as_platform(plat.data_dir, "edge-01", bad)))
     wait_for(lambda: plat.devices()["edge-01"]["config_status"] == "rejected", "rejection reported")
     dev = plat.devices()["edge-01"]
     assert "routing" in json.dumps(dev["config_error"])

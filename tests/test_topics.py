@@ -62,7 +62,7 @@ def test_parse_refuses_topics_outside_the_tree(topic: str) -> None:
 
 def test_unknown_kinds_are_refused_by_builders() -> None:
     with pytest.raises(TopicError):
-        topics.device_topic("d", "secrets")  # type: ignore[arg-type]
+        topics.device_topic("d", "shadow")  # type: ignore[arg-type]
     with pytest.raises(TopicError):
         topics.group_topic("g", "reported")  # type: ignore[arg-type]
 
@@ -74,6 +74,7 @@ def test_retained_and_subscriptions() -> None:
         "edgefn/v1/devices/d/desired",
         "edgefn/v1/groups/g1/desired",
         "edgefn/v1/groups/g2/desired",
+        "edgefn/v1/devices/d/secrets",
     ]
     assert topics.platform_filter("metrics") == "edgefn/v1/devices/+/metrics"
     assert topics.shared_platform_filter("reported") == (

@@ -78,6 +78,9 @@ def register(sub: Any) -> None:
     pub.add_argument(
         "--data-dir", type=Path, help="platform data dir on this host: reads its token"
     )
+    pub.add_argument(
+        "--key", type=Path, help="publisher key: signs its TUF role when the platform has TUF"
+    )
     pub.set_defaults(handler=_lazy("cloud_sync.author.publish", "cmd_fn_publish"))
 
 

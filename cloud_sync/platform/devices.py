@@ -16,44 +16,46 @@ Operator or the device itself:
 
 The device itself (the HTTP fallback of MQTT, docs/sync.md):
 
-    GET  /v1/devices/{id}/desired         {"device": doc | null, "group": {"name", doc} | null}
+    GET  /v1/devices/{id}/desired         {"device": instruction | null,
+                                           "group": {"name", **instruction} | null}
+                                          (instructions: signed envelopes, `director.py`)
     POST /v1/devices/{id}/records         {"records": [{key, kind, topic, payload}]} -> stored
 
 Identity (`DeviceAuth`; `auth(request) -> str | None`, and `auth.result(request)` in the
 `(AuthResult, identity)` shape cloud execution takes): the operator token -> "operator"; a device
-token issued at enrolment (`Authorization: Bearer`, stored hashed, looked up in memory) -> the
-device id; or, when the platform serves HTTPS (`--tls`), a client certificate verified against
-the platform CA whose CN is an enrolled, unrevoked device.
+token issued at enrolment (`Authorization: Bearer`, stored hashed, looked up in the database
+and cached briefly: `device_auth.py`) -> the device id; or, when the platform serves HTTPS
+(`--tls`), a client certificate verified against the platform CA whose CN is an enrolled,
+unrevoked device.
 
 Enrolment issues an EC key + certificate (CN = id, labels as OU) from the platform CA and a
 256-bit token, and returns everything the agent needs in one credentials document (the file
-format of `cloud_sync/credentials.py` plus `token`, `groups` and `mqtt_protocol`).
+format of `cloud_sync/credentials.py` plus `token`, `groups`, `mqtt_protocol` and
+`director_key`, the public key that signs every desired document the device will accept).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import json
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_request import BaseRequest
 
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials, from_dict
 from cloud_sync.errors import CloudSyncError, ConfigError, PkiError, TopicError
-from cloud_sync.platform.auth import AuthResult, check_bearer
+from cloud_sync.platform.device_auth import OPERATOR, DeviceAuth
+from cloud_sync.platform.director import Director
 from cloud_sync.platform.fleet_store import (
     DeviceExists,
     FleetStore,
     UnknownDevice,
     apply_assignments,
-    token_hash,
 )
 from cloud_sync.platform.intake import MqttIntake
 from cloud_sync.platform.pki import IssuedCert, PlatformCA
@@ -62,62 +64,9 @@ from cloud_sync.state import validate_config
 
 log = logging.getLogger("edgefn.devices")
 
-OPERATOR = "operator"
 # One HTTP fallback batch: what the agent sends per request (its outbox lease size is smaller).
 MAX_RECORDS_PER_POST = 500
 DEVICE_KINDS_IN = ("reported", "metrics", "events", "rollout")
-
-
-class DeviceAuth:
-    """`authorize(request)`: "operator", a device id, or None. Synchronous and disk-free."""
-
-    def __init__(self, operator_token: str, store: FleetStore) -> None:
-        self._operator = operator_token
-        self._store = store
-        self._tokens: dict[str, str] = {}
-        self._revoked_serials: set[int] = set()
-        self._known: set[str] = set()
-
-    def refresh(self) -> None:
-        """Reload the token index (blocking: call in a thread after enrol/revoke)."""
-        self._tokens = self._store.token_index()
-        self._revoked_serials = self._store.revoked_serials()
-        self._known = set(self._tokens.values())
-
-    def result(self, request: BaseRequest) -> tuple[AuthResult, str]:
-        """`authorize` for route sets that take (AuthResult, identity): 401 vs 403 semantics."""
-        who = self(request)
-        if who is not None:
-            return AuthResult.OK, who
-        if request.headers.get("Authorization"):
-            return AuthResult.WRONG, ""
-        return AuthResult.MISSING, ""
-
-    def __call__(self, request: BaseRequest) -> str | None:
-        header = request.headers.get("Authorization")
-        if check_bearer(header, self._operator) is AuthResult.OK:
-            return OPERATOR
-        if header:
-            scheme, _, presented = header.strip().partition(" ")
-            if scheme.lower() == "bearer" and presented.strip():
-                digest = token_hash(presented.strip())
-                for known, device in self._tokens.items():
-                    if hmac.compare_digest(known, digest):
-                        return device
-        return self._from_certificate(request)
-
-    def _from_certificate(self, request: BaseRequest) -> str | None:
-        transport = request.transport
-        cert = transport.get_extra_info("peercert") if transport is not None else None
-        if not cert:  # only present when TLS verified it against the platform CA
-            return None
-        cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
-        serial = cert.get("serialNumber")
-        if cn is None or cn not in self._known:
-            return None
-        if serial is not None and int(serial, 16) in self._revoked_serials:
-            return None
-        return str(cn)
 
 
 def _json_error(exc: CloudSyncError, status: int) -> web.Response:
@@ -134,13 +83,17 @@ class DevicesApi:
         *,
         device_broker_url: str,
         public_url: str = "",
+        tuf_root: Callable[[], dict[str, Any] | None] | None = None,
+        director: Director | None = None,
     ) -> None:
         self.store = store
+        self.director = director
         self.ca = ca
         self.auth = auth
         self.intake = intake
         self.device_broker_url = device_broker_url
         self.public_url = public_url
+        self._tuf_root = tuf_root  # the TUF root devices pin, None while TUF is not initialised
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -231,6 +184,11 @@ class DevicesApi:
         doc["mqtt_protocol"] = "3.1.1" if self.intake and self.intake.mqtt311 else "5"
         doc["server_cert_pem"] = server.cert_pem
         doc["server_key_pem"] = server.key_pem
+        tuf_root = self._tuf_root() if self._tuf_root is not None else None
+        if tuf_root is not None:
+            doc["tuf_root"] = tuf_root  # the device's pinned trust in the registry's metadata
+        if self.director is not None:
+            doc["director_key"] = self.director.public_pem
         return doc
 
     def _server_cert(self, device_id: str, san: Sequence[str]) -> IssuedCert:
@@ -372,10 +330,16 @@ class DevicesApi:
         if group_name:
             g = await asyncio.to_thread(self.store.group_desired, group_name)
             if g is not None:
-                group = {"name": group_name, **g.document()}
-        return web.json_response(
-            {"device": mine.document() if mine.version > 0 else None, "group": group}
-        )
+                gdoc = g.document()
+                if self.director is not None:
+                    gdoc = await asyncio.to_thread(self.director.for_group, group_name, gdoc)
+                group = {"name": group_name, **gdoc}
+        device: dict[str, Any] | None = None
+        if mine.version > 0:
+            device = mine.document()
+            if self.director is not None:
+                device = await asyncio.to_thread(self.director.for_device, device_id, device)
+        return web.json_response({"device": device, "group": group})
 
     async def post_records(self, request: web.Request) -> web.Response:
         device_id = request.match_info["id"]

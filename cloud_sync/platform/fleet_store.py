@@ -1,11 +1,12 @@
 """What the platform knows about devices: registry, desired state, reported state, metrics.
 
-One SQLite file (`<data_dir>/fleet.db`, WAL) behind plain methods; every method blocks, so async
-callers use `asyncio.to_thread`. The access pattern is the shared one (`runtimes.sqlitedb`): a
-writer thread owns the write connection and runs each change in one `BEGIN IMMEDIATE`
-transaction; reads run on a connection of their own per calling thread, in one snapshot, and
-never wait for a write. The write rate is one row per device per metrics interval: small for one
-host; a fleet swaps this class for PostgreSQL behind the same methods.
+Plain blocking methods (async callers use `asyncio.to_thread`) over an `sql.Engine`: by default
+one SQLite file (`<data_dir>/fleet.db`, WAL, the shared `runtimes.sqlitedb` pattern: one writer
+thread, each change one `BEGIN IMMEDIATE` transaction, reads in their own snapshot); with
+`--database postgresql://...` the shared PostgreSQL pool, where several replicas write at once.
+Every read-modify-write is therefore one statement (`UPDATE ... RETURNING`, `ON CONFLICT DO
+UPDATE`), correct under PostgreSQL's READ COMMITTED as under SQLite's single writer. The tables
+and their migrations are in `fleet_schema.py`.
 
 Tables:
 
@@ -18,15 +19,15 @@ Tables:
               by two paths. `ingest` answers whether the record was new.
     fn_metrics one row per (metrics record, function) with its counters, for fast sums.
 
-Device tokens are stored as sha256 hashes only; `token_index()` gives the in-memory map the HTTP
-authoriser uses (hash -> device id), so authorising a request never touches the disk.
+Device tokens are stored as sha256 hashes only. The HTTP authoriser looks a token up here
+(`device_for_token`, a unique index) and caches the answer briefly, so a token issued through
+one replica works on every replica at once (`device_auth.DeviceAuth`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from typing import Any
 
 from cloud_sync.errors import CloudSyncError
 from cloud_sync.platform.assignments import apply_assignments, parse_assignments
-from runtimes.sqlitedb import Database
+from cloud_sync.platform.fleet_schema import COMPONENT, MIGRATIONS
+from cloud_sync.platform.sql import Conn, Engine, IntegrityError, SqlError, SqliteEngine
 
 # Config edits by `KEY=VALUE` moved to their own module; re-exported for existing importers.
 __all__ = [
@@ -50,54 +52,6 @@ __all__ = [
     "record_digest",
     "token_hash",
 ]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    id TEXT PRIMARY KEY,
-    labels TEXT NOT NULL DEFAULT '{}',
-    token_hash TEXT UNIQUE,
-    cert_serial TEXT,
-    enrolled_at REAL NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0,
-    presence TEXT,
-    presence_at REAL,
-    last_seen REAL,
-    http_seen REAL,
-    desired_version INTEGER NOT NULL DEFAULT 0,
-    desired_config TEXT NOT NULL DEFAULT '{}',
-    reported TEXT,
-    reported_seq INTEGER NOT NULL DEFAULT -1
-);
-CREATE TABLE IF NOT EXISTS groups (
-    name TEXT PRIMARY KEY,
-    desired_version INTEGER NOT NULL DEFAULT 0,
-    desired_config TEXT NOT NULL DEFAULT '{}'
-);
-CREATE TABLE IF NOT EXISTS records (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    key TEXT UNIQUE,
-    digest TEXT NOT NULL UNIQUE,
-    device TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    via TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS records_device ON records(device, kind, id);
-CREATE TABLE IF NOT EXISTS fn_metrics (
-    record_id INTEGER NOT NULL,
-    device TEXT NOT NULL,
-    function TEXT NOT NULL,
-    interval_start REAL NOT NULL,
-    interval_end REAL NOT NULL,
-    invocations INTEGER NOT NULL,
-    errors INTEGER NOT NULL,
-    cache_hits INTEGER NOT NULL,
-    cache_misses INTEGER NOT NULL,
-    latency_sum_ms REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS fn_metrics_device ON fn_metrics(device, function);
-"""
 
 # A device seen over HTTP (fallback) within this many seconds counts as online: it has no MQTT
 # presence while the broker is unreachable. Three of the agent's default HTTP poll periods.
@@ -135,19 +89,30 @@ class Desired:
 
 
 class FleetStore:
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        # NORMAL: a platform crash loses nothing committed; a power cut may lose the last
-        # commits, which devices resend (they delete records only after our 2xx/PUBACK ... of
-        # the broker, so the broker path relies on the broker's own persistence).
-        self._db = Database(
-            self.path, synchronous="NORMAL", setup=_create_schema, name="edgefn-fleet-db"
-        )
+    def __init__(self, where: Path | Engine) -> None:
+        """`where`: the SQLite file (opened and owned here) or an engine (`sql.Databases`)."""
+        if isinstance(where, Path | str):
+            self.path: Path | None = Path(where)
+            try:
+                # NORMAL: a platform crash loses nothing committed; a power cut may lose the
+                # last commits, which devices resend (they delete records only after our
+                # 2xx/PUBACK ... of the broker, so the broker path relies on its persistence).
+                self._db: Engine = SqliteEngine(
+                    self.path, synchronous="NORMAL", name="edgefn-fleet-db"
+                )
+            except SqlError as exc:
+                raise FleetError(f"cannot open the fleet store {self.path}: {exc}") from exc
+        else:
+            self.path, self._db = None, where
         try:
-            self._db.opened.result()
-        except (OSError, sqlite3.Error) as exc:
+            self._db.migrate(COMPONENT, MIGRATIONS)
+        except SqlError as exc:
             self._db.close()
-            raise FleetError(f"cannot open the fleet store {self.path}: {exc}") from exc
+            raise FleetError(f"cannot open the fleet store: {exc}") from exc
+
+    @property
+    def engine(self) -> Engine:
+        return self._db
 
     def close(self) -> None:
         self._db.close()
@@ -172,29 +137,49 @@ class FleetStore:
                     row,
                 )
             )
-        except sqlite3.IntegrityError as exc:
+        except IntegrityError as exc:
             raise DeviceExists(f"device {device_id!r} is already enrolled") from exc
 
     def revoke(self, device_id: str) -> int:
         """Mark revoked and forget its token; returns the certificate serial to put on the CRL."""
 
-        def revoke(c: sqlite3.Connection) -> int:
-            row = c.execute("SELECT cert_serial FROM devices WHERE id=?", (device_id,)).fetchone()
+        def revoke(c: Conn) -> int:
+            row = c.execute(
+                "UPDATE devices SET revoked=1, token_hash=NULL WHERE id=? RETURNING cert_serial",
+                (device_id,),
+            ).fetchone()
             if row is None:
                 raise UnknownDevice(f"no device {device_id!r}")
-            c.execute("UPDATE devices SET revoked=1, token_hash=NULL WHERE id=?", (device_id,))
             (serial,) = row
             return int(serial)
 
         return self._db.write(revoke)
 
-    def token_index(self) -> dict[str, str]:
-        rows = self._db.read(
+    def device_for_token(self, digest: str) -> str | None:
+        """The enrolled, unrevoked device whose token hashes to `digest` (unique index)."""
+        row = self._db.read(
             lambda c: c.execute(
-                "SELECT token_hash, id FROM devices WHERE token_hash IS NOT NULL AND revoked=0"
-            ).fetchall()
+                "SELECT id FROM devices WHERE token_hash=? AND revoked=0", (digest,)
+            ).fetchone()
         )
-        return {h: d for h, d in rows}
+        return str(row[0]) if row else None
+
+    def certificate_ok(self, device_id: str, serial: int | None) -> bool:
+        """A verified client certificate names an enrolled, unrevoked device (and, when its
+        serial is known, not one that was revoked: a re-enrolled id keeps no old certificate)."""
+
+        def check(c: Conn) -> bool:
+            row = c.execute("SELECT revoked FROM devices WHERE id=?", (device_id,)).fetchone()
+            if row is None or int(row[0]):
+                return False
+            if serial is None:
+                return True
+            bad = c.execute(
+                "SELECT 1 FROM devices WHERE revoked=1 AND cert_serial=?", (str(serial),)
+            ).fetchone()
+            return bad is None
+
+        return self._db.read(check)
 
     def revoked_serials(self) -> set[int]:
         rows = self._db.read(
@@ -272,18 +257,15 @@ class FleetStore:
         """Store a new config under the next version (the caller validated it)."""
         doc = json.dumps(dict(config))
 
-        def bump(c: sqlite3.Connection) -> int:
+        def bump(c: Conn) -> int:
             row = c.execute(
-                "SELECT desired_version FROM devices WHERE id=?", (device_id,)
+                "UPDATE devices SET desired_version=desired_version+1, desired_config=?"
+                " WHERE id=? RETURNING desired_version",
+                (doc, device_id),
             ).fetchone()
             if row is None:
                 raise UnknownDevice(f"no device {device_id!r}")
-            version = int(row[0]) + 1
-            c.execute(
-                "UPDATE devices SET desired_version=?, desired_config=? WHERE id=?",
-                (version, doc, device_id),
-            )
-            return version
+            return int(row[0])
 
         return Desired(self._db.write(bump), dict(config))
 
@@ -301,16 +283,14 @@ class FleetStore:
     def set_group_desired(self, name: str, config: Mapping[str, Any]) -> Desired:
         doc = json.dumps(dict(config))
 
-        def bump(c: sqlite3.Connection) -> int:
-            row = c.execute("SELECT desired_version FROM groups WHERE name=?", (name,)).fetchone()
-            version = (int(row[0]) if row else 0) + 1
-            c.execute(
-                "INSERT INTO groups (name, desired_version, desired_config) VALUES (?, ?, ?)"
-                " ON CONFLICT(name) DO UPDATE SET desired_version=excluded.desired_version,"
-                " desired_config=excluded.desired_config",
-                (name, version, doc),
-            )
-            return version
+        def bump(c: Conn) -> int:
+            (version,) = c.execute(
+                "INSERT INTO groups (name, desired_version, desired_config) VALUES (?, 1, ?)"
+                " ON CONFLICT(name) DO UPDATE SET desired_version=groups.desired_version+1,"
+                " desired_config=excluded.desired_config RETURNING desired_version",
+                (name, doc),
+            ).fetchone()
+            return int(version)
 
         return Desired(self._db.write(bump), dict(config))
 
@@ -333,7 +313,7 @@ class FleetStore:
         else:
             sql = "UPDATE devices SET last_seen=? WHERE id=?"
             args = (now, device_id)
-        self._db.write(lambda c: c.execute(sql, args))
+        self._db.write(lambda c: c.execute(sql, args), idempotent=True)
 
     def ingest(
         self,
@@ -345,7 +325,12 @@ class FleetStore:
         key: str | None,
         via: str,
     ) -> bool:
-        """Store one record unless its key or digest was seen; True if it was new."""
+        """Store one record unless its key or digest was seen; True if it was new.
+
+        Safe to repeat (the engine retries it once on a broken PostgreSQL connection): a record
+        that did commit the first time is found by its digest and answered as not new.
+        NOT EXISTS first, so a duplicate (the common case after a reconnect) takes no record
+        id; ON CONFLICT for two replicas racing with the same record."""
         digest = record_digest(topic, payload)
         now = time.time()
         doc: Any = None
@@ -355,15 +340,18 @@ class FleetStore:
             except ValueError:
                 doc = None
 
-        def store(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
-                "INSERT OR IGNORE INTO records (key, digest, device, kind, via, received_at,"
-                " payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key, digest, device_id, kind, via, now, payload),
-            )
-            new = cur.rowcount == 1
+        def store(c: Conn) -> bool:
+            row = c.execute(
+                "INSERT INTO records (key, digest, device, kind, via, received_at, payload)"
+                " SELECT ?, ?, ?, ?, ?, ?, ?"
+                " WHERE NOT EXISTS (SELECT 1 FROM records WHERE digest=?)"
+                " AND NOT EXISTS (SELECT 1 FROM records WHERE key=?)"
+                " ON CONFLICT DO NOTHING RETURNING id",
+                (key, digest, device_id, kind, via, now, payload, digest, key),
+            ).fetchone()
+            new = row is not None
             if new and kind == "metrics" and isinstance(doc, dict):
-                _add_metrics(c, cur.lastrowid or 0, device_id, doc)
+                _add_metrics(c, int(row[0]), device_id, doc)
             if new and kind == "reported" and isinstance(doc, dict):
                 seq = doc.get("version")
                 if isinstance(seq, int):
@@ -381,14 +369,15 @@ class FleetStore:
                 c.execute("UPDATE devices SET last_seen=? WHERE id=?", (now, device_id))
             return new
 
-        return self._db.write(store)
+        return self._db.write(store, idempotent=True)
 
     # ---- queries -----------------------------------------------------------------------
 
     def metrics_summary(self, device_id: str, function: str | None = None) -> dict[str, Any]:
         """Totals per function over everything stored, plus the latest system gauges."""
         sql = (
-            "SELECT function, SUM(invocations), SUM(errors), SUM(cache_hits), SUM(cache_misses),"
+            "SELECT function, CAST(SUM(invocations) AS BIGINT), CAST(SUM(errors) AS BIGINT),"
+            " CAST(SUM(cache_hits) AS BIGINT), CAST(SUM(cache_misses) AS BIGINT),"
             " SUM(latency_sum_ms), MIN(interval_start), MAX(interval_end), COUNT(*)"
             " FROM fn_metrics WHERE device=?"
         )
@@ -397,7 +386,7 @@ class FleetStore:
             sql += " AND function=?"
             args.append(function)
 
-        def query(c: sqlite3.Connection) -> tuple[list[Any], int, Any]:
+        def query(c: Conn) -> tuple[list[Any], int, Any]:
             # One read snapshot: the totals, the count and the latest record agree.
             if not c.execute("SELECT 1 FROM devices WHERE id=?", (device_id,)).fetchone():
                 raise UnknownDevice(f"no device {device_id!r}")
@@ -430,7 +419,7 @@ class FleetStore:
         if last is not None:
             (payload,) = last
             try:
-                system = json.loads(payload).get("system") or {}
+                system = json.loads(bytes(payload)).get("system") or {}
             except ValueError:
                 system = {}
         return {"device": device_id, "records": count, "functions": functions, "system": system}
@@ -447,7 +436,7 @@ class FleetStore:
         out = []
         for k, via, at, payload in rows:
             try:
-                value = json.loads(payload)
+                value = json.loads(bytes(payload))
             except ValueError:
                 value = bytes(payload).decode("utf-8", "replace")
             out.append({"kind": k, "via": via, "received_at": at, "value": value})
@@ -462,14 +451,7 @@ class FleetStore:
         return {k: n for k, n in rows}
 
 
-def _create_schema(conn: sqlite3.Connection) -> None:
-    """The Database's setup step (idempotent: every statement is IF NOT EXISTS)."""
-    conn.executescript(_SCHEMA)
-
-
-def _add_metrics(
-    conn: sqlite3.Connection, record_id: int, device_id: str, doc: Mapping[str, Any]
-) -> None:
+def _add_metrics(conn: Conn, record_id: int, device_id: str, doc: Mapping[str, Any]) -> None:
     start, end = doc.get("interval_start", 0.0), doc.get("interval_end", 0.0)
     fns = doc.get("functions")
     if not isinstance(fns, dict):
@@ -493,7 +475,8 @@ def _add_metrics(
                 float(lat.get("sum", 0.0) if lat else 0.0),
             )
         )
-    conn.executemany("INSERT INTO fn_metrics VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+    if rows:
+        conn.executemany("INSERT INTO fn_metrics VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
 
 
 def _int(value: Any) -> int:

@@ -31,16 +31,32 @@ def add_parser(sub: Any) -> None:
             "--data-dir", type=Path,
             default=Path(os.environ.get("EDGEFN_CLOUD_DATA_DIR", default_data_dir())),
         )  # fmt: skip
+        p.add_argument(
+            "--database",
+            metavar="URL",
+            default=os.environ.get("EDGEFN_DATABASE_URL"),
+            help="the platform's PostgreSQL (as for serve); default: the data dir",
+        )
         p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from cloud_sync.errors import CloudSyncError
     from cloud_sync.platform.operators import OperatorAccounts
     from cloud_sync.platform.settings import PlatformSettings
+    from cloud_sync.platform.sql import Databases, refuse_password_in_url
 
-    settings = PlatformSettings(data_dir=args.data_dir)
+    settings = PlatformSettings(data_dir=args.data_dir, database_url=args.database or None)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    accounts = OperatorAccounts(settings.db_path)
+    databases = Databases(settings.database_url, settings.data_dir)
+    try:
+        if settings.database_url:
+            refuse_password_in_url(settings.database_url)
+        accounts = OperatorAccounts(databases.borrowed() or settings.db_path)
+    except CloudSyncError as exc:
+        databases.close()
+        print(f"edge-cloud: {exc.one_line()}", file=sys.stderr)
+        return 2
     try:
         if args.operator_command == "list":
             for name in accounts.names():
@@ -58,3 +74,4 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         accounts.close()
+        databases.close()

@@ -1,10 +1,10 @@
 """Operator accounts for the console: a name and a password, stored as a scrypt hash only.
 
 `edge-cloud operator create NAME` adds one (the password is read from the terminal or stdin,
-never from the command line, where `ps` would show it). The table lives in the platform store's
-SQLite file (`<data_dir>/registry.db`) beside the registry tables, written through
-`runtimes.sqlitedb.Database` like every other store. The operator token stays the way in for
-scripts; accounts exist so that people need not share that token.
+never from the command line, where `ps` would show it). The table lives beside the registry
+tables: in the platform store's SQLite file (`<data_dir>/registry.db`) by default, or in the
+shared PostgreSQL database (`sql.Engine`), so every replica accepts every account. The
+operator token stays the way in for scripts; accounts exist so that people need not share it.
 
 Hash: `hashlib.scrypt` with n=2**14, r=8, p=1 (the parameters RFC 7914 suggests for
 interactive logins, ~16 MB and some tens of ms per check), a 16-byte random salt per account;
@@ -19,12 +19,11 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 import time
 from pathlib import Path
 
 from cloud_sync.errors import CloudSyncError
-from runtimes.sqlitedb import Database
+from cloud_sync.platform.sql import Engine, IntegrityError, Migration, SqlError, SqliteEngine
 
 SCRYPT_N = 2**14
 SCRYPT_R = 8
@@ -38,14 +37,22 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS operators (
     name TEXT PRIMARY KEY,
-    salt BLOB NOT NULL,
-    hash BLOB NOT NULL,
+    salt {blob} NOT NULL,
+    hash {blob} NOT NULL,
     n INTEGER NOT NULL,
     r INTEGER NOT NULL,
     p INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at {real} NOT NULL
 );
 """
+MIGRATIONS = (
+    Migration(
+        1,
+        "operators",
+        _SCHEMA.format(blob="BLOB", real="REAL"),
+        _SCHEMA.format(blob="BYTEA", real="DOUBLE PRECISION"),
+    ),
+)
 
 
 class OperatorAccountError(CloudSyncError):
@@ -67,15 +74,24 @@ _DUMMY_SALT = secrets.token_bytes(SALT_BYTES)
 class OperatorAccounts:
     """Create, list and check operator accounts (blocking: async callers use to_thread)."""
 
-    def __init__(self, path: Path) -> None:
-        self._db = Database(path, synchronous="FULL", setup=_setup, name="edgefn-operators-db")
+    def __init__(self, where: Path | Engine) -> None:
+        """`where`: the SQLite file (opened and owned here) or an engine (`sql.Databases`)."""
         try:
-            self._db.opened.result()
-        except (OSError, sqlite3.Error) as exc:
-            self._db.close()
+            if isinstance(where, Path | str):
+                self._db: Engine = SqliteEngine(
+                    where, synchronous="FULL", name="edgefn-operators-db"
+                )
+            else:
+                self._db = where
+        except SqlError as exc:
             raise OperatorAccountError(
-                f"cannot open the operator accounts in {path}: {exc}"
+                f"cannot open the operator accounts in {where}: {exc}"
             ) from exc
+        try:
+            self._db.migrate("operators", MIGRATIONS)
+        except SqlError as exc:
+            self._db.close()
+            raise OperatorAccountError(f"cannot open the operator accounts: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()
@@ -94,7 +110,7 @@ class OperatorAccounts:
             self._db.write(
                 lambda c: c.execute("INSERT INTO operators VALUES (?, ?, ?, ?, ?, ?, ?)", row)
             )
-        except sqlite3.IntegrityError as exc:
+        except IntegrityError as exc:
             raise OperatorAccountError(f"operator {name!r} exists already") from exc
 
     def names(self) -> list[str]:
@@ -114,7 +130,3 @@ class OperatorAccounts:
             return False
         salt, stored, n, r, p = row
         return hmac.compare_digest(_scrypt(password, bytes(salt), n, r, p), bytes(stored))
-
-
-def _setup(conn: sqlite3.Connection) -> None:
-    conn.executescript(_SCHEMA)

@@ -13,12 +13,18 @@ spooled file with a size cap, hashing as it goes -> inspect it in a thread with 
 device uses (`runtimes.bundle`: layout, signatures present, manifest valid, publisher signed,
 payload digests; and the signature itself when `<data_dir>/publishers/*.pub` exist) -> move the
 blob into the content-addressed store -> record name@version. A bundle that fails inspection is
-422 with the bundle module's error code; name@version already published with another digest is
-409 (versions are immutable, so a device that pinned a version always gets the same bytes).
+422 with the bundle module's error code; with TUF initialised (`cloud_sync.platform.tuf`) the
+publisher's signed role claim must let this key publish this function (403/409/400 `tuf_*`), and
+the new role version, snapshot and timestamp are committed with the blob under one lock;
+name@version already published with another digest is 409 (versions are immutable, so a
+device that pinned a version always gets the same bytes).
 
 Downloads: one `bytes=` range per request (`a-b`, `a-`, `-n`) answered 206 with Content-Range, so
 an interrupted device download resumes where it stopped; an unsatisfiable or malformed range is
-416 with `Content-Range: bytes */size`. Bundles are immutable, so ETag is the digest.
+416 with `Content-Range: bytes */size`. Bundles are immutable, so ETag is the digest. The bytes
+come from the store's blob half (`blobs.py`: a directory or S3) in 1 MiB reads; a blob store that
+cannot be reached is 503 `blob_store_unavailable` while the first chunk is still unsent, and a
+connection cut short after that (the device resumes either way).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from aiohttp import web
 
 from cloud_sync.errors import CloudSyncError
 from cloud_sync.platform.auth import AuthResult, check_bearer
+from cloud_sync.platform.blobs import BlobStoreUnavailable
 from cloud_sync.platform.store import (
     DIGEST_RE,
     RegistryStore,
@@ -43,6 +50,9 @@ from cloud_sync.platform.store import (
     VersionConflict,
     VersionRecord,
 )
+from cloud_sync.platform.tuf.claim import claim_from_headers
+from cloud_sync.platform.tuf.errors import TufError
+from cloud_sync.platform.tuf.repository import TufRepository
 from runtimes.bundle import (
     BundleManifest,
     RawBundle,
@@ -60,6 +70,9 @@ log = logging.getLogger("edgefn.registry")
 BUNDLE_MEDIA_TYPE = "application/vnd.edgefn.bundle"
 # Read and write in 1 MiB steps: few thread hops per bundle, bounded memory per request.
 CHUNK = 1 << 20
+# What a 503 for an unreachable blob store tells the device to wait: long enough not to hammer a
+# store that is down, short enough that a blip costs little.
+RETRY_AFTER_S = 5
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -154,11 +167,13 @@ class Registry:
         *,
         max_bundle_bytes: int,
         verifier: Verifier | None = None,
+        tuf: TufRepository | None = None,
     ) -> None:
         self.store = store
         self._token = token
         self._max = max_bundle_bytes
         self._verifier = verifier
+        self._tuf = tuf  # with `tuf init` done, a publish must carry the publisher's role claim
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -190,6 +205,10 @@ class Registry:
             return denied
         if request.content_length is not None and request.content_length > self._max:
             return self._too_large()
+        try:
+            claim = claim_from_headers(request.headers)
+        except TufError as exc:
+            return error_response(exc.status, exc.code, exc.message)
         spooled = await asyncio.to_thread(self.store.new_upload)
         try:
             digest, size = await self._spool(request, spooled)
@@ -214,11 +233,32 @@ class Registry:
             existing = await asyncio.to_thread(self.store.get_version, record.name, record.version)
             if existing is not None and existing.digest != digest:
                 return self._conflict(existing)
-            await asyncio.to_thread(self.store.put_blob, spooled, digest)
+
+            def keep() -> bool:
+                self.store.put_blob(spooled, digest)
+                return self.store.add_version(record)
+
             try:
-                created = await asyncio.to_thread(self.store.add_version, record)
+                if self._tuf is not None and self._tuf.initialised:
+                    created = await asyncio.to_thread(
+                        self._tuf.publish,
+                        name=record.name,
+                        version=record.version,
+                        sha256=digest,
+                        length=size,
+                        publisher=manifest.publisher,
+                        claim=claim,
+                        store=keep,
+                    )
+                else:
+                    created = await asyncio.to_thread(keep)
             except VersionConflict as exc:  # a racing publish of other bytes won
                 return error_response(409, exc.code, exc.message)
+            except TufError as exc:
+                log.info("publish refused (%s): %s", exc.code, exc.message)
+                return error_response(exc.status, exc.code, exc.message)
+        except BlobStoreUnavailable as exc:
+            return _unavailable(exc)
         except StoreError as exc:
             log.error("publish failed: %s", exc.message)
             return error_response(500, exc.code, exc.message)
@@ -320,7 +360,14 @@ class Registry:
         digest = request.match_info["digest"].removeprefix("sha256:")
         if not DIGEST_RE.match(digest):
             return error_response(400, "bad_request", "expected /v1/registry/bundles/sha256:<hex>")
-        size = await asyncio.to_thread(self.store.blob_size, digest)
+        return await self.serve_blob(request, digest)
+
+    async def serve_blob(self, request: web.Request, digest: str) -> web.StreamResponse:
+        """The blob's bytes (GET/HEAD, one Range): bundles and TUF targets alike."""
+        try:
+            size = await asyncio.to_thread(self.store.blob_size, digest)
+        except BlobStoreUnavailable as exc:
+            return _unavailable(exc)
         if size is None:
             return error_response(404, "not_found", f"no bundle sha256:{digest}")
         headers = {
@@ -344,24 +391,58 @@ class Registry:
         if span is not None:
             resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         resp.content_length = length
-        await resp.prepare(request)
         if request.method == "HEAD" or length == 0:
+            await resp.prepare(request)
             await resp.write_eof()
             return resp
-        f = await asyncio.to_thread(self.store.open_blob, digest)
+        # Open and read the first chunk before the status line goes out: a store that is down
+        # is then a 503 the device understands, not a cut connection.
         try:
-            await asyncio.to_thread(f.seek, start)
-            left = length
-            while left:
-                chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
-                if not chunk:  # the blob shrank: impossible for an immutable blob, but bounded
-                    break
+            f = await asyncio.to_thread(self.store.open_blob, digest)
+        except BlobStoreUnavailable as exc:
+            return _unavailable(exc)
+        sent = 0
+        try:
+            try:
+                await asyncio.to_thread(f.seek, start)
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, length))
+            except BlobStoreUnavailable as exc:
+                return _unavailable(exc)
+            except StoreError as exc:
+                log.error("cannot read bundle sha256:%s: %s", digest, exc.message)
+                return error_response(500, exc.code, exc.message)
+            await resp.prepare(request)
+            while chunk:
                 await resp.write(chunk)
-                left -= len(chunk)
+                sent += len(chunk)
+                if sent >= length:
+                    break
+                # Blob stores read in ranges (blobs_s3.py): only `CHUNK` bytes in memory.
+                # An empty read (the blob shrank: impossible when immutable) ends the loop.
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, length - sent))
+        except StoreError as exc:
+            # The status line is sent: the honest signal left is a connection cut short of
+            # Content-Length. The device keeps its part and resumes with Range; its next
+            # request meets the 503 above until the store is back.
+            log.warning("download of sha256:%s cut at byte %d: %s", digest, start + sent, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
         finally:
             await asyncio.to_thread(f.close)
         await resp.write_eof()
         return resp
+
+
+def _unavailable(exc: StoreError) -> web.Response:
+    """503 with a stable code: the blob store is down, the platform is not; retry later."""
+    log.warning("blob store unavailable: %s", exc.message)
+    return error_response(
+        503,
+        "blob_store_unavailable",
+        "the bundle store is unreachable right now; retry later (a partial download resumes)",
+        **{"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def publishers_verifier(directory: Path) -> Verifier | None:

@@ -15,29 +15,40 @@ Per record kind:
 * `metrics`  -- `edgefn.metrics/1`, split per (function, version) by `metrics.by_version`.
 
 A report whose `device` is not the record's sender is dropped: a device speaks for itself only.
-The connection is read-only (`query_only`); the fleet store's writer never waits for it (WAL).
+Reads go through the fleet store's engine (`sql.Engine.read`): on SQLite a read-only connection
+the store's writer never waits for (WAL), on PostgreSQL a pooled read-only transaction.
+
+Record ids on PostgreSQL are not committed in order: several replicas (and several connections
+of one) insert at once, so id 41 may become visible after id 42, and a rolled-back insert leaves
+41 missing for good. A cursor that stepped over 41 would never see it. So on PostgreSQL the feed
+stops before a gap until it is old (`GAP_WAIT_S`): either the row after the gap was received
+that long ago, or this feed has been waiting that long; no ingest transaction runs for seconds,
+so a gap that old is an id nobody will commit. On SQLite one writer commits ids in order and a
+gap is final at once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloud_sync.platform.sql import Conn, Engine, SqliteEngine
 from cloud_sync.rollout.errors import MessageError
 from cloud_sync.rollout.messages import StatusReport, decode_status, reports_from_reported
 from cloud_sync.rollout.metrics import VersionMetrics, by_version
-from runtimes.sqlitedb import connect_reader
 
 log = logging.getLogger("edgefn.rollouts")
 
 # Rows read per call: bounds one controller pass (memory and time) when a large backlog waits,
 # e.g. after a platform restart; the next pass continues from the cursor.
 BATCH_ROWS = 5000
+# How long a gap in PostgreSQL's record ids may still be filled by a transaction in flight.
+GAP_WAIT_S = 5.0
 
 MetricsKey = tuple[str, str, str]  # (device, function, version)
 
@@ -53,56 +64,76 @@ class Batch:
 
 
 class RecordFeed:
-    def __init__(self, fleet_db: Path) -> None:
-        self.path = Path(fleet_db)
-        self._lock = threading.Lock()  # one reader connection, used from worker threads
-        self._conn: sqlite3.Connection | None = None
-
-    def _c(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = connect_reader(self.path, busy_timeout_s=1.0)
-        return self._conn
+    def __init__(self, where: Path | Engine) -> None:
+        """`where`: the fleet store's SQLite file (a reader of its own, opened here) or its
+        engine (`FleetStore.engine`), which the store owns and closes."""
+        self._own: SqliteEngine | None = None
+        if isinstance(where, Path | str):
+            self.path: Path | None = Path(where)
+            self._own = SqliteEngine(self.path, synchronous="NORMAL", name="edgefn-feed-db")
+            self._engine: Engine = self._own
+        else:
+            self.path, self._engine = None, where
+        self._lock = threading.Lock()  # the gap bookkeeping, from worker threads
+        # First id of a gap -> when this feed first stopped before it (PostgreSQL only).
+        self._gaps: dict[int, float] = {}
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        if self._own is not None:
+            self._own.close()
 
     def first_id_since(self, received_at: float) -> int:
         """The cursor to start from so that records received since `received_at` are read."""
-        with self._lock:
-            row = (
-                self._c()
-                .execute("SELECT MIN(id) FROM records WHERE received_at >= ?", (received_at,))
-                .fetchone()
-            )
+
+        def query(c: Conn) -> int:
+            row = c.execute(
+                "SELECT MIN(id) FROM records WHERE received_at >= ?", (received_at,)
+            ).fetchone()
             if row is None or row[0] is None:
-                (top,) = self._c().execute("SELECT COALESCE(MAX(id), 0) FROM records").fetchone()
+                (top,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM records").fetchone()
                 return int(top)
             return int(row[0]) - 1
+
+        return self._engine.read(query)
 
     def read(self, after_id: int) -> Batch:
         """Records with id > after_id (at most BATCH_ROWS), decoded. Metrics counts that name
         no version are skipped: a gate judges one version, and guessing could blame another."""
-        with self._lock:
-            rows = (
-                self._c()
-                .execute(
-                    "SELECT id, device, kind, payload FROM records WHERE id > ? AND kind IN"
-                    " ('rollout', 'reported', 'metrics') ORDER BY id LIMIT ?",
-                    (after_id, BATCH_ROWS),
-                )
-                .fetchall()
-            )
+        rows = self._engine.read(
+            lambda c: c.execute(
+                "SELECT id, device, kind, payload, received_at FROM records WHERE id > ?"
+                " ORDER BY id LIMIT ?",
+                (after_id, BATCH_ROWS),
+            ).fetchall()
+        )
+        if self._engine.dialect == "postgresql":
+            rows = self._up_to_young_gap(after_id, rows, time.time())
         batch = Batch(last_id=after_id, rows=len(rows))
-        for ident, device, kind, payload in rows:
+        for ident, device, kind, payload, _at in rows:
             batch.last_id = int(ident)
+            if kind not in ("rollout", "reported", "metrics"):
+                continue
             try:
                 _decode(batch, str(device), str(kind), bytes(payload))
             except (MessageError, ValueError, TypeError, AttributeError) as exc:
                 log.debug("record %s of %s not usable for rollouts: %s", ident, device, exc)
         return batch
+
+    def _up_to_young_gap(self, after_id: int, rows: list[Any], now: float) -> list[Any]:
+        """The rows before the first gap that a transaction in flight may still fill."""
+        with self._lock:
+            expected = after_id + 1
+            for i, row in enumerate(rows):
+                ident, received_at = int(row[0]), float(row[4])
+                if ident != expected:
+                    noticed = self._gaps.setdefault(expected, now)
+                    if now - received_at < GAP_WAIT_S and now - noticed < GAP_WAIT_S:
+                        rows = rows[:i]
+                        break
+                expected = ident + 1
+            for start in [g for g in self._gaps if g < expected]:
+                del self._gaps[start]  # passed: forget
+            return rows
 
 
 def _decode(batch: Batch, device: str, kind: str, payload: bytes) -> None:

@@ -22,6 +22,15 @@ Flow of one pass of the loop (every `TICK_S`):
 Operator calls (`create`, `pause`, `resume`, `abort`) take the same lock as the loop, so no
 two steps of one rollout interleave. Metrics totals live in memory; after a restart they are
 rebuilt from the stored records received since the oldest active rollout began.
+
+Several replicas (`leader.py`): every replica answers operator calls, but only the leader runs
+the loop -- `start()` when it becomes the leader, `stop()` when it stops being one. The lock is
+then the lease's fleet-wide `exclusive()` as well, so an operator's call on a follower and the
+leader's pass never interleave on one rollout; the loop reads the active rollouts from the
+store on every pass, so it picks up rollouts a follower created. A new leader starts like a
+restarted platform, and first `repair`s what a leader that died between storing a decision and
+carrying it out left undone (a notified device whose desired document does not name the
+rollout yet): no wave is repeated or skipped.
 """
 
 from __future__ import annotations
@@ -32,12 +41,13 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from cloud_sync import topics
 from cloud_sync.platform.fleet_store import FleetStore, UnknownDevice
 from cloud_sync.platform.intake import MqttIntake
+from cloud_sync.platform.leader import Lease, LocalLease
 from cloud_sync.platform.rollout_feed import BATCH_ROWS, MetricsKey, RecordFeed
 from cloud_sync.platform.rollout_store import RolloutStore
 from cloud_sync.platform.store import RegistryStore
@@ -50,6 +60,7 @@ from cloud_sync.rollout.model import Rollout, admit, new_rollout, plan
 from cloud_sync.rollout.selector import DeviceFacts
 from cloud_sync.rollout.spec import RolloutSpec
 from cloud_sync.rollout.states import ACTIVE_ROLLOUT_STATES
+from cloud_sync.rollout.states import DeviceState as DS
 from cloud_sync.rollout.states import RolloutState as RS
 from cloud_sync.state import merge_config
 
@@ -90,6 +101,7 @@ class RolloutController:
         *,
         tick_s: float = TICK_S,
         join_s: float = JOIN_S,
+        lease: Lease | None = None,
     ) -> None:
         self.rollouts = rollouts
         self.fleet = fleet
@@ -98,7 +110,8 @@ class RolloutController:
         self.intake = intake
         self.tick_s = tick_s
         self.join_s = join_s
-        self._lock = asyncio.Lock()
+        self.lease: Lease = lease if lease is not None else LocalLease()
+        self._local_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._cursor = 0
         self._metrics: dict[MetricsKey, VersionMetrics] = {}
@@ -107,18 +120,82 @@ class RolloutController:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start the loop (on the leader): as after a restart, metrics totals are rebuilt."""
+        if self._task is not None:
+            return
         active = await asyncio.to_thread(self.rollouts.active)
         since = min((r.created_at for r in active), default=time.time()) - METRICS_LOOKBACK_S
         self._cursor = await asyncio.to_thread(self.feed.first_id_since, since)
+        self._metrics = {}
+        self._joined_at = 0.0
+        try:
+            await self.repair()
+        except Exception:
+            log.exception("rollout repair failed; the loop starts anyway")
         self._task = asyncio.create_task(self._run(), name="rollout controller")
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def stop(self) -> None:
+        """Stop the loop (leadership lost or shutdown); operator calls keep working."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+
+    async def close(self) -> None:
+        await self.stop()
         await asyncio.to_thread(self.feed.close)
         await asyncio.to_thread(self.rollouts.close)
+
+    @contextlib.asynccontextmanager
+    async def _lock(self) -> AsyncIterator[None]:
+        """This process's lock, then the fleet-wide one (a no-op cost with one process)."""
+        async with self._local_lock, self.lease.exclusive():
+            yield
+
+    async def repair(self) -> int:
+        """Carry out what a stored decision asked for and a dead leader did not do.
+
+        A device the stored rollout calls `notified` (or asked to go back) must have a desired
+        document that names this rollout's step; when it does not, the action is done now. A
+        device whose document already says so is left alone (no second desired version).
+        Returns how many actions were redone.
+        """
+        redone = 0
+        async with self._lock():
+            for r in await asyncio.to_thread(self.rollouts.active):
+                for rec in r.devices.values():
+                    if rec.rollback_pending:
+                        action = core.SetDesired(
+                            rec.device, r.spec.function, rec.previous, True, r.id
+                        )
+                    elif rec.state is DS.NOTIFIED:
+                        action = core.SetDesired(
+                            rec.device, r.spec.function, r.spec.version, False, r.id
+                        )
+                    else:
+                        continue
+                    if not await asyncio.to_thread(self._done, action):
+                        await self._set_desired(action)
+                        redone += 1
+        if redone:
+            log.warning("rollout repair: %d desired documents written after a takeover", redone)
+        return redone
+
+    def _done(self, action: core.SetDesired) -> bool:
+        """Blocking: does the device's desired document already carry this action?"""
+        try:
+            desired = self.fleet.desired(action.device)
+        except UnknownDevice:
+            return True
+        entry = ((desired.config.get("deployment") or {}).get("rollouts") or {}).get(
+            action.function
+        ) or {}
+        return bool(
+            entry.get("rollout") == action.rollout
+            and entry.get("version") == action.version
+            and bool(entry.get("rollback")) == action.rollback
+        )
 
     async def _run(self) -> None:
         while True:
@@ -143,7 +220,7 @@ class RolloutController:
         if dry_run:
             return {**p.to_dict(), "dry_run": True, "function": spec.function,
                     "version": spec.version}  # fmt: skip
-        async with self._lock:
+        async with self._lock():
             existing = await asyncio.to_thread(self.rollouts.active)
             replaced = admit(spec.function, existing, supersede=supersede)
             now = time.time()
@@ -166,7 +243,7 @@ class RolloutController:
     async def command(self, rollout_id: str, verb: str) -> Rollout:
         """pause / resume / abort: they touch only the stored value, so they work with devices
         offline or stuck (the withdrawals are desired documents devices read when back)."""
-        async with self._lock:
+        async with self._lock():
             r = await self.get(rollout_id)
             allowed = {
                 "pause": (RS.PENDING, RS.RUNNING),
@@ -193,7 +270,7 @@ class RolloutController:
 
     async def pass_once(self) -> None:
         """One pass: records -> reports and metrics -> Tick; joiners now and then."""
-        async with self._lock:
+        async with self._lock():
             reports: list[StatusReport] = []
             while True:
                 batch = await asyncio.to_thread(self.feed.read, self._cursor)

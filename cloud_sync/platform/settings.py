@@ -12,6 +12,12 @@ on one layout:
     <data_dir>/fleet.db         devices, desired/reported state, metrics (fleet_store.py)
     <data_dir>/pki/             the platform CA (device certificates, CRL)
     <data_dir>/broker/          the embedded broker's server certificate
+    <data_dir>/director/        the director key (signs every desired document; director.py)
+    <data_dir>/director.db      the director's per-device counters and issued instructions
+    <data_dir>/rollouts.db      rollouts (rollout_store.py)
+
+With `database_url` (postgresql://USER@HOST:PORT/DB) the .db files are not used: every store's
+tables live in that PostgreSQL database, shared by all replicas (cloud_sync/platform/sql/).
 """
 
 from __future__ import annotations
@@ -52,6 +58,35 @@ class PlatformSettings:
     public_url: str = ""
     # Serve HTTPS (server certificate from the platform CA) and accept device client certificates.
     tls: bool = False
+    # TUF (`cloud_sync.platform.tuf`): how long a signed timestamp is valid; re-signed at half.
+    tuf_timestamp_expiry_s: float = 86400.0
+    # How long a signed desired document (director instruction) stays valid; re-issued at half.
+    director_ttl_s: int = 7 * 86_400
+    # None: SQLite files in the data dir. postgresql://USER@HOST:PORT/DB: PostgreSQL (password
+    # from PGPASSWORD, EDGEFN_DATABASE_PASSWORD or EDGEFN_DATABASE_PASSWORD_FILE, never here).
+    database_url: str | None = None
+    # With `tls`: serve this certificate chain and key (PEM) instead of one from the platform CA
+    # (a certificate from the operator's own CA for the public name devices dial).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Where bundle bytes live (blobs.py): None = `blobs_dir`; file:///PATH (a shared directory)
+    # or s3://BUCKET?endpoint=URL (credentials from the environment, never in the URL).
+    blobs_url: str | None = None
+    # Several replicas (leader.py, docs/scale-out.md). `lease`: a postgresql:// URL (no password
+    # in it: libpq reads PGPASSWORD / ~/.pgpass) for the leader election; "" = this process is
+    # the only one and always the leader. `replica_id` names this replica (its MQTT client id
+    # is `edgefn-platform-<id>`; keep it stable across restarts so the broker hands its session
+    # back). `shared_subscriptions`: None = on with an external broker, off with the embedded
+    # one (amqtt has no MQTT 5 shared subscriptions).
+    lease: str = ""
+    replica_id: str = ""
+    shared_subscriptions: bool | None = None
+
+    @property
+    def shares_device_traffic(self) -> bool:
+        if self.shared_subscriptions is not None:
+            return self.shared_subscriptions
+        return self.broker not in ("", "embedded")
 
     @property
     def token_file(self) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync import credentials, topics
+from cloud_sync.director_check import director_gate
 from cloud_sync.errors import CloudSyncError, MqttError
 from cloud_sync.mqtt import USER_PROPERTY_KEY, USER_PROPERTY_KIND, InboundMessage
 from cloud_sync.outbox import METRICS_SCHEMA, new_histogram, observe
@@ -116,6 +117,9 @@ class SimDevice:
         self.groups = tuple(str(g) for g in creds_doc.get("groups") or ())
         self.mqtt311 = creds_doc.get("mqtt_protocol") == "3.1.1"
         self.work = work / self.id
+        key = creds_doc.get("director_key")
+        self.director = director_gate(self.id, key if isinstance(key, str) else "", self.work,
+                                      required=False, groups=self.groups)  # fmt: skip
         self.active: dict[str, str] = {}
         self.installed: dict[str, set[str]] = {}
         self.bad: dict[str, str] = {}  # function -> version that failed here: not retried
@@ -217,7 +221,13 @@ class SimDevice:
 
     async def _on_message(self, scope: str | None, payload: bytes) -> None:
         try:
-            doc = parse_desired(payload)
+            # Checked like a real device checks it (director_check), counters kept in memory.
+            value, instruction = self.director.screen(
+                scope or "", payload, group=self.groups[0] if self.groups else None
+            )
+            doc = parse_desired(value)
+            if instruction is not None:
+                self.director.remember(instruction)
         except CloudSyncError as exc:
             log.warning("%s: bad desired document: %s", self.id, exc)
             return

@@ -6,7 +6,8 @@ default `LocalStore` keeps metadata in SQLite (WAL) and blobs in a content-addre
 directory; a deployment that outgrows one machine swaps in PostgreSQL + an S3-compatible object
 store behind the same methods (uploads are spooled to a local file first either way).
 
-Layout of `LocalStore`:
+Layout of `LocalStore` (the blob half is a `blobs.BlobStore`: this directory by default, a
+shared directory or an S3-compatible bucket with `--blobs`):
 
     <data_dir>/registry.db                    table `versions`, primary key (name, version)
     <data_dir>/blobs/sha256/<d[:2]>/<d>       one file per bundle, named by its sha256
@@ -16,31 +17,28 @@ Order of a publish: spool -> verify (the caller) -> `put_blob` (rename into plac
 `add_version`. A crash in between leaves at most an unreferenced blob, never a record without
 its blob. Blobs are immutable: a digest names exactly one byte string.
 
-All methods block (SQLite, file I/O): async callers use `asyncio.to_thread`. SQLite access is
-the shared pattern (`runtimes.sqlitedb`): one writer thread owns the write connection, reads run
-on a connection per calling thread. sqlite-utils creates and migrates the schema (its table
-helpers, on the writer connection at open); rows are read and written with plain SQL, because
-sqlite-utils' own writes commit on their own and would break the writer's transactions.
+All methods block (SQLite, file I/O): async callers use `asyncio.to_thread`. The metadata goes
+through an `sql.Engine`: the registry.db SQLite file by default (the shared `runtimes.sqlitedb`
+pattern: one writer thread, reads on a connection per calling thread), or the shared PostgreSQL
+database with `--database` (`engine=`). The schema is versioned migrations (`_MIGRATIONS`); the
+SQLite step 1 is the table sqlite-utils used to create, so older files open unchanged.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import sqlite3
-import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from cloud_sync.errors import CloudSyncError
-from runtimes.fsio import fsync_dir
+from cloud_sync.platform.sql import Engine, IntegrityError, Migration, SqlError, SqliteEngine
 from runtimes.manifest import semver_key
-from runtimes.sqlitedb import Database
+
+if TYPE_CHECKING:
+    from cloud_sync.platform.blobs import BlobStore
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -136,87 +134,59 @@ _VERSION_COLUMNS = (
 _SELECT_VERSION = f"SELECT {', '.join(_VERSION_COLUMNS)} FROM versions"
 
 
-def _create_schema(conn: sqlite3.Connection) -> None:
-    """The Database's setup step: create what is missing (sqlite-utils' table helpers)."""
-    db = sqlite_utils.Database(conn)
-    if "versions" not in db.table_names():
-        versions = db.table("versions")
-        versions.create(
-            {
-                "name": str,
-                "version": str,
-                "digest": str,
-                "size": int,
-                "runtime": str,
-                "arches": str,
-                "publisher": str,
-                "created_at": str,
-                "published_at": str,
-            },
-            pk=("name", "version"),
-        )
-        versions.create_index(["digest"])
+_VERSIONS = """
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT, version TEXT, digest TEXT, size {int}, runtime TEXT, arches TEXT, publisher TEXT,
+    created_at TEXT, published_at TEXT,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS idx_versions_digest ON versions (digest);
+"""
+_MIGRATIONS = (
+    Migration(1, "versions", _VERSIONS.format(int="INTEGER"), _VERSIONS.format(int="BIGINT")),
+)
 
 
 class LocalStore:
-    """SQLite metadata + content-addressed blob directory (the default)."""
+    """Metadata in SQLite or PostgreSQL (`engine`) + a blob store (default: the content-addressed
+    directory `blobs_dir`; `blobs.py` has the S3 one)."""
 
-    def __init__(self, db_path: Path, blobs_dir: Path) -> None:
-        self._blobs = Path(blobs_dir)
-        self._uploads = self._blobs / "uploads"
+    def __init__(
+        self,
+        db_path: Path,
+        blobs_dir: Path,
+        *,
+        engine: Engine | None = None,
+        blobs: BlobStore | None = None,
+    ) -> None:
+        # The blob half lives behind `blobs.BlobStore` (a directory or S3, blobs.py).
+        from cloud_sync.platform.blobs import FileBlobStore
+
+        self._blobs: BlobStore = blobs if blobs is not None else FileBlobStore(blobs_dir)
         try:
-            self._uploads.mkdir(parents=True, exist_ok=True)
-            (self._blobs / "sha256").mkdir(exist_ok=True)
-        except OSError as exc:
+            # FULL: a publish is rare and must survive power loss.
+            self._db = engine or SqliteEngine(
+                db_path, synchronous="FULL", name="edgefn-registry-db"
+            )
+            self._db.migrate("registry", _MIGRATIONS)
+        except SqlError as exc:
+            if hasattr(self, "_db"):
+                self._db.close()
             raise StoreError(f"cannot open the registry store in {db_path.parent}: {exc}") from exc
-        # FULL: a publish is rare and must survive power loss.
-        self._db = Database(
-            db_path, synchronous="FULL", setup=_create_schema, name="edgefn-registry-db"
-        )
-        try:
-            self._db.opened.result()
-        except (OSError, sqlite3.Error) as exc:
-            self._db.close()
-            raise StoreError(f"cannot open the registry store in {db_path.parent}: {exc}") from exc
-        # Uploads a crash interrupted are garbage: nobody references them.
-        for leftover in self._uploads.iterdir():
-            leftover.unlink(missing_ok=True)
 
-    # -- blobs ------------------------------------------------------------------------------
-
-    def _blob_path(self, digest: str) -> Path:
-        if not DIGEST_RE.match(digest):
-            raise StoreError(f"not a sha256 digest: {digest!r}", code="bad_digest")
-        return self._blobs / "sha256" / digest[:2] / digest
+    # -- blobs: delegated -------------------------------------------------------------------
 
     def new_upload(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix="upload-", dir=self._uploads)
-        os.close(fd)
-        return Path(name)
+        return self._blobs.new_upload()
 
     def put_blob(self, spooled: Path, digest: str) -> None:
-        dest = self._blob_path(digest)
-        try:
-            dest.parent.mkdir(exist_ok=True)
-            with open(spooled, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(spooled, 0o644)
-            os.replace(spooled, dest)  # same content if it existed: content-addressed
-            fsync_dir(dest.parent)
-        except OSError as exc:
-            raise StoreError(f"cannot store blob {digest}: {exc}") from exc
+        self._blobs.put_blob(spooled, digest)
 
     def blob_size(self, digest: str) -> int | None:
-        try:
-            return self._blob_path(digest).stat().st_size
-        except FileNotFoundError:
-            return None
+        return self._blobs.blob_size(digest)
 
     def open_blob(self, digest: str) -> BinaryIO:
-        try:
-            return open(self._blob_path(digest), "rb")
-        except FileNotFoundError:
-            raise StoreError(f"blob {digest} not found", code="not_found") from None
+        return self._blobs.open_blob(digest)
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -236,11 +206,12 @@ class LocalStore:
             f"VALUES ({', '.join('?' * len(_VERSION_COLUMNS))})"
         )
         try:
-            self._db.write(lambda c: c.execute(insert, row))
+            # Idempotent: a retry after a lost commit finds the row and answers "not new".
+            self._db.write(lambda c: c.execute(insert, row), idempotent=True)
             return True
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             existing = self.get_version(record.name, record.version)
-        except sqlite3.Error as exc:
+        except SqlError as exc:
             raise StoreError(f"cannot record {record.name}@{record.version}: {exc}") from exc
         if existing is not None and existing.digest == record.digest:
             return False
@@ -276,3 +247,4 @@ class LocalStore:
 
     def close(self) -> None:
         self._db.close()
+        self._blobs.close()

@@ -322,7 +322,8 @@ def _judge(r: Rollout, tick: Tick, actions: list[Action]) -> Rollout:
     if not settled:  # install success means nothing while installs are still running
         gates = tuple(g for g in gates if g.metric != "install_success")
     verdict = evaluate_gates(gates, current, tick.previous, spec.min_invocations)
-    r = replace(r, last_eval_at=now, verdict=verdict.to_dict(), updated_at=now)
+    judged = verdict.to_dict()
+    r = replace(r, last_eval_at=now, verdict=judged, updated_at=now).with_gate_point(now, judged)
     if verdict.outcome == "fail":
         r = replace(r, failures=r.failures + 1)
         if r.failures > spec.failure_limit:

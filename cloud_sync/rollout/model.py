@@ -23,6 +23,9 @@ from cloud_sync.rollout.spec import RolloutSpec
 from cloud_sync.rollout.states import ACTIVE_ROLLOUT_STATES, DeviceState, RolloutState
 from cloud_sync.topics import validate_id
 
+# Gate evaluations kept per rollout: at the default 30 s interval, about two hours of history.
+GATE_HISTORY_MAX = 240
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
@@ -88,6 +91,9 @@ class Rollout:
     tokens_at: float | None = None  # when `tokens` was computed; None: a full bucket
     verdict: Mapping[str, Any] | None = None  # the last gate verdict (gates.Verdict.to_dict())
     superseded_by: str | None = None
+    # Every gate evaluation, oldest first, at most GATE_HISTORY_MAX: what the console charts as
+    # "each gate's value over time against its bound" (`gate_point`).
+    gate_history: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", MappingProxyType(dict(self.devices)))
@@ -121,6 +127,7 @@ class Rollout:
             "tokens_at": self.tokens_at,
             "verdict": dict(self.verdict) if self.verdict is not None else None,
             "superseded_by": self.superseded_by,
+            "gate_history": [dict(p) for p in self.gate_history],
         }
 
     @classmethod
@@ -143,7 +150,15 @@ class Rollout:
             tokens_at=d.get("tokens_at"),
             verdict=d.get("verdict"),
             superseded_by=d.get("superseded_by"),
+            gate_history=tuple(p for p in d.get("gate_history") or () if isinstance(p, Mapping))[
+                -GATE_HISTORY_MAX:
+            ],
         )
+
+    def with_gate_point(self, now: float, verdict: Mapping[str, Any]) -> Rollout:
+        """A copy with one more evaluation in `gate_history` (the oldest dropped past the cap)."""
+        history = (*self.gate_history, gate_point(now, self.wave, verdict))
+        return replace(self, gate_history=history[-GATE_HISTORY_MAX:])
 
     def status_view(self) -> dict[str, Any]:
         """`edge-cloud rollout status --json`: the rollout, per-wave progress, every device."""
@@ -174,6 +189,7 @@ class Rollout:
             "waves": waves,
             "counts": dict(sorted(counts.items())),
             "gates": self.verdict,
+            "gate_history": [dict(p) for p in self.gate_history],
             "spec": self.spec.to_dict(),
             "superseded_by": self.superseded_by,
             "devices": [
@@ -187,6 +203,23 @@ class Rollout:
                 for r in sorted(self.devices.values(), key=_by_id)
             ],
         }
+
+
+def gate_point(now: float, wave: int, verdict: Mapping[str, Any]) -> dict[str, Any]:
+    """One evaluation, compact: the time, the wave, and per gate its value, bound and outcome.
+
+    The whole rollout document is rewritten on every change, so a point keeps only what a chart
+    needs (no reasons, no sample counts)."""
+    gates = verdict.get("gates") if isinstance(verdict, Mapping) else None
+    return {
+        "t": now,
+        "wave": wave,
+        "gates": [
+            {k: g.get(k) for k in ("gate", "value", "bound", "outcome")}
+            for g in gates or ()
+            if isinstance(g, Mapping)
+        ],
+    }
 
 
 def _by_id(r: DeviceRecord) -> str:

@@ -10,6 +10,12 @@
 //   - release_gil=True ("pooled"): the GIL is released around the function so other threads and
 //     the event loop keep running; the answer lands in a C++ buffer and is copied into bytes
 //     once the GIL is back.
+// Library.call(..., caller) also takes the Python callable that answers the function's
+// building-block calls (edgefn_call.call; runtimes/cpp/inproc_calls.py); pooled calls only.
+// Library.config_changed(json) hands a config change to the library's optional
+// edgefn_config_changed (looked up with dlsym; `takes_config` is False without it, and such a
+// library loads as before), with the GIL released; the executor calls it from a thread of its own
+// (runtimes/cpp/inproc_notify.py). It counts as a running call, so close() waits for it.
 // Library.close() dlcloses the library once no call is running: at once when idle, otherwise
 // when the last running call returns (unmapping code that a thread is executing would crash).
 // Policy (deadlines, thread pool, error mapping, logging) lives in runtimes/cpp/inproc.py.
@@ -23,6 +29,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -48,6 +55,7 @@ struct LogLine {
 // Per-call host state behind edgefn_call.host.
 struct HostCall {
     bool gil_held = false;
+    PyObject* caller = nullptr;  // borrowed (the call's argument): building blocks, or None
     PyObject* bytes = nullptr;  // inline: the answer, written in place
     std::unique_ptr<std::uint8_t[]> buffer;  // pooled: the answer until the GIL is back
     std::size_t length = 0;
@@ -100,6 +108,55 @@ void host_log(void* host, std::int32_t level, const char* msg, std::size_t len) 
     }
 }
 
+using Sink = void (*)(void*, const char*, std::size_t, const std::uint8_t*, std::size_t);
+
+std::int32_t sink_error(void* ctx, Sink sink, std::string_view code, std::string_view msg) {
+    sink(ctx, code.data(), code.size(), reinterpret_cast<const std::uint8_t*>(msg.data()),
+         msg.size());
+    return EDGEFN_ERROR;
+}
+
+// edgefn_call.call: a building-block call, answered by the executor's Python callable
+// (runtimes/cpp/inproc_calls.py), which waits on the agent's event loop.
+std::int32_t host_call(void* host, const char* op, std::size_t op_len, const char* target,
+                       std::size_t target_len, const std::uint8_t* payload,
+                       std::size_t payload_len, const char* ctype, std::size_t ctype_len,
+                       void* sink_ctx, Sink sink) {
+    auto* hc = static_cast<HostCall*>(host);
+    if (hc->gil_held)
+        return sink_error(sink_ctx, sink, "unavailable",
+                          "building blocks are not available to inline in-process functions: "
+                          "they run on the agent's event loop, which waiting for an answer "
+                          "would stall (drop `inline = true`, or use isolation = \"process\")");
+    if (hc->caller == nullptr || hc->caller == Py_None)
+        return sink_error(sink_ctx, sink, "unavailable", "this host offers no building blocks");
+    py::gil_scoped_acquire gil;
+    try {
+        py::object fn = py::reinterpret_borrow<py::object>(hc->caller);
+        auto text = [](const char* d, std::size_t n) {
+            PyObject* obj = PyUnicode_DecodeUTF8(d, static_cast<Py_ssize_t>(n), "replace");
+            if (obj == nullptr) throw py::error_already_set();
+            return py::reinterpret_steal<py::str>(obj);
+        };
+        py::tuple answer = fn(text(op, op_len), text(target, target_len),
+                              py::bytes(reinterpret_cast<const char*>(payload), payload_len),
+                              text(ctype, ctype_len));
+        std::string code = answer[0].cast<std::string>();
+        char* data = nullptr;
+        Py_ssize_t size = 0;
+        py::bytes bytes = answer[1];
+        if (PyBytes_AsStringAndSize(bytes.ptr(), &data, &size) != 0) throw py::error_already_set();
+        sink(sink_ctx, code.data(), code.size(), reinterpret_cast<const std::uint8_t*>(data),
+             static_cast<std::size_t>(size));
+        return code.empty() ? EDGEFN_OK : EDGEFN_ERROR;
+    } catch (py::error_already_set& exc) {
+        std::string why = exc.what();
+        return sink_error(sink_ctx, sink, "unavailable", "the host could not make the call: " + why);
+    } catch (const std::exception& exc) {
+        return sink_error(sink_ctx, sink, "unavailable", exc.what());
+    }
+}
+
 edgefn_str utf8_of(py::handle text) {
     Py_ssize_t size = 0;
     const char* data = PyUnicode_AsUTF8AndSize(text.ptr(), &size);
@@ -133,9 +190,11 @@ class Library {
             problem = path_ + ": not an edgefn function library: it does not export " + missing +
                       " (define the function with EDGEFN_FUNCTION(handler) from edgefn.hpp, or " +
                       "export the C ABI of edgefn.h)";
-        } else if (std::uint32_t theirs = abi(); theirs != EDGEFN_ABI_VERSION) {
+        } else if (std::uint32_t theirs = abi();
+                   theirs < EDGEFN_ABI_MIN_VERSION || theirs > EDGEFN_ABI_VERSION) {
             problem = path_ + ": built for edgefn C ABI version " + std::to_string(theirs) +
-                      ", but this host speaks version " + std::to_string(EDGEFN_ABI_VERSION) +
+                      ", but this host speaks versions " + std::to_string(EDGEFN_ABI_MIN_VERSION) +
+                      " to " + std::to_string(EDGEFN_ABI_VERSION) +
                       "; rebuild the function against this edgefn release";
         }
         if (!problem.empty()) {
@@ -143,6 +202,10 @@ class Library {
             handle_ = nullptr;
             throw LoadError(problem);
         }
+        // Optional: absent in hand-written C ABI libraries and those built before it existed.
+        config_changed_ =
+            reinterpret_cast<edgefn_config_changed_fn>(dlsym(handle_, "edgefn_config_changed"));
+        dlerror();
     }
 
     ~Library() {
@@ -154,7 +217,8 @@ class Library {
     }
 
     py::tuple call(py::bytes payload, py::str request_id, py::str trace_id, py::str content_type,
-                   std::uint32_t deadline_ms, std::uint32_t flags, bool release_gil) {
+                   std::uint32_t deadline_ms, std::uint32_t flags, bool release_gil,
+                   py::object caller) {
         edgefn_invoke_fn fn;
         {
             std::lock_guard<std::mutex> lock(mu_);
@@ -165,6 +229,7 @@ class Library {
         }
         HostCall hc;
         hc.gil_held = !release_gil;
+        hc.caller = caller.ptr();
         char* data = nullptr;
         Py_ssize_t size = 0;
         PyBytes_AsStringAndSize(payload.ptr(), &data, &size);
@@ -188,6 +253,7 @@ class Library {
         c.alloc = &host_alloc;
         c.set_content_type = &host_set_content_type;
         c.log = &host_log;
+        c.call = &host_call;
 
         std::int32_t status;
         if (release_gil) {
@@ -206,18 +272,42 @@ class Library {
         } else {
             answer = py::bytes(reinterpret_cast<const char*>(hc.buffer.get()), hc.length);
         }
-        py::object logs = py::none();
-        if (!hc.logs.empty() || hc.logs_dropped) {
-            py::list lines;
-            for (const auto& line : hc.logs) lines.append(py::make_tuple(line.level, decode(line.message)));
-            if (hc.logs_dropped)
-                lines.append(py::make_tuple(
-                    EDGEFN_LOG_WARN, py::str(std::to_string(hc.logs_dropped) +
-                                             " log lines of this call dropped (over the "
-                                             "in-process per-call log bound)")));
-            logs = std::move(lines);
+        return py::make_tuple(status, std::move(answer), decode(hc.content_type), log_lines(hc));
+    }
+
+    // (status, log lines or None), or None when the library does not take config changes or is
+    // closed. Runs with the GIL released: listeners are user code and may take their time.
+    py::object config_changed(py::bytes json) {
+        edgefn_config_changed_fn fn;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            if (handle_ == nullptr || closing_ || config_changed_ == nullptr) return py::none();
+            fn = config_changed_;
+            ++active_;
         }
-        return py::make_tuple(status, std::move(answer), decode(hc.content_type), std::move(logs));
+        char* data = nullptr;
+        Py_ssize_t size = 0;
+        PyBytes_AsStringAndSize(json.ptr(), &data, &size);
+        HostCall hc;  // only its log lines are used
+        std::int32_t status;
+        {
+            py::gil_scoped_release nogil;
+            try {
+                status = fn(data, static_cast<std::size_t>(size), &hc, &host_log);
+            } catch (...) {
+                static const char msg[] = "the function library let a C++ exception escape "
+                                          "edgefn_config_changed";
+                host_log(&hc, EDGEFN_LOG_ERROR, msg, sizeof(msg) - 1);
+                status = EDGEFN_ERROR;
+            }
+            finished();
+        }
+        return py::make_tuple(status, log_lines(hc));
+    }
+
+    bool takes_config() {
+        std::lock_guard<std::mutex> lock(mu_);
+        return handle_ != nullptr && config_changed_ != nullptr;
     }
 
     // True when the library is unloaded now; false when the last running call will unload it.
@@ -244,6 +334,19 @@ class Library {
     const std::string& path() const { return path_; }
 
    private:
+    // The call's log lines as [(level, text)], or None when it logged nothing (GIL held).
+    static py::object log_lines(const HostCall& hc) {
+        if (hc.logs.empty() && !hc.logs_dropped) return py::none();
+        py::list lines;
+        for (const auto& line : hc.logs) lines.append(py::make_tuple(line.level, decode(line.message)));
+        if (hc.logs_dropped)
+            lines.append(py::make_tuple(
+                EDGEFN_LOG_WARN, py::str(std::to_string(hc.logs_dropped) +
+                                         " log lines of this call dropped (over the "
+                                         "in-process per-call log bound)")));
+        return std::move(lines);
+    }
+
     // A library that does not use edgefn.hpp could still let an exception escape: stop it here.
     static std::int32_t guarded(edgefn_invoke_fn fn, const edgefn_call* c, HostCall& hc) noexcept {
         try {
@@ -269,6 +372,7 @@ class Library {
     std::mutex mu_;
     void* handle_ = nullptr;
     edgefn_invoke_fn invoke_ = nullptr;
+    edgefn_config_changed_fn config_changed_ = nullptr;
     int active_ = 0;
     bool closing_ = false;
 };
@@ -287,9 +391,11 @@ PYBIND11_MODULE(_host, m) {
              py::arg("function"), py::arg("version"))
         .def("call", &Library::call, py::arg("payload"), py::arg("request_id"),
              py::arg("trace_id"), py::arg("content_type"), py::arg("deadline_ms"),
-             py::arg("flags"), py::arg("release_gil"))
+             py::arg("flags"), py::arg("release_gil"), py::arg("caller") = py::none())
+        .def("config_changed", &Library::config_changed, py::arg("json"))
         .def("close", &Library::close)
         .def_property_readonly("loaded", &Library::loaded)
         .def_property_readonly("active", &Library::active)
+        .def_property_readonly("takes_config", &Library::takes_config)
         .def_property_readonly("path", &Library::path);
 }

@@ -11,7 +11,13 @@ work, waits for running calls and dlcloses the library (a version switch frees i
   nothing else on the loop does, which is why it is only for functions that are that short.
 - pooled (the default): the call runs with the GIL released on a bounded thread pool sized from
   the manifest's pool concurrency (capped at MAX_THREADS); requests beyond threads + max_queue
-  are refused with Overloaded (429).
+  are refused with Overloaded (429). Building-block calls (`ctx.invoke`, `ctx.state()`, ...)
+  block their pool thread while the loop answers them (`runtimes.cpp.inproc_calls`); inline
+  functions get `unavailable` for them, since waiting on the loop from the loop would deadlock.
+
+`notify_config()` is the in-process NOTIFY: the agent's config-change notification handed to
+the library's listeners (`edgefn::on_config_change`) on a thread of its own, in both modes
+(`runtimes.cpp.inproc_notify`).
 
 Deadlines cannot be enforced here: a thread running native code cannot be stopped safely (no
 cancellation points, no way to unwind its locks), and a process-wide kill would take the agent
@@ -34,7 +40,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from runtimes.capabilities import CapabilityHandler
 from runtimes.cpp import inproc_artifact
+from runtimes.cpp.inproc_calls import Caller, InProcessCalls
+from runtimes.cpp.inproc_notify import ConfigNotices
 from runtimes.errors import (
     BundleError,
     FunctionError,
@@ -83,6 +92,7 @@ class InProcessExecutor:
         *,
         library: Path | None = None,
         max_threads: int = MAX_THREADS,
+        capabilities: CapabilityHandler | None = None,
     ) -> None:
         if manifest.runtime != "cpp":
             raise ManifestError(f"{manifest.name}: runtime {manifest.runtime!r} is not cpp")
@@ -94,7 +104,9 @@ class InProcessExecutor:
         self.threads = 0 if self.inline else max(1, min(manifest.pool.concurrency, max_threads))
         self._max_waiting = manifest.pool.max_queue
         self._label = f"{manifest.name}@{manifest.version}"
+        self._calls = InProcessCalls(capabilities, manifest)  # building blocks (pooled only)
         self._lib: Any = None
+        self._notices: ConfigNotices | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._ok = 0
         self._flag_json = 0
@@ -130,10 +142,19 @@ class InProcessExecutor:
             raise BundleError(str(exc)) from exc
         self._ok = host.OK
         self._flag_json = host.FLAG_JSON
+        self._notices = ConfigNotices(self._lib, self._label, self.manifest.name)
         if not self.inline:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.threads, thread_name_prefix=f"edgefn-cpp-{self.manifest.name}"
             )
+
+    def notify_config(self, config: bytes) -> int:
+        """Tell the library its function's config changed (`config`, JSON); 1 when it will be
+        told, 0 when it is not running or does not take config changes (no
+        `edgefn_config_changed`: a hand-written C ABI, or built before it existed)."""
+        if self._notices is None or self._closing:
+            return 0
+        return self._notices.post(config)
 
     async def invoke(self, inv: Invocation) -> Result:
         lib = self._lib
@@ -177,7 +198,10 @@ class InProcessExecutor:
         # cost of asyncio.wrap_future + asyncio.wait for the same thread hop.
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[_Outcome] = loop.create_future()
-        cfut = pool.submit(self._run_in_thread, lib, inv, deadline_ms, flags, time.perf_counter())
+        caller = self._calls.caller(loop, inv, loop.time() + inv.timeout_s)
+        cfut = pool.submit(
+            self._run_in_thread, lib, inv, deadline_ms, flags, time.perf_counter(), caller
+        )
         self._in_flight += 1
         self._idle.clear()
         cfut.add_done_callback(functools.partial(self._thread_done, loop, waiter))
@@ -200,7 +224,7 @@ class InProcessExecutor:
 
     @staticmethod
     def _run_in_thread(
-        lib: Any, inv: Invocation, deadline_ms: int, flags: int, submitted: float
+        lib: Any, inv: Invocation, deadline_ms: int, flags: int, submitted: float, caller: Caller
     ) -> _Outcome:
         started = time.perf_counter()
         queued_s = started - submitted
@@ -208,7 +232,14 @@ class InProcessExecutor:
         if left_ms <= 0:
             return None  # its caller has given up already: do not spend a thread on it
         answer: _Answer = lib.call(
-            inv.payload, inv.request_id, inv.trace_id, inv.content_type, left_ms, flags, True
+            inv.payload,
+            inv.request_id,
+            inv.trace_id,
+            inv.content_type,
+            left_ms,
+            flags,
+            True,
+            caller,
         )
         return answer, queued_s, time.perf_counter() - started
 
@@ -309,6 +340,8 @@ class InProcessExecutor:
                 )
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._notices is not None:
+            self._notices.close()  # a delivery still running keeps the library until it ends
         lib = self._lib
         if lib is not None:
             # dlclose runs the library's static destructors: user code, so off the loop.

@@ -9,6 +9,8 @@ package edgefn
 //	err = edgefn.Publish(ctx, "traffic/jam", event)
 //	v, err := edgefn.State(ctx).Get("last")   // errors.Is(err, edgefn.ErrNotFound) when unset
 //	err = edgefn.Config(ctx, &cfg)
+//	key, err := edgefn.Secret(ctx, "maps-api-key") // errors.Is(err, edgefn.ErrNotPermitted)
+//	for cfg := range edgefn.ConfigChanges() { ... } // the new config, whenever it changes
 
 import (
 	"context"
@@ -188,4 +190,46 @@ func (s StateStore) Set(key string, value []byte) error {
 func (s StateStore) Delete(key string) error {
 	_, err := doCall(s.ctx, "state.delete", key, nil, "")
 	return err
+}
+
+// Secret returns the current value of a secret the platform delivered to this device. The
+// manifest must list name in [permissions] secrets (ErrNotPermitted otherwise); ErrNotFound
+// until it was delivered. The agent is asked on every call, so a rotation is seen at once.
+func Secret(ctx context.Context, name string) ([]byte, error) {
+	return doCall(ctx, "secret", name, nil, "")
+}
+
+// configChanges holds the latest config the agent announced; one slot, so a slow reader
+// sees the newest config, not a backlog, and the frame reader never blocks.
+var configChanges = make(chan json.RawMessage, 1)
+
+// ConfigChanges delivers the function's new config (JSON) whenever the agent applies a new
+// desired config for it. Changes that arrive while nobody reads are coalesced: the channel
+// holds only the latest. Workers started after a change read Config themselves.
+func ConfigChanges() <-chan json.RawMessage { return configChanges }
+
+// deliverNotify handles a NOTIFY frame on the reader goroutine (the only sender).
+func deliverNotify(f frame) {
+	op := ""
+	_ = eachTLV(f.header, func(key byte, value []byte) error {
+		if key == keyOp {
+			op = string(value)
+		}
+		return nil
+	})
+	if op != "config" || !json.Valid(f.payload) {
+		return // a notification this host does not know, like an unknown header key
+	}
+	cfg := json.RawMessage(append([]byte(nil), f.payload...))
+	for {
+		select {
+		case configChanges <- cfg:
+			return
+		default:
+			select { // full: drop the older config, keep the newest
+			case <-configChanges:
+			default:
+			}
+		}
+	}
 }

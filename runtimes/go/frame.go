@@ -30,6 +30,7 @@ const (
 	kindCall       // worker -> agent: a building-block call (blocks.go)
 	kindCallResult // agent -> worker
 	kindCallError  // agent -> worker
+	kindNotify     // agent -> worker: OP "config", payload = the function's new config (JSON)
 )
 
 const flagJSON uint16 = 1
@@ -47,6 +48,7 @@ const (
 	keyOp          byte = 9
 	keyTarget      byte = 10
 	keyParentID    byte = 11
+	keyFeatures    byte = 12 // on READY: optional frames this host takes
 )
 
 type frame struct {
@@ -90,7 +92,7 @@ func readFrame(r io.Reader) (frame, error) {
 		return frame{}, protoErrorf("unsupported protocol version %d", body[0])
 	}
 	k := kind(body[1])
-	if k < kindInvoke || k > kindCallError {
+	if k < kindInvoke || k > kindNotify {
 		return frame{}, protoErrorf("unknown frame kind %d", k)
 	}
 	hl := binary.BigEndian.Uint32(body[12:16])

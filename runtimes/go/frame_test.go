@@ -113,7 +113,7 @@ func TestMalformed(t *testing.T) {
 		"too long":           mustHex(t, "04000001"),
 		"shorter than fixed": mustHex(t, "00000003 010100"),
 		"bad version":        body(2, 1, "00000000", ""),
-		"unknown kind":       body(1, 12, "00000000", ""),
+		"unknown kind":       body(1, 13, "00000000", ""),
 		"kind zero":          body(1, 0, "00000000", ""),
 		"header past frame":  body(1, 1, "00000005", "0100"),
 		"truncated body":     mustHex(t, "00000020 0101"),

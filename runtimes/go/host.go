@@ -66,7 +66,7 @@ func (h *host) send(f frame) { h.out <- outgoing{f: f} }
 // serve reads frames until SHUTDOWN or EOF and returns the exit status.
 func (h *host) serve(in io.Reader) int {
 	name := "go/" + strings.TrimPrefix(runtime.Version(), "go")
-	h.send(frame{kind: kindReady, header: appendTLV(nil, keyRuntime, name)})
+	h.send(frame{kind: kindReady, header: appendTLV(appendTLV(nil, keyRuntime, name), keyFeatures, "notify")})
 	for {
 		f, err := readFrame(in)
 		if err == io.EOF {
@@ -87,6 +87,8 @@ func (h *host) serve(in io.Reader) int {
 			go h.invoke(newRequest(f, hdr, time.Now()))
 		case kindCallResult, kindCallError:
 			h.calls.deliver(f)
+		case kindNotify:
+			deliverNotify(f)
 		case kindPing:
 			h.send(frame{kind: kindPong, id: f.id})
 		case kindShutdown:

@@ -22,12 +22,13 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import { Writable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
 import { format, inspect } from 'node:util';
-import { CallClient, answerCall } from './calls.mjs';
+import { CallClient, answerCall, notify } from './calls.mjs';
 import {
   CALL_ERROR, CALL_RESULT, CODE_BAD_REQUEST, CODE_FUNCTION, CT_JSON, CT_OCTET, CT_TEXT, ERROR,
-  EXIT_FLUSH_MS, FIXED_LEN, FLAG_JSON, H_CONTENT_TYPE, H_DEADLINE_MS, H_ERROR_CODE, H_FUNCTION,
-  H_RUNTIME, H_TRACE_ID, H_VERSION, INVOKE, LEVEL, LOG, MAX_FRAME, MAX_LOG_CHARS, NO_DEADLINE_MS,
-  PING, PONG, PROTOCOL_VERSION, READY, RESULT, SHUTDOWN, flush, frameDecoder, note, out,
+  EXIT_FLUSH_MS, FIXED_LEN, FLAG_JSON, H_CONTENT_TYPE, H_DEADLINE_MS, H_ERROR_CODE, H_FEATURES,
+  H_FUNCTION, H_OP, H_RUNTIME, H_TRACE_ID, H_VERSION, INVOKE, LEVEL, LOG, MAX_FRAME, MAX_LOG_CHARS,
+  NO_DEADLINE_MS, NOTIFY, PING, PONG, PROTOCOL_VERSION, READY, RESULT, SHUTDOWN, flush,
+  frameDecoder, note, out,
   protocolError, sendFrame, sendText, stderr, tlv,
 } from './frames.mjs';
 
@@ -290,6 +291,7 @@ function handleFrame(buf, start, end) {
   let fnVersion = '';
   let ct = '';
   let code = '';
+  let op = '';
   let p = hstart;
   while (p < pstart) {
     if (p + 3 > pstart) protocolError('truncated header entry');
@@ -317,6 +319,9 @@ function handleFrame(buf, start, end) {
         break;
       case H_ERROR_CODE:
         code = buf.toString('utf8', v, p);
+        break;
+      case H_OP:
+        op = buf.toString('utf8', v, p);
         break;
       default:
         break; // unknown keys are skipped (protocol rule)
@@ -350,6 +355,9 @@ function handleFrame(buf, start, end) {
     case CALL_RESULT:
     case CALL_ERROR:
       answerCall(kind, lo, code, buf.subarray(pstart, end));
+      return;
+    case NOTIFY:
+      notify(op, buf.subarray(pstart, end));
       return;
     case PING:
       sendFrame(PONG, 0, hi, lo, null, null);
@@ -486,7 +494,9 @@ async function main() {
   stdin.on('error', () => exitAfterFlush(0));
 
   ready = true;
-  sendFrame(READY, 0, 0, 0, tlv(H_RUNTIME, `node/${process.versions.node}`), null);
+  // FEATURES: the optional agent -> worker frames this host takes (NOTIFY, docs/protocol.md).
+  const header = [tlv(H_RUNTIME, `node/${process.versions.node}`), tlv(H_FEATURES, 'notify')];
+  sendFrame(READY, 0, 0, 0, Buffer.concat(header), null);
   flush();
 }
 

@@ -1,5 +1,6 @@
-// edgefn Node.js host: the building-block client. context.invoke/publish/state/config send a
-// CALL frame to the agent (docs/building-blocks.md) and wait for its CALL_RESULT/CALL_ERROR.
+// edgefn Node.js host: the building-block client. context.invoke/publish/state/config/secret
+// send a CALL frame to the agent (docs/building-blocks.md) and wait for its CALL_RESULT/CALL_ERROR.
+// context.onConfigChange registers a worker-wide listener the agent's NOTIFY `config` frames call.
 
 import {
   CALL,
@@ -9,9 +10,12 @@ import {
   H_OP,
   H_PARENT_ID,
   H_TARGET,
+  LEVEL,
+  LOG,
   MAX_FRAME,
   protocolError,
   sendFrame,
+  sendText,
   tlv,
 } from './frames.mjs';
 
@@ -72,6 +76,35 @@ export function answerCall(kind, id, code, payload) {
   else pending.reject(new EdgefnError(code || 'unavailable', payload.toString('utf8')));
 }
 
+// ---- config change listeners: worker-wide (a handler registers from any invocation; the same
+// function registered twice is called once). Each gets the new config object. ----
+const configListeners = new Set();
+
+export function notify(op, payload) {
+  if (op !== 'config') return; // a NOTIFY this host does not know: ignored, like unknown headers
+  let config;
+  try {
+    config = JSON.parse(payload.toString('utf8'));
+  } catch (err) {
+    protocolError(`NOTIFY config payload is not JSON: ${err.message}`);
+  }
+  for (const fn of configListeners) {
+    try {
+      const ret = fn(config);
+      if (ret !== null && typeof ret === 'object' && typeof ret.catch === 'function') {
+        ret.catch((err) => logListenerError(err));
+      }
+    } catch (err) {
+      logListenerError(err);
+    }
+  }
+}
+
+function logListenerError(err) {
+  const text = `onConfigChange listener failed: ${err?.stack ?? String(err)}`;
+  sendText(LOG, 0, 0, 0, LEVEL.error, text.slice(0, 64 * 1024));
+}
+
 // The building-block half of the `context` object handlers receive (bootstrap.mjs Context).
 export class CallClient {
   #inv;
@@ -108,5 +141,20 @@ export class CallClient {
 
   config() {
     return call(this.#inv, 'config', '', null).then((buf) => JSON.parse(buf.toString('utf8')));
+  }
+
+  // The secret's current value as a Buffer (`String(buf)` for text). The manifest must list the
+  // name in [permissions] secrets; not_found until the platform delivered it to this device.
+  // Asked of the agent on every call, so a rotation is seen at once: do not keep it for long.
+  secret(name) {
+    return call(this.#inv, 'secret', name, null);
+  }
+
+  // fn(newConfig) is called whenever the agent applies a new desired config for this function,
+  // outside any invocation. Returns a function that removes the listener.
+  onConfigChange(fn) {
+    if (typeof fn !== 'function') throw new TypeError('onConfigChange: expects a function');
+    configListeners.add(fn);
+    return () => configListeners.delete(fn);
   }
 }

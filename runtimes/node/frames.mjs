@@ -14,6 +14,7 @@ export const READY = 8;
 export const CALL = 9; // building blocks: function -> agent (docs/building-blocks.md)
 export const CALL_RESULT = 10;
 export const CALL_ERROR = 11;
+export const NOTIFY = 12; // agent -> worker: OP `config`, payload = the new config (JSON)
 export const FLAG_JSON = 1;
 export const H_DEADLINE_MS = 1;
 export const H_TRACE_ID = 2;
@@ -26,6 +27,7 @@ export const H_RUNTIME = 8;
 export const H_OP = 9;
 export const H_TARGET = 10;
 export const H_PARENT_ID = 11;
+export const H_FEATURES = 12; // on READY: optional frames this host takes
 export const FIXED_LEN = 16;
 export const MAX_FRAME = 64 * 1024 * 1024; // same bound as the agent: larger frames kill the worker
 // A log line is for humans; cap it so one runaway console.log cannot approach MAX_FRAME.

@@ -66,7 +66,16 @@ def _p95(raw: Any) -> float | None:
     return q if math.isfinite(q) else hist.bounds[-1]
 
 
-def line_chart(points: Series, *, title: str, unit: str = "", percent: bool = False) -> Html:
+def line_chart(
+    points: Series,
+    *,
+    title: str,
+    unit: str = "",
+    percent: bool = False,
+    bound: float | None = None,
+) -> Html:
+    """The series as a polyline; with `bound`, a dashed line at it (a gate's limit) in scale."""
+
     def fmt(v: float) -> str:
         return f"{v * 100:.1f}%" if percent else f"{v:.4g}{unit}"
 
@@ -76,22 +85,54 @@ def line_chart(points: Series, *, title: str, unit: str = "", percent: bool = Fa
     ts = [t for t, _ in points]
     vs = [v for _, v in points]
     t0, t1 = min(ts), max(ts)
-    top = max(vs) or 1.0
+    top = max([*vs, bound if bound is not None and math.isfinite(bound) else 0.0]) or 1.0
     span = (t1 - t0) or 1.0
+
+    def y(v: float) -> float:
+        return HEIGHT - PAD - max(0.0, v) / top * (HEIGHT - 2 * PAD)
 
     def xy(t: float, v: float) -> str:
         x = PAD + (t - t0) / span * (WIDTH - 2 * PAD)
-        y = HEIGHT - PAD - v / top * (HEIGHT - 2 * PAD)
-        return f"{x:.1f},{y:.1f}"
+        return f"{x:.1f},{y(v):.1f}"
 
     poly = " ".join(xy(t, v) for t, v in points)
+    limit = Html("")
+    if bound is not None and math.isfinite(bound):
+        limit = h(
+            '<line class="bound" x1="$x0" x2="$x1" y1="$y" y2="$y"><title>bound $b</title></line>',
+            x0=PAD, x1=WIDTH - PAD, y=f"{y(bound):.1f}", b=fmt(bound),
+        )  # fmt: skip
     return h(
-        '<figure class="chart"><figcaption>$title <span class="muted">last $last, max $top'
+        '<figure class="chart"><figcaption>$title <span class="muted">last $last, max $top$bnd'
         '</span></figcaption><svg viewBox="0 0 $w $ht" width="$w" height="$ht" role="img"'
-        ' aria-label="$title"><rect x="0" y="0" width="$w" height="$ht" class="bg"/>'
+        ' aria-label="$title"><rect x="0" y="0" width="$w" height="$ht" class="bg"/>$limit'
         '<polyline fill="none" class="line" points="$poly"/></svg></figure>',
         title=title, last=fmt(vs[-1]), top=fmt(top), w=WIDTH, ht=HEIGHT, poly=poly,
+        bnd="" if bound is None else f", bound {fmt(bound)}", limit=limit,
     )  # fmt: skip
+
+
+def gate_series(history: Any) -> dict[str, tuple[Series, float | None]]:
+    """gate text -> ([(t, value)], its bound) from a rollout's `gate_history` (oldest first).
+
+    Points without a value (not enough samples yet) are left out; the bound is the last one
+    seen, since a relative gate's bound moves with the previous version's figures."""
+    out: dict[str, tuple[Series, float | None]] = {}
+    for point in history if isinstance(history, list) else ():
+        t = point.get("t") if isinstance(point, dict) else None
+        if not isinstance(t, int | float) or isinstance(t, bool):
+            continue
+        for g in point.get("gates") or ():
+            if not isinstance(g, dict) or not isinstance(g.get("gate"), str):
+                continue
+            series, bound = out.get(g["gate"], ([], None))
+            value, b = g.get("value"), g.get("bound")
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                series.append((float(t), float(value)))
+            if isinstance(b, int | float) and not isinstance(b, bool):
+                bound = float(b)
+            out[g["gate"]] = (series, bound)
+    return out
 
 
 def progress_bar(done: int, total: int, *, label: str = "") -> Html:

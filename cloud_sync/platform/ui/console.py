@@ -54,7 +54,7 @@ class Console:
     ) -> None:
         self._token = token
         self._fleet = fleet
-        self._view = FleetView(fleet.path)
+        self._view = FleetView(fleet.engine)
         self._registry = registry
         self._accounts = accounts
         self._rollouts = rollout_source

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
-from cloud_sync.platform.ui.charts import progress_bar
+from cloud_sync.platform.ui.charts import gate_series, line_chart, progress_bar
 from cloud_sync.platform.ui.html import Html, h, join
 from cloud_sync.rollout.states import DeviceState as D
 
@@ -79,6 +79,10 @@ def detail_body(view: dict[str, Any], csrf: str, state_filter: str) -> Html:
         for w in view.get("waves") or []
     )
     gates = join(_gate_row(g) for g in _gates(view.get("gates"), view.get("spec")))
+    gate_charts = join(
+        line_chart(points, title=gate, bound=bound)
+        for gate, (points, bound) in gate_series(view.get("gate_history")).items()
+    )
     devices = [
         d for d in view.get("devices") or [] if not state_filter or d.get("state") == state_filter
     ]
@@ -122,6 +126,7 @@ def detail_body(view: dict[str, Any], csrf: str, state_filter: str) -> Html:
         "<th>states</th></tr></thead><tbody>$waves</tbody></table>"
         "<h3>Gates</h3><table><thead><tr><th>gate</th><th>value</th><th>bound</th>"
         "<th>samples</th><th>result</th><th>why</th></tr></thead><tbody>$gates</tbody></table>"
+        '<div class="charts gate-charts">$gate_charts</div>'
         '<h3>Devices</h3><form method="get"><select name="state"><option value="">all states'
         '</option>$options</select> <button type="submit">filter</button></form>'
         "<table><thead><tr><th>device</th><th>wave</th><th>state</th><th>version</th>"
@@ -129,6 +134,7 @@ def detail_body(view: dict[str, Any], csrf: str, state_filter: str) -> Html:
         fn=view.get("function"), v=view.get("version"), st=view.get("state"),
         reason=f"stopped: {view['reason']}" if view.get("reason") else "",
         buttons=buttons, waves=waves, gates=gates, options=options, rows=device_rows,
+        gate_charts=gate_charts,
     )  # fmt: skip
 
 

@@ -13,6 +13,13 @@
 //   5. Each answer (RESULT/ERROR) and each log line is written as one frame by whichever thread
 //      has it, under a single mutex, so frames never interleave. Answers leave in any order.
 //   6. On SHUTDOWN or EOF: the queue is drained, the threads are joined, exit 0.
+// Building blocks: a handler's ctx.invoke/publish/state/config/secret sends a CALL frame from its
+// own thread and waits for the CALL_RESULT/CALL_ERROR, which the main thread hands over (Calls);
+// a wait never outlives the invocation's deadline.
+// Config changes: when the library defines edgefn_config_changed (EDGEFN_FUNCTION does), READY
+// announces FEATURES "notify"; the main thread puts each NOTIFY `config` payload in a one-slot
+// mailbox (Notices) and a notification thread of its own hands it to the library, so a slow or
+// throwing listener never stalls frame reading (PING, CALL answers) or kills the worker.
 // A crash of the handler (segfault, abort) takes down only this process; the pool replaces it.
 #ifndef EDGEFN_WORKER_HPP
 #define EDGEFN_WORKER_HPP
@@ -38,192 +45,134 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "edgefn.h"
+#include "edgefn_frames.hpp"
+
+// Weak: a library that writes the C ABI by hand may not define it (then no FEATURES "notify").
+extern "C" int32_t edgefn_config_changed(const char* json, size_t len, void* host,
+                                         void (*log)(void*, int32_t, const char*, size_t))
+    __attribute__((weak));
 
 namespace edgefn {
 namespace worker {
 
-constexpr std::uint8_t kProtocolVersion = 1;
-constexpr std::uint32_t kMaxFrame = 64u * 1024u * 1024u;  // same bound as runtimes/protocol.py
-constexpr std::uint32_t kFixedLen = 16;
-constexpr std::uint16_t kFlagJson = 1;
-// Threads per worker: EDGEFN_CONCURRENCY (the manifest's pool concurrency), clamped. Beyond a
-// few dozen threads a CPU-bound worker only thrashes; the agent still bounds in-flight requests.
-constexpr int kDefaultThreads = 4;
-constexpr int kMaxThreads = 64;
-constexpr std::size_t kReadChunk = 64 * 1024;
-
-enum Kind : std::uint8_t {
-    kInvoke = 1,
-    kResult = 2,
-    kError = 3,
-    kLog = 4,
-    kPing = 5,
-    kPong = 6,
-    kShutdown = 7,
-    kReady = 8,
-};
-
-enum Key : std::uint8_t {
-    kDeadlineMs = 1,
-    kTraceId = 2,
-    kFunction = 3,
-    kVersion = 4,
-    kErrorCode = 5,
-    kLogLevel = 6,
-    kContentType = 7,
-    kRuntime = 8,
-};
-
-[[noreturn]] inline void die(int status, const std::string& why) {
-    std::string line = "edgefn worker: " + why + "\n";
-    ssize_t ignored = ::write(2, line.data(), line.size());
-    (void)ignored;
-    ::_exit(status);
-}
-
-inline void put_u16(std::string& s, std::uint16_t v) {
-    s.push_back(static_cast<char>(v >> 8));
-    s.push_back(static_cast<char>(v & 0xff));
-}
-inline void put_u32(std::string& s, std::uint32_t v) {
-    for (int shift = 24; shift >= 0; shift -= 8) s.push_back(static_cast<char>((v >> shift) & 0xff));
-}
-inline void put_u64(std::string& s, std::uint64_t v) {
-    for (int shift = 56; shift >= 0; shift -= 8) s.push_back(static_cast<char>((v >> shift) & 0xff));
-}
-inline std::uint32_t get_u32(const unsigned char* p) {
-    return (std::uint32_t(p[0]) << 24) | (std::uint32_t(p[1]) << 16) | (std::uint32_t(p[2]) << 8) |
-           std::uint32_t(p[3]);
-}
-inline std::uint64_t get_u64(const unsigned char* p) {
-    return (std::uint64_t(get_u32(p)) << 32) | get_u32(p + 4);
-}
-// One TLV header entry; values longer than a u16 can say are cut (only log text could be).
-inline void put_tlv(std::string& s, std::uint8_t key, std::string_view value) {
-    if (value.size() > 0xffff) value = value.substr(0, 0xffff);
-    s.push_back(static_cast<char>(key));
-    put_u16(s, static_cast<std::uint16_t>(value.size()));
-    s.append(value.data(), value.size());
-}
-
-// Writes whole frames to the protocol fd; one mutex makes every frame atomic on the pipe.
-class Writer {
+// Building-block calls in flight: call id -> the slot its answer goes to. Handler threads wait
+// on their slot; the main thread (which reads every frame) fills it. A handler that stops
+// waiting (its deadline passed) removes its slot, and a late answer for it is dropped.
+class Calls {
    public:
-    explicit Writer(int fd) : fd_(fd) {}
+    struct Slot {
+        bool done = false;
+        bool ok = false;
+        std::string code, data;
+    };
 
-    void send(std::uint8_t kind, std::uint16_t flags, std::uint64_t id, const std::string& header,
-              const void* payload, std::size_t payload_len) {
-        std::uint64_t body = std::uint64_t(kFixedLen) + header.size() + payload_len;
-        if (body > kMaxFrame) {
-            // An answer the agent would refuse as a protocol violation: say why instead.
-            std::string h;
-            put_tlv(h, kErrorCode, "function_error");
-            std::string msg = "answer of " + std::to_string(payload_len) +
-                              " bytes exceeds the protocol's frame maximum";
-            send(kError, 0, id, h, msg.data(), msg.size());
-            return;
-        }
-        std::string head;
-        head.reserve(4 + kFixedLen + header.size());
-        put_u32(head, static_cast<std::uint32_t>(body));
-        head.push_back(static_cast<char>(kProtocolVersion));
-        head.push_back(static_cast<char>(kind));
-        put_u16(head, flags);
-        put_u64(head, id);
-        put_u32(head, static_cast<std::uint32_t>(header.size()));
-        head += header;
+    std::uint64_t open(std::shared_ptr<Slot> slot) {
         std::lock_guard<std::mutex> lock(mu_);
-        write_all(head.data(), head.size(), static_cast<const char*>(payload), payload_len);
+        std::uint64_t id = ++last_;
+        slots_[id] = std::move(slot);
+        return id;
     }
 
-   private:
-    void write_all(const char* a, std::size_t alen, const char* b, std::size_t blen) {
-        while (alen + blen > 0) {
-            iovec iov[2];
-            int n = 0;
-            if (alen) iov[n++] = {const_cast<char*>(a), alen};
-            if (blen) iov[n++] = {const_cast<char*>(b), blen};
-            ssize_t w = ::writev(fd_, iov, n);
-            if (w < 0) {
-                if (errno == EINTR) continue;
-                // The agent closed our stdout: nobody can receive answers any more.
-                die(1, std::string("cannot write frames to stdout: ") + std::strerror(errno));
-            }
-            std::size_t done = static_cast<std::size_t>(w);
-            std::size_t from_a = done < alen ? done : alen;
-            a += from_a;
-            alen -= from_a;
-            done -= from_a;
-            b += done;
-            blen -= done;
+    // Waits until answered or `until`; false on timeout (the slot is then forgotten).
+    bool wait(std::uint64_t id, const std::shared_ptr<Slot>& slot,
+              std::chrono::steady_clock::time_point until) {
+        std::unique_lock<std::mutex> lock(mu_);
+        bool answered = cv_.wait_until(lock, until, [&] { return slot->done; });
+        slots_.erase(id);
+        return answered;
+    }
+
+    // Main thread: an answer arrived. False when the id was never used by this worker.
+    bool answer(std::uint64_t id, bool ok, std::string code, std::string data) {
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            if (id == 0 || id > last_) return false;
+            auto it = slots_.find(id);
+            if (it == slots_.end()) return true;  // its caller stopped waiting: drop it
+            it->second->ok = ok;
+            it->second->code = std::move(code);
+            it->second->data = std::move(data);
+            it->second->done = true;
         }
-    }
-
-    int fd_;
-    std::mutex mu_;
-};
-
-// Buffered reader of whole frames from stdin (only ever used by the main thread).
-class Reader {
-   public:
-    explicit Reader(int fd) : fd_(fd), buf_(kReadChunk) {}
-
-    // Fills `body` with the next frame's body (after the length). False on EOF between frames.
-    bool next(std::string& body) {
-        unsigned char prefix[4];
-        std::size_t got = read_exact(reinterpret_cast<char*>(prefix), 4);
-        if (got == 0) return false;
-        if (got < 4) die(2, "stdin ended inside a frame length");
-        std::uint32_t length = get_u32(prefix);
-        if (length > kMaxFrame)
-            die(2, "protocol violation: frame of " + std::to_string(length) +
-                       " bytes exceeds the " + std::to_string(kMaxFrame) + "-byte maximum");
-        if (length < kFixedLen)
-            die(2, "protocol violation: frame of " + std::to_string(length) +
-                       " bytes is shorter than its fixed part");
-        body.resize(length);
-        if (read_exact(body.data(), length) < length) die(2, "stdin ended inside a frame");
+        cv_.notify_all();
         return true;
     }
 
    private:
-    std::size_t read_exact(char* dst, std::size_t n) {
-        std::size_t done = 0;
-        while (done < n) {
-            if (start_ < end_) {
-                std::size_t take = std::min(n - done, end_ - start_);
-                std::memcpy(dst + done, buf_.data() + start_, take);
-                start_ += take;
-                done += take;
-                continue;
-            }
-            // Large payloads go straight into their destination, small reads are batched.
-            bool direct = n - done >= buf_.size();
-            char* into = direct ? dst + done : buf_.data();
-            std::size_t room = direct ? n - done : buf_.size();
-            ssize_t r = ::read(fd_, into, room);
-            if (r < 0) {
-                if (errno == EINTR) continue;
-                die(2, std::string("cannot read stdin: ") + std::strerror(errno));
-            }
-            if (r == 0) return done;
-            if (direct) {
-                done += static_cast<std::size_t>(r);
-            } else {
-                start_ = 0;
-                end_ = static_cast<std::size_t>(r);
-            }
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::uint64_t last_ = 0;
+    std::unordered_map<std::uint64_t, std::shared_ptr<Slot>> slots_;
+};
+
+// The config-change notifications of one worker: the main thread posts, one thread delivers.
+// One slot: a config that arrives while an older one waits replaces it, so a slow listener gets
+// the newest config instead of a backlog (as Go's ConfigChanges channel does).
+class Notices {
+   public:
+    explicit Notices(Writer& writer) : writer_(writer) {
+        if (supported()) thread_ = std::thread([this] { serve(); });
+    }
+    ~Notices() { stop(); }
+
+    static bool supported() { return &edgefn_config_changed != nullptr; }
+
+    void post(std::string config) {
+        if (!thread_.joinable()) return;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            pending_ = std::move(config);
+            has_pending_ = true;
         }
-        return done;
+        cv_.notify_one();
     }
 
-    int fd_;
-    std::vector<char> buf_;
-    std::size_t start_ = 0;
-    std::size_t end_ = 0;
+    // A config still waiting is dropped: the worker is going away.
+    void stop() {
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            stopping_ = true;
+        }
+        cv_.notify_one();
+        if (thread_.joinable()) thread_.join();
+    }
+
+   private:
+    static void on_log(void* host, std::int32_t level, const char* msg, std::size_t len) {
+        static const char* const names[] = {"debug", "info", "warn", "error"};
+        try {
+            std::string header;
+            put_tlv(header, kLogLevel, level >= 0 && level <= 3 ? names[level] : "info");
+            static_cast<Notices*>(host)->writer_.send(kLog, 0, 0, header, msg, len);
+        } catch (...) {
+        }
+    }
+
+    void serve() {
+        for (;;) {
+            std::string config;
+            {
+                std::unique_lock<std::mutex> lock(mu_);
+                cv_.wait(lock, [this] { return stopping_ || has_pending_; });
+                if (stopping_) return;
+                config.swap(pending_);
+                has_pending_ = false;
+            }
+            edgefn_config_changed(config.data(), config.size(), this, &Notices::on_log);
+        }
+    }
+
+    Writer& writer_;
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::string pending_;
+    bool has_pending_ = false;
+    bool stopping_ = false;
+    std::thread thread_;
 };
 
 struct Job {
@@ -292,6 +241,7 @@ class Worker {
 
     const std::string& function() const { return function_; }
     const std::string& version() const { return version_; }
+    Calls& calls() { return calls_; }
 
    private:
     void serve() {
@@ -329,6 +279,45 @@ class Worker {
         }
     }
 
+    // edgefn_call.call: CALL frame out, wait for its answer (main thread), hand it to `sink`.
+    static std::int32_t on_call(void* host, const char* op, std::size_t op_len, const char* target,
+                                std::size_t target_len, const std::uint8_t* payload,
+                                std::size_t payload_len, const char* ctype, std::size_t ctype_len,
+                                void* sink_ctx,
+                                void (*sink)(void*, const char*, std::size_t, const std::uint8_t*,
+                                             std::size_t)) {
+        auto* st = static_cast<CallState*>(host);
+        auto fail = [&](std::string_view code, std::string_view msg) {
+            sink(sink_ctx, code.data(), code.size(), reinterpret_cast<const std::uint8_t*>(msg.data()),
+                 msg.size());
+            return EDGEFN_ERROR;
+        };
+        try {
+            auto slot = std::make_shared<Calls::Slot>();
+            Calls& calls = st->worker->calls();
+            std::uint64_t id = calls.open(slot);
+            std::string header;
+            put_tlv(header, kOp, std::string_view(op, op_len));
+            put_tlv(header, kTarget, std::string_view(target, target_len));
+            put_tlv(header, kParentId, u32_bytes(static_cast<std::uint32_t>(st->job->id)));
+            if (ctype_len) put_tlv(header, kContentType, std::string_view(ctype, ctype_len));
+            st->worker->writer().send(kCall, 0, id, header, payload, payload_len);
+            // The agent bounds the call by the parent's deadline and answers `timeout` itself;
+            // waiting until the deadline (plus a grace for that answer) is only a backstop.
+            auto until = st->job->has_deadline
+                             ? st->job->deadline + std::chrono::milliseconds(100)
+                             : std::chrono::steady_clock::now() + std::chrono::hours(24);
+            if (!calls.wait(id, slot, until))
+                return fail("timeout", "no answer to the call before the invocation's deadline");
+            if (!slot->ok) return fail(slot->code.empty() ? "unavailable" : slot->code, slot->data);
+            sink(sink_ctx, "", 0, reinterpret_cast<const std::uint8_t*>(slot->data.data()),
+                 slot->data.size());
+            return EDGEFN_OK;
+        } catch (const std::bad_alloc&) {
+            return fail("unavailable", "out of memory making the call");
+        }
+    }
+
     static edgefn_str str(const std::string& s) { return edgefn_str{s.data(), s.size()}; }
 
     void run(const Job& job) {
@@ -359,6 +348,7 @@ class Worker {
         call.alloc = &Worker::on_alloc;
         call.set_content_type = &Worker::on_content_type;
         call.log = &Worker::on_log;
+        call.call = &Worker::on_call;
 
         std::int32_t status = edgefn_invoke(&call);
 
@@ -384,6 +374,7 @@ class Worker {
     std::deque<Job> queue_;
     bool stopping_ = false;
     std::vector<std::thread> threads_;
+    Calls calls_;
 };
 
 // Decodes an INVOKE body into `job`; returns an error message, empty when it is fine.
@@ -415,6 +406,20 @@ inline std::string parse_invoke(Job& job) {
         pos += len;
     }
     job.payload_at = end;
+    return {};
+}
+
+// The value of header `key` of a frame body into `out`; an error message when malformed.
+inline std::string header_value(const std::string& body, std::uint8_t key, std::string& out) {
+    const auto* p = reinterpret_cast<const unsigned char*>(body.data());
+    std::size_t end = kFixedLen + std::size_t(get_u32(p + 12));
+    for (std::size_t pos = kFixedLen; pos < end;) {
+        if (pos + 3 > end) return "truncated header entry";
+        std::size_t len = (std::size_t(p[pos + 1]) << 8) | p[pos + 2];
+        if (pos + 3 + len > end) return "header entry runs past the header";
+        if (p[pos] == key) out.assign(reinterpret_cast<const char*>(p + pos + 3), len);
+        pos += 3 + len;
+    }
     return {};
 }
 
@@ -452,8 +457,10 @@ inline int run() {
                    " does not match the worker's ABI " + std::to_string(EDGEFN_ABI_VERSION));
 
     Worker worker(out_fd, env_threads(), env_text("EDGEFN_FUNCTION"), env_text("EDGEFN_VERSION"));
+    Notices notices(worker.writer());
     std::string ready;
     put_tlv(ready, kRuntime, "cpp/" + std::to_string(EDGEFN_ABI_VERSION));
+    if (Notices::supported()) put_tlv(ready, kFeatures, "notify");
     worker.writer().send(kReady, 0, 0, ready, nullptr, 0);
 
     // 4. Read frames until SHUTDOWN or EOF.
@@ -482,11 +489,25 @@ inline int run() {
                 continue;
             }
             worker.submit(std::move(job));
+        } else if (kind == kCallResult || kind == kCallError) {
+            std::string code, bad;
+            if (kind == kCallError) bad = header_value(body, kErrorCode, code);
+            if (!bad.empty()) die(2, "protocol violation: CALL_ERROR " + bad);
+            std::string data = body.substr(kFixedLen + header_len);
+            if (!worker.calls().answer(id, kind == kCallResult, std::move(code), std::move(data)))
+                die(2, "protocol violation: answer for call " + std::to_string(id) +
+                           " that this worker never made");
+        } else if (kind == kNotify) {
+            // No answer; an OP this host does not know is ignored, like an unknown header key.
+            std::string op;
+            std::string bad = header_value(body, kOp, op);
+            if (!bad.empty()) die(2, "protocol violation: NOTIFY " + bad);
+            if (op == "config") notices.post(body.substr(kFixedLen + header_len));
         } else if (kind == kPing) {
             worker.writer().send(kPong, 0, id, std::string(), nullptr, 0);
         } else if (kind == kShutdown) {
             break;
-        } else if (kind >= kInvoke && kind <= kReady) {
+        } else if (kind >= kInvoke && kind <= kCall) {
             // A worker->agent kind sent to us: harmless, but worth a line in the log.
             std::fprintf(stderr, "edgefn worker: ignoring frame of kind %u from the agent\n", kind);
         } else {
@@ -494,6 +515,7 @@ inline int run() {
         }
     }
     // 6. Finish what is in flight, then leave.
+    notices.stop();
     worker.drain();
     std::fflush(stdout);
     std::fflush(stderr);

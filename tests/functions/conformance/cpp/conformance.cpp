@@ -1,17 +1,26 @@
-// Conformance function for the C++ host (docs/protocol.md, "Conformance"), plus two ops only
-// C++ needs: "segfault" (a real null-pointer write) and "throw_nonstd" (`throw 42`).
+// Conformance function for the C++ host (docs/protocol.md, "Conformance"), plus ops only C++
+// needs: "segfault" (a real null-pointer write), "throw_nonstd" (`throw 42`), and for the
+// config-change notification "unwatch_config" (cancels the watch_config listener, answers
+// {"watching":false}), "watch_config_throwing" (adds a listener that throws `message`) and
+// "config_latest" (answers {"latest": edgefn::latest_config() or null}), "watch_config_gated"
+// (a listener that records like watch_config's but first waits, at most 10 s, until
+// {"op":"config_gate","message":"open"}; "config_gate" answers {"waiting":N}, the listeners waiting).
 // Anything that is not a JSON object with a string "op" is echoed byte for byte.
 #include <edgefn.hpp>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -106,9 +115,10 @@ class FlatJson {
         }
         return false;
     }
-    // A number or literal as its text; an object or array skipped (value left empty).
+    // A number or literal as its text; an object or array as its raw JSON text.
     bool scalar_or_skip(std::string& out) {
         if (peek() == '{' || peek() == '[') {
+            std::size_t from = i_;
             int depth = 0;
             while (i_ < s_.size()) {
                 char c = s_[i_];
@@ -119,7 +129,10 @@ class FlatJson {
                 }
                 ++i_;
                 if (c == '{' || c == '[') ++depth;
-                if ((c == '}' || c == ']') && --depth == 0) return true;
+                if ((c == '}' || c == ']') && --depth == 0) {
+                    out.assign(s_.substr(from, i_ - from));
+                    return true;
+                }
             }
             return false;
         }
@@ -154,6 +167,133 @@ std::string request_id_json(std::string_view id) {
     bool digits = !id.empty() && id.size() < 16;
     for (char c : id) digits = digits && c >= '0' && c <= '9';
     return digits ? std::string(id) : edgefn::json_quote(id);
+}
+
+// The flat objects of a JSON array (the "blocks" op's calls), in order.
+std::vector<std::map<std::string, std::string>> objects_of(std::string_view array) {
+    std::vector<std::map<std::string, std::string>> out;
+    std::size_t i = 0;
+    while ((i = array.find('{', i)) != std::string_view::npos) {
+        std::map<std::string, std::string> obj;
+        std::size_t depth = 0, j = i;
+        bool in_string = false;
+        for (; j < array.size(); ++j) {
+            char c = array[j];
+            if (in_string) {
+                if (c == '\\') ++j;
+                else if (c == '"') in_string = false;
+            } else if (c == '"') {
+                in_string = true;
+            } else if (c == '{') {
+                ++depth;
+            } else if (c == '}' && --depth == 0) {
+                break;
+            }
+        }
+        FlatJson(array.substr(i, j + 1 - i)).parse(obj);
+        out.push_back(std::move(obj));
+        i = j + 1;
+    }
+    return out;
+}
+
+// One building-block call through the SDK, reported the way every runtime does.
+std::string run_block(edgefn::Context& ctx, const std::map<std::string, std::string>& b) {
+    const std::string op = text(b, "op"), target = text(b, "target"), payload = text(b, "payload");
+    try {
+        std::string value;
+        if (op == "invoke") {
+            value = ctx.invoke(target, payload);
+        } else if (op == "publish") {
+            ctx.publish(target, payload);
+        } else if (op == "state.get") {
+            auto got = ctx.state().get(target);
+            if (!got) return "{\"missing\":true}";
+            value = *got;
+        } else if (op == "state.set") {
+            ctx.state().set(target, payload);
+        } else if (op == "state.delete") {
+            ctx.state().erase(target);
+        } else if (op == "config") {
+            value = ctx.config();
+        } else if (op == "secret") {
+            value = ctx.secret(target);
+        } else {
+            value = ctx.call(op, target, payload);  // what the agent says of an unknown op
+        }
+        return "{\"value\":" + edgefn::json_quote(value) + "}";
+    } catch (const edgefn::CallError& e) {
+        return "{\"code\":" + edgefn::json_quote(e.code()) +
+               ",\"message\":" + edgefn::json_quote(e.what()) + "}";
+    }
+}
+
+// Config changes this worker (or library) was told about: ops watch_config / config_seen.
+std::mutex watch_mu;
+std::vector<std::string> seen_configs;  // JSON texts, oldest first
+edgefn::ConfigSubscription watching, throwing, gated;
+std::mutex gate_mu;
+std::condition_variable gate_cv;
+bool gate_open = true;
+int gate_waiting = 0;
+
+// Subscriptions are swapped under watch_mu but cancelled outside it: cancel() waits for a
+// running listener, and the watch_config listener itself takes watch_mu.
+std::string watch_op(const std::string& op, const std::string& message) {
+    edgefn::ConfigSubscription old;
+    if (op == "watch_config") {
+        std::lock_guard<std::mutex> lock(watch_mu);
+        if (!watching.active())
+            watching = edgefn::on_config_change([](std::string_view json) {
+                std::lock_guard<std::mutex> seen_lock(watch_mu);
+                seen_configs.emplace_back(json);
+            });
+        return "{\"watching\":true}";
+    }
+    if (op == "watch_config_throwing") {
+        auto sub = edgefn::on_config_change(
+            [message](std::string_view) { throw std::runtime_error(message); });
+        std::lock_guard<std::mutex> lock(watch_mu);
+        old = std::exchange(throwing, std::move(sub));
+    } else if (op == "watch_config_gated") {
+        {
+            std::lock_guard<std::mutex> lock(gate_mu);
+            gate_open = false;
+        }
+        auto sub = edgefn::on_config_change([](std::string_view json) {
+            {
+                std::unique_lock<std::mutex> lock(gate_mu);
+                ++gate_waiting;
+                gate_cv.wait_for(lock, std::chrono::seconds(10), [] { return gate_open; });
+                --gate_waiting;
+            }
+            std::lock_guard<std::mutex> seen_lock(watch_mu);
+            seen_configs.emplace_back(json);
+        });
+        std::lock_guard<std::mutex> lock(watch_mu);
+        old = std::exchange(gated, std::move(sub));
+    } else if (op == "config_gate") {
+        std::lock_guard<std::mutex> lock(gate_mu);
+        if (message == "open") gate_open = true;
+        gate_cv.notify_all();
+        return "{\"waiting\":" + std::to_string(gate_waiting) + "}";
+    } else if (op == "unwatch_config") {
+        {
+            std::lock_guard<std::mutex> lock(watch_mu);
+            old = std::move(watching);
+        }
+        old.cancel();
+        return "{\"watching\":false}";
+    } else if (op == "config_seen") {
+        std::lock_guard<std::mutex> lock(watch_mu);
+        std::string out = "{\"seen\":[";
+        for (std::size_t i = 0; i < seen_configs.size(); ++i) out += (i ? "," : "") + seen_configs[i];
+        return out + "]}";
+    } else if (op == "config_latest") {
+        auto latest = edgefn::latest_config();
+        return "{\"latest\":" + (latest ? *latest : std::string("null")) + "}";
+    }
+    return "{\"watching\":true}";
 }
 
 [[noreturn]] void nested_throw(const std::string& message) { throw std::runtime_error(message); }
@@ -198,6 +338,26 @@ std::string handle(std::string_view request, edgefn::Context& ctx) {
                ",\"version\":" + edgefn::json_quote(ctx.version()) +
                ",\"trace_id\":" + edgefn::json_quote(ctx.trace_id()) +
                ",\"deadline_ms_left\":" + std::to_string(ctx.deadline_ms_left()) + "}";
+    }
+    if (op == "blocks") {
+        // Every call at once, each on its own thread: many in flight on one invocation.
+        auto calls = objects_of(text(req, "calls"));
+        std::vector<std::string> results(calls.size());
+        std::vector<std::thread> threads;
+        if (calls.size() == 1) results[0] = run_block(ctx, calls[0]);  // no thread for one
+        for (std::size_t i = 0; calls.size() > 1 && i < calls.size(); ++i)
+            threads.emplace_back([&, i] { results[i] = run_block(ctx, calls[i]); });
+        for (auto& t : threads) t.join();
+        std::string out = "{\"results\":[";
+        for (std::size_t i = 0; i < results.size(); ++i) out += (i ? "," : "") + results[i];
+        ctx.set_content_type("application/json");
+        return out + "]}";
+    }
+    if (op == "watch_config" || op == "watch_config_throwing" || op == "unwatch_config" ||
+        op == "config_seen" || op == "config_latest" || op == "watch_config_gated" ||
+        op == "config_gate") {
+        ctx.set_content_type("application/json");
+        return watch_op(op, message);
     }
     if (op == "crash") std::abort();
     if (op == "segfault") {

@@ -50,6 +50,8 @@ func runBlock(ctx context.Context, b block) map[string]any {
 		err = edgefn.State(ctx).Set(b.Target, []byte(b.Payload))
 	case "state.delete":
 		err = edgefn.State(ctx).Delete(b.Target)
+	case "secret":
+		out, err = edgefn.Secret(ctx, b.Target)
 	case "config":
 		var cfg map[string]any
 		if err = edgefn.Config(ctx, &cfg); err == nil {
@@ -71,6 +73,25 @@ func runBlock(ctx context.Context, b block) map[string]any {
 }
 
 func main() { edgefn.Start(handle) }
+
+// Config changes the worker was told about (ops watch_config / config_seen).
+var (
+	watchOnce sync.Once
+	seenMu    sync.Mutex
+	seen      = []json.RawMessage{}
+)
+
+func watchConfig() {
+	watchOnce.Do(func() {
+		go func() {
+			for cfg := range edgefn.ConfigChanges() {
+				seenMu.Lock()
+				seen = append(seen, cfg)
+				seenMu.Unlock()
+			}
+		}()
+	})
+}
 
 func handle(ctx context.Context, req *edgefn.Request) ([]byte, error) {
 	if !req.IsJSON {
@@ -108,6 +129,13 @@ func handle(ctx context.Context, req *edgefn.Request) ([]byte, error) {
 			"trace_id":         req.TraceID,
 			"deadline_ms_left": left,
 		})
+	case "watch_config":
+		watchConfig()
+		return req.ReplyJSON(map[string]bool{"watching": true})
+	case "config_seen":
+		seenMu.Lock()
+		defer seenMu.Unlock()
+		return req.ReplyJSON(map[string]any{"seen": seen})
 	case "blocks":
 		// All calls at once, each in its own goroutine: many in flight on one worker.
 		results := make([]map[string]any, len(o.Calls))

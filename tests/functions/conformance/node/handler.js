@@ -39,6 +39,9 @@ async function block(context, c) {
       case 'state.delete':
         value = await context.state.delete(c.target);
         break;
+      case 'secret':
+        value = await context.secret(c.target);
+        break;
       case 'config':
         return { value: JSON.stringify(await context.config()) };
       default:
@@ -49,6 +52,10 @@ async function block(context, c) {
     return { code: err.code ?? 'exception', message: String(err.message) };
   }
 }
+
+// Config changes the worker was told about (ops watch_config / config_seen).
+const seenConfigs = [];
+const onConfig = (cfg) => seenConfigs.push(cfg);
 
 exports.handler = async (event, context) => {
   const req = asOp(event);
@@ -83,6 +90,11 @@ exports.handler = async (event, context) => {
         trace_id: context.traceId,
         deadline_ms_left: context.getRemainingTimeInMillis(),
       };
+    case 'watch_config':
+      context.onConfigChange(onConfig); // the same listener twice is called once
+      return { watching: true };
+    case 'config_seen':
+      return { seen: seenConfigs };
     case 'blocks':
       // Building blocks (docs/building-blocks.md): run every call at once, report each outcome.
       return { results: await Promise.all(req.calls.map((c) => block(context, c))) };
