@@ -116,7 +116,7 @@ async def test_the_leader_killed_mid_rollout_another_finishes_it_once(
         # Each device updated exactly once: one desired change, one download, one version.
         for d in sim.devices:
             desired = await asyncio.to_thread(call, follower, "GET", f"/v1/devices/{d.id}/desired")
-            assert desired["device"]["version"] == 1, (d.id, desired)
+            assert desired["device"]["signed"]["document"]["version"] == 1, (d.id, desired)
             assert d.counters.downloads == 1, d.id
             assert d.active == {FN: "0.1.0"}
         # Every wave ran, in order, on both leaders (none repeated: the desired versions above).
