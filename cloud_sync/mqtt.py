@@ -18,10 +18,14 @@ How it runs:
 * Presence: the will is `offline` (retained) on the presence topic; after every CONNACK the
   session publishes `online` (retained); a clean `close()` publishes `offline` itself.
 
-Inbound: messages become `InboundMessage` values on `session.messages` (an asyncio.Queue). paho
-runs with `manual_ack=True`: a QoS 1 message is acknowledged to the broker only when the consumer
-calls `await msg.ack()` after storing/applying it; a crash before that makes the broker
-redeliver. `RECEIVE_MAXIMUM` caps how many unacknowledged messages the broker sends us.
+Inbound: messages become `InboundMessage` values on `session.messages` (an `InboundQueue`, an
+asyncio.Queue). paho runs with `manual_ack=True`: a QoS 1 message is acknowledged to the broker
+only when the consumer calls `await msg.ack()` after storing/applying it; a crash before that
+makes the broker redeliver. Nothing delivered is dropped: when the queue is full, paho's thread
+waits for room (up to `INBOUND_WAIT_S`) and reads nothing meanwhile, so the broker holds the
+rest; a consumer stuck longer than that gets its backlog handed back (the connection is closed,
+the persistent session redelivers every unacknowledged message on reconnect). `RECEIVE_MAXIMUM`
+asks the broker for at most that many unacknowledged deliveries, but brokers overshoot it.
 
 Outbound: `await publish(...)` resolves on PUBACK, raises `PublishTimeout` after
 `PUBLISH_TIMEOUT_S`, `PublishRefused` on a failure reason code (e.g. 0x87 by the ACL),
@@ -68,6 +72,7 @@ from cloud_sync.errors import (
 from cloud_sync.mqtt_inbound import USER_PROPERTY_KEY as USER_PROPERTY_KEY
 from cloud_sync.mqtt_inbound import USER_PROPERTY_KIND as USER_PROPERTY_KIND
 from cloud_sync.mqtt_inbound import InboundMessage as InboundMessage
+from cloud_sync.mqtt_inbound import InboundQueue as InboundQueue
 from cloud_sync.mqtt_inbound import inbound_message
 from cloud_sync.mqtt_link import LinkStatus
 from cloud_sync.mqtt_link import SessionState as SessionState
@@ -88,9 +93,17 @@ RECONNECT_MAX_S = 60.0
 # A PUBACK normally takes well under a millisecond on a LAN; 10 s tolerates a slow cellular link.
 # A timed-out record stays in the outbox and is sent again (the platform dedupes by key).
 PUBLISH_TIMEOUT_S = 10.0
-# Inbound messages waiting for the consumer. QoS 1 deliveries are bounded before this by the
-# MQTT 5 Receive Maximum (`mqtt_paho.RECEIVE_MAXIMUM`, with manual acks); this bounds QoS 0.
+# Inbound messages waiting for the consumer. The broker is asked to keep at most
+# `mqtt_paho.RECEIVE_MAXIMUM` QoS 1 deliveries unacknowledged, but that cannot be relied on:
+# Mosquitto 2.0.11 was measured sending 346 unacknowledged ones under a burst from four clients
+# (it checks its quota when a message arrives, and takes from it only when it sends). So this
+# bound is enforced here, by backpressure: when the queue is full paho's thread waits for room
+# (`mqtt_inbound.InboundQueue`), reads nothing meanwhile, and the broker holds the rest.
 MESSAGE_QUEUE_MAX = 1024
+# How long paho's thread waits for room before it hands the backlog back to the broker: it closes
+# the connection, so every unacknowledged message is redelivered on the (persistent) session's
+# reconnect. Below the keepalive: a thread that waits that long sends no PINGREQ either.
+INBOUND_WAIT_S = 20.0
 # close(): how long to wait for the goodbye publish and for paho's thread to stop.
 CLOSE_TIMEOUT_S = 5.0
 
@@ -122,7 +135,7 @@ class MqttSession:
         self._subscriptions = list(subscriptions)
         self._will = will
         self._online = online
-        self.messages: asyncio.Queue[InboundMessage] = asyncio.Queue(MESSAGE_QUEUE_MAX)
+        self.messages = InboundQueue(MESSAGE_QUEUE_MAX)
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
@@ -136,6 +149,7 @@ class MqttSession:
         self._generation = 0  # increments per successful CONNACK; stale acks are skipped
         self._subscribed_once = False
         self._sub_mid: int | None = None
+        self._handed_back = 0  # the generation whose backlog went back to the broker
 
     @classmethod
     def for_device(
@@ -390,7 +404,24 @@ class MqttSession:
 
     @_guarded
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._hop(self._on_message_loop, *mqtt_thread.message_fields(msg), self._generation)
+        generation = self._generation
+        if generation == self._handed_back:
+            return  # not acknowledged: the broker redelivers it after the reconnect
+        # Backpressure: wait here, on paho's thread, for room in the queue. paho reads nothing
+        # while it waits, so the broker keeps the rest (it never gets more than we can hold).
+        if not self.messages.reserve(INBOUND_WAIT_S, lambda: self._closing):
+            if self._closing:
+                return
+            self._handed_back = generation
+            log.warning(
+                "MQTT %s: inbound queue full for %.0f s: reconnecting, the broker keeps and "
+                "redelivers the unacknowledged messages",
+                self.client_id,
+                INBOUND_WAIT_S,
+            )
+            mqtt_thread.drop_connection(client)
+            return
+        self._hop(self._on_message_loop, *mqtt_thread.message_fields(msg), generation)
 
     @_guarded
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
@@ -466,13 +497,7 @@ class MqttSession:
         msg = inbound_message(
             topic, payload, qos=qos, retain=retain, dup=dup, user_properties=user_props, acker=acker
         )
-        try:
-            self.messages.put_nowait(msg)
-        except asyncio.QueueFull:
-            # Not acknowledged: a QoS 1 message comes back after the next reconnect.
-            log.warning(
-                "MQTT %s: inbound queue full, dropping message on %s", self.client_id, topic
-            )
+        self.messages.put_reserved(msg)  # the room was taken on paho's thread: never full
 
     def _ack(self, mid: int, qos: int, generation: int) -> None:
         client = self._client

@@ -6,11 +6,18 @@ plain text), and the sender's idempotency key read from the MQTT 5 user properti
 never raises: a payload that is not JSON comes through with `error` set, so the consumer can
 report it and still acknowledge it. `await msg.ack()` is the QoS 1 acknowledgement
 (`cloud_sync.mqtt.MqttSession` runs paho with manual acks).
+
+`InboundQueue` is where delivered messages wait for the consumer: an asyncio.Queue whose room is
+counted across threads, so paho's thread can wait for room (backpressure) instead of finding the
+queue full and dropping a message the broker will not send again before a reconnect.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,3 +106,53 @@ def inbound_message(
         user_properties=user_properties,
         _acker=acker,
     )
+
+
+# How often a waiting paho thread looks whether it should give up (the session is closing).
+RESERVE_SLICE_S = 0.25
+
+
+class InboundQueue(asyncio.Queue[InboundMessage]):
+    """The session's inbound queue: at most `limit` messages, room reserved from paho's thread.
+
+    The asyncio side is unbounded; the bound is the semaphore `_room`, taken on paho's thread by
+    `reserve()` *before* the message hops to the loop, and given back when the consumer takes
+    the message out (`get`/`get_nowait`). A reserved message therefore always fits.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self._room = threading.Semaphore(limit)
+        self.waits = 0  # how often paho's thread found no room and had to wait (status, tests)
+
+    def reserve(self, within_s: float, give_up: Callable[[], bool]) -> bool:
+        """Block (paho's thread, never the loop) until there is room; False after `within_s`
+        or as soon as `give_up()` says so."""
+        if self._room.acquire(blocking=False):
+            return True
+        self.waits += 1  # only paho's thread writes it
+        deadline = time.monotonic() + within_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._room.acquire(timeout=min(RESERVE_SLICE_S, left)):
+                return True
+            if give_up():
+                return False
+
+    def put_reserved(self, msg: InboundMessage) -> None:
+        """Enqueue a message whose room `reserve()` took (on the loop)."""
+        super().put_nowait(msg)
+
+    def put_nowait(self, item: InboundMessage) -> None:
+        """Enqueue from the loop, taking room now; QueueFull when there is none."""
+        if not self._room.acquire(blocking=False):
+            raise asyncio.QueueFull
+        super().put_nowait(item)
+
+    def get_nowait(self) -> InboundMessage:
+        msg = super().get_nowait()
+        self._room.release()
+        return msg

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import random
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, cast
 
@@ -88,6 +89,15 @@ def message_fields(msg: mqtt.MQTTMessage) -> tuple[Any, ...]:
         msg.mid,
         user_props,
     )
+
+
+def drop_connection(client: mqtt.Client) -> None:
+    """Close the connection under paho (from its own thread): it reconnects with its backoff,
+    and the broker redelivers every unacknowledged QoS 1 message of the persistent session."""
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # ssl.SSLSocket too; paho's websocket wrapper is not used
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def stop(client: mqtt.Client, done: Callable[[], None]) -> None:

@@ -33,10 +33,25 @@ from cloud_sync.platform.pki import PLATFORM_IDENTITY, PlatformCA
 from cloud_sync.topics import PREFIX, ROOT, validate_id
 from runtimes.fsio import atomic_write
 
-# Messages the broker queues per offline persistent session. The device's own backlog lives in its
-# outbox, so this only bounds what the *platform* sends a device while it is away (desired
-# documents are retained anyway) and what piles up for an offline platform subscriber.
-MAX_QUEUED_MESSAGES = 1000
+# QoS 1 messages the broker queues per client beyond those in flight; Mosquitto drops the rest
+# ("Outgoing messages are being dropped"). For a device the queue only holds what the platform
+# sends it while it is away (desired documents, retained anyway): a handful. The platform is the
+# other case: its one subscription carries every device's reports, and it takes them only as
+# fast as it stores them (the session applies backpressure, `cloud_sync.mqtt`), so the broker
+# holds a burst for it. A burst is about `QUEUED_PER_DEVICE` messages per device (presence,
+# reported documents, one status report per install step, metrics), all devices at once when a
+# fleet reconnects after a broker restart. Sized for `FLEET_DEVICES`; pass
+# `max_queued_messages=queued_messages_for(n)` for a larger fleet (docs/sync.md, "Broker").
+QUEUED_PER_DEVICE = 10
+FLEET_DEVICES = 10_000
+
+
+def queued_messages_for(devices: int) -> int:
+    """`max_queued_messages` for a fleet of `devices`: one burst of all of them, never < 1000."""
+    return max(1000, QUEUED_PER_DEVICE * devices)
+
+
+MAX_QUEUED_MESSAGES = queued_messages_for(FLEET_DEVICES)
 # Sessions of clients that stay away longer than this are dropped (MQTT 5 clients also ask for
 # their own expiry; this caps it). A device that returns later resubscribes.
 PERSISTENT_CLIENT_EXPIRATION = "30d"
@@ -165,6 +180,7 @@ def write_broker_files(
     autosave_on_changes: bool = False,
     run_as_root: bool | None = None,
     platform_identities: Sequence[str] = (PLATFORM_IDENTITY,),
+    max_queued_messages: int = MAX_QUEUED_MESSAGES,
 ) -> BrokerFiles:
     """Issue the broker certificate and write config, ACL, CA and CRL into `out_dir`."""
     d = Path(out_dir)
@@ -201,6 +217,7 @@ def write_broker_files(
         persistence_dir=persistence_dir,
         autosave_on_changes=autosave_on_changes,
         run_as_root=run_as_root,
+        max_queued_messages=max_queued_messages,
     )
     atomic_write(files.config, text.encode(), mode=0o600)
     return files

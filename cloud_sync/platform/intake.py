@@ -141,6 +141,7 @@ class MqttIntake:
             "stored": self.stored,
             "duplicates": self.duplicates,
             "retries": self.retries,
+            "backpressure_waits": self.session.messages.waits,
         }
 
     # ---- inbound -----------------------------------------------------------------------
