@@ -134,6 +134,15 @@ args=(
   --nofollow-import-to=dacite
   --nofollow-import-to=pwdlib
   --nofollow-import-to=yaml
+  # The platform's scale-out libraries (S3 blob store, PostgreSQL) and the test S3 server:
+  # securesystemslib (under tuf, which the agent's TUF client uses) tries `import boto3` for
+  # its optional cloud signers and falls back when it is missing, so the agent never needs them.
+  --nofollow-import-to=boto3
+  --nofollow-import-to=botocore
+  --nofollow-import-to=s3transfer
+  --nofollow-import-to=moto
+  --nofollow-import-to=psycopg
+  --nofollow-import-to=psycopg_pool
   --nofollow-import-to='*.tests'
   --nofollow-import-to='*.test'
   --nofollow-import-to=test
