@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from edge_agent.errors import AgentError
+
 # RFC 9110 token characters (methods, header names).
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _TARGET = re.compile(rb"^/[\x21-\x7e]*$")  # origin-form, visible ASCII only
@@ -22,14 +24,16 @@ _CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?$")
 MAX_CHUNK_LINE = 1024
 
 
-class HttpError(Exception):
-    """A request the server refuses: `status`, stable `code`, and a message for the client."""
+class HttpError(AgentError):
+    """A request the server refuses: `status`, stable `code` (the answer's), and a message."""
+
+    code = "http_request_refused"  # the class's own; each refusal carries the answer's code
+    category = "request"
+    status = 400
 
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, code=code)
         self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass(slots=True)

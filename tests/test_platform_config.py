@@ -133,7 +133,7 @@ def test_bad_files_are_refused_naming_the_key(tmp_path: Path, text: str, needle:
     path = _write(tmp_path, text)
     with pytest.raises(ConfigFileError) as caught:
         load(path)
-    assert caught.value.code == "bad_config"
+    assert caught.value.code == "bad_platform_config"
     assert needle in caught.value.message
     assert str(path) in caught.value.message
     assert "pw@" not in caught.value.message and "'x'" not in caught.value.message
@@ -258,7 +258,7 @@ def test_edge_cloud_serve_refuses_a_bad_config_file(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = [line for line in err.decode().splitlines() if line.strip()]
     assert len(lines) == 1, lines
-    assert "key 'listen.port'" in lines[0] and lines[0].endswith("(bad_config)")
+    assert "key 'listen.port'" in lines[0] and lines[0].endswith("(bad_platform_config)")
 
 
 # ---- the systemd unit -------------------------------------------------------------------------

@@ -37,7 +37,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class ConfigFileError(CloudSyncError):
     """The config file cannot be used; the message names the file, the key and the reason."""
 
-    code = "bad_config"
+    code = "bad_platform_config"
     category = "config"
 
 
