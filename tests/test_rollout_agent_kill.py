@@ -201,7 +201,10 @@ async def test_agent_down_past_the_device_timeout_is_rolled_back_by_the_policy(
     failing = await wait_state(platform, rid, {"failed", *ended}, TIMEOUT_S * 3)
     assert failing["state"] == "failed", failing
     assert "install_success" in (failing["reason"] or ""), failing["reason"]
-    assert device_record(failing, name)["state"] == "timed_out"
+    # The device timed out; once the rollback starts, a device that never updated has nothing
+    # to roll back and its step is canceled -- which of the two this view shows depends on when
+    # it was read relative to the rollback's first pass.
+    assert device_record(failing, name)["state"] in ("timed_out", "canceled"), failing
     assert await desired_version(platform, name) == "0.1.0"
 
     agent = run_agent(agents, data, creds)
