@@ -53,7 +53,8 @@ from typing import Any
 
 import psutil
 
-from bench.rollout import CONNECT_RATE, ENDED, FN, api, cli, fleet_broker
+from bench.proc_cpu import CpuMeter
+from bench.rollout import CONNECT_RATE, ENDED, FN, api, cli
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials
 from cloud_sync.mqtt import USER_PROPERTY_KEY, USER_PROPERTY_KIND, MqttSession
@@ -66,57 +67,7 @@ BASELINE = "sqlite"
 BACKLOG = 400  # records published but not yet stored, at most (see `Backlog`)
 
 
-# ---- processes and their CPU --------------------------------------------------------------
-
-
-def _cpu_of(proc: psutil.Process) -> float:
-    try:
-        t = proc.cpu_times()
-        return float(t.user + t.system)
-    except psutil.Error:
-        return 0.0
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-class CpuMeter:
-    """CPU seconds of named process groups between `start()` and `stop()`. A group is a list of
-    root pids and their descendants (PostgreSQL's backends come and go: each is counted from
-    zero when it appears after `start()`)."""
-
-    def __init__(self, groups: dict[str, list[int]], *, alone: tuple[str, ...] = ()) -> None:
-        self.groups = groups
-        self.alone = alone  # groups counted without their descendants (the bench's own process)
-        self._t0: dict[int, float] = {}
-
-    def _procs(self, name: str, pid: int) -> list[psutil.Process]:
-        if name not in self.alone:
-            return _tree(pid)
-        try:
-            return [psutil.Process(pid)]
-        except psutil.Error:
-            return []
-
-    def _snapshot(self) -> dict[str, dict[int, float]]:
-        return {
-            name: {p.pid: _cpu_of(p) for pid in pids for p in self._procs(name, pid)}
-            for name, pids in self.groups.items()
-        }
-
-    def start(self) -> None:
-        self._t0 = {pid: c for snap in self._snapshot().values() for pid, c in snap.items()}
-
-    def stop(self) -> dict[str, float]:
-        out = {}
-        for name, snap in self._snapshot().items():
-            out[name] = round(sum(c - self._t0.get(pid, 0.0) for pid, c in snap.items()), 2)
-        return out
+# ---- processes and their CPU (bench/proc_cpu.py) ---------------------------------------
 
 
 def _postmaster_pid(pg: PostgresServer) -> int:
@@ -191,12 +142,10 @@ def wait_ready(replicas: list[Platform], within_s: float = 60) -> None:
 
 
 @contextmanager
-def configuration(
-    name: str, root: Path, pg: PostgresServer, replicas: int, *, deep_queue: bool = True
-) -> Iterator[Setup]:
+def configuration(name: str, root: Path, pg: PostgresServer, replicas: int) -> Iterator[Setup]:
     work = root / f"{name}-{uuid.uuid4().hex[:6]}"
     work.mkdir()
-    broker = fleet_broker(work) if deep_queue else Broker(work)
+    broker = Broker(work)  # its queue holds a fleet's burst (broker_config.MAX_QUEUED_MESSAGES)
     broker.start()
     database = None
     if name != BASELINE:

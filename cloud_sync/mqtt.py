@@ -11,10 +11,8 @@ How it runs:
 * Reconnects wait a jittered exponential delay (`RECONNECT_MIN_S` doubling to `RECONNECT_MAX_S`,
   each wait uniform in [d/2, d]) so a fleet does not reconnect in lockstep after a broker restart.
 * Persistent session: `clean_start=False` with `SESSION_EXPIRY_S`, so QoS 1 messages published
-  to the device while it is offline wait on the broker. When the broker says the session is gone
-  (`session_present=False`) the subscriptions are made again; on the first connection of a
-  process they are always made (retain-handling 1: no duplicate retained copies if the broker
-  still had them).
+  to the device while it is offline wait on the broker. When the subscriptions are made again
+  after a CONNACK: `mqtt_thread.needs_subscribe`.
 * Presence: the will is `offline` (retained) on the presence topic; after every CONNACK the
   session publishes `online` (retained); a clean `close()` publishes `offline` itself.
 
@@ -93,12 +91,9 @@ RECONNECT_MAX_S = 60.0
 # A PUBACK normally takes well under a millisecond on a LAN; 10 s tolerates a slow cellular link.
 # A timed-out record stays in the outbox and is sent again (the platform dedupes by key).
 PUBLISH_TIMEOUT_S = 10.0
-# Inbound messages waiting for the consumer. The broker is asked to keep at most
-# `mqtt_paho.RECEIVE_MAXIMUM` QoS 1 deliveries unacknowledged, but that cannot be relied on:
-# Mosquitto 2.0.11 was measured sending 346 unacknowledged ones under a burst from four clients
-# (it checks its quota when a message arrives, and takes from it only when it sends). So this
-# bound is enforced here, by backpressure: when the queue is full paho's thread waits for room
-# (`mqtt_inbound.InboundQueue`), reads nothing meanwhile, and the broker holds the rest.
+# Inbound messages waiting for the consumer, enforced by backpressure (`mqtt_inbound`): the
+# broker's Receive Maximum cannot be relied on (Mosquitto 2.0.11 was measured sending 346
+# unacknowledged deliveries under a burst from four clients, against a maximum of 32).
 MESSAGE_QUEUE_MAX = 1024
 # How long paho's thread waits for room before it hands the backlog back to the broker: it closes
 # the connection, so every unacknowledged message is redelivered on the (persistent) session's
@@ -335,14 +330,9 @@ class MqttSession:
         self._attempt = 0
         self._generation += 1
         ready_now = True
-        # Shared subscriptions are made again on every connect: Mosquitto 2.0 does not restore
-        # them from its persistence file after a restart although it reports the session as
-        # present, and the platform would then hear nothing (subscribing again is idempotent).
-        shared = any(t.startswith("$share/") for t in self._subscriptions)
-        again = not flags.session_present or not self._subscribed_once or shared
-        if self._subscriptions and again:
-            # First connect of this process: subscribe even if the session exists (the list may
-            # have changed); retain-handling 1 avoids duplicate retained copies in that case.
+        if mqtt_thread.needs_subscribe(
+            self._subscriptions, bool(flags.session_present), self._subscribed_once
+        ):
             self._sub_mid = mqtt_thread.subscribe(
                 client,
                 self._subscriptions,

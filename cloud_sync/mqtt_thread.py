@@ -60,6 +60,23 @@ def set_backoff(client: mqtt.Client, attempt: int, min_s: float, max_s: float) -
     client.reconnect_delay_set(cast(int, delay), cast(int, delay))
 
 
+def needs_subscribe(
+    subscriptions: Sequence[str], session_present: bool, subscribed_once: bool
+) -> bool:
+    """Whether a CONNACK must be followed by SUBSCRIBE.
+
+    Always on the first connect of this process (the list may have changed since the session
+    was made; retain-handling 1 then avoids duplicate retained copies), and whenever the broker
+    lost the session. Shared subscriptions every time: Mosquitto 2.0 does not restore them from
+    its persistence file after a restart although it reports the session present, and the
+    platform would hear nothing (subscribing again is idempotent).
+    """
+    if not subscriptions:
+        return False
+    shared = any(t.startswith("$share/") for t in subscriptions)
+    return not session_present or not subscribed_once or shared
+
+
 def subscribe(
     client: mqtt.Client, subscriptions: Sequence[str], *, mqtt311: bool, session_present: bool
 ) -> int | None:

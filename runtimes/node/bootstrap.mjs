@@ -19,10 +19,10 @@
 // READY, and the target is within 1.3x of `node -e 0`.
 
 import { AsyncLocalStorage } from 'node:async_hooks';
-import { Writable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
-import { format, inspect } from 'node:util';
+import { format } from 'node:util';
 import { CallClient, answerCall, notify } from './calls.mjs';
+import { installPrinting } from './printing.mjs';
 import {
   CALL_ERROR, CALL_RESULT, CODE_BAD_REQUEST, CODE_FUNCTION, CT_JSON, CT_OCTET, CT_TEXT, ERROR,
   EXIT_FLUSH_MS, FIXED_LEN, FLAG_JSON, H_CONTENT_TYPE, H_DEADLINE_MS, H_ERROR_CODE, H_FEATURES,
@@ -57,7 +57,7 @@ function errorMessage(err) {
 }
 
 // The host's own modules, by URL (stack frames in them say nothing about the function's bug).
-const HOST_URLS = ['./bootstrap.mjs', './calls.mjs', './frames.mjs'].map(
+const HOST_URLS = ['./bootstrap.mjs', './calls.mjs', './frames.mjs', './printing.mjs'].map(
   (name) => new URL(name, import.meta.url).href,
 );
 
@@ -380,61 +380,6 @@ function exitAfterFlush(code) {
   setTimeout(() => process.exit(code), EXIT_FLUSH_MS);
 }
 
-// ---- user-facing stdout and console ----
-function installPrinting() {
-  const toText = (chunk, encoding) => {
-    if (typeof chunk === 'string') return chunk;
-    const enc = typeof encoding === 'string' && encoding !== 'buffer' ? encoding : 'utf8';
-    if (Buffer.isBuffer(chunk)) return chunk.toString(enc);
-    if (chunk instanceof Uint8Array) {
-      return Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength).toString(enc);
-    }
-    return String(chunk);
-  };
-  const writeLine = (chunk, encoding) => {
-    let text = toText(chunk, encoding);
-    if (text.length === 0) return;
-    if (text.endsWith('\n')) text = text.slice(0, -1);
-    emitLog('info', text);
-  };
-  // A real Writable so that `stream.pipe(process.stdout)` works, but with a synchronous write so
-  // each line is attributed to the request that printed it.
-  const fake = new Writable({
-    write(chunk, encoding, cb) {
-      writeLine(chunk, encoding);
-      cb();
-    },
-  });
-  fake.write = function write(chunk, encoding, cb) {
-    if (typeof encoding === 'function') {
-      cb = encoding;
-      encoding = undefined;
-    }
-    writeLine(chunk, encoding);
-    if (typeof cb === 'function') process.nextTick(cb);
-    return true;
-  };
-  fake.isTTY = false;
-  Object.defineProperty(process, 'stdout', {
-    configurable: true,
-    enumerable: true,
-    get: () => fake,
-  });
-
-  const method = (level) => (...args) => emitLog(level, format(...args));
-  console.log = method('info');
-  console.info = method('info');
-  console.debug = method('debug');
-  console.warn = method('warn');
-  console.error = method('error');
-  console.dir = (obj, options) =>
-    emitLog('info', inspect(obj, { customInspect: false, ...options }));
-  console.trace = (...args) => {
-    const stack = new Error().stack.split('\n').slice(2).join('\n');
-    emitLog('debug', `Trace: ${format(...args)}\n${stack}`);
-  };
-}
-
 // ---- failures outside the handler's own promise chain ----
 function onStrayError(err, what) {
   const inv = als.getStore();
@@ -455,7 +400,7 @@ async function main() {
     note('usage: node bootstrap.mjs <entry module> [handler name]');
     process.exit(1);
   }
-  installPrinting();
+  installPrinting(emitLog);
   const entry = entryArg; // absolute by contract (a relative path resolves against the cwd)
   let ns;
   try {
