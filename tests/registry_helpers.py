@@ -132,6 +132,10 @@ class Platform:
         try:
             code = self.proc.wait(20)
         except subprocess.TimeoutExpired:
+            # Stuck: its stacks into the log first (the platform's SIGUSR1 dump), then kill.
+            self.proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
             self.proc.kill()
             code = self.proc.wait(5)
         if self._reader is not None:

@@ -56,7 +56,8 @@ def test_serve_on_postgresql_starts_and_says_nothing_of_sqlite(
     try:
         assert plat.token
     finally:
-        assert plat.stop() == 0
+        code = plat.stop()
+        assert code == 0, plat.log_text()[-6000:]
     # The state is in PostgreSQL: no store file was made in the data dir.
     assert not list((tmp_path / "plat").glob("*.db"))
 

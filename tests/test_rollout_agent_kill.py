@@ -115,6 +115,11 @@ def paused_agent(
     return run_agent(agents, data, creds, pause)
 
 
+async def seen_downloading(plat: Platform, rid: str, name: str) -> bool:
+    doc = await asyncio.to_thread(api, plat, "GET", f"/v1/rollouts/{rid}")
+    return device_record(doc, name)["state"] in {"downloading", "installing"}
+
+
 async def sigkill(agent: AgentProcess, marker: Path, step: str) -> None:
     await eventually(lambda: marker.exists(), 90, f"the install to reach {step}")
     workers = list(children_of(agent.proc.pid))
@@ -193,6 +198,11 @@ async def test_agent_down_past_the_device_timeout_is_rolled_back_by_the_policy(
     rid = start(platform, f"{FN}@0.2.0", "--target", "group=killrb", "--waves", "100",
                 "--bake", "0", "--min-invocations", "0", "--device-timeout", str(TIMEOUT_S),
                 "--on-failure", "rollback")  # fmt: skip
+    await eventually(lambda: marker.exists(), 90, "the install to reach unpack")
+    # The kill lands once the platform has heard the download start: from then on the device
+    # may have switched unseen, so the rollback must wait for its confirmation (a device the
+    # platform only ever saw `notified` has its step canceled instead -- a different test).
+    await eventually(lambda: seen_downloading(platform, rid, name), 30, "downloading reported")
     await sigkill(agent, marker, "unpack")
     assert active(data) == "0.1.0"
     # Down past the device timeout: timed out, the install gate fails, the rollback begins and
@@ -201,10 +211,7 @@ async def test_agent_down_past_the_device_timeout_is_rolled_back_by_the_policy(
     failing = await wait_state(platform, rid, {"failed", *ended}, TIMEOUT_S * 3)
     assert failing["state"] == "failed", failing
     assert "install_success" in (failing["reason"] or ""), failing["reason"]
-    # The device timed out; once the rollback starts, a device that never updated has nothing
-    # to roll back and its step is canceled -- which of the two this view shows depends on when
-    # it was read relative to the rollback's first pass.
-    assert device_record(failing, name)["state"] in ("timed_out", "canceled"), failing
+    assert device_record(failing, name)["state"] == "timed_out", failing
     assert await desired_version(platform, name) == "0.1.0"
 
     agent = run_agent(agents, data, creds)

@@ -57,6 +57,12 @@ from cloud_sync.platform.rollout_store import RolloutStore
 from cloud_sync.platform.rollouts import RolloutController
 from cloud_sync.platform.secrets_api import mount_secrets
 from cloud_sync.platform.settings import PlatformSettings
+from cloud_sync.platform.shutdown_watch import (
+    GRACE_S,
+    Watchdog,
+    register_stack_dump_signal,
+    time_shutdown_steps,
+)
 from cloud_sync.platform.sql import Databases, Engine, is_postgres_url
 from cloud_sync.platform.store import LocalStore, RegistryStore
 from cloud_sync.platform.tuf.repository import TufRepository
@@ -382,7 +388,9 @@ async def serve(settings: PlatformSettings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    register_stack_dump_signal()
     app = await asyncio.to_thread(create_app, settings)
+    time_shutdown_steps(app)
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -410,7 +418,11 @@ async def serve(settings: PlatformSettings) -> None:
         await stop.wait()
     finally:
         log.info("shutting down: draining in-flight requests (up to %g s)", settings.drain_s)
-        await runner.cleanup()
+        watchdog = Watchdog(settings.drain_s + GRACE_S, loop).start()
+        try:
+            await runner.cleanup()
+        finally:
+            watchdog.stop()
         with contextlib.suppress(FileNotFoundError):
             settings.state_file.unlink()
         log.info("stopped")
