@@ -2,7 +2,8 @@
 
 `browser` (session scope) starts one chromedriver on a free loopback port and one Chromium
 session through it, so every test shares a browser; `Browser.reset()` clears cookies between
-tests. The client speaks the WebDriver HTTP protocol with urllib: no Selenium or Playwright to
+tests, and `Browser.javascript_off()` turns the page's JavaScript off for a block. The client
+speaks the WebDriver HTTP protocol with urllib: no Selenium or Playwright to
 download. Chromium's flags keep it off the network (no sync, no component updates, no
 background traffic) and its profile in the test's temp dir.
 """
@@ -111,6 +112,20 @@ class Browser:
 
     def reset(self) -> None:
         self._call("DELETE", "/cookie")
+
+    def cdp(self, command: str, params: dict[str, Any]) -> Any:
+        """A Chrome DevTools command on the current tab (chromedriver's `goog/cdp/execute`)."""
+        return self._call("POST", "/goog/cdp/execute", {"cmd": command, "params": params})
+
+    @contextlib.contextmanager
+    def javascript_off(self) -> Iterator[None]:
+        """Pages loaded inside run no script of their own (the shared browser gets it back
+        after). `script()` still works: DevTools evaluates outside the page's scripting."""
+        self.cdp("Emulation.setScriptExecutionDisabled", {"value": True})
+        try:
+            yield
+        finally:
+            self.cdp("Emulation.setScriptExecutionDisabled", {"value": False})
 
 
 def _free_port() -> int:

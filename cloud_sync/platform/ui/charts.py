@@ -1,8 +1,10 @@
 """Small SVG line charts drawn on the server: they show with JavaScript off and need no library.
 
 `line_chart(points, ...)` scales (t, value) points into a fixed viewBox and draws a polyline,
-the axis range and the last value. `series_from_metrics(records)` turns stored metrics records
-(newest first, as `FleetStore.records` returns them) into per-function series of invocations,
+the last and the largest value (and, with `marks`, a dot per point whose tooltip is its mark:
+a single point is then still drawn, which a one-point polyline is not). `gate_series` reads a
+rollout's `gate_history`. `series_from_metrics(records)` turns stored metrics records (newest
+first, as `FleetStore.records` returns them) into per-function series of invocations,
 error rate and p95 latency per interval; p95 comes from each interval's latency histogram
 (`cloud_sync.rollout.metrics.Histogram.quantile`, the same estimate the rollout gates use).
 """
@@ -10,10 +12,11 @@ error rate and p95 latency per interval; p95 comes from each interval's latency 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from cloud_sync.platform.ui.html import Html, h
+from cloud_sync.platform.ui.html import Html, h, join
 from cloud_sync.rollout.errors import MessageError
 from cloud_sync.rollout.metrics import Histogram
 
@@ -73,8 +76,13 @@ def line_chart(
     unit: str = "",
     percent: bool = False,
     bound: float | None = None,
+    marks: Sequence[str] | None = None,
 ) -> Html:
-    """The series as a polyline; with `bound`, a dashed line at it (a gate's limit) in scale."""
+    """The series as a polyline; with `bound`, a dashed line at it (a gate's limit) in scale;
+    with `marks` (one text per point), a dot per point with that text as its tooltip.
+
+    The y axis runs from 0 to the largest of the values and the bound, so the bound is always
+    in view; the caption's "max" is the largest value, not the axis top."""
 
     def fmt(v: float) -> str:
         return f"{v * 100:.1f}%" if percent else f"{v:.4g}{unit}"
@@ -91,11 +99,15 @@ def line_chart(
     def y(v: float) -> float:
         return HEIGHT - PAD - max(0.0, v) / top * (HEIGHT - 2 * PAD)
 
-    def xy(t: float, v: float) -> str:
-        x = PAD + (t - t0) / span * (WIDTH - 2 * PAD)
-        return f"{x:.1f},{y(v):.1f}"
+    def x(t: float) -> float:
+        return PAD + (t - t0) / span * (WIDTH - 2 * PAD)
 
-    poly = " ".join(xy(t, v) for t, v in points)
+    poly = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in points)
+    dots = join(
+        h('<circle class="dot" cx="$x" cy="$y" r="2.5"><title>$m</title></circle>',
+          x=f"{x(t):.1f}", y=f"{y(v):.1f}", m=mark)
+        for (t, v), mark in zip(points, marks or (), strict=False)
+    )  # fmt: skip
     limit = Html("")
     if bound is not None and math.isfinite(bound):
         limit = h(
@@ -103,36 +115,55 @@ def line_chart(
             x0=PAD, x1=WIDTH - PAD, y=f"{y(bound):.1f}", b=fmt(bound),
         )  # fmt: skip
     return h(
-        '<figure class="chart"><figcaption>$title <span class="muted">last $last, max $top$bnd'
+        '<figure class="chart"><figcaption>$title <span class="muted">last $last, max $peak$bnd'
         '</span></figcaption><svg viewBox="0 0 $w $ht" width="$w" height="$ht" role="img"'
         ' aria-label="$title"><rect x="0" y="0" width="$w" height="$ht" class="bg"/>$limit'
-        '<polyline fill="none" class="line" points="$poly"/></svg></figure>',
-        title=title, last=fmt(vs[-1]), top=fmt(top), w=WIDTH, ht=HEIGHT, poly=poly,
-        bnd="" if bound is None else f", bound {fmt(bound)}", limit=limit,
+        '<polyline fill="none" class="line" points="$poly"/>$dots</svg></figure>',
+        title=title, last=fmt(vs[-1]), peak=fmt(max(vs)), w=WIDTH, ht=HEIGHT, poly=poly,
+        bnd="" if bound is None else f", bound {fmt(bound)}", limit=limit, dots=dots,
     )  # fmt: skip
 
 
-def gate_series(history: Any) -> dict[str, tuple[Series, float | None]]:
-    """gate text -> ([(t, value)], its bound) from a rollout's `gate_history` (oldest first).
+class GateSeries(NamedTuple):
+    points: Series
+    bound: float | None  # the last bound seen
+    marks: list[str]  # per point: "wave W, HH:MM:SS UTC: value (outcome)", its tooltip
+
+
+def gate_series(history: Any) -> dict[str, GateSeries]:
+    """gate text -> its points, bound and marks from a rollout's `gate_history` (oldest first).
 
     Points without a value (not enough samples yet) are left out; the bound is the last one
     seen, since a relative gate's bound moves with the previous version's figures."""
-    out: dict[str, tuple[Series, float | None]] = {}
+    out: dict[str, GateSeries] = {}
     for point in history if isinstance(history, list) else ():
-        t = point.get("t") if isinstance(point, dict) else None
-        if not isinstance(t, int | float) or isinstance(t, bool):
+        t = _finite(point.get("t")) if isinstance(point, dict) else None
+        if t is None or not 0 <= t < 1e11:  # a time a chart (and gmtime) can place
             continue
+        when = time.strftime("%H:%M:%S", time.gmtime(t))
         for g in point.get("gates") or ():
             if not isinstance(g, dict) or not isinstance(g.get("gate"), str):
                 continue
-            series, bound = out.get(g["gate"], ([], None))
-            value, b = g.get("value"), g.get("bound")
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                series.append((float(t), float(value)))
-            if isinstance(b, int | float) and not isinstance(b, bool):
-                bound = float(b)
-            out[g["gate"]] = (series, bound)
+            series = out.setdefault(g["gate"], GateSeries([], None, []))
+            value, bound = _finite(g.get("value")), _finite(g.get("bound"))
+            if value is not None:
+                series.points.append((t, value))
+                outcome = f" ({g['outcome']})" if g.get("outcome") else ""
+                series.marks.append(f"wave {point.get('wave')}, {when} UTC: {value:.4g}{outcome}")
+            if bound is not None:
+                out[g["gate"]] = series._replace(bound=bound)
     return out
+
+
+def _finite(value: Any) -> float | None:
+    """A stored number as a float; None for anything else (text, booleans, inf, NaN)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range (JSON allows any size)
+        return None
+    return number if math.isfinite(number) else None
 
 
 def progress_bar(done: int, total: int, *, label: str = "") -> Html:

@@ -80,8 +80,8 @@ def detail_body(view: dict[str, Any], csrf: str, state_filter: str) -> Html:
     )
     gates = join(_gate_row(g) for g in _gates(view.get("gates"), view.get("spec")))
     gate_charts = join(
-        line_chart(points, title=gate, bound=bound)
-        for gate, (points, bound) in gate_series(view.get("gate_history")).items()
+        line_chart(s.points, title=gate, bound=s.bound, marks=s.marks)
+        for gate, s in gate_series(view.get("gate_history")).items()
     )
     devices = [
         d for d in view.get("devices") or [] if not state_filter or d.get("state") == state_filter
