@@ -66,10 +66,12 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 def create_keypair(out: Path, *, password: bytes | None = None) -> KeyFiles:
     """Create a new signing key at `out` (0600) and its public key at `out.pub` (0644).
 
-    Refuses when either file exists, so a key in use is never lost. Pass `password` to encrypt the
-    private key (a CI secret store usually makes that unnecessary).
+    Refuses when either file exists, so a key in use is never lost. A missing directory is made
+    (0700: it holds a private key). Pass `password` to encrypt the private key (a CI secret
+    store usually makes that unnecessary).
     """
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     pub_path = out.with_name(out.name + PUBLIC_SUFFIX)
     for p in (out, pub_path):
         if os.path.lexists(p):

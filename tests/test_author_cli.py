@@ -38,6 +38,16 @@ def test_keys_create(tmp_path: Path) -> None:
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def test_keys_create_makes_a_missing_directory_private(tmp_path: Path) -> None:
+    ok(cli("keys", "create", "--out", tmp_path / "keys" / "new" / "k.key"))
+    assert (tmp_path / "keys" / "new" / "k.key.pub").exists()
+    assert stat.S_IMODE((tmp_path / "keys" / "new").stat().st_mode) == 0o700
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    refused = cli("keys", "create", "--out", blocked / "k.key")  # a file where a dir should be
+    assert refused.returncode == 2 and "a-file" in refused.stderr
+
+
 @pytest.mark.parametrize(
     ("runtime", "files"),
     [
