@@ -263,7 +263,9 @@ def intake_row(
 # ---- (b) rollout --------------------------------------------------------------------------
 
 
-def rollout_row(setup: Setup, pg: PostgresServer, devices: int, timeout_s: float) -> dict[str, Any]:
+def rollout_row(
+    setup: Setup, pg: PostgresServer, devices: int, timeout_s: float, max_downloads: int = 100
+) -> dict[str, Any]:
     first, last = setup.replicas[0], setup.replicas[-1]
     url, token = last.url, first.token
     src = setup.work / "src"
@@ -308,7 +310,7 @@ def rollout_row(setup: Setup, pg: PostgresServer, devices: int, timeout_s: float
             "function": FN, "version": "0.1.0", "target": "group=bench",
             "waves": [1, 10, 50, 100], "bake_s": 0, "interval_s": 0.1, "min_invocations": 0,
             "rate_per_minute": 1_000_000, "device_timeout_s": 600,
-            "max_concurrent_downloads": 100,
+            "max_concurrent_downloads": max_downloads,
         }  # fmt: skip
         rid = api(url, token, "POST", "/v1/rollouts", spec)["id"]
         state = "pending"
@@ -417,6 +419,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=0, help="rollout fleet (default 10000)")
     parser.add_argument("--timeout", type=float, default=0, help="seconds per phase (bound)")
     parser.add_argument("--skip", choices=("intake", "rollout"), help="leave one part out")
+    parser.add_argument("--max-downloads", type=int, default=100,
+                        help="the rollout's cap on devices downloading at once")  # fmt: skip
     args = parser.parse_args()
     records = args.records or (2000 if args.quick else 10_000)
     devices = args.devices or (200 if args.quick else 10_000)
@@ -442,7 +446,7 @@ def main() -> None:
         if args.skip != "rollout":
             for name, n in configs:
                 with configuration(name, work, pg, n) as setup:
-                    rollout.append(rollout_row(setup, pg, devices, timeout_s))
+                    rollout.append(rollout_row(setup, pg, devices, timeout_s, args.max_downloads))
                 print(json.dumps(rollout[-1]), flush=True)
             print("\nRollout\n" + rollout_table(rollout) + "\n", flush=True)
     finally:
