@@ -44,6 +44,30 @@ async def test_a_slow_cleanup_step_is_named_in_the_log(
     assert len(slow) == 1 and "close_the_slow_store" in slow[0], slow
 
 
+async def test_a_stuck_step_is_given_up_and_the_steps_after_it_still_run(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shutdown_watch, "STEP_LIMIT_S", 0.2)
+    app = web.Application()
+    closed: list[str] = []
+
+    async def wait_for_ever(app: web.Application) -> None:
+        await asyncio.sleep(60)
+
+    async def close_the_stores(app: web.Application) -> None:
+        closed.append("stores")
+
+    app.on_cleanup.extend([wait_for_ever, close_the_stores])
+    time_shutdown_steps(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with caplog.at_level(logging.ERROR, "edgefn.platform"):
+        await asyncio.wait_for(runner.cleanup(), 10)
+    assert closed == ["stores"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "wait_for_ever did not finish" in errors[0], errors
+
+
 async def test_the_watchdog_dumps_threads_and_tasks_when_shutdown_overruns(
     capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -4,14 +4,15 @@ A replica that ignores SIGTERM for longer than its drain is killed by systemd (o
 SIGKILL, and the log then says nothing about what it was waiting for. So:
 
 * every `on_shutdown`/`on_cleanup` step of the app is timed; a step slower than `SLOW_STEP_S` is
-  logged with its name and duration;
+  logged with its name and duration, and one still running after `STEP_LIMIT_S` is given up
+  (logged as an error) so that the steps after it -- closing the stores -- still run;
 * `Watchdog`, armed when shutdown begins, dumps every thread's stack (faulthandler, which works
   even when the event loop itself is blocked) and every pending asyncio task's stack to stderr if
   shutdown has not finished after the drain plus `GRACE_S`;
 * `kill -USR1 <pid>` dumps every thread's stack at any time (faulthandler), for an operator
   looking at a replica that seems stuck while it runs.
 
-None of this changes what shutdown does; it only makes a slow or stuck one explain itself.
+Apart from giving up on a stuck step, none of this changes what shutdown does.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from aiohttp import web
 log = logging.getLogger("edgefn.platform")
 
 SLOW_STEP_S = 1.0
+STEP_LIMIT_S = 10.0
 GRACE_S = 5.0
 
 Step = Callable[[web.Application], Awaitable[Any]]
@@ -52,7 +54,10 @@ def _timed(step: Step) -> Step:
     async def run(app: web.Application) -> Any:
         started = time.monotonic()
         try:
-            return await step(app)
+            return await asyncio.wait_for(step(app), STEP_LIMIT_S)
+        except TimeoutError:
+            log.error("shutdown step %s did not finish in %.0f s; going on", name, STEP_LIMIT_S)
+            return None
         finally:
             took = time.monotonic() - started
             if took > SLOW_STEP_S:
