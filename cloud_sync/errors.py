@@ -119,6 +119,15 @@ class PublishTimeout(MqttError):
     code = "mqtt_publish_timeout"
 
 
+class NoSubscriber(MqttError):
+    """The broker took the publish but nobody subscribes to its topic (MQTT 5 PUBACK reason
+    0x10), so nobody got it: a broker that restarted without persistence, or restored no shared
+    subscription, before the platform subscribed again. For a device record that is not
+    delivered; the outbox keeps it and sends it again."""
+
+    code = "mqtt_no_subscriber"
+
+
 class PublishBackpressure(MqttError):
     """paho's bounded outgoing queue is full: slow down and retry."""
 

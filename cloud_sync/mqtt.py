@@ -27,7 +27,8 @@ asks the broker for at most that many unacknowledged deliveries, but brokers ove
 
 Outbound: `await publish(...)` resolves on PUBACK, raises `PublishTimeout` after
 `PUBLISH_TIMEOUT_S`, `PublishRefused` on a failure reason code (e.g. 0x87 by the ACL),
-`NotConnected` when offline and `PublishBackpressure` when paho's bounded queue is full. Moving
+`NotConnected` when offline and `PublishBackpressure` when paho's bounded queue is full; with
+`require_subscriber=True`, `NoSubscriber` when the PUBACK says nobody subscribes (0x10). Moving
 outbox records to the broker is the sync client's sender (`cloud_sync.sync`), which acknowledges
 them in the outbox only after PUBACK. `state` exposes connected / last_connected /
 since_disconnected / last_error for that MQTT-or-HTTP decision.
@@ -61,6 +62,7 @@ from cloud_sync import mqtt_paho, mqtt_thread, topics
 from cloud_sync.credentials import DeviceCredentials
 from cloud_sync.errors import (
     MqttError,
+    NoSubscriber,
     NotConnected,
     PublishBackpressure,
     PublishTimeout,
@@ -138,7 +140,7 @@ class MqttSession:
         self._close_started = False
         # Loop-owned state.
         self._link = LinkStatus()
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._pending: dict[int, asyncio.Future[int]] = {}  # mid -> PUBACK reason code
         # paho-thread-owned state.
         self._attempt = 0
         self._generation = 0  # increments per successful CONNACK; stale acks are skipped
@@ -268,8 +270,13 @@ class MqttSession:
         *,
         user_properties: Iterable[tuple[str, str]] = (),
         ack_timeout_s: float | None = None,
+        require_subscriber: bool = False,
     ) -> None:
-        """Publish; for QoS 1 return once the broker's PUBACK says it took the message."""
+        """Publish; for QoS 1 return once the broker's PUBACK says it took the message.
+
+        `require_subscriber`: raise `NoSubscriber` when the PUBACK says nobody subscribes
+        (MQTT 5 reason 0x10; MQTT 3.1.1 has no reason codes): the message reached no one.
+        """
         client = self._client
         if client is None or self._closing:
             raise SessionClosed("session is not running")
@@ -300,11 +307,13 @@ class MqttSession:
         timeout = PUBLISH_TIMEOUT_S if ack_timeout_s is None else ack_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                await fut
+                code = await fut
         except TimeoutError:
             raise PublishTimeout(f"no PUBACK for {topic!r} within {timeout} s") from None
         finally:
             self._pending.pop(info.mid, None)
+        if require_subscriber and code == mqtt_paho.NO_MATCHING_SUBSCRIBERS:
+            raise NoSubscriber(f"the broker has no subscriber for {topic!r}: nobody got it")
 
     # ---- paho thread -----------------------------------------------------------------------
 
@@ -460,7 +469,7 @@ class MqttSession:
         if err is not None:
             fut.set_exception(err)
         else:
-            fut.set_result(None)
+            fut.set_result(code)
 
     def _on_suback_loop(self, bad: list[str]) -> None:
         if bad:

@@ -45,6 +45,11 @@ PERMANENT_REFUSALS = {
 }
 
 
+# PUBACK reason 0x10 "No matching subscribers": a success to MQTT (the broker took the message),
+# but nobody received it. `MqttSession.publish(require_subscriber=True)` makes it an error.
+NO_MATCHING_SUBSCRIBERS = 0x10
+
+
 def properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves it untyped
 

@@ -17,6 +17,11 @@ interface (`send(records)`), and the sender picks one per round (`mode`):
   `GET /v1/devices/{id}/desired` every `http_poll_s`;
 * `waiting` in between (records stay in the outbox).
 
+A record counts as sent only when somebody got it: a PUBACK saying the topic has no subscriber
+(MQTT 5 reason 0x10, a broker that restarted without the platform's session, before the
+platform subscribed again) leaves it in the outbox, and the sender probes with one record per
+round, backing off to `UNHEARD_MAX_S`, until the platform is subscribed again.
+
 The session keeps reconnecting in the background all along, so the first successful CONNACK
 switches back to `mqtt`. Records carry their outbox idempotency key on both paths (MQTT 5 user
 property, HTTP body); the platform also dedupes on the payload digest, so a record whose
@@ -81,6 +86,10 @@ TICK_S = 0.5
 SEND_BATCH = 64
 # Retry pause after a failed round, so a refusing platform is not hammered.
 RETRY_S = 1.0
+# Connected, but the broker says nobody subscribes (the platform is not back after a broker
+# restart): one record per round, the pause doubling from RETRY_S to this, so a fleet does not
+# flood the broker while the record still goes soon after the platform subscribes again.
+UNHEARD_MAX_S = 15.0
 
 Mode = Literal["mqtt", "http", "waiting"]
 
@@ -161,6 +170,7 @@ class SyncClient:
         self._last_described: str = ""
         self._state_file = settings.data_dir / "sync-state.json"
         self._stats: OutboxStats | None = None
+        self._unheard = 0  # send rounds in a row that reached no subscriber
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -234,6 +244,7 @@ class SyncClient:
                 "connects": s.connects,
                 "last_error": s.last_error,
                 "last_error_code": s.last_error_code,
+                "no_subscriber_rounds": self._unheard,
             },
             "http": {
                 "last_ok": self.http.last_ok,
@@ -454,7 +465,7 @@ class SyncClient:
                 await asyncio.sleep(TICK_S)
                 continue
             outbox.clear_appended()
-            records = await outbox.lease(SEND_BATCH)
+            records = await outbox.lease(1 if self._unheard else SEND_BATCH)
             if not records:
                 await outbox.wait_for_records(TICK_S)
                 continue
@@ -465,7 +476,11 @@ class SyncClient:
                     await outbox.release(r.id for r in records)
                 raise
             await asyncio.shield(self._settle(result))
-            if result.failed:
+            # Nobody subscribed: the records stay (a PUBACK 0x10 is no delivery); probe with one.
+            self._unheard = self._unheard + 1 if result.unheard and not result.acked else 0
+            if self._unheard:
+                await asyncio.sleep(min(UNHEARD_MAX_S, RETRY_S * 2 ** min(self._unheard - 1, 8)))
+            elif result.failed:
                 await asyncio.sleep(RETRY_S)
 
     async def _settle(self, result: SendResult) -> None:

@@ -6,7 +6,9 @@ failed (release it for a later round, maybe on the other path). `SyncClient`'s s
 transport per round; neither transport knows about the other or about the outbox.
 
 * `MqttTransport`: one QoS 1 publish per record, concurrently, each carrying its outbox
-  idempotency key and kind as MQTT 5 user properties.
+  idempotency key and kind as MQTT 5 user properties. A PUBACK that says nobody subscribes
+  (0x10: the broker restarted without the platform's session and the platform has not
+  subscribed again) is a failure, not an acknowledgement: nobody got the record (`unheard`).
 * `HttpTransport`: the platform's HTTP API (`POST /v1/devices/{id}/records`, one request per
   batch, all-or-nothing), and `fetch_desired()` for polling desired state while MQTT is down.
   It goes through `cloud_sync.http_client` with the device's mTLS context and token.
@@ -20,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cloud_sync.errors import Category, CloudSyncError, PublishRefused
+from cloud_sync.errors import Category, CloudSyncError, NoSubscriber, PublishRefused
 from cloud_sync.http_client import AsyncHttpClient, Endpoint, HttpClientError, RemoteError
 from cloud_sync.mqtt import USER_PROPERTY_KEY, USER_PROPERTY_KIND, MqttSession
 from cloud_sync.outbox import OutboxRecord
@@ -36,6 +38,8 @@ class SendResult:
     acked: list[int]
     refused: list[int]
     failed: list[int]
+    # Of `failed`: how many the broker took with nobody subscribed (the platform is not back).
+    unheard: int = 0
 
 
 class Transport(Protocol):
@@ -57,20 +61,25 @@ class MqttTransport:
                     r.topic,
                     r.payload,
                     user_properties=[(USER_PROPERTY_KEY, r.key), (USER_PROPERTY_KIND, r.kind)],
+                    require_subscriber=True,
                 )
                 for r in records
             ),
             return_exceptions=True,
         )
-        out = SendResult([], [], [])
+        acked: list[int] = []
+        refused: list[int] = []
+        failed: list[int] = []
+        unheard = 0
         for rec, res in zip(records, results, strict=True):
             if res is None:
-                out.acked.append(rec.id)
+                acked.append(rec.id)
             elif isinstance(res, PublishRefused) and res.permanent:
-                out.refused.append(rec.id)
+                refused.append(rec.id)
             else:
-                out.failed.append(rec.id)
-        return out
+                failed.append(rec.id)
+                unheard += isinstance(res, NoSubscriber)
+        return SendResult(acked, refused, failed, unheard)
 
 
 class HttpError(CloudSyncError):

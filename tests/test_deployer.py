@@ -199,6 +199,16 @@ def wait_for(check: Callable[[], Any], what: str, within_s: float = BOUND_S) -> 
         time.sleep(0.1)
 
 
+def link_logs(agent: AgentProcess, plat: Platform, last: int = 40) -> str:
+    """The agent's and the platform's MQTT, sync and deployer log lines: why a wait failed."""
+    keys = ("cloud_sync.mqtt", "edgefn.sync", "edgefn.deployer", "edgefn.intake", "ERROR")
+    parts = []
+    for name, lines in (("agent", agent.lines), ("platform", plat.lines)):
+        kept = [line for line in list(lines) if any(k in line for k in keys)]
+        parts.append(f"---- {name} log (last {last} MQTT/sync lines)\n" + "\n".join(kept[-last:]))
+    return "\n".join(parts)
+
+
 def api(plat: Platform, method: str, path: str, body: Any = None) -> Any:
     req = urllib.request.Request(
         plat.url + path, method=method,
@@ -396,10 +406,26 @@ def test_broker_down_during_the_health_window_still_rolls_back_and_reports_once(
         return active(data) == "0.1.0" and served_version(agent) == "0.1.0"
 
     assert wait_for(rolled_back_locally, "a local rollback with the broker down")
-    mosquitto.start()
+
     # Both the agent and the platform reconnect with a backoff that grows to 60 s
-    # (cloud_sync.mqtt.RECONNECT_MAX_S) during the outage: allow two full waits of it.
-    report = wait_for(lambda: final(platform, "edge-d2", "r-crash"), "the report", within_s=180)
+    # (cloud_sync.mqtt.RECONNECT_MAX_S), in either order. This broker has no persistence: it
+    # restarts without the platform's session, and until the platform has subscribed again it
+    # answers the device's publishes "no matching subscribers" (0x10). The worse order, made
+    # certain by stopping the platform: the agent publishes its report to nobody first, keeps
+    # it and probes again (cloud_sync.sync.UNHEARD_MAX_S) until the platform is back.
+    def unheard() -> bool:
+        return bool(agent.get("/v1/health").json()["sync"]["mqtt"]["no_subscriber_rounds"])
+
+    os.kill(platform.proc.pid, signal.SIGSTOP)
+    try:
+        mosquitto.start()
+        wait_for(unheard, "the agent to publish to a broker nobody subscribes on")
+    finally:
+        os.kill(platform.proc.pid, signal.SIGCONT)
+    try:
+        report = wait_for(lambda: final(platform, "edge-d2", "r-crash"), "the report", 180)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{link_logs(agent, platform)}") from None
     assert report == (
         S.FAILED,
         "crash_loop",

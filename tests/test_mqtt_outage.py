@@ -8,6 +8,7 @@ side sends with the production sender (`SyncClient.run_sender`, see tests/sender
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,6 +34,14 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
+def platform_filters(kind: str) -> list[str]:
+    """What the platform subscribes for a test: `kind` and the sender's own reported document.
+
+    The real platform subscribes every kind a device sends; a record nobody subscribes to stays
+    in the outbox (PUBACK 0x10 is no delivery), so a test's platform must take these two."""
+    return [topics.platform_filter(kind), topics.platform_filter("reported")]
+
+
 @pytest.fixture(autouse=True)
 def quick_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mqtt, "RECONNECT_MIN_S", 0.1)
@@ -51,7 +60,7 @@ async def test_broker_crash_mid_stream_loses_nothing(
     total = 300
     appended: list[str] = []
     async with (
-        platform_session(broker, topics.platform_filter("metrics")) as plat,
+        platform_session(broker, *platform_filters("metrics")) as plat,
         await Outbox.open(tmp_path / "outbox.db") as outbox,
         device_sender(dev, tmp_path) as client,
     ):
@@ -68,7 +77,7 @@ async def test_broker_crash_mid_stream_loses_nothing(
 
         producer = asyncio.create_task(produce())
         try:
-            await eventually(lambda: len(set(collector.keys())) >= 50, what="50 records")
+            await eventually(lambda: len(set(collector.keys("metrics"))) >= 50, what="50 records")
             await asyncio.to_thread(broker.kill)  # mid-stream: records are on the wire
             await eventually(lambda: not device.connected, what="the device to notice")
             down_at = len(appended)
@@ -76,7 +85,7 @@ async def test_broker_crash_mid_stream_loses_nothing(
             await asyncio.to_thread(broker.start)
             await producer
             await eventually(
-                lambda: set(collector.keys()) >= set(appended), 60, "every record at the platform"
+                lambda: set(collector.keys("metrics")) >= set(appended), 60, "all at the platform"
             )
             await eventually(lambda: device.state.connected, what="reconnect")
 
@@ -91,12 +100,13 @@ async def test_broker_crash_mid_stream_loses_nothing(
             await collector.close()
         assert device.state.connects >= 2
         assert (await outbox.stats()).records == 0  # every record acknowledged, then deleted
-        received = collector.keys()
+        received = collector.keys("metrics")
         assert set(received) == set(appended)  # nothing lost, nothing invented
         # Duplicates are allowed (at-least-once) and removable by key: same key, same payload.
         by_key: dict[str, set[bytes]] = {}
         for m in collector.messages:
-            by_key.setdefault(m.key or "", set()).add(m.payload)
+            if m.kind == "metrics":
+                by_key.setdefault(m.key or "", set()).add(m.payload)
         assert all(len(payloads) == 1 for payloads in by_key.values())
         dupes = sum(n - 1 for n in Counter(received).values())
         assert len(received) == total + dupes
@@ -119,6 +129,50 @@ async def test_resubscribes_when_the_broker_lost_the_session(mosquitto: Broker) 
         msg = await asyncio.wait_for(device.messages.get(), 10)
         assert msg.value == {"version": 5, "config": {}}
         await msg.ack()
+
+
+async def test_a_record_nobody_subscribed_to_stays_in_the_outbox_until_the_platform_is_back(
+    mosquitto: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that lost the platform's session (restarted without persistence) answers a
+    device's publish with PUBACK 0x10 "no matching subscribers": nobody got it. The sender keeps
+    the record and sends it again once the platform has subscribed: a finished device's last
+    status report is never acknowledged away (issue 13)."""
+    monkeypatch.setattr(sync, "UNHEARD_MAX_S", 0.3)
+    dev = mosquitto.device_credentials("dev-unheard")
+    report_t = topics.rollout_report_topic("dev-unheard")
+    async with (
+        await Outbox.open(tmp_path / "outbox.db") as outbox,
+        device_sender(dev, tmp_path) as client,
+    ):
+        await client.session.wait_ready(10)
+        drain = asyncio.create_task(client.run_sender(outbox))
+        try:
+            rec = await outbox.append("rollout", report_t, b'{"state": "failed"}', key="r-1/9")
+            # Sent and answered 0x10 at least twice (the probe is repeated), yet still stored.
+            await eventually(
+                lambda: client.status()["mqtt"]["no_subscriber_rounds"] >= 2, what="unheard"
+            )
+            assert (await outbox.stats()).by_kind.get("rollout") == 1
+            # The platform subscribes every kind a device sends (the sender's own reported
+            # document is waiting too).
+            kinds = [topics.platform_filter(k) for k in ("rollout", "reported")]
+            async with platform_session(mosquitto, *kinds) as plat:
+                await plat.wait_ready(10)
+                collector = Collector(plat)
+                await eventually(lambda: rec.key in collector.keys("rollout"), 30, "the report")
+
+                async def empty() -> bool:
+                    return (await outbox.stats()).records == 0
+
+                await eventually(empty, 30, "the outbox to drain")
+                assert collector.keys("rollout") == [rec.key]  # sent once it was heard
+                assert client.status()["mqtt"]["no_subscriber_rounds"] == 0
+                await collector.close()
+        finally:
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
 
 
 DEVICE_CHILD = r"""
@@ -228,13 +282,13 @@ async def test_unacked_outbox_records_are_resent_after_kill_9(
     creds_path, db = tmp_path / "credentials.json", tmp_path / "outbox.db"
     credentials.save(creds_path, dev)
     assert mosquitto.proc is not None
-    async with platform_session(mosquitto, topics.platform_filter("events")) as plat:
+    async with platform_session(mosquitto, *platform_filters("events")) as plat:
         await plat.wait_ready(10)
         collector = Collector(plat)
         child = await spawn(OUTBOX_CHILD, str(creds_path), str(db))
         try:
             await expect_line(child, b"DRAINED")
-            await eventually(lambda: len(collector.messages) == 5, what="early records")
+            await eventually(lambda: len(collector.keys("events")) == 5, what="early records")
             os.kill(mosquitto.proc.pid, signal.SIGSTOP)  # no more PUBACKs
             try:
                 assert child.stdin is not None
@@ -255,7 +309,7 @@ async def test_unacked_outbox_records_are_resent_after_kill_9(
                     drain = asyncio.create_task(client.run_sender(outbox))
                     try:
                         await eventually(
-                            lambda: len(set(collector.keys())) == 25, 60, "all 25 records"
+                            lambda: len(set(collector.keys("events"))) == 25, 60, "all 25"
                         )
 
                         async def outbox_empty() -> bool:  # PUBACKs reached the new process
