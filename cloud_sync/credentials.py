@@ -12,7 +12,7 @@ The file (`credentials.json` in the agent's data dir, mode 0600)::
       "key_pem": "-----BEGIN PRIVATE KEY-----..."
     }
 
-Enrolment adds extras beside these (`cloud_sync.sync.load_credentials_extras` reads them):
+Enrolment adds extras beside these (`load_credentials_extras` below reads them):
 `token`, `groups`, `mqtt_protocol`, and `director_key`, the PEM public key that signs every
 desired document the device accepts (`cloud_sync.director_check`).
 
@@ -245,3 +245,23 @@ def read_tuf_root(path: Path | str) -> bytes | None:
     if not isinstance(root, dict) or not isinstance(root.get("signed"), dict):
         raise CredentialsError(f"{path}: 'tuf_root' is not a TUF root.json document")
     return json.dumps(root, separators=(",", ":")).encode()
+
+
+def load_credentials_extras(path: Path) -> dict[str, Any]:
+    """The enrolment extras next to the standard fields: token, groups, mqtt_protocol,
+    director_key."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    groups = data.get("groups") or []
+    return {
+        "token": data.get("token") if isinstance(data.get("token"), str) else "",
+        "groups": tuple(str(g) for g in groups if isinstance(g, str)),
+        "mqtt311": data.get("mqtt_protocol") == "3.1.1",
+        "director_key": data.get("director_key")
+        if isinstance(data.get("director_key"), str)
+        else "",
+    }

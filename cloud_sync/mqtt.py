@@ -5,16 +5,12 @@ How it runs:
 * `start()` configures paho (TLS context, will, persistent session) and calls `connect_async` +
   `loop_start`: paho's own thread does the blocking work (DNS, TCP, TLS handshake, select) and
   reconnects forever. `start()` returns at once, whether or not a broker is reachable.
-* Every paho callback runs on paho's thread, is wrapped by `_guarded` (an exception is logged;
-  it would otherwise kill the network thread and with it reconnection) and hops to the event
-  loop with `call_soon_threadsafe`. All session state is owned by the loop.
-* Reconnects wait a jittered exponential delay (`RECONNECT_MIN_S` doubling to `RECONNECT_MAX_S`,
-  each wait uniform in [d/2, d]) so a fleet does not reconnect in lockstep after a broker restart.
-* Persistent session: `clean_start=False` with `SESSION_EXPIRY_S`, so QoS 1 messages published
-  to the device while it is offline wait on the broker. When the subscriptions are made again
-  after a CONNACK: `mqtt_thread.needs_subscribe`.
-* Presence: the will is `offline` (retained) on the presence topic; after every CONNACK the
-  session publishes `online` (retained); a clean `close()` publishes `offline` itself.
+* paho callbacks run on paho's thread, `_guarded` (an exception would kill reconnection), and
+  hop to the loop (`call_soon_threadsafe`), which owns all session state.
+* Reconnects wait a jittered exponential delay (`RECONNECT_MIN_S` to `RECONNECT_MAX_S`, below).
+* Persistent session (`clean_start=False`, `SESSION_EXPIRY_S`): QoS 1 messages to an offline
+  device wait on the broker; resubscribing after a CONNACK: `mqtt_thread.needs_subscribe`.
+* Presence (retained): the will is `offline`; after each CONNACK `online`; `close()`: `offline`.
 
 Inbound: messages become `InboundMessage` values on `session.messages` (an `InboundQueue`, an
 asyncio.Queue). paho runs with `manual_ack=True`: a QoS 1 message is acknowledged to the broker
@@ -25,20 +21,16 @@ rest; a consumer stuck longer than that gets its backlog handed back (the connec
 the persistent session redelivers every unacknowledged message on reconnect). `RECEIVE_MAXIMUM`
 asks the broker for at most that many unacknowledged deliveries, but brokers overshoot it.
 
-Outbound: `await publish(...)` resolves on PUBACK, raises `PublishTimeout` after
-`PUBLISH_TIMEOUT_S`, `PublishRefused` on a failure reason code (e.g. 0x87 by the ACL),
-`NotConnected` when offline and `PublishBackpressure` when paho's bounded queue is full; with
-`require_subscriber=True`, `NoSubscriber` when the PUBACK says nobody subscribes (0x10). Moving
-outbox records to the broker is the sync client's sender (`cloud_sync.sync`), which acknowledges
-them in the outbox only after PUBACK. `state` exposes connected / last_connected /
-since_disconnected / last_error for that MQTT-or-HTTP decision.
+Outbound: `await publish(...)` resolves on PUBACK, or raises `PublishTimeout` (after
+`PUBLISH_TIMEOUT_S`), `PublishRefused` (a failure reason code, e.g. 0x87 by the ACL),
+`NotConnected`, `PublishBackpressure` (paho's bounded queue is full) or, with
+`require_subscriber=True`, `NoSubscriber` (0x10: nobody subscribes). The sync client's sender
+(`cloud_sync.sync`) acknowledges outbox records only after PUBACK; `state` feeds its
+MQTT-or-HTTP decision.
 
-Beside this module, one concern each: `mqtt_paho.py` (how paho is configured: protocol,
-persistent session, bounded queues, TLS, will; PUBACK reason codes), `mqtt_inbound.py` (the
-delivered message, decoded against the topic tree) and `mqtt_link.py` (the link's state and the
-stable codes for why it is down) and `mqtt_thread.py` (what runs on paho's thread: guarded
-callbacks, the hop to the loop, backoff, subscribing, stopping the thread). This module keeps the
-loop/thread choreography between them.
+Companions, one concern each: `mqtt_paho.py` (paho's configuration, PUBACK reason codes),
+`mqtt_inbound.py` (the delivered message), `mqtt_link.py` (link state, why it is down) and
+`mqtt_thread.py` (what runs on paho's thread). This module is the loop/thread choreography.
 """
 
 from __future__ import annotations
@@ -84,7 +76,6 @@ log = logging.getLogger(__name__)
 
 # ---- tuning (module level so tests and the agent's settings can change them) ------------------
 
-# Connection, session and queue settings of paho itself are in `mqtt_paho.py`.
 # Reconnect backoff: first retry after ~RECONNECT_MIN_S, doubling to RECONNECT_MAX_S; each wait is
 # uniform in [d/2, d] ("equal jitter") so a fleet spreads out after a broker restart while one
 # device still retries quickly after a blip.

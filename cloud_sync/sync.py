@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials
+from cloud_sync.credentials import load_credentials_extras as load_credentials_extras
 from cloud_sync.device_figures import FunctionCounters as FunctionCounters
 from cloud_sync.director_check import DirectorGate, InstructionRefused
 from cloud_sync.errors import CloudSyncError, ConfigError
@@ -489,23 +490,3 @@ class SyncClient:
         await self.outbox.discard(result.refused)
         await self.outbox.release(result.failed)
         self._stats = await self.outbox.stats()
-
-
-def load_credentials_extras(path: Path) -> dict[str, Any]:
-    """The enrolment extras next to the standard fields: token, groups, mqtt_protocol,
-    director_key."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    groups = data.get("groups") or []
-    return {
-        "token": data.get("token") if isinstance(data.get("token"), str) else "",
-        "groups": tuple(str(g) for g in groups if isinstance(g, str)),
-        "mqtt311": data.get("mqtt_protocol") == "3.1.1",
-        "director_key": data.get("director_key")
-        if isinstance(data.get("director_key"), str)
-        else "",
-    }

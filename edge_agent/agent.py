@@ -79,11 +79,10 @@ class Agent:
             from cloud_sync import credentials
             from cloud_sync.director_check import director_gate
             from cloud_sync.errors import CredentialsError
-            from cloud_sync.sync import load_credentials_extras
 
             try:
                 self.creds = credentials.load(settings.credentials_file)
-                self._extras = load_credentials_extras(settings.credentials_file)
+                self._extras = credentials.load_credentials_extras(settings.credentials_file)
                 # Checks every desired document (update_security, docs/update-security.md).
                 self._director = director_gate(
                     self.creds.device_id,
