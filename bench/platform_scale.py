@@ -54,7 +54,7 @@ from typing import Any
 import psutil
 
 from bench.proc_cpu import CpuMeter
-from bench.rollout import CONNECT_RATE, ENDED, FN, api, cli
+from bench.rollout import CONNECT_RATE, ENDED, FN, api, cli, rollout_spec
 from cloud_sync import topics
 from cloud_sync.credentials import DeviceCredentials
 from cloud_sync.mqtt import USER_PROPERTY_KEY, USER_PROPERTY_KIND, MqttSession
@@ -306,12 +306,7 @@ def rollout_row(
         meter = CpuMeter(cpu_groups(setup, pg, sim.pid, "simulator"))
         meter.start()
         t0 = time.time()
-        spec = {
-            "function": FN, "version": "0.1.0", "target": "group=bench",
-            "waves": [1, 10, 50, 100], "bake_s": 0, "interval_s": 0.1, "min_invocations": 0,
-            "rate_per_minute": 1_000_000, "device_timeout_s": 600,
-            "max_concurrent_downloads": max_downloads,
-        }  # fmt: skip
+        spec = rollout_spec(max_downloads)
         rid = api(url, token, "POST", "/v1/rollouts", spec)["id"]
         state = "pending"
         deadline = time.monotonic() + timeout_s

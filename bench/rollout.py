@@ -111,6 +111,16 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float) -> None:
         proc.wait(10)
 
 
+def rollout_spec(max_downloads: int) -> dict[str, Any]:
+    """The benches' rollout: 4 waves, bake 0, no rate limit to speak of, a download cap."""
+    return {
+        "function": FN, "version": "0.1.0", "target": "group=bench",
+        "waves": [1, 10, 50, 100], "bake_s": 0, "interval_s": 0.1, "min_invocations": 0,
+        "rate_per_minute": 1_000_000, "device_timeout_s": 600,
+        "max_concurrent_downloads": max_downloads,
+    }  # fmt: skip
+
+
 def one(
     work: Path,
     devices: int,
@@ -175,12 +185,7 @@ def one(
         cpu0 = _cpu(pid)
         sim_cpu0 = sum(_cpu(s.pid) for s in sims)
         t0 = time.time()
-        spec = {
-            "function": FN, "version": "0.1.0", "target": "group=bench",
-            "waves": [1, 10, 50, 100], "bake_s": 0, "interval_s": 0.1, "min_invocations": 0,
-            "rate_per_minute": 1_000_000, "device_timeout_s": 600,
-            "max_concurrent_downloads": max_downloads,
-        }  # fmt: skip
+        spec = rollout_spec(max_downloads)
         rid = api(url, token, "POST", "/v1/rollouts", spec)["id"]
         state, wave, marks = "pending", 0, [t0]
         deadline = time.monotonic() + timeout_s

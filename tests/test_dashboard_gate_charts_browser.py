@@ -17,22 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from cloud_sync.platform.fleet_store import FleetStore
-from cloud_sync.platform.store import LocalStore
-from cloud_sync.platform.ui import mount
 from cloud_sync.platform.ui.charts import HEIGHT, PAD, gate_series, line_chart
 from cloud_sync.rollout.controller import Tick, step
 from cloud_sync.rollout.metrics import Histogram, VersionMetrics
 from cloud_sync.rollout.model import Rollout
 from tests.browser import Browser, browser  # noqa: F401  (the session fixture)
-from tests.http_servers import serve
-from tests.test_dashboard_rollouts import CoreSource, _facts
+from tests.test_dashboard_rollouts import TOKEN, CoreSource, _facts, console_over
 
 IN_CHROMIUM = pytest.mark.ci_may_skip("needs Debian's chromium and chromium-driver")
 
-TOKEN = "g" * 64
 GATES = ["error_rate<=0.05", "p95_ms<=200"]
 BOUNDS = (10.0, 50.0, 100.0, 250.0, 500.0)
 # One evaluation each: (errors of 200 invocations, latency histogram counts) and the figures
@@ -83,17 +77,9 @@ class GateSource(CoreSource):
 
 @pytest.fixture
 def console(tmp_path: Path) -> Iterator[tuple[str, GateSource]]:
-    fleet = FleetStore(tmp_path / "fleet.db")
-    registry = LocalStore(tmp_path / "registry.db", tmp_path / "blobs")
     source = GateSource(_facts(10))
-    app = web.Application()
-    mount(app, token=TOKEN, fleet=fleet, registry=registry, accounts=None, rollout_source=source)
-    try:
-        with serve(app) as url:
-            yield url, source
-    finally:
-        fleet.close()
-        registry.close()
+    with console_over(tmp_path, source) as url:
+        yield url, source
 
 
 def _seed(source: GateSource, evaluations: int) -> tuple[str, float]:

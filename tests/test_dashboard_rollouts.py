@@ -5,6 +5,7 @@ confirmation, see the final state; a rollout action without the CSRF token is re
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -21,7 +22,7 @@ from aiohttp import web
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.store import LocalStore
 from cloud_sync.platform.ui import mount
-from cloud_sync.platform.ui.rollouts import Action
+from cloud_sync.platform.ui.rollouts import Action, RolloutSource
 from cloud_sync.rollout.controller import Abort, Pause, Resume, Start, step
 from cloud_sync.rollout.eligibility import BundleFacts
 from cloud_sync.rollout.model import Rollout, new_rollout, plan
@@ -82,19 +83,26 @@ class CoreSource:
             return r.status_view()
 
 
-@pytest.fixture
-def console(tmp_path: Path) -> Iterator[tuple[str, CoreSource]]:
+@contextlib.contextmanager
+def console_over(tmp_path: Path, source: RolloutSource) -> Iterator[str]:
+    """The console on empty fleet and registry stores, its rollouts from `source`: its URL."""
     fleet = FleetStore(tmp_path / "fleet.db")
     registry = LocalStore(tmp_path / "registry.db", tmp_path / "blobs")
-    source = CoreSource(_facts(20))
     app = web.Application()
     mount(app, token=TOKEN, fleet=fleet, registry=registry, accounts=None, rollout_source=source)
     try:
         with serve(app) as url:
-            yield url, source
+            yield url
     finally:
         fleet.close()
         registry.close()
+
+
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[tuple[str, CoreSource]]:
+    source = CoreSource(_facts(20))
+    with console_over(tmp_path, source) as url:
+        yield url, source
 
 
 @pytest.mark.slow
