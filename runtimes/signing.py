@@ -71,7 +71,13 @@ def create_keypair(out: Path, *, password: bytes | None = None) -> KeyFiles:
     store usually makes that unnecessary).
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except (FileExistsError, NotADirectoryError):
+        raise BundleError(
+            f"{out.parent}: cannot make this directory for the key: a file is in the way",
+            code="key_dir_blocked",
+        ) from None
     pub_path = out.with_name(out.name + PUBLIC_SUFFIX)
     for p in (out, pub_path):
         if os.path.lexists(p):
