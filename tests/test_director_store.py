@@ -6,13 +6,13 @@ opens with its counters."""
 from __future__ import annotations
 
 import sqlite3
-import threading
 from pathlib import Path
 from typing import Any
 
 from cloud_sync.platform.director import DB_FILE, MIGRATIONS, Director
 from tests.platform_backends import Backend
 from tests.test_director import DIGESTS, DOC, Clock
+from tests.threads import in_threads
 
 ROUNDS = 12  # per thread: bounded, and enough to interleave two writers many times
 THREADS = 4  # two per director
@@ -51,27 +51,12 @@ def test_counters_grow_per_scope_and_survive_a_restart(backend: Backend, tmp_pat
 def _issue_from_threads(directors: list[Director], docs: Any) -> list[list[int]]:
     """Each thread issues `docs(thread, round)` for dev-a ROUNDS times, all threads released at
     once; returns each thread's counters in the order it got them."""
-    start = threading.Barrier(THREADS, timeout=30)
-    got: list[list[int]] = [[] for _ in range(THREADS)]
-    errors: list[BaseException] = []
 
-    def run(i: int) -> None:
-        try:
-            start.wait()
-            for r in range(ROUNDS):
-                env = directors[i % len(directors)].for_device("dev-a", docs(i, r))
-                got[i].append(int(env["signed"]["counter"]))
-        except BaseException as exc:  # reported below, not lost in the thread
-            errors.append(exc)
+    def issue(i: int, r: int) -> int:
+        env = directors[i % len(directors)].for_device("dev-a", docs(i, r))
+        return int(env["signed"]["counter"])
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
-    return got
+    return in_threads(THREADS, ROUNDS, issue)
 
 
 def test_two_directors_on_one_database_never_hand_out_one_counter_twice(

@@ -6,11 +6,11 @@ seam opens with its rows and counts on from its versions."""
 from __future__ import annotations
 
 import sqlite3
-import threading
 from pathlib import Path
 
 from cloud_sync.platform.secret_store import MIGRATIONS, SecretStore
 from tests.platform_backends import Backend
+from tests.threads import in_threads
 
 ROUNDS = 10  # per thread, bounded
 THREADS = 4
@@ -51,30 +51,15 @@ def test_rows_keys_and_acks_survive_reopening(backend: Backend) -> None:
 
 def test_two_stores_setting_one_name_at_once_never_share_a_version(backend: Backend) -> None:
     stores = [_store(backend), _store(backend)]
-    start = threading.Barrier(THREADS, timeout=30)
-    got: list[list[int]] = [[] for _ in range(THREADS)]
-    errors: list[BaseException] = []
 
-    def run(i: int) -> None:
-        try:
-            start.wait()
-            for r in range(ROUNDS):
-                # Half the threads share one target, half have their own: both must count on.
-                target = "north" if i % 2 else f"edge-{i}"
-                scope = "group" if i % 2 else "device"
-                version = stores[i % 2].set("api-key", scope, target, {"b": f"{i}-{r}"}, 3)
-                got[i].append(version)
-        except BaseException as exc:  # reported below, not lost in the thread
-            errors.append(exc)
+    def set_one(i: int, r: int) -> int:
+        # Half the threads share one target, half have their own: both must count on.
+        target = "north" if i % 2 else f"edge-{i}"
+        scope = "group" if i % 2 else "device"
+        return stores[i % 2].set("api-key", scope, target, {"b": f"{i}-{r}"}, 3)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in threads)
-        assert errors == []
+        got = in_threads(THREADS, ROUNDS, set_one)
         for mine in got:
             assert mine == sorted(mine) and len(set(mine)) == ROUNDS
         assert sorted(v for mine in got for v in mine) == list(range(1, THREADS * ROUNDS + 1))
