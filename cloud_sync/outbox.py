@@ -295,7 +295,8 @@ class Outbox:
     async def wait_for_records(self, within_s: float) -> bool:
         """Wait until something is appended (at most `within_s`); True if something was."""
         try:
-            await asyncio.wait_for(self._appended.wait(), within_s)
+            async with asyncio.timeout(within_s):
+                await self._appended.wait()
         except TimeoutError:
             return False
         return True

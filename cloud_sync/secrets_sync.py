@@ -26,6 +26,7 @@ from typing import Any
 
 from cloud_sync.errors import CloudSyncError
 from cloud_sync.http_client import AsyncHttpClient, Endpoint
+from runtimes import tasks
 
 log = logging.getLogger("edgefn.secrets")
 
@@ -79,10 +80,7 @@ class SecretsSync:
         self._wake.set()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.stop(self._task)
         await self._http.close()
 
     def status(self) -> dict[str, Any]:
@@ -100,7 +98,8 @@ class SecretsSync:
                 log.exception("secrets: sync round failed")
             self.rounds += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                async with asyncio.timeout(self.poll_s):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def sync_once(self) -> bool:

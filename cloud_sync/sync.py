@@ -69,6 +69,7 @@ from cloud_sync.transports import HttpTransport as HttpTransport
 from cloud_sync.transports import MqttTransport as MqttTransport
 from cloud_sync.transports import SendResult as SendResult
 from cloud_sync.transports import Transport as Transport
+from runtimes import tasks
 
 log = logging.getLogger("edgefn.sync")
 
@@ -202,11 +203,7 @@ class SyncClient:
         )
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks.stop(*self._tasks)
         if self.outbox is not None:
             # Close the last metrics interval into the outbox: a graceful stop (an agent
             # restart while offline) must not lose the invocations since the last round.

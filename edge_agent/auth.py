@@ -18,7 +18,6 @@ The token file (`edge_agent.tokens`) is re-read when it changes; a poll every
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from typing import Any
 
 from edge_agent.errors import AgentError
 from edge_agent.tokens import ADMIN, TokenError, TokenRecord, TokenStore, hash_token
+from runtimes import tasks
 
 log = logging.getLogger("edgefn.auth")
 
@@ -118,10 +118,7 @@ class Authenticator:
         self._task = asyncio.create_task(self._watch(), name="token reload")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.stop(self._task)
 
     def check(
         self,

@@ -61,6 +61,7 @@ from edge_agent.deployer_install import (
 )
 from edge_agent.deployer_state import MAX_ATTEMPTS, DeployerState, want_key
 from edge_agent.update_security import UpdatePolicy
+from runtimes import tasks
 from runtimes.manifest import semver_key
 
 log = logging.getLogger("edgefn.deployer")
@@ -115,10 +116,7 @@ class Deployer:
         self._task = asyncio.create_task(self._run(), name="deployer")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.stop(self._task)
 
     def reported_extra(self) -> dict[str, Any]:
         return reported_rollouts(self.state.latest)

@@ -109,7 +109,8 @@ async def watch(
         if elapsed >= window:
             return Verdict(True)
         try:
-            await asyncio.wait_for(interrupt.wait(), min(HEALTH_POLL_S, window - elapsed + 0.01))
+            async with asyncio.timeout(min(HEALTH_POLL_S, window - elapsed + 0.01)):
+                await interrupt.wait()
         except TimeoutError:
             continue
         return Verdict(False, superseded=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.errors import StartupError
+from runtimes import tasks
 
 log = logging.getLogger("edgefn.discovery")
 
@@ -154,10 +155,7 @@ class Advertiser:
                 log.exception("updating the zeroconf TXT records failed")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.stop(self._task)
         if self._azc is not None:
             with contextlib.suppress(Exception):  # best effort: we are shutting down
                 await (await self._azc.async_unregister_service(self._info))
@@ -238,11 +236,10 @@ async def discover(
     resolver = asyncio.create_task(resolve())
     try:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wanted.wait(), wait_s)
+            async with asyncio.timeout(wait_s):
+                await wanted.wait()
     finally:
-        resolver.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await resolver
+        await tasks.stop(resolver)
         await browser.async_cancel()
         await azc.async_close()
     return sorted(found.values(), key=lambda f: (f.device_id, f.name))

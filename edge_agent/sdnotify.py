@@ -11,10 +11,11 @@ Outside systemd (`$NOTIFY_SOCKET` unset) every call is a no-op.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
+
+from runtimes import tasks
 
 log = logging.getLogger("edgefn.sdnotify")
 
@@ -94,11 +95,8 @@ class Lifecycle:
 
     async def stopping(self) -> None:
         """Call when shutdown starts: systemd then expects the exit, not more pings."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.stop(self._task)
+        self._task = None
         self._notifier.send("STOPPING=1")
 
     def close(self) -> None:

@@ -70,7 +70,8 @@ def warm_check(
         sandbox = Sandbox()
         executor = make_executor(probe, directory, sandbox=sandbox)
         try:
-            await asyncio.wait_for(executor.start(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await executor.start()
             if while_running is not None:
                 await asyncio.to_thread(while_running)
         finally:

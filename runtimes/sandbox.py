@@ -33,6 +33,7 @@ from hardware.isolation import detect_isolation, instance_prefix
 from hardware.leftovers import WorkerRecords
 from hardware.limits import PID_NAMESPACE_PROCESSES, WorkerLimits, enforcement, wrap_command
 from hardware.usage import ProcessUsage, UsageSampler
+from runtimes import tasks
 from runtimes.errors import Overloaded, Unavailable
 from runtimes.manifest import Manifest
 
@@ -218,10 +219,7 @@ class Sandbox:
         return out
 
     async def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+        await tasks.stop(self._watchdog)
         if self.cgroups is not None:
             # The agent created its cgroup subtree, so it removes it (workers are gone by now).
             with contextlib.suppress(HardwareError, OSError):

@@ -190,21 +190,24 @@ class Worker:
         # uvloop's pipe transports do not subclass asyncio.WriteTransport but behave as one.
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
         try:
-            await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._ready)
         except asyncio.CancelledError:
             self.kill("start was cancelled")  # never leave a half-started process behind
             raise
         except TimeoutError:
             self.kill(f"no READY within {timeout_s:g} s")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._exited), EXIT_REAP_S)
+                async with asyncio.timeout(EXIT_REAP_S):
+                    await asyncio.shield(self._exited)
             raise WorkerCrashed(f"worker did not become ready within {timeout_s:g} s") from None
         except WorkerCrashed as exc:
             # Wait for the exit to be reaped: the last stderr lines say why the function failed
             # to load, and a transport left open would outlive its event loop.
             self.kill("failed at start")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._exited), EXIT_REAP_S)
+                async with asyncio.timeout(EXIT_REAP_S):
+                    await asyncio.shield(self._exited)
             raise WorkerCrashed(f"{exc.message}{self._tail_suffix()}") from None
         self.ready_at = time.monotonic()
         self.idle_since = self.ready_at
@@ -242,11 +245,13 @@ class Worker:
         self._write(protocol.encode(Frame(Kind.SHUTDOWN)))
         assert self._exited is not None
         try:
-            await asyncio.wait_for(asyncio.shield(self._exited), grace_s)
+            async with asyncio.timeout(grace_s):
+                await asyncio.shield(self._exited)
         except TimeoutError:
             self.kill(f"did not exit within {grace_s:g} s of SHUTDOWN")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._exited), 1.0)
+                async with asyncio.timeout(1.0):
+                    await asyncio.shield(self._exited)
 
     async def wait_exit(self) -> None:
         if self._exited is not None:
@@ -314,7 +319,8 @@ class Worker:
         started = loop.time()
         self._write(protocol.encode(Frame(Kind.PING, rid)))
         try:
-            await asyncio.wait_for(fut, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await fut
         except TimeoutError:
             self._pending.pop(rid, None)
             raise WorkerCrashed(f"worker {self.pid} did not answer a ping") from None

@@ -149,7 +149,8 @@ async def answer_call(
     try:
         # The handler bounds nested work by call.deadline_s itself; this outer bound makes
         # sure the function hears back before its own deadline whatever the handler does.
-        return await asyncio.wait_for(capabilities.call(manifest, call), call.deadline_s)
+        async with asyncio.timeout(call.deadline_s):
+            return await capabilities.call(manifest, call)
     except TimeoutError:
         return CapabilityTimeout("the call ran past the deadline")
     except RuntimeErrorBase as exc:

@@ -228,3 +228,20 @@ def test_replica_settings_are_checked_before_start(lease: str, replica: str, pro
     found = replica_settings_problem(lease, replica)
     assert (problem in found) if problem else found == ""
     assert "secret" not in found
+
+
+async def test_close_returns_whenever_it_is_called(postgres_db: PostgresDatabase) -> None:
+    """Closing never hangs, even when it lands just as a query of the loop completes.
+
+    Python 3.11's `asyncio.wait_for` swallows a cancellation that arrives in the same loop
+    iteration as the awaited result (CPython gh-86296): a lease closed at that moment kept
+    running and `close()` waited for it forever (a CI teardown hang). With no pause between
+    polls the loop is almost always inside a query, so many closes hit that moment.
+    """
+    for i in range(40):
+        lease = PgAdvisoryLease(postgres_db.url, name=f"c{i}", poll_s=0.0, lost_after_s=1.0)
+        await lease.start()
+        await asyncio.sleep(0.005 * (i % 8))
+        async with asyncio.timeout(5):
+            await lease.close()
+        assert not lease.is_leader

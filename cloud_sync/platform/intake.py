@@ -37,7 +37,6 @@ a leader that died after storing a desired document but before publishing it is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -50,6 +49,7 @@ from cloud_sync.mqtt import InboundMessage, MqttSession
 from cloud_sync.platform.director import Director
 from cloud_sync.platform.fleet_store import FleetStore
 from cloud_sync.platform.pki import PLATFORM_IDENTITY, PlatformCA
+from runtimes import tasks
 
 log = logging.getLogger("edgefn.intake")
 
@@ -122,11 +122,7 @@ class MqttIntake:
         self.subscribed = True
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks.stop(*self._tasks)
         await self.session.close()
 
     def status(self) -> dict[str, object]:

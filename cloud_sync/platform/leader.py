@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from cloud_sync.errors import CloudSyncError
+from runtimes import tasks
 
 log = logging.getLogger("edgefn.leader")
 
@@ -175,11 +176,8 @@ class PgAdvisoryLease:
 
     async def close(self) -> None:
         """Step down (the lock goes with the connection) and stop trying."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.stop(self._task)
+        self._task = None
         self._signal.set(False)
         await self._drop()
         if self._mutex_conn is not None:
@@ -236,7 +234,8 @@ class PgAdvisoryLease:
             cur = await self._conn.execute(sql, params)
             return await cur.fetchone()
 
-        return await asyncio.wait_for(run(), self.lost_after_s)
+        async with asyncio.timeout(self.lost_after_s):
+            return await run()
 
     def _lost(self, why: str) -> None:
         self.last_error = why
@@ -248,7 +247,8 @@ class PgAdvisoryLease:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), self.lost_after_s)
+                async with asyncio.timeout(self.lost_after_s):
+                    await conn.close()
 
     async def _connect(self, purpose: str) -> Any:
         import psycopg  # the PostgreSQL extra; only a PostgreSQL deployment gets here
@@ -260,8 +260,8 @@ class PgAdvisoryLease:
         password = password_from_env()  # the store's own way (never in the URL)
         if password is not None:
             extra["password"] = password
-        return await asyncio.wait_for(
-            psycopg.AsyncConnection.connect(
+        async with asyncio.timeout(CONNECT_TIMEOUT_S + 1):
+            return await psycopg.AsyncConnection.connect(
                 self.url,
                 autocommit=True,
                 connect_timeout=CONNECT_TIMEOUT_S,
@@ -271,9 +271,7 @@ class PgAdvisoryLease:
                 keepalives_interval=2,
                 keepalives_count=3,
                 **extra,
-            ),
-            CONNECT_TIMEOUT_S + 1,
-        )
+            )
 
     # ---- the fleet-wide mutex ------------------------------------------------------------
 
@@ -282,10 +280,8 @@ class PgAdvisoryLease:
         async with self._mutex_local:
             conn = await self._mutex_connection()
             try:
-                await asyncio.wait_for(
-                    conn.execute("SELECT pg_advisory_lock(%s)", (self.exclusive_key,)),
-                    EXCLUSIVE_TIMEOUT_S,
-                )
+                async with asyncio.timeout(EXCLUSIVE_TIMEOUT_S):
+                    await conn.execute("SELECT pg_advisory_lock(%s)", (self.exclusive_key,))
             except (TimeoutError, Exception) as exc:
                 await self._drop_mutex()
                 raise LeaseError(f"cannot take the fleet-wide rollout lock: {exc}") from exc
@@ -293,10 +289,8 @@ class PgAdvisoryLease:
                 yield
             finally:
                 try:
-                    await asyncio.wait_for(
-                        conn.execute("SELECT pg_advisory_unlock(%s)", (self.exclusive_key,)),
-                        self.lost_after_s,
-                    )
+                    async with asyncio.timeout(self.lost_after_s):
+                        await conn.execute("SELECT pg_advisory_unlock(%s)", (self.exclusive_key,))
                 except (TimeoutError, Exception):
                     # Closing the session releases the lock just as well.
                     await self._drop_mutex()
@@ -313,7 +307,8 @@ class PgAdvisoryLease:
         conn, self._mutex_conn = self._mutex_conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), self.lost_after_s)
+                async with asyncio.timeout(self.lost_after_s):
+                    await conn.close()
 
 
 def replica_settings_problem(lease: str, replica_id: str) -> str:
@@ -365,11 +360,8 @@ class LeaderDuties:
         self._task = asyncio.create_task(self._follow(), name="leader duties")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.stop(self._task)
+        self._task = None
         await self._stop_all()
         await self.lease.close()
 

@@ -63,6 +63,7 @@ from cloud_sync.rollout.states import ACTIVE_ROLLOUT_STATES
 from cloud_sync.rollout.states import DeviceState as DS
 from cloud_sync.rollout.states import RolloutState as RS
 from cloud_sync.state import merge_config
+from runtimes import tasks
 
 log = logging.getLogger("edgefn.rollouts")
 
@@ -137,10 +138,7 @@ class RolloutController:
     async def stop(self) -> None:
         """Stop the loop (leadership lost or shutdown); operator calls keep working."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks.stop(task)
 
     async def close(self) -> None:
         await self.stop()

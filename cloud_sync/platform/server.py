@@ -68,6 +68,7 @@ from cloud_sync.platform.store import LocalStore, RegistryStore
 from cloud_sync.platform.tuf.repository import TufRepository
 from cloud_sync.platform.tuf.routes import TufRoutes
 from cloud_sync.platform.ui import mount as mount_console
+from runtimes import tasks
 from runtimes.fsio import atomic_write
 
 log = logging.getLogger("edgefn.platform")
@@ -262,16 +263,13 @@ def _mount_tuf(
     """`/v1/tuf/` (cloud_sync/platform/tuf/routes.py) and the task that keeps the timestamp
     fresh; both find out per call whether `edge-cloud tuf init` has been run."""
     app.add_routes(TufRoutes(tuf, store, registry.serve_blob).routes())
-    tasks: list[asyncio.Task[None]] = []
+    running: list[asyncio.Task[None]] = []
 
     async def start(app: web.Application) -> None:
-        tasks.append(asyncio.create_task(tuf.run_resigner()))
+        running.append(asyncio.create_task(tuf.run_resigner(), name="tuf resigner"))
 
     async def stop(app: web.Application) -> None:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks.stop(*running)
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop)

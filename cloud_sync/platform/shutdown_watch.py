@@ -54,7 +54,8 @@ def _timed(step: Step) -> Step:
     async def run(app: web.Application) -> Any:
         started = time.monotonic()
         try:
-            return await asyncio.wait_for(step(app), STEP_LIMIT_S)
+            async with asyncio.timeout(STEP_LIMIT_S):
+                return await step(app)
         except TimeoutError:
             log.error("shutdown step %s did not finish in %.0f s; going on", name, STEP_LIMIT_S)
             return None

@@ -197,7 +197,8 @@ class SimDevice:
         while not stop.is_set() and not self._offline_for:
             timeout = max(0.01, next_metrics - time.monotonic())
             try:
-                msg = await asyncio.wait_for(session.messages.get(), timeout)
+                async with asyncio.timeout(timeout):
+                    msg = await session.messages.get()
             except TimeoutError:
                 msg = None
             if msg is not None:
@@ -410,4 +411,5 @@ class SimDevice:
 
 async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()

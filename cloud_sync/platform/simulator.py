@@ -129,7 +129,8 @@ class Simulator:
                 for i, d in enumerate(self.devices)
             ]
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.settings.duration_s)
+                async with asyncio.timeout(self.settings.duration_s):
+                    await self._stop.wait()
             self._stop.set()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             for device, result in zip(self.devices, results, strict=True):

@@ -149,7 +149,8 @@ class ResultCache:
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._writer.q.put(Control("stop", (), done))
         try:
-            await asyncio.wait_for(asyncio.wrap_future(done), CLOSE_TIMEOUT_S)
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await asyncio.wrap_future(done)
         except TimeoutError:
             log.warning("result cache writer did not finish within %.0f s", CLOSE_TIMEOUT_S)
         await asyncio.to_thread(self._writer.thread.join, CLOSE_TIMEOUT_S)

@@ -329,7 +329,8 @@ class InProcessExecutor:
         self._closing = True
         if self._in_flight:
             try:
-                await asyncio.wait_for(self._idle.wait(), drain_s)
+                async with asyncio.timeout(drain_s):
+                    await self._idle.wait()
             except TimeoutError:
                 log.warning(
                     "%s: %d calls still running after %g s; the library is unloaded when the "
