@@ -121,7 +121,7 @@ def _check_drawn(charts: list[dict[str, Any]], evaluations: int) -> None:
         top = max(*values, bound)
         for d, v in zip(chart["dots"], values, strict=True):
             assert abs(d["y"] - (HEIGHT - PAD - v / top * (HEIGHT - 2 * PAD))) <= 0.051, (d, v)
-            assert d["title"].endswith(f"UTC: {v:.4g} (pass)") and d["title"].startswith("wave 0")
+            assert d["title"].endswith(f"UTC: {v:.4g} (pass)") and d["title"].startswith("wave 1,")
         assert chart["bound"]["y"] == chart["bound"]["y2"]
         assert abs(chart["bound"]["y"] - (HEIGHT - PAD - bound / top * (HEIGHT - 2 * PAD))) < 0.06
         assert chart["bound"]["title"] == f"bound {bound:.4g}"
@@ -209,7 +209,8 @@ def test_hostile_gate_texts_show_as_text_and_never_run(
     assert [c["label"] for c in charts] == [script_gate, img_gate]  # attributes: the raw text
     assert charts[0]["caption"].startswith(script_gate + " last 0.25")
     assert charts[0]["dots"][0]["title"].endswith(f"UTC: 0.5 ({outcome})")
-    assert charts[0]["dots"][1]["title"].startswith("wave <b>1</b>, ")
+    # A wave that is not an index (markup here) is shown as "?", never as its text.
+    assert charts[0]["dots"][1]["title"].startswith("wave ?, ")
     assert charts[1]["caption"].startswith(img_gate + " last 3, max 3, bound 2")
     assert len(charts[1]["dots"]) == 1  # the value that was markup, not a number, is left out
     assert charts[1]["dots"][0]["y"] < charts[1]["bound"]["y"]  # 3 is above the bound 2
@@ -265,7 +266,11 @@ def test_gate_series_keeps_only_numbers_a_chart_can_place() -> None:
     s = gate_series(history)["g"]
     assert s.points == [(1.0, 1.0), (6.0, 3.0)]
     assert s.bound == 9.0  # the last finite bound
-    assert s.marks == ["wave 0, 00:00:01 UTC: 1", "wave 1, 00:00:06 UTC: 3 (pass)"]
+    # Waves numbered from 1, as the controller's stop reasons say them.
+    assert s.marks == ["wave 1, 00:00:01 UTC: 1", "wave 2, 00:00:06 UTC: 3 (pass)"]
+    assert gate_series([{"t": 1.0, "wave": "x", "gates": [{"gate": "g", "value": 1}]}])[
+        "g"
+    ].marks == ["wave ?, 00:00:01 UTC: 1"]
     svg = line_chart(s.points, title="g", bound=s.bound, marks=s.marks)
     assert svg.count('<circle class="dot"') == 2 and "nan" not in svg.lower()
     assert "last 3, max 3, bound 9" in svg  # max: the largest value; the axis reaches the bound

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tests.test_sync_e2e import (
 pytestmark = pytest.mark.slow
 
 OUTBOX_BOUND = 64 * 1024
+REPEATS = 25  # bounded: at most ~5 s of repeats for one cache hit
 
 
 def _token(data: Path, scope: str) -> str:
@@ -51,16 +53,27 @@ def _outbox_records(agent: AgentProcess, admin: str) -> int:
     return int((_sync(agent, admin).get("outbox") or {}).get("records", -1))
 
 
-def _serve(agent: AgentProcess, token: str, n: int, tag: str) -> None:
-    """n distinct invocations (cache misses: each payload differs), all answered locally."""
+def _serve(agent: AgentProcess, token: str, n: int, tag: str) -> int:
+    """n distinct invocations (cache misses: each payload differs), all answered locally, then
+    repeats of the first until the cache answers one; returns how many repeats that took."""
     for i in range(n):
         resp = agent.invoke(FN, f"{tag}-{i}".encode(), {"Authorization": f"Bearer {token}"})
         assert resp.status == 200 and resp.body == f"{tag}-{i}".encode(), resp.body
         assert resp.headers["X-Edgefn-Served-By"] == "local"
-    # The cache answers a repeat per its policy (ttl 300 s), with no network at all.
-    again = agent.invoke(FN, f"{tag}-0".encode(), {"Authorization": f"Bearer {token}"})
-    assert again.status == 200 and again.headers["X-Edgefn-Cache"] == "hit"
+    # The cache answers a repeat per its policy (ttl 300 s), with no network at all. A result
+    # becomes visible once the cache's writer thread commits it (docs/cache.md): on a loaded
+    # machine (CI, just after a restart) the first repeat can come before that and miss.
+    seen: list[str] = []
+    for _ in range(REPEATS):
+        again = agent.invoke(FN, f"{tag}-0".encode(), {"Authorization": f"Bearer {token}"})
+        assert again.status == 200 and again.body == f"{tag}-0".encode(), again.body
+        seen.append(again.headers["X-Edgefn-Cache"])
+        if seen[-1] == "hit":
+            break
+        time.sleep(0.2)
+    assert seen[-1] == "hit", f"no cache hit in {len(seen)} repeats: {seen}"
     assert agent.invoke(FN, b"no token").status == 401
+    return len(seen)
 
 
 def test_offline_from_boot_then_lost_mid_run_loses_and_duplicates_nothing(
@@ -93,14 +106,13 @@ def test_offline_from_boot_then_lost_mid_run_loses_and_duplicates_nothing(
             f.write("\n[cache]\nenabled = true\nttl_s = 300\n")
         token = _token(data, f"invoke:{FN}")
         admin = _token(data, "admin")
-        expected = 0  # invocations the platform must count in the end (cache hits excluded)
+        expected = 0  # invocations the platform must count in the end (cache hits included)
 
         # 1. Network down from boot: the agent comes up and serves.
         plat.stop()
         broker.stop()
         agent = agent_up()
-        _serve(agent, token, 5, "boot")
-        expected += 5
+        expected += 5 + _serve(agent, token, 5, "boot")
         assert _sync(agent, admin)["mqtt"]["connected"] is False
 
         # 2. Network back: what piled up arrives.
@@ -112,12 +124,10 @@ def test_offline_from_boot_then_lost_mid_run_loses_and_duplicates_nothing(
         # 3. Lost mid-run, and the agent restarted while offline.
         plat.stop()
         broker.stop()
-        _serve(agent, token, 4, "lost")
-        expected += 4
+        expected += 4 + _serve(agent, token, 4, "lost")
         agent.stop()
         agent = agent_up()
-        _serve(agent, token, 6, "restarted")
-        expected += 6
+        expected += 6 + _serve(agent, token, 6, "restarted")
         wait_for(lambda: _outbox_records(agent, admin) > 0, "records waiting in the outbox")
         assert _sync(agent, admin)["outbox"]["bytes"] <= OUTBOX_BOUND
 
@@ -134,8 +144,8 @@ def test_offline_from_boot_then_lost_mid_run_loses_and_duplicates_nothing(
             )
         except AssertionError as exc:
             raise AssertionError(f"{exc}; the platform counted {counted[-1:]}") from None
-        # Cache hits count as invocations too (the agent's metrics observe them): 3 rounds.
-        assert plat.invocations("van-off") == expected + 3
+        # Cache hits count as invocations too (the agent's metrics observe them): counted once.
+        assert plat.invocations("van-off") == expected
     finally:
         for a in agents:
             a.stop()

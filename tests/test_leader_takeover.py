@@ -112,3 +112,24 @@ async def test_start_and_stop_follow_the_term(controller: RolloutController) -> 
     assert await controller.all() == []
     await controller.start()  # a later term
     assert controller._task is not None
+
+
+async def test_a_pass_carries_out_every_action_and_each_devices_in_order(
+    controller: RolloutController, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Actions run concurrently across devices (`_carry_out`), never out of order on one: a
+    device told to install and then, in the same pass, to roll back ends rolled back."""
+    fleet = controller.fleet
+    actions = [core.SetDesired(d, "resize", "1.4.0", False, "r-2") for d in IDS]
+    actions.append(core.SetDesired(IDS[0], "resize", "1.3.0", True, "r-2"))
+    actions.append(core.SetDesired("edge-gone", "resize", "1.4.0", False, "r-2"))
+    await controller._carry_out(actions)
+    assert {d: fleet.desired(d).version for d in IDS} == {
+        IDS[0]: 2, IDS[1]: 1, IDS[2]: 1, IDS[3]: 1
+    }  # fmt: skip
+    first = fleet.desired(IDS[0]).config
+    assert first["functions"]["resize"]["version"] == "1.3.0"
+    assert first["deployment"]["rollouts"]["resize"]["rollback"] is True
+    for d in IDS[1:]:
+        assert fleet.desired(d).config["functions"]["resize"]["version"] == "1.4.0"
+    assert "device edge-gone is gone" in caplog.text  # an unknown device is skipped, said

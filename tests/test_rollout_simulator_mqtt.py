@@ -10,7 +10,7 @@ import resource
 import pytest
 
 from cloud_sync import topics
-from cloud_sync.errors import NotConnected, PublishRefused
+from cloud_sync.errors import NoSubscriber, NotConnected, PublishRefused
 from cloud_sync.mqtt import USER_PROPERTY_KEY
 from cloud_sync.platform.sim_mqtt import SimSession, _skip_props, _varint, raise_fd_limit
 from tests.mosquitto import Broker, Collector, eventually, platform_session
@@ -49,6 +49,13 @@ async def test_a_session_publishes_receives_acks_and_says_goodbye(mosquitto: Bro
         mine = topics.device_topic("sim-mq-1", "metrics")
         await session.publish(mine, b'{"n": 1}', user_properties=[(USER_PROPERTY_KEY, "k-1")])
         await eventually(lambda: seen.keys() == ["k-1"], 10, "the record at the platform")
+        # A topic of its own nobody subscribes to: PUBACK 0x10. Taken as sent unless the caller
+        # asks for a subscriber, as the simulated device's records do (and the agent's).
+        unheard = topics.device_topic("sim-mq-1", "reported")
+        await session.publish(unheard, b"{}")
+        with pytest.raises(NoSubscriber):
+            await session.publish(unheard, b"{}", require_subscriber=True)
+        await session.publish(mine, b'{"n": 2}', require_subscriber=True)  # heard: no error
         # Another device's topic: the ACL refuses it, and the PUBACK says so.
         with pytest.raises(PublishRefused) as refused:
             await session.publish(topics.device_topic("sim-mq-2", "metrics"), b"{}")

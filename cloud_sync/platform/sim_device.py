@@ -402,10 +402,12 @@ class SimDevice:
                 topic, payload, key, kind = self.pending[0]
                 props = [(USER_PROPERTY_KEY, key), (USER_PROPERTY_KIND, kind)]
                 try:
-                    await session.publish(topic, payload, user_properties=props)
-                except MqttError:
+                    await session.publish(
+                        topic, payload, user_properties=props, require_subscriber=True
+                    )
+                except MqttError:  # NoSubscriber too: nobody got it (the agent keeps it as well)
                     self.counters.publish_failures += 1
-                    return  # kept: sent again after the next (re)connect
+                    return  # kept: sent again at the next flush or (re)connect
                 self.pending.pop(0)
 
 

@@ -36,7 +36,13 @@ from collections.abc import Callable, Iterable, Sequence
 
 from cloud_sync import mqtt_paho, topics
 from cloud_sync.credentials import DeviceCredentials
-from cloud_sync.errors import MqttError, NotConnected, PublishTimeout, SessionClosed
+from cloud_sync.errors import (
+    MqttError,
+    NoSubscriber,
+    NotConnected,
+    PublishTimeout,
+    SessionClosed,
+)
 from cloud_sync.mqtt import (
     CLOSE_TIMEOUT_S,
     MESSAGE_QUEUE_MAX,
@@ -150,7 +156,7 @@ class SimSession:
         self._connected = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._pending: dict[int, asyncio.Future[int]] = {}
         self._next_id = 0
         self._generation = 0
         self._subscribed_once = False
@@ -215,8 +221,12 @@ class SimSession:
         *,
         user_properties: Iterable[tuple[str, str]] = (),
         ack_timeout_s: float | None = None,
+        require_subscriber: bool = False,
     ) -> None:
-        """Publish; for QoS 1 return once the broker's PUBACK says it took the message."""
+        """Publish; for QoS 1 return once the broker's PUBACK says it took the message.
+
+        `require_subscriber`: raise `NoSubscriber` on PUBACK reason 0x10, as the agent's
+        session does (cloud_sync/mqtt.py): a simulated device keeps such a record too."""
         if self._closing:
             raise SessionClosed("session is not running")
         writer = self._writer
@@ -235,13 +245,15 @@ class SimSession:
         try:
             async with asyncio.timeout(timeout):
                 await writer.drain()
-                await fut
+                code = await fut
         except TimeoutError:
             raise PublishTimeout(f"no PUBACK for {topic!r} within {timeout} s") from None
         except (OSError, RuntimeError) as exc:
             raise NotConnected(f"connection lost: {exc}") from None
         finally:
             self._pending.pop(mid, None)
+        if require_subscriber and code == mqtt_paho.NO_MATCHING_SUBSCRIBERS:
+            raise NoSubscriber(f"the broker has no subscriber for {topic!r}: nobody got it")
 
     def _publish_packet(
         self,
@@ -432,7 +444,7 @@ class SimSession:
         if err is not None:
             fut.set_exception(err)
         else:
-            fut.set_result(None)
+            fut.set_result(code)
 
     def _on_suback(self, body: bytes) -> None:
         self._release_gate()

@@ -149,10 +149,19 @@ def gate_series(history: Any) -> dict[str, GateSeries]:
             if value is not None:
                 series.points.append((t, value))
                 outcome = f" ({g['outcome']})" if g.get("outcome") else ""
-                series.marks.append(f"wave {point.get('wave')}, {when} UTC: {value:.4g}{outcome}")
+                wave = wave_number(point.get("wave"))
+                series.marks.append(f"wave {wave}, {when} UTC: {value:.4g}{outcome}")
             if bound is not None:
                 out[g["gate"]] = series._replace(bound=bound)
     return out
+
+
+def wave_number(index: Any) -> str:
+    """A stored wave index (from 0) as people number waves (from 1), as the controller's stop
+    reasons and `edge-cloud rollout status` do; "?" for anything that is not an index."""
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < 1000:
+        return str(index + 1)
+    return "?"
 
 
 def _finite(value: Any) -> float | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
-from cloud_sync.platform.ui.charts import gate_series, line_chart, progress_bar
+from cloud_sync.platform.ui.charts import gate_series, line_chart, progress_bar, wave_number
 from cloud_sync.platform.ui.html import Html, h, join
 from cloud_sync.rollout.states import DeviceState as D
 
@@ -51,7 +51,7 @@ def list_body(views: list[dict[str, Any]] | None) -> Html:
             fn=v.get("function"),
             v=v.get("version"),
             st=v.get("state"),
-            wave=v.get("wave"),
+            wave=wave_number(v.get("wave")),
             reason=v.get("reason") or "",
         )
         for v in views
@@ -68,7 +68,7 @@ def detail_body(view: dict[str, Any], csrf: str, state_filter: str) -> Html:
     waves = join(
         h(
             "<tr><td>$i</td><td>$pct%</td><td>$bar</td><td>$states</td></tr>",
-            i=w.get("index"),
+            i=wave_number(w.get("index")),
             pct=w.get("percent"),
             bar=progress_bar(
                 sum(n for s, n in (w.get("states") or {}).items() if s in DONE_STATES),
@@ -91,7 +91,7 @@ def detail_body(view: dict[str, Any], csrf: str, state_filter: str) -> Html:
             '<tr><td><a href="/ui/devices/$d">$d</a></td><td>$w</td><td class="state-$s">$s</td>'
             "<td>$v</td><td>$c</td><td>$st</td><td>$fin</td></tr>",
             d=d.get("device"),
-            w=d.get("wave"),
+            w=wave_number(d.get("wave")),
             s=d.get("state"),
             v=d.get("version"),
             c=d.get("code") or "",
